@@ -1,0 +1,42 @@
+"""diffattn: attention control for Hugging Face diffusers.
+
+    import diffattn as da
+    da.sites(pipe)                       # every attention module, with stable names
+    with da.attach(pipe, da.SoftPAG(heads="all", strength=0.5, scale=3.0)):
+        image = pipe("a red circle left of a blue square").images[0]
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# Public names -> module that defines them. Resolved lazily so `import diffattn` stays
+# cheap (the CLI's --help must not import torch-heavy modules it does not need).
+_EXPORTS = {
+    "Site": "diffattn.sites",
+    "sites": "diffattn.sites",
+    "select": "diffattn.sites",
+    "attach": "diffattn.engine",
+    "Handle": "diffattn.engine",
+    "Control": "diffattn.controls",
+    "AttentionCall": "diffattn.controls",
+    "AttentionSpec": "diffattn.controls",
+    "Tap": "diffattn.controls",
+    "TokenLayout": "diffattn.layout",
+    "Segment": "diffattn.layout",
+    "GuidanceWrapper": "diffattn.guidance",
+    "DiffattnError": "diffattn.errors",
+    "SelectorError": "diffattn.errors",
+    "UnsupportedModelError": "diffattn.errors",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'diffattn' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))

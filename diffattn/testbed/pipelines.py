@@ -1,0 +1,32 @@
+"""Stock diffusers pipelines with call defaults that suit the tiny testbed models.
+
+They are subclasses and change nothing but defaults, so everything that takes a
+``StableDiffusionPipeline`` / ``StableDiffusion3Pipeline`` takes them, and
+``StableDiffusion3Pipeline.from_pretrained("assets/tiny-sd3")`` loads the same weights
+(pass ``max_sequence_length=0`` there: the tiny SD3 was trained without T5 padding tokens).
+"""
+from __future__ import annotations
+
+from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+
+# Chosen by a sweep on training seeds (benchmarks/RESULTS.md, "testbed defaults").
+SD_DEFAULTS = dict(num_inference_steps=20, guidance_scale=5.0)
+SD3_DEFAULTS = dict(num_inference_steps=20, guidance_scale=5.0, max_sequence_length=0)
+
+
+class ShapesSDPipeline(StableDiffusionPipeline):
+    """``StableDiffusionPipeline`` defaulting to the tiny-sd settings."""
+
+    def __call__(self, *args, **kwargs):
+        for key, value in SD_DEFAULTS.items():
+            kwargs.setdefault(key, value)
+        return super().__call__(*args, **kwargs)
+
+
+class ShapesSD3Pipeline(StableDiffusion3Pipeline):
+    """``StableDiffusion3Pipeline`` defaulting to the tiny-sd3 settings (no T5 tokens)."""
+
+    def __call__(self, *args, **kwargs):
+        for key, value in SD3_DEFAULTS.items():
+            kwargs.setdefault(key, value)
+        return super().__call__(*args, **kwargs)

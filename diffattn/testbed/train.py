@@ -1,0 +1,307 @@
+"""Train the testbed's tiny models on the shapes world (CPU-friendly, resumable).
+
+    python -m diffattn.testbed.train vae      --out runs/vae
+    python -m diffattn.testbed.train data     --vae runs/vae --out runs/data
+    python -m diffattn.testbed.train tiny-sd  --data runs/data --out runs/tiny-sd
+    python -m diffattn.testbed.train tiny-sd3 --data runs/data --out runs/tiny-sd3
+    python -m diffattn.testbed.train export   --run runs/tiny-sd3 --to assets/tiny-sd3
+
+Every stage is deterministic from ``--seed``: scenes come from the world's seeded sampler,
+batches and noise from generators seeded by (seed, step), so a resumed run continues
+exactly where it stopped. Checkpoints (weights, EMA, optimiser moments) are safetensors
+plus a JSON state; nothing is pickled.
+
+Objectives: the VAE is an L1 + tiny-KL autoencoder; tiny-sd learns epsilon-prediction on
+the scaled-linear DDPM schedule of Stable Diffusion; tiny-sd3 learns rectified flow with
+logit-normal timestep sampling (Esser et al. 2024, "Scaling Rectified Flow Transformers",
+Sec. 3.1), the objective of SD3. Captions are dropped 10% of the time for CFG.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import models
+from .world import caption, render, sample_training_scene
+
+CAPTION_DROPOUT = 0.1
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def images_to_tensor(images) -> torch.Tensor:
+    """PIL images -> [B, 3, H, W] in [-1, 1] (the VAE's input range)."""
+    arr = np.stack([np.asarray(im, dtype=np.float32) for im in images])  # [B, H, W, 3]
+    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0  # [B, 3, H, W]
+
+
+def _state_path(out: str) -> str:
+    return os.path.join(out, "state.json")
+
+
+def save_checkpoint(out: str, step: int, modules: dict[str, torch.nn.Module], ema: dict[str, torch.Tensor], opt: torch.optim.Optimizer):
+    os.makedirs(out, exist_ok=True)
+    for name, module in modules.items():
+        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, os.path.join(out, f"{name}.safetensors"))
+    save_file({k: v.contiguous() for k, v in ema.items()}, os.path.join(out, "ema.safetensors"))
+    moments = {}
+    names = {id(p): n for n, p in _named_trainable(modules)}
+    for p, st in opt.state.items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            moments[f"{names[id(p)]}::{key}"] = st[key].contiguous()
+    save_file(moments, os.path.join(out, "optimizer.safetensors"))
+    tmp = _state_path(out) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"step": step}, f)
+    os.replace(tmp, _state_path(out))  # the step is committed only once every file is written
+
+
+def load_checkpoint(out: str, modules: dict[str, torch.nn.Module], ema: dict[str, torch.Tensor], opt: torch.optim.Optimizer) -> int:
+    if not os.path.exists(_state_path(out)):
+        return 0
+    with open(_state_path(out)) as f:
+        step = json.load(f)["step"]
+    for name, module in modules.items():
+        module.load_state_dict(load_file(os.path.join(out, f"{name}.safetensors")))
+    ema.update(load_file(os.path.join(out, "ema.safetensors")))
+    moments = load_file(os.path.join(out, "optimizer.safetensors"))
+    for n, p in _named_trainable(modules):
+        opt.state[p] = {
+            "step": torch.tensor(float(step)),
+            "exp_avg": moments[f"{n}::exp_avg"],
+            "exp_avg_sq": moments[f"{n}::exp_avg_sq"],
+        }
+    return step
+
+
+def _named_trainable(modules: dict[str, torch.nn.Module]):
+    for mname, module in modules.items():
+        for n, p in module.named_parameters():
+            if p.requires_grad:
+                yield f"{mname}.{n}", p
+
+
+@torch.no_grad()
+def ema_update(ema: dict[str, torch.Tensor], modules: dict[str, torch.nn.Module], step: int, decay: float = 0.999):
+    """Exponential moving average of the weights, with the usual warm-up of the decay."""
+    d = min(decay, (1 + step) / (10 + step))
+    for n, p in _named_trainable(modules):
+        ema[n].mul_(d).add_(p.detach(), alpha=1 - d)
+
+
+def lr_at(step: int, base: float, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the base rate."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def train_vae(args):
+    """Autoencoder on random 32x32 crops of rendered scenes (fully convolutional, so the
+    crops train the same weights 4x cheaper than whole images)."""
+    torch.manual_seed(args.seed)
+    vae = models.build_vae(args.seed)
+    modules = {"vae": vae}
+    ema = {n: p.detach().clone() for n, p in _named_trainable(modules)}
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
+    step = load_checkpoint(args.out, modules, ema, opt)
+    bar = tqdm(total=args.steps, initial=step, desc="vae", dynamic_ncols=True)
+    while step < args.steps:
+        rng = np.random.default_rng([args.seed, step])
+        scenes = [sample_training_scene(rng) for _ in range(args.batch)]
+        x = images_to_tensor([render(s) for s in scenes])  # [B, 3, 64, 64]
+        ys, xs = rng.integers(0, 33, size=2)
+        x = x[:, :, ys : ys + 32, xs : xs + 32]  # [B, 3, 32, 32] crop
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.lr, 50, args.steps)
+        posterior = vae.encode(x).latent_dist
+        z = posterior.sample(generator=torch.Generator().manual_seed(args.seed * 7919 + step))
+        recon = vae.decode(z).sample
+        loss = F.l1_loss(recon, x) + 0.5 * F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        ema_update(ema, modules, step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % args.save_every == 0 or step == args.steps:
+            save_checkpoint(args.out, step, modules, ema, opt)
+    bar.close()
+    _load_ema_into(modules, ema)
+    vae.save_pretrained(os.path.join(args.out, "final"), safe_serialization=True)
+    print(f"saved VAE to {os.path.join(args.out, 'final')}")
+
+
+def _load_ema_into(modules, ema):
+    with torch.no_grad():
+        for n, p in _named_trainable(modules):
+            p.copy_(ema[n])
+
+
+@torch.no_grad()
+def make_data(args):
+    """Render ``--n`` training scenes, encode them with the VAE (posterior mean and std),
+    and set the VAE's scaling (and SD3 shift) factor from the latents' statistics."""
+    vae = AutoencoderKL.from_pretrained(os.path.join(args.vae, "final")).eval()
+    os.makedirs(args.out, exist_ok=True)
+    captions, means, stds = [], [], []
+    rng = np.random.default_rng([args.seed, 10**6])
+    for start in tqdm(range(0, args.n, 256), desc="encode", dynamic_ncols=True):
+        scenes = [sample_training_scene(rng) for _ in range(min(256, args.n - start))]
+        captions += [caption(s) for s in scenes]
+        dist = vae.encode(images_to_tensor([render(s) for s in scenes])).latent_dist
+        means.append(dist.mean.half())  # [b, 4, 16, 16]
+        stds.append(dist.std.half())
+    mean, std = torch.cat(means), torch.cat(stds)  # [N, 4, 16, 16]
+    shift = mean.float().mean().item()
+    scale = 1.0 / mean.float().std().item()
+    vae.register_to_config(scaling_factor=scale, shift_factor=shift)
+    vae.save_pretrained(os.path.join(args.out, "vae"), safe_serialization=True)
+    save_file({"mean": mean.contiguous(), "std": std.contiguous()}, os.path.join(args.out, "latents.safetensors"))
+    with open(os.path.join(args.out, "captions.json"), "w") as f:
+        json.dump(captions, f)
+    print(f"{args.n} latents; scaling_factor={scale:.4f} shift_factor={shift:.4f}")
+
+
+def _batches(n_items: int, batch: int, seed: int, step: int) -> np.ndarray:
+    """Indices of the batch at ``step``: epochs are seeded permutations of the data."""
+    per_epoch = n_items // batch
+    epoch, i = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n_items)
+    return perm[i * batch : (i + 1) * batch]
+
+
+def train_denoiser(args):
+    """tiny-sd (epsilon, DDPM) or tiny-sd3 (rectified flow) on the encoded scenes."""
+    torch.manual_seed(args.seed)
+    vae = AutoencoderKL.from_pretrained(os.path.join(args.data, "vae"))
+    lat = load_file(os.path.join(args.data, "latents.safetensors"))
+    with open(os.path.join(args.data, "captions.json")) as f:
+        captions = json.load(f)
+    is_sd3 = args.stage == "tiny-sd3"
+    pipe = models.build_sd3(vae, args.seed) if is_sd3 else models.build_sd(vae, args.seed)
+    denoiser = pipe.transformer if is_sd3 else pipe.unet
+    modules = {"denoiser": denoiser, "text_encoder": pipe.text_encoder}
+    if is_sd3:
+        modules["text_encoder_2"] = pipe.text_encoder_2
+    for m in modules.values():
+        m.train()
+    ema = {n: p.detach().clone() for n, p in _named_trainable(modules)}
+    opt = torch.optim.AdamW([p for _, p in _named_trainable(modules)], lr=args.lr, weight_decay=0.01)
+    step = load_checkpoint(args.out, modules, ema, opt)
+    ddpm = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    scale, shift = vae.config.scaling_factor, (vae.config.shift_factor or 0.0)
+    bar = tqdm(total=args.steps, initial=step, desc=args.stage, dynamic_ncols=True)
+    t0, losses = time.time(), []
+    while step < args.steps:
+        idx = _batches(len(captions), args.batch, args.seed, step)
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        mean = lat["mean"][idx].float()  # [B, 4, 16, 16]
+        std = lat["std"][idx].float()
+        x0 = mean + std * torch.randn(mean.shape, generator=gen)  # a posterior sample
+        drop = torch.rand(len(idx), generator=gen) < CAPTION_DROPOUT
+        batch_caps = ["" if d else captions[i] for i, d in zip(idx, drop.tolist())]
+        noise = torch.randn(x0.shape, generator=gen)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.lr, 100, args.steps)
+        if is_sd3:
+            x0 = (x0 - shift) * scale
+            prompt_embeds, _, pooled, _ = pipe.encode_prompt(
+                prompt=batch_caps, prompt_2=None, prompt_3=None, device="cpu",
+                do_classifier_free_guidance=False, max_sequence_length=0,
+            )  # prompt_embeds [B, 24, 128]; pooled [B, 128]
+            t = torch.sigmoid(torch.randn(len(idx), generator=gen))  # logit-normal(0, 1)
+            xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
+            pred = denoiser(hidden_states=xt, timestep=t * 1000, encoder_hidden_states=prompt_embeds, pooled_projections=pooled).sample
+            loss = F.mse_loss(pred, noise - x0)  # velocity of the straight path
+        else:
+            x0 = x0 * scale
+            prompt_embeds, _ = pipe.encode_prompt(batch_caps, "cpu", 1, False)  # [B, 24, 64]
+            t = torch.randint(0, 1000, (len(idx),), generator=gen)
+            xt = ddpm.add_noise(x0, noise, t)
+            pred = denoiser(xt, t, encoder_hidden_states=prompt_embeds).sample
+            loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in _named_trainable(modules)], 1.0)
+        opt.step()
+        step += 1
+        ema_update(ema, modules, step, decay=args.ema)
+        losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        if step % args.save_every == 0 or step == args.steps:
+            save_checkpoint(args.out, step, modules, ema, opt)
+    bar.close()
+    print(f"{args.stage}: {step} steps, {time.time() - t0:.0f}s this run, final loss {np.mean(losses[-100:]) if losses else float('nan'):.4f}")
+
+
+def export(args):
+    """Assemble the EMA weights of a run into a diffusers pipeline folder (safetensors)."""
+    with open(os.path.join(args.run, "args.json")) as f:
+        run_args = json.load(f)
+    vae = AutoencoderKL.from_pretrained(os.path.join(run_args["data"], "vae"))
+    is_sd3 = run_args["stage"] == "tiny-sd3"
+    pipe = models.build_sd3(vae, run_args["seed"]) if is_sd3 else models.build_sd(vae, run_args["seed"])
+    modules = {"denoiser": pipe.transformer if is_sd3 else pipe.unet, "text_encoder": pipe.text_encoder}
+    if is_sd3:
+        modules["text_encoder_2"] = pipe.text_encoder_2
+    _load_ema_into(modules, load_file(os.path.join(args.run, "ema.safetensors")))
+    pipe.save_pretrained(args.to, safe_serialization=True)
+    print(f"exported {run_args['stage']} to {args.to}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m diffattn.testbed.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=["vae", "data", "tiny-sd", "tiny-sd3", "export"])
+    p.add_argument("--out", default=None, help="run folder (checkpoints; resumes from it)")
+    p.add_argument("--vae", default="runs/vae", help="VAE run folder (data stage)")
+    p.add_argument("--data", default="runs/data", help="encoded data folder (denoiser stages)")
+    p.add_argument("--run", default=None, help="run folder to export")
+    p.add_argument("--to", default=None, help="export destination folder")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--n", type=int, default=40000, help="scenes to encode (data stage)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--save-every", type=int, default=250)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    defaults = {
+        "vae": dict(steps=1000, batch=32, lr=1e-3),
+        "tiny-sd": dict(steps=3000, batch=64, lr=5e-4),
+        "tiny-sd3": dict(steps=3000, batch=64, lr=5e-4),
+    }.get(args.stage, {})
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.stage == "export":
+        return export(args)
+    args.out = args.out or {"vae": "runs/vae", "data": "runs/data"}.get(args.stage, f"runs/{args.stage}")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=1)
+    {"vae": train_vae, "data": make_data, "tiny-sd": train_denoiser, "tiny-sd3": train_denoiser}[args.stage](args)
+
+
+if __name__ == "__main__":
+    main()
