@@ -46,8 +46,8 @@ def load(name: str = DEFAULT_MODEL, **kwargs):
     """
     from .pipelines import ShapesSD3Pipeline, ShapesSDPipeline
 
-    cls = {"tiny-sd": ShapesSDPipeline, "tiny-sd3": ShapesSD3Pipeline}[name]
     path = model_path(name)
+    cls = {"tiny-sd": ShapesSDPipeline, "tiny-sd3": ShapesSD3Pipeline}[name]
     if name == "tiny-sd3":  # components the tiny SD3 does not have
         for absent in ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor"):
             kwargs.setdefault(absent, None)
