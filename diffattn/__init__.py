@@ -17,6 +17,8 @@ _EXPORTS = {
     "Site": "diffattn.sites",
     "sites": "diffattn.sites",
     "select": "diffattn.sites",
+    "select_heads": "diffattn.sites",
+    "format_sites": "diffattn.sites",
     "attach": "diffattn.engine",
     "Handle": "diffattn.engine",
     "Control": "diffattn.controls",

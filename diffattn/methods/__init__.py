@@ -1,0 +1,1 @@
+"""Methods built on the engine: each a control (or a pipeline in diffattn.pipelines)."""
