@@ -15,7 +15,6 @@ __version__ = "0.1.0"
 # cheap (the CLI's --help must not import torch-heavy modules it does not need).
 _EXPORTS = {
     "Site": "diffattn.sites",
-    "sites": "diffattn.sites",
     "select": "diffattn.sites",
     "select_heads": "diffattn.sites",
     "format_sites": "diffattn.sites",
@@ -32,6 +31,11 @@ _EXPORTS = {
     "SelectorError": "diffattn.errors",
     "UnsupportedModelError": "diffattn.errors",
 }
+
+
+# `da.sites(...)` is a function that shares its name with the module defining it: bind it
+# eagerly, so a later `import diffattn.sites` cannot shadow it with the module.
+from .sites import sites  # noqa: E402
 
 
 def __getattr__(name: str):

@@ -11,6 +11,13 @@
 from __future__ import annotations
 
 import os
+import sys
+
+# The repository's top-level kernels/ folder installs as diffattn.kernels; with the repository
+# root on sys.path (``python -m pytest``) it would shadow the PyPI package ``kernels`` that
+# diffusers probes for. Tests import the installed package only.
+_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

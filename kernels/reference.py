@@ -1,0 +1,78 @@
+"""Torch reference attention: the path every processor takes on CPU, and the ground truth
+the Triton kernels are tested against.
+
+With no extras the reference *is* ``F.scaled_dot_product_attention``, called exactly as the
+stock diffusers processors call it, so attaching the engine changes no output bit.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Queries per chunk when the log-sum-exp is needed: bounds the score matrix to
+# [B, H, QUERY_CHUNK, Nk] instead of [B, H, Nq, Nk].
+QUERY_CHUNK = 1024
+
+
+def _as_additive(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Boolean mask (True = may attend) -> additive 0 / -inf bias; float bias unchanged."""
+    if bias is None or bias.dtype != torch.bool:
+        return bias
+    return torch.zeros(bias.shape, dtype=dtype, device=bias.device).masked_fill(~bias, float("-inf"))
+
+
+def _bias_rows(bias: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
+    """Rows [start, stop) of a bias broadcastable to [B, H, Nq, Nk]."""
+    if bias is None or bias.dim() < 2 or bias.shape[-2] == 1:
+        return bias
+    return bias[..., start:stop, :]
+
+
+def attention_with_lse(q, k, v, *, scale: float, bias=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T * scale + bias) v and the row log-sum-exp, chunked over queries.
+
+    q: [B, H, Nq, D], k, v: [B, H, Nk, D] -> out [B, H, Nq, D] (q's dtype), lse [B, H, Nq] fp32.
+    Rows whose every key is masked get out = 0 and lse = -inf.
+    """
+    bias = _as_additive(bias, torch.float32)
+    outs, lses = [], []
+    for start in range(0, q.shape[-2], QUERY_CHUNK):
+        stop = min(start + QUERY_CHUNK, q.shape[-2])
+        scores = torch.matmul(q[..., start:stop, :].float(), k.float().transpose(-1, -2)) * scale  # [B,H,c,Nk]
+        b = _bias_rows(bias, start, stop)
+        if b is not None:
+            scores = scores + b.float()
+        lse = torch.logsumexp(scores, dim=-1)  # [B, H, c]
+        probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)  # fully masked rows -> 0
+        outs.append(torch.matmul(probs, v.float()).to(q.dtype))
+        lses.append(lse)
+    return torch.cat(outs, dim=-2), torch.cat(lses, dim=-1)
+
+
+def attention_reference(q, k, v, *, scale=None, head_blend=None, bias=None, return_lse=False):
+    """The reference path of ``diffattn.kernels.attention`` (arguments already validated)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if return_lse:
+        out, lse = attention_with_lse(q, k, v, scale=scale, bias=bias)
+    else:
+        out, lse = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale), None
+    if head_blend is not None:
+        # SoftPAG in output space: (1-u)·A·V + u·I·V, per head (and per batch row for [B, H])
+        u = head_blend.to(out.dtype)
+        u = u.view(1, -1, 1, 1) if u.dim() == 1 else u.view(u.shape[0], u.shape[1], 1, 1)  # [B|1, H, 1, 1]
+        out = out + u * (v - out)
+    return (out, lse) if return_lse else out
+
+
+def attention_probs_reference(q, k_subset, lse, *, scale=None, bias_subset=None) -> torch.Tensor:
+    """Exact attention probabilities of queries × a key subset, from the full-row LSE.
+
+    p_ij = exp(q_i·k_j·scale + b_ij - lse_i). q: [B, H, Nq, D], k_subset: [B, H, Ns, D],
+    lse: [B, H, Nq] (over *all* keys of the original call) -> [B, H, Nq, Ns] fp32.
+    Differentiable in q and k_subset (and lse) through plain torch ops.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.matmul(q.float(), k_subset.float().transpose(-1, -2)) * scale  # [B, H, Nq, Ns]
+    if bias_subset is not None:
+        scores = scores + _as_additive(bias_subset, torch.float32).float()
+    return torch.exp(scores - lse.float().unsqueeze(-1))
