@@ -27,6 +27,8 @@ _EXPORTS = {
     "TokenLayout": "diffattn.layout",
     "Segment": "diffattn.layout",
     "GuidanceWrapper": "diffattn.guidance",
+    "StepWindow": "diffattn.controls",
+    "SoftPAG": "diffattn.methods.softpag",
     "DiffattnError": "diffattn.errors",
     "SelectorError": "diffattn.errors",
     "UnsupportedModelError": "diffattn.errors",

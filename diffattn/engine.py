@@ -107,7 +107,10 @@ class Engine:
             self._attached_controls.append(c)
         per_site = {s.name: [] for s in self.sites}
         for c in self.controls:
-            for s in select(self.sites, c.sites):
+            # a callable filter may legitimately match nothing (an empty head set); a selector
+            # that names nothing is a user error and raises
+            chosen = [s for s in self.sites if c.sites(s)] if callable(c.sites) else select(self.sites, c.sites)
+            for s in chosen:
                 per_site[s.name].append(c)
         if any(c.extra_branches for c in self.controls):
             self.guidance = GuidanceWrapper([c for c in self.controls if c.extra_branches], self)

@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import DiffattnError
-from .reference import attention_probs_reference, attention_reference
+# Absolute imports on purpose: run from the repository root, this folder is also importable
+# as a top-level ``kernels`` package, which transformers probes for (the PyPI package of that
+# name); it must then import cleanly (and, having no __version__, is judged not to be it).
+from diffattn.errors import DiffattnError
+from diffattn.kernels.reference import attention_probs_reference, attention_reference
 
 BACKENDS = ("auto", "torch", "triton")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -66,7 +69,7 @@ def attention(q, k, v, *, scale=None, head_blend=None, bias=None, return_lse=Fal
     """Attention with per-head identity blend, bias/mask and optional row LSE (see module doc)."""
     _check(q, k, v, head_blend, bias, backend)
     if backend == "triton" or (backend == "auto" and q.is_cuda and _triton_available()):
-        from .triton_attention import attention_triton
+        from diffattn.kernels.triton_attention import attention_triton
 
         return attention_triton(q, k, v, scale=scale, head_blend=head_blend, bias=bias, return_lse=return_lse)
     return attention_reference(q, k, v, scale=scale, head_blend=head_blend, bias=bias, return_lse=return_lse)
@@ -87,7 +90,7 @@ def attention_probs(q, k_subset, lse, *, scale=None, bias_subset=None):
 
 def _triton_available() -> bool:
     try:
-        from . import triton_attention  # noqa: F401
+        from diffattn.kernels import triton_attention  # noqa: F401
     except ImportError:
         return False
     return True

@@ -31,20 +31,21 @@ def _bias_rows(bias: torch.Tensor | None, start: int, stop: int) -> torch.Tensor
 def attention_with_lse(q, k, v, *, scale: float, bias=None) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q k^T * scale + bias) v and the row log-sum-exp, chunked over queries.
 
-    q: [B, H, Nq, D], k, v: [B, H, Nk, D] -> out [B, H, Nq, D] (q's dtype), lse [B, H, Nq] fp32.
+    q: [B, H, Nq, D], k, v: [B, H, Nk, D] -> out [B, H, Nq, D] (q's dtype), lse [B, H, Nq] (fp32, or fp64 for fp64 inputs).
     Rows whose every key is masked get out = 0 and lse = -inf.
     """
-    bias = _as_additive(bias, torch.float32)
+    acc = torch.promote_types(q.dtype, torch.float32)  # accumulate in fp32 at least (fp64 stays fp64)
+    bias = _as_additive(bias, acc)
     outs, lses = [], []
     for start in range(0, q.shape[-2], QUERY_CHUNK):
         stop = min(start + QUERY_CHUNK, q.shape[-2])
-        scores = torch.matmul(q[..., start:stop, :].float(), k.float().transpose(-1, -2)) * scale  # [B,H,c,Nk]
+        scores = torch.matmul(q[..., start:stop, :].to(acc), k.to(acc).transpose(-1, -2)) * scale  # [B,H,c,Nk]
         b = _bias_rows(bias, start, stop)
         if b is not None:
-            scores = scores + b.float()
+            scores = scores + b.to(acc)
         lse = torch.logsumexp(scores, dim=-1)  # [B, H, c]
         probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)  # fully masked rows -> 0
-        outs.append(torch.matmul(probs, v.float()).to(q.dtype))
+        outs.append(torch.matmul(probs, v.to(acc)).to(q.dtype))
         lses.append(lse)
     return torch.cat(outs, dim=-2), torch.cat(lses, dim=-1)
 
@@ -72,7 +73,8 @@ def attention_probs_reference(q, k_subset, lse, *, scale=None, bias_subset=None)
     Differentiable in q and k_subset (and lse) through plain torch ops.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = torch.matmul(q.float(), k_subset.float().transpose(-1, -2)) * scale  # [B, H, Nq, Ns]
+    acc = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.matmul(q.to(acc), k_subset.to(acc).transpose(-1, -2)) * scale  # [B, H, Nq, Ns]
     if bias_subset is not None:
-        scores = scores + _as_additive(bias_subset, torch.float32).float()
-    return torch.exp(scores - lse.float().unsqueeze(-1))
+        scores = scores + _as_additive(bias_subset, acc).to(acc)
+    return torch.exp(scores - lse.to(acc).unsqueeze(-1))

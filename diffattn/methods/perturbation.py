@@ -80,11 +80,12 @@ def image_self_target(
 
     q_img, k_img, v_img: [B, H, Ni, D]; k_txt, v_txt: [B, H, Nt, D] -> [B, H, Ni, D].
     """
-    self_score = (q_img.float() * k_img.float()).sum(-1) * scale  # [B, H, Ni]
+    acc = torch.promote_types(q_img.dtype, torch.float32)  # fp32 at least, fp64 kept
+    self_score = (q_img.to(acc) * k_img.to(acc)).sum(-1) * scale  # [B, H, Ni]
     if k_txt.shape[-2] == 0:
         return v_img
     o_txt, lse_txt = attention_fn(q_img, k_txt, v_txt, scale=scale, return_lse=True)  # [B,H,Ni,D], [B,H,Ni]
-    w_self = torch.sigmoid(self_score - lse_txt.float()).unsqueeze(-1).to(v_img.dtype)  # [B, H, Ni, 1]
+    w_self = torch.sigmoid(self_score - lse_txt.to(acc)).unsqueeze(-1).to(v_img.dtype)  # [B, H, Ni, 1]
     return w_self * v_img + (1 - w_self) * o_txt
 
 

@@ -1,0 +1,228 @@
+"""SoftPAG: head-level perturbed-attention guidance with a continuous strength.
+
+Ahn et al., "Fine-Grained Perturbation Guidance via Attention Head Selection" (arXiv
+2506.10978): selected heads (l, h) of a perturbed copy of the conditional branch use
+A' = (1 - u) A + u P (Eq. 7), and guidance adds s·(ε_c - ε_pert):
+
+    ε = ε_u + w(ε_c - ε_u) + s·(ε_c - ε_pert)        (without CFG: ε_c + s(ε_c - ε_pert))
+
+u = 1 on all heads of a layer is layer-level PAG (Ahn et al. 2024). The perturbation is
+applied in output space (``methods.perturbation``): exact, and the L×L map is never built.
+
+    pag = da.SoftPAG(heads={"transformer_blocks.2.attn": [0, 3]}, strength=0.5, scale=3.0)
+    with da.attach(pipe, pag):
+        image = pipe(prompt).images[0]
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+
+import torch
+
+from ..controls import AttentionCall, Control, StepState, StepWindow
+from ..errors import ControlError, SelectorError
+from ..kernels import attention
+from ..sites import select_heads
+from .perturbation import (
+    check_target,
+    image_self_target,
+    meanquery_target,
+    soft_blend,
+    uniform_target,
+)
+
+PERTURBABLE_KINDS = ("self", "joint", "single")  # identity needs Nq == Nk: no cross attention
+
+
+class SoftPAG(Control):
+    """Head-level (soft) perturbed-attention guidance.
+
+    heads:     "all" (every head of every self/joint/single-stream site); a mapping
+               {site name: head list | "all" | {head: u}}; a list of (site, head) or
+               (site, head, u) tuples; or a preset dict / JSON path from HeadHunter.
+    strength:  default u in [0, 1] for heads given without their own u.
+    scale:     guidance scale s of the perturbed branch.
+    target:    "identity" (PAG), "uniform" or "meanquery" (SEG with sigma -> inf).
+    semantics: joint-attention semantics, "joint" (paper code), "image" or "image-self"
+               (diffusers' SD3 PAG); see ``methods.perturbation``.
+    steps:     a StepWindow limiting where guidance applies; ``schedule(step) -> factor``
+               multiplies s per step.
+    sequential: run the perturbed branch as a separate forward (less memory).
+    """
+
+    order = 50
+    extra_branches = ("perturbed",)
+
+    def __init__(
+        self,
+        heads="all",
+        strength: float = 1.0,
+        scale: float = 3.0,
+        *,
+        target: str = "identity",
+        semantics: str = "joint",
+        steps: StepWindow | None = None,
+        schedule: Callable[[StepState], float] | None = None,
+        sequential: bool = False,
+    ):
+        check_target(target, semantics)
+        _check_u(strength, "strength")
+        if isinstance(heads, str) and heads != "all" and heads.endswith(".json"):
+            heads = load_preset(heads)
+        if isinstance(heads, Mapping) and "heads" in heads and "model" in heads:  # a preset
+            self.preset = dict(heads)
+            scale = heads.get("scale", scale)
+            heads = [tuple(h) for h in heads["heads"]]
+        else:
+            self.preset = None
+        super().__init__(sites=self._site_filter, steps=steps, branches=("perturbed",))
+        self.head_spec = heads
+        self.strength = float(strength)
+        self.scale = float(scale)
+        self.target = target
+        self.semantics = semantics
+        self.schedule = schedule
+        self.sequential = sequential
+        self.u: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ resolve
+    def _site_filter(self, site) -> bool:
+        return site.name in self.u
+
+    def on_attach(self, engine) -> None:
+        super().on_attach(engine)
+        try:
+            self.u = resolve_heads(engine.sites, self.head_spec, self.strength)
+        except Exception:
+            super().on_detach(engine)
+            raise
+        if self.preset is not None and self.preset.get("model") not in (None, _model_id(engine)):
+            super().on_detach(engine)
+            raise ControlError(
+                f"this preset was made for {self.preset['model']!r}, not {_model_id(engine)!r}; "
+                f"run HeadHunter on this model or pick a preset made for it"
+            )
+        if not self.u:
+            self.u = {}
+
+    def guidance_scale(self, step: StepState) -> float:
+        if not any(bool((u > 0).any()) for u in self.u.values()):
+            return 0.0  # nothing perturbed: no extra branch, output exactly unguided
+        if self.steps is not None and not self.steps.contains(step):
+            return 0.0
+        return self.scale * (self.schedule(step) if self.schedule is not None else 1.0)
+
+    # ------------------------------------------------------------------ per call
+    def _rows(self, call: AttentionCall) -> torch.Tensor:
+        return call.rows(("perturbed",))
+
+    def edit_spec(self, call: AttentionCall) -> None:
+        if self.target == "identity" and (self.semantics == "joint" or not _has_text(call)):
+            rows = self._rows(call)
+            if rows.any():
+                blend = call.head_blend()
+                blend[rows] = torch.maximum(blend[rows], self.u[call.site.name].to(blend.device))
+
+    def edit_output(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
+        if self.target == "identity" and (self.semantics == "joint" or not _has_text(call)):
+            return out  # done inside the kernel through the head blend
+        rows = self._rows(call)
+        if not rows.any():
+            return out
+        u = self.u[call.site.name].to(out.dtype).view(1, -1, 1, 1)  # [1, H, 1, 1]
+        q, k, v = call.q[rows], call.k[rows], call.v[rows]  # [b, H, N, D]
+        scale = call.scale if call.scale is not None else q.shape[-1] ** -0.5
+        if self.semantics == "joint" or not _has_text(call):
+            qrows = slice(None)
+        else:
+            qrows = _image_rows(call)
+        if self.semantics == "image-self" and _has_text(call):
+            txt = call.layout.k("text").slice
+            target = image_self_target(q[:, :, qrows], k[:, :, qrows], v[:, :, qrows], k[:, :, txt], v[:, :, txt], scale, attention)
+        elif self.target == "identity":
+            target = v[:, :, qrows]
+        elif self.target == "uniform":
+            target = uniform_target(v, q[:, :, qrows].shape[2])
+        else:
+            target = meanquery_target(q[:, :, qrows], k, v, scale, attention)
+        out = out.clone()
+        sub = out[rows]
+        sub[:, :, qrows] = soft_blend(sub[:, :, qrows], target.to(sub.dtype), u)
+        out[rows] = sub
+        return out
+
+
+def _has_text(call: AttentionCall) -> bool:
+    return call.layout.has_k("text") and call.layout.has_q("text")
+
+
+def _image_rows(call: AttentionCall) -> slice:
+    """The query rows of the image-like segments (image, context image, video): all but text."""
+    segs = [s for s in call.layout.query if s.name != "text"]
+    return slice(min(s.start for s in segs), max(s.stop for s in segs))
+
+
+def _check_u(u: float, what: str) -> None:
+    if not 0.0 <= float(u) <= 1.0:
+        raise ControlError(f"{what} u must lie in [0, 1] (0 = no perturbation, 1 = PAG); got {u}")
+
+
+def resolve_heads(all_sites, spec, default_u: float) -> dict[str, torch.Tensor]:
+    """{site name: u per head [H]} from any accepted ``heads`` form (validated)."""
+    eligible = {s.name: s for s in all_sites if s.kind in PERTURBABLE_KINDS}
+    known = {s.name: s for s in all_sites}
+    u: dict[str, torch.Tensor] = {}
+
+    def site(name):
+        if name not in known:
+            raise SelectorError(
+                f"no attention site named {name!r}; sites that can be perturbed: {sorted(eligible)[:12]}"
+                + (" ..." if len(eligible) > 12 else "")
+            )
+        if name not in eligible:
+            raise SelectorError(f"site {name!r} is {known[name].kind} attention; SoftPAG perturbs self, joint or single-stream attention")
+        return eligible[name]
+
+    def put(name, heads, value):
+        s = site(name)
+        _check_u(value, f"u of {name}")
+        vec = u.setdefault(name, torch.zeros(s.heads))
+        for h in select_heads(s, heads):
+            vec[h] = float(value)
+
+    if isinstance(spec, str):
+        if spec != "all":
+            raise ControlError(f"heads must be 'all', a mapping, or a list of (site, head[, u]); got {spec!r}")
+        for name in eligible:
+            put(name, "all", default_u)
+    elif isinstance(spec, Mapping):
+        for name, heads in spec.items():
+            if isinstance(heads, Mapping):
+                for h, value in heads.items():
+                    put(name, [int(h)], value)
+            else:
+                put(name, heads, default_u)
+    else:
+        for item in spec:
+            if len(item) == 2:
+                put(item[0], [int(item[1])], default_u)
+            elif len(item) == 3:
+                put(item[0], [int(item[1])], float(item[2]))
+            else:
+                raise ControlError(f"head entries are (site, head) or (site, head, u); got {item!r}")
+    return u
+
+
+def _model_id(engine) -> str:
+    model = engine.models[0][1]
+    return getattr(model.config, "_name_or_path", None) or type(model).__name__
+
+
+def load_preset(path: str) -> dict:
+    """A HeadHunter preset (JSON): {"model", "heads": [[site, head, u], ...], "scale"}."""
+    with open(path) as f:
+        preset = json.load(f)
+    if not isinstance(preset, dict) or "heads" not in preset:
+        raise ControlError(f"{path} is not a SoftPAG preset (expected keys 'model', 'heads', 'scale')")
+    return preset

@@ -1,0 +1,103 @@
+"""SoftPAG: exactness against materialised references and diffusers' PAG pipelines."""
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import StableDiffusion3PAGPipeline, StableDiffusionPAGPipeline
+
+import diffattn as da
+from diffattn.controls import AttentionCall, StepState
+from diffattn.errors import ControlError, SelectorError
+from diffattn.guidance import fold_guidance
+from diffattn.layout import TokenLayout, segments
+from diffattn.methods.perturbation import materialised_reference
+from diffattn.methods.softpag import SoftPAG
+from diffattn.processors.base import DiffattnProcessor
+from diffattn.sites import Site, select
+from diffattn.tiny import output_of
+
+
+def _call(q, k, v, layout, rows):
+    site = Site("blocks.0.attn", "sd3", "joint", 0, q.shape[1], q.shape[-1])
+    return AttentionCall(site=site, layout=layout, q=q, k=k, v=v, step=StepState(), branches={"cond": slice(0, rows), "perturbed": slice(rows, q.shape[0])})
+
+
+@pytest.mark.parametrize("target,semantics", [
+    ("identity", "joint"), ("identity", "image"), ("identity", "image-self"),
+    ("uniform", "joint"), ("uniform", "image"), ("meanquery", "joint"), ("meanquery", "image"),
+])
+def test_output_space_equals_materialised_matrix(target, semantics):
+    torch.manual_seed(0)
+    b, h, n_img, n_txt, d = 1, 3, 9, 4, 8
+    q, k, v = torch.randn(3, 2 * b, h, n_img + n_txt, d, dtype=torch.float64).unbind(0)
+    layout = TokenLayout(*(segments(("image", n_img, (3, 3)), ("text", n_txt, None)),) * 2)
+    u = torch.tensor([0.0, 0.4, 1.0])
+    ctrl = SoftPAG({"blocks.0.attn": {0: 0.0, 1: 0.4, 2: 1.0}}, target=target, semantics=semantics)
+    ctrl.u = {"blocks.0.attn": u}
+    call = _call(q, k, v, layout, b)
+    proc = DiffattnProcessor.__new__(DiffattnProcessor)
+    ctrl.edit_spec(call)
+    out = ctrl.edit_output(call, proc._kernel(call))
+    ref = materialised_reference(q[b:], k[b:], v[b:], u, target=target, semantics=semantics, image=slice(0, n_img), text=slice(n_img, None))
+    torch.testing.assert_close(out[b:], ref, atol=1e-10, rtol=1e-8)
+    plain = torch.softmax(q[:b] @ k[:b].transpose(-1, -2) / d**0.5, -1) @ v[:b]
+    torch.testing.assert_close(out[:b], plain, atol=1e-10, rtol=1e-8)  # cond rows untouched
+
+
+def test_guidance_arithmetic():
+    c, p = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 3.0])
+    torch.testing.assert_close(fold_guidance(c, [p], [2.0], cfg_scale=1.0), c + 2.0 * (c - p))
+    # with CFG w, the pipeline's uncond + w(cond' - uncond) must give uncond + w(c-u) + s(c-p)
+    u, w, s = torch.tensor([0.1, 0.2]), 4.0, 3.0
+    folded = fold_guidance(c, [p], [s], cfg_scale=w)
+    torch.testing.assert_close(u + w * (folded - u), u + w * (c - u) + s * (c - p))
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd3", "flux", "wan"])
+def test_zero_strength_or_no_heads_reproduces_unguided(family, tiny_pipe, tiny_inputs):
+    pipe = tiny_pipe(family)
+    stock = output_of(pipe(**tiny_inputs(family)))
+    with da.attach(pipe, SoftPAG("all", strength=0.0, scale=5.0)):
+        zero = output_of(pipe(**tiny_inputs(family)))
+    with da.attach(pipe, SoftPAG({}, scale=5.0)):
+        empty = output_of(pipe(**tiny_inputs(family)))
+    with da.attach(pipe, SoftPAG("all", strength=1.0, scale=5.0)):
+        guided = output_of(pipe(**tiny_inputs(family)))
+    assert torch.equal(zero, stock) and torch.equal(empty, stock)
+    assert (guided - stock).abs().max() > 1e-4  # guidance does something
+
+
+def test_layer_pag_equals_diffusers_unet_pag_pipeline(tiny_pipe, tiny_inputs):
+    pipe = tiny_pipe("sd15")
+    kw = tiny_inputs("sd15", steps=3, guidance_scale=4.0)
+    mid_self = [s.name for s in select(select(pipe, "m0"), "self")]
+    with da.attach(pipe, SoftPAG({n: "all" for n in mid_self}, strength=1.0, scale=2.5)):
+        ours = output_of(pipe(**kw))
+    ref_pipe = StableDiffusionPAGPipeline(**pipe.components, pag_applied_layers=["mid"])
+    ref = output_of(ref_pipe(**tiny_inputs("sd15", steps=3, guidance_scale=4.0), pag_scale=2.5))
+    assert (ours - ref).abs().max() <= 1e-5
+
+
+def test_image_self_layer_pag_equals_diffusers_sd3_pag_pipeline(tiny_pipe, tiny_inputs):
+    pipe = tiny_pipe("sd3")
+    layer = "transformer_blocks.1.attn"
+    with da.attach(pipe, SoftPAG({layer: "all"}, strength=1.0, scale=2.0, semantics="image-self")):
+        ours = output_of(pipe(**tiny_inputs("sd3", steps=3, guidance_scale=3.0)))
+    parts = {k: v for k, v in pipe.components.items() if k not in ("image_encoder", "feature_extractor")}
+    ref_pipe = StableDiffusion3PAGPipeline(**parts, pag_applied_layers=[r"transformer_blocks\.1\.attn$"])
+    ref = output_of(ref_pipe(**tiny_inputs("sd3", steps=3, guidance_scale=3.0), pag_scale=2.0))
+    assert (ours - ref).abs().max() <= 1e-5
+
+
+def test_bad_input_is_a_clear_error(tiny_pipe):
+    pipe = tiny_pipe("sd3")
+    with pytest.raises(ControlError, match=r"\[0, 1\]"):
+        SoftPAG("all", strength=1.5)
+    with pytest.raises(SelectorError, match="no attention site"):
+        da.attach(pipe, SoftPAG({"transformer_blocks.77.attn": [0]}))
+    with pytest.raises(SelectorError, match="head"):
+        da.attach(pipe, SoftPAG({"transformer_blocks.0.attn": [99]}))
+    with pytest.raises(ControlError, match="made for"):
+        da.attach(pipe, SoftPAG({"model": "some/other-model", "heads": [["transformer_blocks.0.attn", 0, 1.0]], "scale": 3.0}))
+    with pytest.raises(ControlError, match="image-self"):
+        SoftPAG("all", target="uniform", semantics="image-self")
