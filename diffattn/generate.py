@@ -15,6 +15,12 @@ from PIL import Image, ImageDraw
 METHODS: dict[str, Callable] = {}
 
 
+def _builtin_methods() -> dict[str, Callable]:
+    from .methods.softpag import _generate_builder as softpag
+
+    return {"softpag": softpag}
+
+
 def register_method(name: str):
     def deco(fn):
         METHODS[name] = fn
@@ -31,9 +37,9 @@ def add_generate_arguments(p: argparse.ArgumentParser):
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
     p.add_argument("--size", type=int, default=None, help="height = width in pixels (default: the model's)")
-    p.add_argument("--scale", type=float, default=3.0, help="method guidance scale (softpag)")
+    p.add_argument("--scale", type=float, default=2.0, help="method guidance scale (softpag)")
     p.add_argument("--strength", type=float, default=1.0, help="method strength u (softpag)")
-    p.add_argument("--heads", default="all", help="sites/heads for head-level methods, or a preset JSON")
+    p.add_argument("--heads", default="mid", help="softpag heads: mid (the middle layer), all, or a preset JSON")
     p.add_argument("--concepts", default=None, help="comma-separated concept words (astar)")
 
 
@@ -72,9 +78,10 @@ def run_generate(args):
 
     images, labels = baseline(), ["baseline"]
     if args.method != "none":
-        if args.method not in METHODS:
-            raise SystemExit(f"unknown method {args.method!r}; available: none, {', '.join(sorted(METHODS))}")
-        label, run = METHODS[args.method](pipe, args)
+        methods = {**_builtin_methods(), **METHODS}
+        if args.method not in methods:
+            raise SystemExit(f"unknown method {args.method!r}; available: none, {', '.join(sorted(methods))}")
+        label, run = methods[args.method](pipe, args)
         images += run(torch.Generator(args.device).manual_seed(args.seed), kw)
         labels.append(label)
     result = side_by_side(images, labels) if len(images) > 1 else images[0]

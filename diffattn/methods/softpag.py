@@ -214,6 +214,17 @@ def resolve_heads(all_sites, spec, default_u: float) -> dict[str, torch.Tensor]:
     return u
 
 
+def middle_layer(target) -> dict[str, str]:
+    """All heads of the middle perturbable layer: the usual single-layer PAG choice (the
+    UNet mid block on SD1.5/SDXL, the middle joint block on MMDiTs)."""
+    from ..sites import sites
+
+    candidates = [s for s in sites(target) if s.kind in PERTURBABLE_KINDS]
+    mids = [s for s in candidates if s.alias is not None and s.alias.startswith("m")]
+    site = mids[0] if mids else candidates[len(candidates) // 2]
+    return {site.name: "all"}
+
+
 def _model_id(engine) -> str:
     model = engine.models[0][1]
     return getattr(model.config, "_name_or_path", None) or type(model).__name__
@@ -226,3 +237,21 @@ def load_preset(path: str) -> dict:
     if not isinstance(preset, dict) or "heads" not in preset:
         raise ControlError(f"{path} is not a SoftPAG preset (expected keys 'model', 'heads', 'scale')")
     return preset
+
+
+def _generate_builder(pipe, args):
+    """``diffattn generate --method softpag``: the guided image beside the baseline."""
+    heads = args.heads
+    if heads == "mid":
+        heads = middle_layer(pipe)
+    elif heads.endswith(".json"):
+        heads = load_preset(heads)
+    control = SoftPAG(heads, strength=args.strength, scale=args.scale)
+
+    def run(generator, call_kwargs):
+        from ..engine import attach
+
+        with attach(pipe, control):
+            return pipe(args.prompt, generator=generator, **call_kwargs).images
+
+    return f"softpag s={args.scale:g} u={args.strength:g}", run
