@@ -1,0 +1,1 @@
+"""The Gradio app (diffattn.app)."""
