@@ -29,6 +29,7 @@ _EXPORTS = {
     "GuidanceWrapper": "diffattn.guidance",
     "StepWindow": "diffattn.controls",
     "SoftPAG": "diffattn.methods.softpag",
+    "HeadHunter": "diffattn.methods.headhunter",
     "DiffattnError": "diffattn.errors",
     "SelectorError": "diffattn.errors",
     "UnsupportedModelError": "diffattn.errors",

@@ -225,9 +225,20 @@ def middle_layer(target) -> dict[str, str]:
     return {site.name: "all"}
 
 
+def model_id(model) -> str:
+    """A name for the denoiser that presets record: its hub id, or for a local folder the
+    folder's name (``tiny-sd3``), so presets travel between machines."""
+    import os
+
+    name = getattr(model.config, "_name_or_path", None) or ""
+    if os.path.isabs(name):
+        parts = os.path.normpath(name).split(os.sep)
+        name = parts[-2] if parts[-1] in ("transformer", "unet", "transformer_2") and len(parts) > 1 else parts[-1]
+    return name or type(model).__name__
+
+
 def _model_id(engine) -> str:
-    model = engine.models[0][1]
-    return getattr(model.config, "_name_or_path", None) or type(model).__name__
+    return model_id(engine.models[0][1])
 
 
 def load_preset(path: str) -> dict:
