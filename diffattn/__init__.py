@@ -28,11 +28,15 @@ _EXPORTS = {
     "Segment": "diffattn.layout",
     "GuidanceWrapper": "diffattn.guidance",
     "StepWindow": "diffattn.controls",
+    "StepState": "diffattn.controls",
+    "UniformKeys": "diffattn.controls",
     "SoftPAG": "diffattn.methods.softpag",
     "HeadHunter": "diffattn.methods.headhunter",
     "DiffattnError": "diffattn.errors",
     "SelectorError": "diffattn.errors",
     "UnsupportedModelError": "diffattn.errors",
+    "ControlError": "diffattn.errors",
+    "LayoutError": "diffattn.errors",
 }
 
 

@@ -1,18 +1,39 @@
-"""The engine: install diffattn processors and hooks, track step and branches, restore.
+"""The engine: install diffattn processors and hooks, track steps and branches, restore.
 
-    handle = da.attach(pipe, control_a, control_b)   # or a bare denoiser
+    handle = da.attach(pipe, control_a, control_b)   # a pipeline or a bare denoiser
     ...
     handle.detach()                                  # original processors and forwards back
+    with da.attach(pipe, control): ...               # or as a context manager
 
-``attach`` swaps one processor instance per attention site (``set_attn_processor`` with a
-full copy of the model's dict), and registers a diffusers ``ModelHook`` on each denoiser
-that records, before every forward, what the processors need: the step (index, timestep,
-sigma), the batch branch layout, the latent grid and the text length. When a control asks
-for an extra branch the same hook runs the guidance wrapper (``diffattn.guidance``).
+``attach`` installs one processor instance per attention site (a full copy of the model's
+``attn_processors`` with ours swapped in, through ``set_attn_processor``) and registers a
+diffusers ``ModelHook`` on each denoiser (``unet`` / ``transformer`` / ``transformer_2``).
+Before every denoiser forward the hook records what the processors need in a
+:class:`ForwardContext`: the step (index, timestep, sigma, step count), the batch branch
+layout, the latent grid, the text length and (FLUX Kontext) the context-image split. When a
+control declares an extra branch, the same hook runs the guidance wrapper
+(``diffattn.guidance``) around the forward.
+
+Step index: the number of distinct timesteps seen since the current run began, so the
+cond, uncond and perturbed passes of one step share it. A run begins on the first forward
+after attach (or ``handle.reset_steps()``), when the pipeline's scheduler has not stepped
+yet (``scheduler.step_index is None``, true at the first step of every call of a pipeline
+with a k-diffusion/flow-matching scheduler), or, for schedulers without a step index (DDIM,
+PNDM), when the timestep rises (timesteps fall within a run). A pipeline passing
+``cache_context(..., step_index=i)`` (Wan) sets it directly; ``handle.set_step(i)`` pins it
+(custom loops such as inversion, whose timesteps rise).
+
+Branches: ``{"uncond": rows, "cond": rows}`` when the pipeline runs classifier-free guidance
+in one batch (SD, SDXL, SD3: ``pipe.do_classifier_free_guidance`` and an even batch); the
+name of the pipeline's ``cache_context("cond" | "uncond")`` when it runs them as separate
+forwards (Wan, FLUX true CFG); ``{"cond": all rows}`` otherwise; plus the guidance wrapper's
+extra branches. ``handle.branches({...})`` overrides the layout (custom pipelines).
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -22,25 +43,31 @@ from diffusers.hooks.hooks import BaseState, StateManager
 from .controls import Control, StepState
 from .errors import ControlError, UnsupportedModelError
 from .layout import grid_shape
-from .processors import PROCESSORS
-from .sites import denoisers, select, sites
+from .processors import MIRRORED, PROCESSORS, DiffattnProcessor
+from .sites import SUPPORTED, denoisers, select, sites
 
 HOOK_NAME = "diffattn.engine"
 
 
 @dataclass
 class ForwardContext:
-    """What the processors of one denoiser forward need to know."""
+    """What the processors of one denoiser forward need to know (see the module docstring)."""
 
     step: StepState
     branches: dict[str, slice]
-    latent_hw: tuple[int, int] | None = None  # latent (or packed-token) grid of the image
-    text_len: int = 0
-    image_grid: tuple[int, ...] | None = None  # FLUX: grid of the target image tokens
+    family: str = ""
+    denoiser: str | None = None  # pipeline attribute of the model ("unet", "transformer", "transformer_2")
+    batch: int = 0
+    cache_name: str | None = None  # the pipeline's cache_context name, when it set one
+    latent_hw: tuple[int, int] | None = None  # UNet / SD3: latent height, width
+    patch_size: int = 1  # SD3: patch size of the transformer
+    text_len: int = 0  # FLUX: text tokens at the start of the single-stream sequence
+    image_grid: tuple[int, int] | None = None  # FLUX: (h, w) of the target image tokens
     context_len: int = 0  # FLUX Kontext: context-image tokens at the end
-    context_grid: tuple[int, ...] | None = None
+    context_grid: tuple[int, int] | None = None
     video_grid: tuple[int, int, int] | None = None  # Wan: (t, h, w) tokens
-    extra: dict = field(default_factory=dict)
+    image_context_len: int = 0  # Wan I2V: image tokens at the start of encoder_hidden_states
+    grids: dict = field(default_factory=dict)  # cache: n tokens -> (h, w)
 
 
 class _NoState(BaseState):
@@ -48,191 +75,347 @@ class _NoState(BaseState):
         pass
 
 
+_MISSING = object()
+
+
 class _EngineHook(ModelHook):
     """Per-denoiser hook: bookkeeping before the forward, guidance around it."""
 
-    _is_stateful = True  # so diffusers' cache_context("cond"/"uncond") reaches us
+    _is_stateful = True  # so diffusers' cache_context("cond"/"uncond") reaches our StateManager
 
-    def __init__(self, engine: "Engine", family: str, model):
+    def __init__(self, engine: "Engine", family: str, denoiser: str | None, model):
         super().__init__()
         self.engine = engine
         self.family = family
+        self.denoiser = denoiser
+        self.config = model.config
         self.cache = StateManager(_NoState)  # receives the pipeline's CacheContext
         self.signature = inspect.signature(model.forward)
+        self.ids_cache = None  # FLUX: (img_ids tensor, its analysis)
+        self.var_kw = next((p.name for p in self.signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+
+    def arguments(self, args, kwargs) -> dict:
+        """The forward's arguments by name (``**kwargs`` flattened)."""
+        bound = self.signature.bind_partial(*args, **kwargs).arguments
+        if self.var_kw is not None and self.var_kw in bound:
+            bound = dict(bound)
+            bound.update(bound.pop(self.var_kw))
+        return bound
 
     def new_forward(self, module, *args, **kwargs):
-        bound = self.signature.bind_partial(*args, **kwargs)
-        arguments = dict(bound.arguments)
-        self.engine._begin_forward(self.family, arguments, self.cache._context)
+        engine = self.engine
+        arguments = self.arguments(args, kwargs)
+        ctx = engine.begin_forward(self, arguments, self.cache._context)
+        previous, engine.context = engine.context, ctx
         try:
-            if self.engine.guidance is not None and self.engine.guidance.wants(self.engine.context):
-                return self.engine.guidance.forward(self.fn_ref.original_forward, self.family, arguments, self.engine)
+            if engine.guidance is not None:
+                return engine.guidance(self.fn_ref.original_forward, self.family, arguments, ctx)
             return self.fn_ref.original_forward(*args, **kwargs)
         finally:
-            self.engine.context = None
+            engine.context = previous
 
     def reset_state(self, module):
         return module
 
 
 class Engine:
-    """State shared by the processors and hooks of one ``attach``."""
+    """State shared by the processors and hooks of one ``attach`` (``handle.engine``).
 
-    def __init__(self, target, controls: tuple[Control, ...]):
+    sites:    every site of the target; ``per_site``: {site name: controls there, in order};
+    controls: the attached controls in their defined order; ``context``: the current
+    :class:`ForwardContext` (``None`` outside a denoiser forward); ``pipeline``: the pipeline
+    when one was attached.
+    """
+
+    def __init__(self, target, controls: tuple[Control, ...] = (), *, cfg_scale=None, sequential: bool | None = None):
         self.target = target
-        self.pipeline = target if hasattr(target, "components") else None
-        self.models = denoisers(target)  # [(name, model)]
-        if not self.models:
-            raise UnsupportedModelError(
-                f"{type(target).__name__} has no denoiser diffattn knows (UNet2DConditionModel, "
-                f"SD3Transformer2DModel, FluxTransformer2DModel, WanTransformer3DModel)"
-            )
+        self.models = denoisers(target)  # [(attribute or None, model)]
+        self.pipeline = None if self.models[0][0] is None else target
         self.sites = sites(target)
-        self.controls = tuple(sorted(controls, key=lambda c: c.order))  # stable: ties keep attach order
+        # stable sort: equal orders keep attach order
+        self.controls: tuple[Control, ...] = tuple(sorted(controls, key=lambda c: c.order))
+        self.per_site: dict[str, tuple[Control, ...]] = {}
         self.context: ForwardContext | None = None
-        self._last_timestep: float | None = None
-        self._step = 0
-        self._saved = {}
-        self._hooked = []
-        self._block_hooks = []
-        self._attached_controls = []
         self.guidance = None
+        self.cfg_scale_override = cfg_scale
+        self.sequential = sequential
+        self._index = 0
+        self._last_t: float | None = None
+        self._pinned_step: int | None = None
+        self._branch_override = None
+        self._saved: list = []  # (model, original processors dict)
+        self._hooked: list = []  # models carrying our hook
+        self._block_hooks: list = []  # (module, hook name, model)
+        self._attached: list[Control] = []
 
-    # ---------------------------------------------------------------- install
-    def install(self):
+    # ------------------------------------------------------------------ install / uninstall
+    def install(self) -> "Engine":
         from .guidance import GuidanceWrapper
 
+        for _, model in self.models:
+            registry = HookRegistry.check_if_exists_or_initialize(model)
+            if registry.get_hook(HOOK_NAME) is not None or any(
+                isinstance(p, DiffattnProcessor) for p in model.attn_processors.values()
+            ):
+                raise ControlError(
+                    f"diffattn is already attached to this {type(model).__name__}: call .detach() on the first handle "
+                    f"(or leave its `with` block) first, or pass all controls to one attach(...)"
+                )
+        foreign = []
+        current = {denoiser: model.attn_processors for denoiser, model in self.models}
+        for s in self.sites:
+            proc = current[s.denoiser][s.processor_key]
+            if type(proc).__name__ not in MIRRORED[s.family]:
+                foreign.append(f"{s.name} ({type(proc).__name__})")
+        if foreign:
+            raise UnsupportedModelError(
+                f"{len(foreign)} attention site(s) run processors diffattn does not reproduce, e.g. {foreign[:3]}; "
+                f"swapping them would silently drop what they do (IP-Adapter, custom attention). diffattn mirrors "
+                f"{sorted({n for names in MIRRORED.values() for n in names})}: restore those first "
+                f"(e.g. model.set_default_attn_processor() / unload the adapter)"
+            )
         for c in self.controls:
+            if getattr(c, "_diffattn_engine", None) is not None:
+                raise ControlError(
+                    f"this {type(c).__name__} instance is already attached to a model: detach it first, or create "
+                    f"a second instance"
+                )
+        for c in self.controls:
+            c._diffattn_engine = self
+            self._attached.append(c)
             c.on_attach(self)
-            self._attached_controls.append(c)
-        per_site = {s.name: [] for s in self.sites}
+
+        per_site: dict[str, list[Control]] = {s.name: [] for s in self.sites}
         for c in self.controls:
             # a callable filter may legitimately match nothing (an empty head set); a selector
-            # that names nothing is a user error and raises
-            chosen = [s for s in self.sites if c.sites(s)] if callable(c.sites) else select(self.sites, c.sites)
+            # that names nothing is a user error and raises SelectorError from select()
+            if callable(c.sites):
+                chosen = [s for s in self.sites if c.sites(s)]
+            else:
+                chosen = select(self.sites, c.sites)
             for s in chosen:
                 per_site[s.name].append(c)
-        if any(c.extra_branches for c in self.controls):
-            self.guidance = GuidanceWrapper([c for c in self.controls if c.extra_branches], self)
-        by_model = {}
+        self.per_site = {name: tuple(cs) for name, cs in per_site.items()}
+
+        guided = [c for c in self.controls if c.extra_branches]
+        if guided:
+            names = [c.extra_branches[0] for c in guided]
+            clash = sorted({n for n in names if names.count(n) > 1 or n in ("cond", "uncond")})
+            if clash:
+                raise ControlError(
+                    f"controls {[type(c).__name__ for c in guided]} declare the extra branch(es) {clash} more than once "
+                    f"(or reuse 'cond'/'uncond'); give each guidance control its own branch name"
+                )
+            sequential = self.sequential if self.sequential is not None else any(c.sequential for c in guided)
+            self.guidance = GuidanceWrapper(guided, self, cfg_scale=self.cfg_scale_override, sequential=sequential)
+
+        by_model: dict[str | None, list] = {}
         for s in self.sites:
             by_model.setdefault(s.denoiser, []).append(s)
-        for name, model in self.models:
-            registry = HookRegistry.check_if_exists_or_initialize(model)
-            if registry.get_hook(HOOK_NAME) is not None:
-                raise ControlError(
-                    f"diffattn is already attached to this {type(model).__name__}; detach the first handle, "
-                    f"or pass all controls to one attach(...)"
-                )
-        for name, model in self.models:
+        for denoiser, model in self.models:
             original = dict(model.attn_processors)
-            self._saved[name] = (model, original)
             new = dict(original)
             family = None
-            for s in by_model.get(name, []):
+            for s in by_model.get(denoiser, []):
                 family = s.family
-                new[s.processor_key] = PROCESSORS[s.family](self, s, per_site[s.name])
-            model.set_attn_processor(new)  # pops from its argument: `new` is our copy
+                proc = PROCESSORS[s.family](self, s, self.per_site[s.name])
+                old = original[s.processor_key]
+                proc._attention_backend = getattr(old, "_attention_backend", None)
+                proc._parallel_config = getattr(old, "_parallel_config", None)
+                new[s.processor_key] = proc
+            model.set_attn_processor(new)  # pops from its argument: `new` is our own copy
+            self._saved.append((model, original))
             registry = HookRegistry.check_if_exists_or_initialize(model)
-            registry.register_hook(_EngineHook(self, family, model), HOOK_NAME)
+            registry.register_hook(_EngineHook(self, family, denoiser, model), HOOK_NAME)
             self._hooked.append(model)
             for c in self.controls:
                 for i, (module_name, hook) in enumerate(c.block_hooks(model)):
-                    sub = model.get_submodule(module_name)
+                    sub = model.get_submodule(module_name) if module_name else model
                     hook_name = f"diffattn.{type(c).__name__}.{id(c)}.{i}"
                     HookRegistry.check_if_exists_or_initialize(sub).register_hook(hook, hook_name)
-                    self._block_hooks.append((sub, hook_name))
+                    self._block_hooks.append((sub, hook_name, model))
+            _invalidate(model)
         return self
 
-    def uninstall(self):
-        for sub, hook_name in self._block_hooks:
+    def uninstall(self) -> None:
+        """Remove every hook, restore the exact original processor objects, detach the controls."""
+        errors = []
+        for sub, hook_name, model in reversed(self._block_hooks):
             HookRegistry.check_if_exists_or_initialize(sub).remove_hook(hook_name, recurse=False)
         for model in self._hooked:
             HookRegistry.check_if_exists_or_initialize(model).remove_hook(HOOK_NAME, recurse=False)
-        for name, (model, original) in self._saved.items():
+            _invalidate(model)
+        for model, original in self._saved:
             model.set_attn_processor(dict(original))
-        for c in self._attached_controls:
-            c.on_detach(self)
-        self._attached_controls = []
-        self._block_hooks, self._hooked, self._saved = [], [], {}
+        for c in reversed(self._attached):
+            try:
+                c.on_detach(self)
+            except Exception as e:  # restore the model whatever a control does
+                errors.append(e)
+            finally:
+                c._diffattn_engine = None
+        self._attached, self._block_hooks, self._hooked, self._saved = [], [], [], []
+        self.context = None
+        if errors:
+            raise errors[0]
 
-    # ---------------------------------------------------------------- per forward
-    def _begin_forward(self, family: str, args: dict, cache_context):
+    # ------------------------------------------------------------------ per forward
+    def begin_forward(self, hook: _EngineHook, args: dict, cache_context) -> ForwardContext:
+        """Build the :class:`ForwardContext` of one denoiser forward from its arguments."""
+        family = hook.family
         hidden = args.get("sample", args.get("hidden_states"))
+        if hidden is None:
+            raise UnsupportedModelError(f"diffattn could not find the latent input of this {family} forward")
         batch = hidden.shape[0]
         step = self._track_step(args.get("timestep"), cache_context)
-        ctx = ForwardContext(step=step, branches=self._branches(batch, cache_context))
-        if family in ("unet", "sd3"):
+        name = getattr(cache_context, "name", None)
+        ctx = ForwardContext(step=step, branches=self._branches(batch, name), family=family, denoiser=hook.denoiser,
+                             batch=batch, cache_name=name)
+        if family == "unet":
             ctx.latent_hw = tuple(hidden.shape[-2:])
+        elif family == "sd3":
+            ctx.latent_hw = tuple(hidden.shape[-2:])
+            ctx.patch_size = int(hook.config.patch_size)
         elif family == "flux":
-            ctx.text_len = args["encoder_hidden_states"].shape[1] if args.get("encoder_hidden_states") is not None else 0
+            ehs = args.get("encoder_hidden_states")
+            ctx.text_len = ehs.shape[1] if ehs is not None else 0
             ids = args.get("img_ids")
             if ids is not None:
-                ids = ids[0] if ids.dim() == 3 else ids  # [N, 3]
-                is_ctx = ids[:, 0] > 0
-                ctx.context_len = int(is_ctx.sum())
-                ctx.image_grid = _ids_grid(ids[~is_ctx])
-                ctx.context_grid = _ids_grid(ids[is_ctx]) if ctx.context_len else None
+                if hook.ids_cache is None or hook.ids_cache[0] is not ids:  # pipelines pass the same tensor every step
+                    hook.ids_cache = (ids, _flux_image_ids(ids))
+                ctx.context_len, ctx.image_grid, ctx.context_grid = hook.ids_cache[1]
         elif family == "wan":
-            cfg = self._model_config(family)
-            pt, ph, pw = cfg.patch_size
+            pt, ph, pw = hook.config.patch_size
             t, h, w = hidden.shape[-3:]
             ctx.video_grid = (t // pt, h // ph, w // pw)
-        self.context = ctx
+            ehs = args.get("encoder_hidden_states")
+            img = args.get("encoder_hidden_states_image")
+            ctx.image_context_len = img.shape[1] if img is not None else 0
+            ctx.text_len = ehs.shape[1] if ehs is not None else 0
+        return ctx
 
-    def _model_config(self, family):
-        for _, m in self.models:
-            return m.config
-
-    def grid(self, n_tokens: int):
-        """(h, w) of an n-token image grid with the current latent's aspect ratio."""
-        if self.context is None or self.context.latent_hw is None:
+    def image_grid(self, n_tokens: int) -> tuple[int, int] | None:
+        """``(h, w)`` of an ``n_tokens`` image at the current forward's latent aspect (UNet
+        levels, SD3 patches), ``None`` outside a forward."""
+        ctx = self.context
+        if ctx is None or ctx.latent_hw is None:
             return None
-        return grid_shape(n_tokens, *self.context.latent_hw)
+        grid = ctx.grids.get(n_tokens)
+        if grid is None:
+            h, w = ctx.latent_hw
+            p = ctx.patch_size
+            if ctx.family == "sd3" and (h // p) * (w // p) == n_tokens:
+                grid = (h // p, w // p)
+            else:
+                grid = grid_shape(n_tokens, h, w)
+            ctx.grids[n_tokens] = grid
+        return grid
+
+    # ------------------------------------------------------------------ steps
+    def _scheduler(self):
+        return getattr(self.pipeline, "scheduler", None) if self.pipeline is not None else None
 
     def _track_step(self, timestep, cache_context) -> StepState:
         t = None
         if timestep is not None:
             t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
-        if cache_context is not None and cache_context.step_index is not None:
-            self._step = cache_context.step_index
-        elif t is not None and self._last_timestep is not None and t != self._last_timestep:
-            # timesteps fall within a run; a rise means the pipeline started a new run
-            self._step = 0 if t > self._last_timestep else self._step + 1
-        self._last_timestep = t
-        num_steps, sigma = None, None
-        scheduler = getattr(self.pipeline, "scheduler", None) if self.pipeline is not None else None
-        if scheduler is not None and getattr(scheduler, "timesteps", None) is not None:
-            num_steps = len(scheduler.timesteps)
-            sigmas = getattr(scheduler, "sigmas", None)
-            if sigmas is not None and self._step < len(sigmas):
-                sigma = float(sigmas[self._step])
-        if cache_context is not None and cache_context.sigma is not None:
-            sigma = float(cache_context.sigma)
-        return StepState(index=self._step, timestep=t, sigma=sigma, num_steps=num_steps)
+        scheduler = self._scheduler()
+        sched_index = getattr(scheduler, "step_index", _MISSING) if scheduler is not None else _MISSING
+        if cache_context is not None and getattr(cache_context, "step_index", None) is not None:
+            self._index = int(cache_context.step_index)
+        elif self._pinned_step is not None:
+            self._index = self._pinned_step
+        elif self._last_t is None or sched_index is None:
+            self._index = 0  # first forward of a run
+        elif t is not None and t != self._last_t:
+            rose = t > self._last_t and sched_index is _MISSING
+            self._index = 0 if rose else self._index + 1
+        self._last_t = t
+        num_steps = getattr(cache_context, "num_inference_steps", None) if cache_context is not None else None
+        if num_steps is None and self.pipeline is not None:
+            num_steps = getattr(self.pipeline, "_num_timesteps", None)
+            if num_steps is None and scheduler is not None and getattr(scheduler, "timesteps", None) is not None:
+                num_steps = len(scheduler.timesteps)
+        sigma = getattr(cache_context, "sigma", None) if cache_context is not None else None
+        if sigma is None and scheduler is not None:
+            sigma = _scheduler_sigma(scheduler, sched_index, t)
+        return StepState(index=self._index, timestep=t, sigma=None if sigma is None else float(sigma),
+                         num_steps=int(num_steps) if num_steps else None)
 
-    def cfg_in_batch(self, batch: int, cache_context=None) -> bool:
-        """Whether this forward carries [uncond, cond] in one batch (SD, SDXL, SD3)."""
-        if cache_context is not None or self.pipeline is None:
+    def reset_steps(self) -> None:
+        """Start counting steps from 0 at the next forward."""
+        self._last_t = None
+        self._index = 0
+
+    # ------------------------------------------------------------------ branches
+    def cfg_in_batch(self, batch: int) -> bool:
+        """Whether a forward of ``batch`` rows carries [uncond, cond] (SD, SDXL, SD3 with CFG)."""
+        if self.pipeline is None or batch % 2:
             return False
-        return bool(getattr(self.pipeline, "do_classifier_free_guidance", False)) and batch % 2 == 0
+        return bool(getattr(self.pipeline, "do_classifier_free_guidance", False))
 
-    def cfg_scale(self) -> float:
-        """The pipeline's CFG scale w when it does CFG (1 otherwise)."""
-        if self.pipeline is None or not getattr(self.pipeline, "do_classifier_free_guidance", False):
-            return 1.0
-        return float(getattr(self.pipeline, "guidance_scale", 1.0))
-
-    def _branches(self, batch: int, cache_context) -> dict[str, slice]:
-        if cache_context is not None and cache_context.name in ("cond", "uncond"):
-            return {cache_context.name: slice(0, batch)}
-        if self.cfg_in_batch(batch, cache_context):
+    def _branches(self, batch: int, cache_name: str | None) -> dict[str, slice]:
+        if self._branch_override is not None:
+            got = self._branch_override(batch) if callable(self._branch_override) else self._branch_override
+            return dict(got)
+        if cache_name in ("cond", "uncond"):
+            return {cache_name: slice(0, batch)}
+        if self.cfg_in_batch(batch):
             return {"uncond": slice(0, batch // 2), "cond": slice(batch // 2, batch)}
         return {"cond": slice(0, batch)}
 
+    def pipeline_cfg_scale(self, denoiser: str | None = None) -> float:
+        """The CFG scale w the pipeline applies to the cond prediction (1 without CFG)."""
+        if self.pipeline is None or not getattr(self.pipeline, "do_classifier_free_guidance", False):
+            return 1.0
+        if denoiser == "transformer_2" and getattr(self.pipeline, "_guidance_scale_2", None) is not None:
+            return float(self.pipeline._guidance_scale_2)
+        w = getattr(self.pipeline, "guidance_scale", None)
+        if w is None:
+            w = getattr(self.pipeline, "_guidance_scale", 1.0)
+        return float(w)
+
+
+def _invalidate(model) -> None:
+    """Drop diffusers' cached child-registry list so cache contexts reach new block hooks."""
+    registry = HookRegistry.check_if_exists_or_initialize(model)
+    if hasattr(registry, "invalidate_child_registries_cache"):
+        registry.invalidate_child_registries_cache()
+    elif hasattr(registry, "_child_registries_cache"):
+        registry._child_registries_cache = None
+
+
+def _scheduler_sigma(scheduler, sched_index, t) -> float | None:
+    """Noise level of the current step: ``scheduler.sigmas`` at its step index, or for
+    DDPM-type schedulers sqrt((1 - ᾱ_t) / ᾱ_t) (the k-diffusion sigma of timestep t)."""
+    try:
+        sigmas = getattr(scheduler, "sigmas", None)
+        if sigmas is not None and sched_index is not _MISSING:
+            i = sched_index if sched_index is not None else (getattr(scheduler, "begin_index", None) or 0)
+            if i < len(sigmas):
+                return float(sigmas[i])
+        alphas = getattr(scheduler, "alphas_cumprod", None)
+        if alphas is not None and t is not None and 0 <= int(t) < len(alphas):
+            a = float(alphas[int(t)])
+            return ((1 - a) / a) ** 0.5
+    except (TypeError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _flux_image_ids(ids: torch.Tensor) -> tuple[int, tuple[int, int] | None, tuple[int, int] | None]:
+    """(context tokens, target grid, context grid) from FLUX ``img_ids`` ``[N, 3]`` (or ``[B, N, 3]``):
+    FLUX Kontext gives the context image first coordinate 1 and appends it after the target."""
+    ids = ids[0] if ids.dim() == 3 else ids  # [N, 3] (diffusers drops a batch dim too)
+    is_ctx = ids[:, 0] > 0
+    n_ctx = int(is_ctx.sum())
+    if not n_ctx:
+        return 0, _ids_grid(ids), None
+    return n_ctx, _ids_grid(ids[~is_ctx]), _ids_grid(ids[is_ctx])
+
 
 def _ids_grid(ids: torch.Tensor) -> tuple[int, int] | None:
-    """(h, w) of FLUX position ids [N, 3] (coordinates in columns 1 and 2)."""
+    """``(h, w)`` of FLUX position ids ``[N, 3]`` (row, column in columns 1 and 2)."""
     if ids.shape[0] == 0:
         return None
     h = int(ids[:, 1].max() - ids[:, 1].min()) + 1
@@ -241,16 +424,40 @@ def _ids_grid(ids: torch.Tensor) -> tuple[int, int] | None:
 
 
 class Handle:
-    """What ``attach`` returns: ``.detach()`` restores the model; also a context manager."""
+    """What :func:`attach` returns. ``.detach()`` restores the model (also as a context manager);
+    ``.engine`` is the :class:`Engine` for inspection."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
         self.attached = True
 
     def detach(self) -> None:
+        """Restore the original processor objects and remove every hook (idempotent)."""
         if self.attached:
-            self.engine.uninstall()
             self.attached = False
+            self.engine.uninstall()
+
+    def reset_steps(self) -> None:
+        """Count steps from 0 again at the next forward (custom denoising loops)."""
+        self.engine.reset_steps()
+
+    def set_step(self, index: int | None) -> None:
+        """Pin the step index (``None`` unpins): for loops the engine cannot follow (inversion)."""
+        self.engine._pinned_step = index
+
+    @contextlib.contextmanager
+    def branches(self, layout: dict[str, slice] | Callable[[int], dict[str, slice]]):
+        """Name the batch rows yourself inside the block: ``{"ref": slice(0, 2), "cond":
+        slice(2, 3)}``, or a function ``batch -> dict`` (custom pipelines, bare denoisers)."""
+        previous, self.engine._branch_override = self.engine._branch_override, layout
+        try:
+            yield self
+        finally:
+            self.engine._branch_override = previous
+
+    @property
+    def controls(self) -> tuple[Control, ...]:
+        return self.engine.controls
 
     def __enter__(self):
         return self
@@ -264,23 +471,40 @@ class Handle:
         return f"<diffattn.Handle {state}: {len(self.engine.controls)} controls on {len(self.engine.sites)} sites>"
 
 
-def attach(target, *controls: Control) -> Handle:
+def attach(target, *controls: Control, cfg_scale: float | Callable | None = None, sequential: bool | None = None) -> Handle:
     """Install diffattn on a pipeline or a bare denoiser, with the given controls.
 
+    target:     a diffusers pipeline (its ``unet`` / ``transformer``, and ``transformer_2``) or
+                a denoiser model. Supported: {supported}.
+    controls:   :class:`~diffattn.controls.Control` instances (each attached once).
+    cfg_scale:  the CFG scale w the guidance wrapper divides by when the pipeline batches
+                [uncond, cond] (default: read ``pipe.guidance_scale`` at call time); a float or
+                a function ``StepState -> float``.
+    sequential: run extra guidance branches as separate forwards (less memory) instead of
+                one batch (default: a control's ``sequential`` attribute).
+
     With no control, or controls at zero strength, outputs equal the stock processors'.
-    Raises UnsupportedModelError for models without a known denoiser, SelectorError for a
-    control whose sites select nothing, ControlError when diffattn is already attached or a
-    control instance is attached twice.
+    Raises UnsupportedModelError for other models, SelectorError for a control whose sites
+    select nothing, ControlError when diffattn is already attached to the model or a control
+    instance is attached twice.
     """
     for c in controls:
         if not isinstance(c, Control):
-            raise ControlError(f"attach() takes diffattn controls; got {type(c).__name__}")
+            raise ControlError(f"attach() takes diffattn controls (diffattn.Control subclasses); got {type(c).__name__}")
     if len(set(map(id, controls))) != len(controls):
         raise ControlError("the same control instance was passed twice; pass it once")
-    engine = Engine(target, controls)
+    engine = Engine(target, controls, cfg_scale=cfg_scale, sequential=sequential)
     try:
         engine.install()
-    except Exception:
-        engine.uninstall()
+    except BaseException:
+        _safe_uninstall(engine)
         raise
     return Handle(engine)
+
+
+attach.__doc__ = attach.__doc__.replace("{supported}", SUPPORTED)
+
+
+def _safe_uninstall(engine: Engine) -> None:
+    with contextlib.suppress(Exception):
+        engine.uninstall()

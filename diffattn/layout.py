@@ -1,13 +1,31 @@
 """Token layout: the named segments of an attention call's queries and keys.
 
 FLUX puts text first, SD3 puts image first, Kontext appends a context image, Wan's I2V
-cross attention carries image tokens beside the text. A ``TokenLayout`` records which
-rows and keys are which, with spatial shapes, derived from tensor shapes at call time,
-so no method has to know a model's token order or hard-code a length.
+cross attention carries image tokens beside the text. A :class:`TokenLayout` records which
+rows and keys are which, with their spatial shapes, derived at call time from tensor shapes
+and the model config (never hard-coded lengths), so no method has to know a model's token
+order.
+
+Segment names used by the processors:
+
+========  =====================================  ====================================
+family    query segments                         key segments
+========  =====================================  ====================================
+UNet      ``image (h, w)``                       self: ``image``; cross: ``text``
+SD3       ``image (h, w), text``                 same (joint); SD3.5 ``attn2``: ``image``
+FLUX      ``text, image (h, w)``                 same (double and single blocks)
+Kontext   ``text, image (h, w), context (h, w)`` same
+Wan       ``video (t, h, w)``                    self: ``video``; cross: ``text``;
+                                                 I2V image branch: ``image``
+========  =====================================  ====================================
+
+The family functions (:func:`unet_layout`, :func:`sd3_layout`, :func:`flux_layout`,
+:func:`wan_layout`) are pure: token counts and grids in, a layout out.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .errors import LayoutError
@@ -15,7 +33,8 @@ from .errors import LayoutError
 
 @dataclass(frozen=True)
 class Segment:
-    """Tokens [start, stop) of a sequence; ``shape`` is (h, w) or (t, h, w) for image/video."""
+    """Tokens ``[start, stop)`` of a sequence. ``shape`` is ``(h, w)`` for an image, ``(t, h, w)``
+    for a video (row-major token order, as every supported model flattens them), ``None`` for text."""
 
     name: str
     start: int
@@ -30,27 +49,64 @@ class Segment:
         return self.stop - self.start
 
 
+def _as_segments(segs: Iterable[Segment]) -> tuple[Segment, ...]:
+    segs = tuple(segs)
+    for a, b in zip(segs, segs[1:]):
+        if b.start < a.stop:
+            raise LayoutError(f"segments {a.name!r} and {b.name!r} overlap: {a} and {b}")
+    return segs
+
+
 @dataclass(frozen=True)
 class TokenLayout:
-    """Segments of the query and key sequences of one attention call."""
+    """Segments of the query and key sequences of one attention call.
+
+    ``layout.q("image")`` / ``layout.k("text")`` return a :class:`Segment` (or raise
+    :class:`~diffattn.errors.LayoutError` listing the segments that exist);
+    ``layout.slice("text")`` is the slice of a segment (query side first, then key side);
+    ``layout.names`` is ``(query names, key names)``.
+    """
 
     query: tuple[Segment, ...]
     key: tuple[Segment, ...]
 
+    def __post_init__(self):
+        object.__setattr__(self, "query", _as_segments(self.query))
+        object.__setattr__(self, "key", _as_segments(self.key))
+
+    # ------------------------------------------------------------------ lookups
     def _find(self, segments, name: str, side: str) -> Segment:
         for seg in segments:
             if seg.name == name:
                 return seg
         raise LayoutError(
             f"this attention call has no {side} segment {name!r}; its {side} segments are "
-            f"{[s.name for s in segments]}"
+            f"{[s.name for s in segments]} (query {list(self.names[0])}, key {list(self.names[1])})"
         )
 
     def q(self, name: str) -> Segment:
+        """The query segment ``name``."""
         return self._find(self.query, name, "query")
 
     def k(self, name: str) -> Segment:
+        """The key segment ``name``."""
         return self._find(self.key, name, "key")
+
+    def segment(self, name: str, side: str = "query") -> Segment:
+        """The segment ``name`` of ``side`` (``"query"`` or ``"key"``)."""
+        if side not in ("query", "key"):
+            raise LayoutError(f"side must be 'query' or 'key', got {side!r}")
+        return self._find(self.query if side == "query" else self.key, name, side)
+
+    def slice(self, name: str) -> slice:
+        """Slice of segment ``name``: its query range if the queries have it, else its key range."""
+        for seg in self.query + self.key:
+            if seg.name == name:
+                return seg.slice
+        raise LayoutError(
+            f"this attention call has no segment {name!r}; query segments {list(self.names[0])}, "
+            f"key segments {list(self.names[1])}"
+        )
 
     def has_q(self, name: str) -> bool:
         return any(s.name == name for s in self.query)
@@ -60,11 +116,27 @@ class TokenLayout:
 
     @property
     def names(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """``(query segment names, key segment names)``."""
         return tuple(s.name for s in self.query), tuple(s.name for s in self.key)
+
+    @property
+    def n_query(self) -> int:
+        return self.query[-1].stop if self.query else 0
+
+    @property
+    def n_key(self) -> int:
+        return self.key[-1].stop if self.key else 0
+
+    def with_key_segment(self, name: str, length: int, shape: tuple[int, ...] | None = None) -> "TokenLayout":
+        """This layout with ``length`` more keys named ``name`` appended (extended attention)."""
+        if self.has_k(name):
+            raise LayoutError(f"the keys already have a segment {name!r}; pick another name")
+        start = self.n_key
+        return TokenLayout(self.query, self.key + (Segment(name, start, start + length, shape),))
 
 
 def segments(*parts: tuple[str, int, tuple[int, ...] | None]) -> tuple[Segment, ...]:
-    """Consecutive segments from (name, length, shape) parts, skipping empty ones."""
+    """Consecutive segments from ``(name, length, shape)`` parts, skipping empty ones."""
     out, start = [], 0
     for name, length, shape in parts:
         if length > 0:
@@ -74,13 +146,68 @@ def segments(*parts: tuple[str, int, tuple[int, ...] | None]) -> tuple[Segment, 
 
 
 def grid_shape(n_tokens: int, height: int, width: int) -> tuple[int, int]:
-    """(h, w) of an n-token grid with the aspect ratio of a height x width latent.
+    """``(h, w)`` of an ``n_tokens`` grid with the aspect ratio of a ``height × width`` latent.
 
-    UNet levels and patchified transformers see the latent downsampled by an integer
-    factor f: n = (H/f)(W/f), so f = sqrt(H W / n).
+    UNet levels and patchified transformers see the latent downsampled by an integer factor
+    f (with ceil rounding at odd sizes): ``n = ceil(H/f)·ceil(W/f)``; try f = round(sqrt(HW/n))
+    and its neighbours.
     """
-    f = math.sqrt(height * width / n_tokens)
-    h, w = round(height / f), round(width / f)
-    if h * w != n_tokens:
-        raise LayoutError(f"{n_tokens} tokens do not tile a {height}x{width} latent at any integer factor")
-    return h, w
+    if n_tokens <= 0:
+        raise LayoutError(f"an image segment needs tokens, got {n_tokens}")
+    guess = max(1, round(math.sqrt(height * width / n_tokens)))
+    candidates = dict.fromkeys([guess, 2 ** round(math.log2(guess)), max(1, guess - 1), guess + 1])
+    for f in candidates:
+        for rnd in (lambda x: -(-x // f), lambda x: x // f):  # ceil (conv stride 2), floor
+            h, w = rnd(height), rnd(width)
+            if h * w == n_tokens:
+                return h, w
+    raise LayoutError(f"{n_tokens} tokens do not tile a {height}x{width} latent at any integer factor")
+
+
+def _numel(shape) -> int:
+    return math.prod(shape) if shape is not None else 0
+
+
+def _check_grid(n: int, shape) -> tuple[int, ...] | None:
+    """``shape`` when it holds exactly ``n`` tokens; ``None`` (shape unknown) otherwise."""
+    return tuple(shape) if shape is not None and _numel(shape) == n else None
+
+
+# ----------------------------------------------------------------------------- families
+
+
+def unet_layout(n_query: int, n_key: int, *, cross: bool, grid: tuple[int, int] | None) -> TokenLayout:
+    """UNet ``attn1``: image × image; ``attn2``: image queries × text keys. ``grid`` is the
+    ``(h, w)`` of this UNet level (from :func:`grid_shape` of the latent)."""
+    image = segments(("image", n_query, _check_grid(n_query, grid)))
+    return TokenLayout(image, segments(("text", n_key, None)) if cross else image)
+
+
+def sd3_layout(n_image: int, n_text: int, *, grid: tuple[int, int] | None) -> TokenLayout:
+    """SD3 joint attention: ``[image ‖ text]`` on both sides (image first); ``n_text = 0`` for
+    SD3.5's image-only ``attn2``. ``grid = (H / patch, W / patch)`` of the latent."""
+    segs = segments(("image", n_image, _check_grid(n_image, grid)), ("text", n_text, None))
+    return TokenLayout(segs, segs)
+
+
+def flux_layout(n_text: int, n_total: int, *, n_context: int = 0, image_grid=None, context_grid=None) -> TokenLayout:
+    """FLUX double and single blocks: ``[text ‖ image]`` (text first); FLUX Kontext:
+    ``[text ‖ image (target) ‖ context]``, the context tokens last (``img_ids[:, 0] == 1``)."""
+    n_image = n_total - n_text - n_context
+    if n_image < 0:
+        raise LayoutError(f"{n_total} tokens cannot hold {n_text} text and {n_context} context tokens")
+    segs = segments(
+        ("text", n_text, None),
+        ("image", n_image, _check_grid(n_image, image_grid)),
+        ("context", n_context, _check_grid(n_context, context_grid)),
+    )
+    return TokenLayout(segs, segs)
+
+
+def wan_layout(n_video: int, n_key: int | None = None, *, grid: tuple[int, int, int] | None, key: str = "video") -> TokenLayout:
+    """Wan ``attn1``: video × video (``key="video"``); ``attn2``: video queries × ``key="text"``
+    keys, or ``key="image"`` for the I2V image branch (a separate softmax in the stock model)."""
+    video = segments(("video", n_video, _check_grid(n_video, grid)))
+    if key == "video":
+        return TokenLayout(video, video)
+    return TokenLayout(video, segments((key, n_key, None)))

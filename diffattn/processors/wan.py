@@ -1,70 +1,110 @@
 """Wan 2.1 / 2.2 attention: ``WanAttnProcessor`` semantics.
 
-attn1: video self-attention with RoPE (q/k norm across all heads, before the head split);
-attn2: video queries × text keys, plus for I2V a second attention over image tokens (the
-first ``N - 512`` context tokens, as the stock processor splits them) added to the output.
+``attn1``: video self-attention with Wan's interleaved RoPE (q/k RMS norm across all heads,
+before the head split). ``attn2``: video queries × text keys; for I2V the stock processor
+takes the first ``N - 512`` context tokens as image tokens (a hard-coded text length) and runs
+a *second, separate* softmax over them with ``add_k_proj``/``add_v_proj``, adding its output.
+Both softmaxes are attention calls: ``part="main"`` (keys ``text``) and ``part="image"`` (keys
+``image``). Without an active control the stock ``dispatch_attention_fn`` runs.
 """
 from __future__ import annotations
 
-from ..layout import TokenLayout, segments
+import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+from ..layout import wan_layout
 from .base import DiffattnProcessor
+from .flux import dispatch_plain, sdpa_mask
+
+I2V_TEXT_LEN = 512  # diffusers' WanAttnProcessor: "512 is the context length of the text encoder"
 
 
-def _rope(x, cos, sin):
-    """Wan's interleaved rotary embedding on [B, N, H, D] (as the stock processor)."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[..., 0::2], sin[..., 1::2]
-    out = x.new_empty(x.shape)
+def wan_rope(hidden_states: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    """Wan's interleaved rotary embedding on ``[B, N, H, D]`` (as the stock processor's local function)."""
+    x1, x2 = hidden_states.unflatten(-1, (-1, 2)).unbind(-1)  # [B, N, H, D/2] each
+    cos = freqs_cos[..., 0::2]
+    sin = freqs_sin[..., 1::2]
+    out = torch.empty_like(hidden_states)
     out[..., 0::2] = x1 * cos - x2 * sin
     out[..., 1::2] = x1 * sin + x2 * cos
-    return out.type_as(x)
+    return out.type_as(hidden_states)
 
 
 class WanProcessor(DiffattnProcessor):
+    family = "wan"
+
+    def plain(self, q, k, v, bias=None, parallel_config=None):
+        return dispatch_plain(self, q, k, v, bias, parallel_config)
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        is_cross = encoder_hidden_states is not None
-        context_img = None
+        encoder_hidden_states_img = None
         if attn.add_k_proj is not None:
-            n_img_ctx = encoder_hidden_states.shape[1] - 512  # the stock processor's split
-            context_img = encoder_hidden_states[:, :n_img_ctx]
+            n_img_ctx = encoder_hidden_states.shape[1] - I2V_TEXT_LEN
+            encoder_hidden_states_img = encoder_hidden_states[:, :n_img_ctx]
             encoder_hidden_states = encoder_hidden_states[:, n_img_ctx:]
+        source = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         if attn.fused_projections:
-            if is_cross:
-                query = attn.to_q(hidden_states)
-                key, value = attn.to_kv(encoder_hidden_states).chunk(2, dim=-1)
-            else:
+            if not attn.is_cross_attention:
                 query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+            else:
+                query = attn.to_q(hidden_states)
+                key, value = attn.to_kv(source).chunk(2, dim=-1)
         else:
-            source = hidden_states if encoder_hidden_states is None else encoder_hidden_states
             query, key, value = attn.to_q(hidden_states), attn.to_k(source), attn.to_v(source)
         query, key = attn.norm_q(query), attn.norm_k(key)
         query = query.unflatten(2, (attn.heads, -1))  # [B, N, H, D]
         key = key.unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
         if rotary_emb is not None:
-            query, key = _rope(query, *rotary_emb), _rope(key, *rotary_emb)
-        q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # [B, H, N, D]
-        grid = self.engine.context.video_grid if self.engine.context is not None else None
+            query = wan_rope(query, *rotary_emb)
+            key = wan_rope(key, *rotary_emb)
 
-        def layout():
-            video = segments(("video", q.shape[2], grid))
-            return TokenLayout(query=video, key=segments(("text", k.shape[2], None)) if is_cross else video)
+        controlled = bool(self.controls)
+        if controlled:
+            engine = self.engine
+            q = query.transpose(1, 2)  # [B, H, N, D]
 
-        out = self.attend(q, k, v, layout, bias=attention_mask)
-        hidden_states = out.transpose(1, 2).flatten(2, 3).type_as(query)  # [B, N, H*D]
-        if context_img is not None:
+            def grid():
+                return engine.context.video_grid if engine is not None and engine.context is not None else None
+
+        hidden_states_img = None
+        if encoder_hidden_states_img is not None:
             if attn.fused_projections:
-                key_img, value_img = attn.to_added_kv(context_img).chunk(2, dim=-1)
+                key_img, value_img = attn.to_added_kv(encoder_hidden_states_img).chunk(2, dim=-1)
             else:
-                key_img, value_img = attn.add_k_proj(context_img), attn.add_v_proj(context_img)
+                key_img, value_img = attn.add_k_proj(encoder_hidden_states_img), attn.add_v_proj(encoder_hidden_states_img)
             key_img = attn.norm_added_k(key_img)
-            k_img = key_img.unflatten(2, (attn.heads, -1)).transpose(1, 2)  # [B, H, N_img, D]
-            v_img = value_img.unflatten(2, (attn.heads, -1)).transpose(1, 2)
+            key_img = key_img.unflatten(2, (attn.heads, -1))  # [B, N_img, H, D]
+            value_img = value_img.unflatten(2, (attn.heads, -1))
+            if controlled:
+                k_img, v_img = key_img.transpose(1, 2), value_img.transpose(1, 2)  # [B, H, N_img, D]
+                out = self.attend(q, k_img, v_img, lambda: wan_layout(q.shape[2], k_img.shape[2], grid=grid(), key="image"),
+                                  part="image")
+                hidden_states_img = out.transpose(1, 2)  # [B, N, H, D]
+            else:
+                hidden_states_img = dispatch_attention_fn(query, key_img, value_img, attn_mask=None, dropout_p=0.0,
+                                                          is_causal=False, backend=self._attention_backend,
+                                                          parallel_config=None)
+            hidden_states_img = hidden_states_img.flatten(2, 3)  # [B, N, H*D]
+            hidden_states_img = hidden_states_img.type_as(query)
 
-            def layout_img():
-                return TokenLayout(query=segments(("video", q.shape[2], grid)), key=segments(("image", k_img.shape[2], None)))
-
-            out_img = self.attend(q, k_img, v_img, layout_img)
-            hidden_states = hidden_states + out_img.transpose(1, 2).flatten(2, 3).type_as(query)
+        if controlled:
+            k, v = key.transpose(1, 2), value.transpose(1, 2)  # [B, H, Nk, D]
+            is_cross = encoder_hidden_states is not None
+            out = self.attend(q, k, v, lambda: wan_layout(q.shape[2], k.shape[2], grid=grid(), key="text" if is_cross else "video"),
+                              bias=sdpa_mask(attention_mask, q.shape[0], k.shape[2]),
+                              parallel_config=None if is_cross else self._parallel_config)
+            hidden_states = out.transpose(1, 2)  # [B, N, H, D]
+        else:
+            hidden_states = dispatch_attention_fn(
+                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+                backend=self._attention_backend,
+                parallel_config=(self._parallel_config if encoder_hidden_states is None else None),
+            )
+        hidden_states = hidden_states.flatten(2, 3)  # [B, N, H*D]
+        hidden_states = hidden_states.type_as(query)
+        if hidden_states_img is not None:
+            hidden_states = hidden_states + hidden_states_img
         hidden_states = attn.to_out[0](hidden_states)
-        return attn.to_out[1](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        return hidden_states
