@@ -1,21 +1,47 @@
 """``diffattn.kernels``: the one attention function every diffattn processor calls.
 
     attention(q, k, v, *, scale=None, head_blend=None, bias=None, return_lse=False, backend="auto")
-    attention_probs(q, k_subset, lse, *, scale=None, bias_subset=None)
+    attention_probs(q, k_subset, lse, *, scale=None, bias_subset=None, backend="auto")
 
-q, k, v are [B, H, N, D]. ``head_blend`` ([H] or [B, H], u in [0, 1]) gives
-(1-u)·softmax(qk^T)v + u·v per head (SoftPAG toward identity, exact in output space);
-``bias`` is an additive float bias or a boolean mask (True = may attend, as PyTorch SDPA)
-broadcastable to [B, H, Nq, Nk]; ``return_lse`` also returns the row log-sum-exp [B, H, Nq]
-(fp32), which exact probability taps, segment-uniform attention and LSE merges use.
+q is [B, H, Nq, D]; k, v are [B, H, Nk, D]. The output is [B, H, Nq, D] in q's dtype.
 
-Other controls need no kernel change because they are exact output-space identities:
-uniform attention over a key segment is the mean of V over that segment, weighted by the
-segment's share exp(lse_seg - lse_all) (UAM); value mixing is linear in V (VMix).
+- ``scale``: the softmax scale, default ``D ** -0.5`` (as SDPA).
+- ``head_blend`` u ([H] or [B, H], u in [0, 1]; values outside extrapolate and are not checked,
+  to avoid a host sync): ``(1-u)·softmax(qkᵀ·scale + bias)·v + u·v`` per head. This is SoftPAG's
+  interpolation toward the identity attention map, done exactly in output space (I·V = V), so
+  no L×L map is built. It needs self or joint attention (Nq == Nk).
+- ``bias``: an additive float bias or a boolean mask (True = may attend, as
+  ``F.scaled_dot_product_attention``) broadcastable to [B, H, Nq, Nk].
+- ``return_lse``: also return the row log-sum-exp [B, H, Nq] (fp32; fp64 for fp64 inputs on the
+  reference) of the scaled scores plus bias over all keys. Exact taps, segment-uniform
+  attention and LSE merges use it.
 
-Dispatch: ``backend="torch"`` is the reference (``F.scaled_dot_product_attention`` when no
-extras are requested, so stock outputs are reproduced bit for bit); ``"auto"`` is the
-reference on CPU and a Triton kernel on CUDA once one is registered.
+``attention_probs`` is the tap: ``exp(q·k_subsetᵀ·scale + bias_subset - lse)`` [B, H, Nq, Ns]
+(fp32) for a query segment and a key subset, given the *full-row* lse of the main call, so the
+L×L matrix is never stored; it is differentiable in q, k_subset and lse.
+
+Controls that need no kernel change, because they are exact output-space identities:
+
+- **UAM** (uniform attention over a key segment S): a uniform map over S gives
+  ``(1/|S|)·Σ_{j∈S} v_j``, the mean of V over the segment, a [B, H, 1, D] vector; to keep the
+  other keys' softmax and give S its original total share, weight it by
+  ``exp(lse_S - lse_all)`` and combine with the attention over the other keys through their
+  LSEs (log-sum-exp merge of partial attentions). Only means and LSEs are needed.
+- **VMix** (value-mixed cross-attention): attention output is linear in V, so
+  ``A·(α V₁ + (1-α) V₂) = α A·V₁ + (1-α) A·V₂``: mixing the values before the call is the same
+  kernel call on the mixed V.
+
+Dispatch (one point, flash-attention interface style):
+
+- ``backend="torch"``: the reference (:mod:`diffattn.kernels.reference`). With no blend, bias
+  or lse it calls ``F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)``
+  exactly as the stock diffusers processors do, so stock outputs are reproduced bit for bit.
+- ``backend="triton"``: the fused Triton kernel (:mod:`diffattn.kernels.triton_attention`,
+  :mod:`diffattn.kernels.taps`): fp16/bf16/fp32, head dims up to 256. On CPU tensors it needs
+  Triton's interpreter: ``TRITON_INTERPRET=1`` set in the environment before the kernels are
+  first imported (fp16/fp32 only); otherwise a :class:`KernelError` says so.
+- ``backend="auto"``: Triton on CUDA tensors when the kernel supports the inputs (dtype,
+  head dim, no float bias that needs a gradient), the torch reference otherwise.
 """
 from __future__ import annotations
 
@@ -24,73 +50,145 @@ import torch
 # Absolute imports on purpose: run from the repository root, this folder is also importable
 # as a top-level ``kernels`` package, which transformers probes for (the PyPI package of that
 # name); it must then import cleanly (and, having no __version__, is judged not to be it).
-from diffattn.errors import DiffattnError
+from diffattn.kernels.errors import KernelError
 from diffattn.kernels.reference import attention_probs_reference, attention_reference
+
+__all__ = ["attention", "attention_probs", "KernelError", "BACKENDS", "triton_available"]
 
 BACKENDS = ("auto", "torch", "triton")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-class KernelError(DiffattnError, ValueError):
-    """Bad input to an attention kernel (shapes, dtypes, an impossible option)."""
+def _shape(x) -> tuple:
+    return tuple(x.shape)
+
+
+def _check_backend(backend):
+    if backend not in BACKENDS:
+        raise KernelError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+
+
+def _check_bias(bias, target, q, name="bias"):
+    """bias: bool or floating, on q's device, broadcastable to ``target``."""
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor):
+        raise KernelError(f"{name} must be a tensor (additive float bias or boolean mask); got {type(bias).__name__}")
+    if bias.dtype != torch.bool and not bias.dtype.is_floating_point:
+        raise KernelError(f"{name} must be an additive float bias or a boolean mask (True = may attend); got {bias.dtype}")
+    if bias.device != q.device:
+        raise KernelError(f"{name} is on {bias.device} but q is on {q.device}; move it to q's device")
+    try:
+        torch.broadcast_shapes(bias.shape, target)
+    except RuntimeError:
+        raise KernelError(f"{name} of shape {_shape(bias)} does not broadcast to [B, H, Nq, Nk]={target}") from None
 
 
 def _check(q, k, v, head_blend, bias, backend):
-    if backend not in BACKENDS:
-        raise KernelError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    """Validate the arguments of :func:`attention`; raise :class:`KernelError` saying what to fix."""
+    _check_backend(backend)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise KernelError(f"{name} must be a torch.Tensor [B, H, N, D]; got {type(x).__name__}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise KernelError(f"q, k, v must be [B, H, N, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise KernelError(f"q, k, v must be [B, H, N, D]; got {_shape(q)}, {_shape(k)}, {_shape(v)}")
     if k.shape[:3] != v.shape[:3]:
-        raise KernelError(f"k and v must share [B, H, Nk]; got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise KernelError(f"k and v must share [B, H, Nk]; got {_shape(k)} and {_shape(v)}")
     if q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
-        raise KernelError(f"q and k must share B, H and D; got {tuple(q.shape)} and {tuple(k.shape)}")
+        raise KernelError(f"q and k must share B, H and D; got {_shape(q)} and {_shape(k)}")
+    if q.shape[-1] == 0:
+        raise KernelError("head dim D must be at least 1")
+    if k.shape[2] == 0 and q.shape[2] > 0:
+        raise KernelError("attention needs at least one key (Nk = 0); drop the call or add keys")
     if q.dtype not in _DTYPES or not (q.dtype == k.dtype == v.dtype):
         raise KernelError(f"q, k, v must share one floating dtype of {_DTYPES}; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise KernelError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
     if head_blend is not None:
         if q.shape[-2] != k.shape[-2]:
             raise KernelError(
                 f"head_blend interpolates toward the identity map, which needs self or joint attention "
                 f"(Nq == Nk); got Nq={q.shape[-2]}, Nk={k.shape[-2]} (cross attention)"
             )
-        ok = head_blend.shape in ((q.shape[1],), (q.shape[0], q.shape[1]))
-        if not ok:
-            raise KernelError(f"head_blend must be [H]={q.shape[1]} or [B, H]={tuple(q.shape[:2])}; got {tuple(head_blend.shape)}")
-    if bias is not None:
-        try:
-            torch.broadcast_shapes(bias.shape, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
-        except RuntimeError:
-            raise KernelError(
-                f"bias of shape {tuple(bias.shape)} does not broadcast to [B, H, Nq, Nk]="
-                f"{(q.shape[0], q.shape[1], q.shape[2], k.shape[2])}"
-            ) from None
+        if not isinstance(head_blend, torch.Tensor) or not head_blend.dtype.is_floating_point:
+            raise KernelError(f"head_blend must be a floating tensor [H] or [B, H] of weights u in [0, 1]; got "
+                              f"{getattr(head_blend, 'dtype', type(head_blend).__name__)}")
+        if head_blend.shape not in ((q.shape[1],), (q.shape[0], q.shape[1])):
+            raise KernelError(f"head_blend must be [H]={q.shape[1]} or [B, H]={_shape(q)[:2]}; got {_shape(head_blend)}")
+        if head_blend.device != q.device:
+            raise KernelError(f"head_blend is on {head_blend.device} but q is on {q.device}; move it to q's device")
+    _check_bias(bias, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]), q)
 
 
 def attention(q, k, v, *, scale=None, head_blend=None, bias=None, return_lse=False, backend="auto"):
-    """Attention with per-head identity blend, bias/mask and optional row LSE (see module doc)."""
+    """Attention with per-head identity blend, bias/mask and optional row LSE (see the module doc).
+
+    Returns ``out`` [B, H, Nq, D], or ``(out, lse)`` with lse [B, H, Nq] when ``return_lse``.
+    """
     _check(q, k, v, head_blend, bias, backend)
-    if backend == "triton" or (backend == "auto" and q.is_cuda and _triton_available()):
+    if _use_triton(backend, q, k, v, bias):
         from diffattn.kernels.triton_attention import attention_triton
 
         return attention_triton(q, k, v, scale=scale, head_blend=head_blend, bias=bias, return_lse=return_lse)
     return attention_reference(q, k, v, scale=scale, head_blend=head_blend, bias=bias, return_lse=return_lse)
 
 
-def attention_probs(q, k_subset, lse, *, scale=None, bias_subset=None):
+def attention_probs(q, k_subset, lse, *, scale=None, bias_subset=None, backend="auto"):
     """Exact probabilities of queries × a key subset given the full-row LSE (never L×L).
 
-    q: [B, H, Nq, D], k_subset: [B, H, Ns, D], lse: [B, H, Nq] -> [B, H, Nq, Ns] fp32.
+    q: [B, H, Nq, D], k_subset: [B, H, Ns, D], lse: [B, H, Nq] (over *all* keys of the main
+    call), bias_subset broadcastable to [B, H, Nq, Ns] -> [B, H, Nq, Ns] fp32 (fp64 for fp64
+    inputs on the reference). Differentiable in q, k_subset and lse.
     """
-    if q.shape[:2] != k_subset.shape[:2] or lse.shape != q.shape[:3]:
+    _check_backend(backend)
+    if not all(isinstance(x, torch.Tensor) for x in (q, k_subset, lse)):
+        raise KernelError("q, k_subset and lse must be tensors")
+    if (q.dim() != 4 or k_subset.dim() != 4 or q.shape[:2] != k_subset.shape[:2]
+            or q.shape[-1] != k_subset.shape[-1] or lse.shape != q.shape[:3]):
         raise KernelError(
-            f"taps need q [B,H,Nq,D], k_subset [B,H,Ns,D], lse [B,H,Nq]; got {tuple(q.shape)}, "
-            f"{tuple(k_subset.shape)}, {tuple(lse.shape)}"
+            f"taps need q [B,H,Nq,D], k_subset [B,H,Ns,D], lse [B,H,Nq]; got {_shape(q)}, "
+            f"{_shape(k_subset)}, {_shape(lse)}"
         )
+    if q.dtype not in _DTYPES or q.dtype != k_subset.dtype or not lse.dtype.is_floating_point:
+        raise KernelError(f"q and k_subset must share one floating dtype of {_DTYPES} and lse must be floating; "
+                          f"got {q.dtype}, {k_subset.dtype}, {lse.dtype}")
+    if not (q.device == k_subset.device == lse.device):
+        raise KernelError(f"q, k_subset, lse must be on one device; got {q.device}, {k_subset.device}, {lse.device}")
+    _check_bias(bias_subset, (q.shape[0], q.shape[1], q.shape[2], k_subset.shape[2]), q, name="bias_subset")
+    if _use_triton(backend, q, k_subset, k_subset, None):
+        from diffattn.kernels.taps import attention_probs_triton
+
+        return attention_probs_triton(q, k_subset, lse, scale=scale, bias_subset=bias_subset)
     return attention_probs_reference(q, k_subset, lse, scale=scale, bias_subset=bias_subset)
 
 
-def _triton_available() -> bool:
-    try:
-        from diffattn.kernels import triton_attention  # noqa: F401
-    except ImportError:
+_TRITON_OK: bool | None = None
+
+
+def triton_available() -> bool:
+    """Whether the Triton kernels import (Triton installed and working); cached."""
+    global _TRITON_OK
+    if _TRITON_OK is None:
+        try:
+            from diffattn.kernels import taps, triton_attention  # noqa: F401
+        except Exception:  # ImportError, or a Triton that fails to initialise
+            _TRITON_OK = False
+        else:
+            _TRITON_OK = True
+    return _TRITON_OK
+
+
+def _use_triton(backend, q, k, v, bias) -> bool:
+    """The one dispatch decision: Triton for "triton", and for "auto" on supported CUDA inputs."""
+    if backend == "torch":
         return False
-    return True
+    if backend == "triton":
+        if not triton_available():
+            raise KernelError("backend='triton' needs the triton package (pip install triton, Linux); "
+                              "use backend='torch'")
+        return True
+    if not q.is_cuda or not triton_available():
+        return False
+    from diffattn.kernels.triton_attention import unsupported
+
+    return unsupported(q, k, v, bias) is None

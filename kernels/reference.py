@@ -6,12 +6,19 @@ stock diffusers processors call it, so attaching the engine changes no output bi
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 # Queries per chunk when the log-sum-exp is needed: bounds the score matrix to
 # [B, H, QUERY_CHUNK, Nk] instead of [B, H, Nq, Nk].
 QUERY_CHUNK = 1024
+
+
+def default_scale(q: torch.Tensor, scale: float | None) -> float:
+    """The softmax scale: ``scale`` or 1/sqrt(D), computed as SDPA does (not ``D ** -0.5``, which can differ by an ulp)."""
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
 
 def _as_additive(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -52,16 +59,16 @@ def attention_with_lse(q, k, v, *, scale: float, bias=None) -> tuple[torch.Tenso
 
 def attention_reference(q, k, v, *, scale=None, head_blend=None, bias=None, return_lse=False):
     """The reference path of ``diffattn.kernels.attention`` (arguments already validated)."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
     if return_lse:
-        out, lse = attention_with_lse(q, k, v, scale=scale, bias=bias)
+        out, lse = attention_with_lse(q, k, v, scale=default_scale(q, scale), bias=bias)
     else:
+        # exactly the stock processors' call (scale=None stays None: SDPA computes 1/sqrt(D) itself)
         out, lse = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale), None
     if head_blend is not None:
         # SoftPAG in output space: (1-u)·A·V + u·I·V, per head (and per batch row for [B, H])
         u = head_blend.to(out.dtype)
         u = u.view(1, -1, 1, 1) if u.dim() == 1 else u.view(u.shape[0], u.shape[1], 1, 1)  # [B|1, H, 1, 1]
-        out = out + u * (v - out)
+        out = (1 - u) * out + u * v  # this form is exact at both ends: u=0 -> out, u=1 -> v
     return (out, lse) if return_lse else out
 
 
@@ -72,7 +79,7 @@ def attention_probs_reference(q, k_subset, lse, *, scale=None, bias_subset=None)
     lse: [B, H, Nq] (over *all* keys of the original call) -> [B, H, Nq, Ns] fp32.
     Differentiable in q and k_subset (and lse) through plain torch ops.
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scale = default_scale(q, scale)
     acc = torch.promote_types(q.dtype, torch.float32)
     scores = torch.matmul(q.to(acc), k_subset.to(acc).transpose(-1, -2)) * scale  # [B, H, Nq, Ns]
     if bias_subset is not None:
