@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 import diffattn as da
 from diffattn.errors import ControlError
@@ -29,7 +30,8 @@ def test_greedy_rounds_pick_the_best_heads_and_resume(tiny_pipe, tmp_path):
     # each score is the mean objective of a real guided run with that head set
     site, head = result.selected[0]
     with da.attach(pipe, da.SoftPAG([(site, head)], strength=1.0, scale=3.0)):
-        imgs = [pipe("a red circle", generator=__import__("torch").Generator().manual_seed(s), **kw).images[0] for s in (0, 1)]
+        gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
+        imgs = pipe(["a red circle"] * 2, generator=gens, **kw).images  # batched as the search does
     assert abs(np.mean(brightness(imgs, None)) - result.rounds[0][f"{site}:{head}"]) < 1e-6
     # resume: a new hunter on the same state dir recomputes nothing and returns the same
     calls = []

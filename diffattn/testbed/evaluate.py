@@ -1,232 +1,464 @@
 """Evaluation harness: many (prompt, seed) pairs -> oracle metrics with 95% intervals.
 
-    report = evaluate(pipe, suite_prompts("two"), eval_seeds(64), num_inference_steps=20)
+    from diffattn.testbed.evaluate import evaluate, evaluate_suite, suite_prompts, eval_seeds
+    report = evaluate(pipe, suite_prompts("two"), eval_seeds(72), num_inference_steps=20)
     print(report.to_markdown())
 
-Image i pairs prompt ``prompts[i % len(prompts)]`` with seed ``seeds[i]``: n seeds give n
-images, cycling through the prompts. Rates get Wilson score intervals; diversity is the
-Vendi score (Friedman & Dieng 2023: exp of the entropy of the eigenvalues of K/n, K a
-cosine-similarity kernel) over oracle feature vectors of the images of one prompt,
-averaged over prompts, with a t interval over prompts.
+**Pairing.** Image ``i`` pairs prompt ``prompts[i % len(prompts)]`` with seed ``seeds[i]``:
+``n`` seeds give ``n`` images, cycling through the prompts (a multiple of the suite length
+gives every prompt the same number of images). Pass ``pairs=[(prompt, seed), ...]`` for any
+other design, e.g. ``cross_pairs(prompts, seeds)`` for every prompt with every seed. Each
+image is generated with ``torch.Generator().manual_seed(seed)``, so an image depends on its
+own seed only, not on the batch it was drawn in (up to batched-kernel float noise).
+
+**Seeds.** ``TRAIN_SEEDS`` are for searches and tuning (HeadHunter, defaults sweeps);
+``eval_seeds(n)`` come from a disjoint range that no training, search or tuning may use.
+
+**Intervals** (95%):
+
+- rates of a yes/no per image (all objects present, relation, extra objects, fully correct):
+  Wilson score interval (Wilson 1927), which stays inside [0, 1] and is sound at 0 and 1;
+- per-image fractions (object, colour and style accuracy): Wilson interval of the mean
+  fraction with n = the number of images. Counting each object as a trial would treat the
+  objects of one image as independent; they are not (a failed generation loses all of
+  them), so the interval is taken over images, the unit that was sampled;
+- Vendi scores: mean over prompts with a Student-t interval over prompts.
+
+**Diversity.** Vendi score (Friedman & Dieng 2023, "The Vendi Score", eq. 1):
+``exp(-sum_i lambda_i log lambda_i)``, ``lambda`` the eigenvalues of ``K / n`` with ``K`` the
+cosine-similarity kernel of ``n`` feature vectors: the effective number of distinct items,
+1 for identical items, ``n`` for orthogonal ones. Computed per prompt across its seeds, then
+averaged over prompts. ``vendi`` uses oracle features (which objects, where, how big, which
+style: ``oracle_features``), ``vendi_pixels`` 16x16 downsampled pixels.
 """
 from __future__ import annotations
 
-import itertools
 import json
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
+from scipy import stats
 from tqdm.auto import tqdm
 
+from ..errors import DiffattnError
 from . import oracle
-from .world import COLORS, RELATIONS, SHAPES, PromptSpec, caption
+from .world import COLORS, RELATIONS, SHAPES, SIZE, PromptSpec, caption, parse_prompt
+
+# ----------------------------------------------------------------------------- seeds
 
 TRAIN_SEEDS = range(0, 100_000)  # for searches and tuning
 EVAL_SEED_START = 1_000_000  # evaluation seeds: never used for training, searches or tuning
 
-_OBJECTS = [(c, s) for c in COLORS for s in SHAPES]
+
+def eval_seeds(n: int, offset: int = 0) -> list[int]:
+    """``n`` evaluation seeds (disjoint from ``TRAIN_SEEDS``); ``offset`` skips the first ones."""
+    return list(range(EVAL_SEED_START + offset, EVAL_SEED_START + offset + n))
 
 
-def _spec_prompts(specs) -> list[str]:
-    return [caption(s) for s in specs]
+def train_seeds(n: int, offset: int = 0) -> list[int]:
+    """``n`` seeds for searches and tuning."""
+    if offset + n > len(TRAIN_SEEDS):
+        raise DiffattnError(f"only {len(TRAIN_SEEDS)} training seeds exist; asked for {offset + n}")
+    return list(TRAIN_SEEDS[offset : offset + n])
 
 
-def _suite_specs(name: str) -> list[PromptSpec]:
-    rng = np.random.default_rng(7)  # fixed: suites are part of the benchmark definition
-    pairs = [(a, b) for a, b in itertools.permutations(_OBJECTS, 2) if a[1] != b[1] or a[0] != b[0]]
-    if name == "single":
-        return [PromptSpec(objects=(o,)) for o in _OBJECTS]
-    if name == "two":
-        idx = rng.choice(len(pairs), size=32, replace=False)
-        return [PromptSpec(objects=pairs[i]) for i in idx]
-    if name == "relation":
-        idx = rng.choice(len(pairs), size=32, replace=False)
-        return [PromptSpec(objects=pairs[i], relation=RELATIONS[k % 4]) for k, i in enumerate(idx)]
-    if name == "three":
-        triples = list(itertools.permutations(_OBJECTS, 3))
-        idx = rng.choice(len(triples), size=32, replace=False)
-        return [PromptSpec(objects=triples[i]) for i in idx]
-    if name == "style":
-        styles = [{"dark": True, "outline": False}, {"dark": False, "outline": True}, {"dark": True, "outline": True}]
-        return [PromptSpec(objects=(o,), styles=styles[k % 3]) for k, o in enumerate(_OBJECTS)]
-    raise ValueError(f"unknown suite {name!r}; choose one of {SUITES}")
+# ----------------------------------------------------------------------------- suites
+
+OBJECTS: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLORS for s in SHAPES)  # 12, colour-major
+_PAIR_OFFSETS = (2, 3, 5)  # object i pairs with i + d (mod 12): 36 distinct pairs, each object in 6
+_TRIPLE_OFFSETS = ((1, 5), (2, 7), (3, 8))  # object i with i + a and i + b: 36 distinct triples, each object in 9
+_STYLE_COMBOS = ({"dark": True, "outline": False}, {"dark": False, "outline": True}, {"dark": True, "outline": True})
 
 
-SUITES = ("single", "two", "relation", "three", "style")
+def _pairs() -> list[tuple[tuple[str, str], tuple[str, str]]]:
+    """36 unordered pairs of distinct objects, every object in 6 of them (4 share a colour, 12
+    a shape), the first position alternating so each object comes first equally often."""
+    out = []
+    for d in _PAIR_OFFSETS:
+        for i in range(len(OBJECTS)):
+            a, b = OBJECTS[i], OBJECTS[(i + d) % len(OBJECTS)]
+            out.append((a, b) if i % 2 == 0 else (b, a))
+    return out
+
+
+def _triples() -> list[tuple[tuple[str, str], ...]]:
+    """36 distinct triples, every object in 9; the order rotates so each position is shared."""
+    out = []
+    for a, b in _TRIPLE_OFFSETS:
+        for i in range(len(OBJECTS)):
+            t = [OBJECTS[i], OBJECTS[(i + a) % 12], OBJECTS[(i + b) % 12]]
+            r = i % 3
+            out.append(tuple(t[r:] + t[:r]))
+    return out
+
+
+def _build_suites() -> dict[str, tuple[PromptSpec, ...]]:
+    plain = {"dark": False, "outline": False}
+    return {
+        # every colour x shape once
+        "single": tuple(PromptSpec(objects=(o,), styles=dict(plain)) for o in OBJECTS),
+        # 36 balanced distinct-object pairs, "a X and a Y"
+        "two": tuple(PromptSpec(objects=p, styles=dict(plain)) for p in _pairs()),
+        # the same pairs with a relation, the four relations 9 times each
+        "relation": tuple(
+            PromptSpec(objects=p, relation=RELATIONS[k % 4], styles=dict(plain)) for k, p in enumerate(_pairs())
+        ),
+        # 36 balanced triples
+        "three": tuple(PromptSpec(objects=t, styles=dict(plain)) for t in _triples()),
+        # every object with each style combination (dark, outlines, both)
+        "style": tuple(PromptSpec(objects=(o,), styles=dict(s)) for s in _STYLE_COMBOS for o in OBJECTS),
+    }
+
+
+SUITE_SPECS: dict[str, tuple[PromptSpec, ...]] = _build_suites()
+SUITES: dict[str, tuple[str, ...]] = {name: tuple(caption(s) for s in specs) for name, specs in SUITE_SPECS.items()}
+
+
+def _check_suite(name: str) -> None:
+    if name not in SUITES:
+        raise DiffattnError(f"unknown suite {name!r}; choose one of {list(SUITES)} (or 'all' on the command line)")
+
+
+def suite_specs(name: str) -> list[PromptSpec]:
+    """The fixed prompt specs of a suite (what each prompt asks for)."""
+    _check_suite(name)
+    return list(SUITE_SPECS[name])
+
+
+_suite_specs = suite_specs  # older name
 
 
 def suite_prompts(name: str) -> list[str]:
-    """The fixed prompt list of a suite."""
-    return _spec_prompts(_suite_specs(name))
+    """The fixed prompt list of a suite: ``single`` (12), ``two`` (36), ``relation`` (36),
+    ``three`` (36), ``style`` (36)."""
+    _check_suite(name)
+    return list(SUITES[name])
 
 
-def eval_seeds(n: int) -> list[int]:
-    return list(range(EVAL_SEED_START, EVAL_SEED_START + n))
+def cross_pairs(prompts, seeds) -> list[tuple[str, int]]:
+    """Every prompt with every seed (prompt-major): for diversity over seeds per prompt."""
+    return [(p, int(s)) for p in prompts for s in seeds]
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+class Metric(NamedTuple):
+    value: float
+    low: float
+    high: float
+    n: int  # number of units the value is a mean over (images, or prompts for Vendi)
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a binomial rate."""
-    if n == 0:
+    """95% Wilson score interval of a rate ``successes / n`` (Wilson 1927):
+    ``(p + z²/2n ± z sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n)``. ``successes`` may be fractional
+    (a mean of per-unit fractions times n). NaNs for n = 0."""
+    if n <= 0:
         return (float("nan"), float("nan"))
     p = successes / n
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    half = z * math.sqrt(max(p * (1 - p), 0.0) / n + z * z / (4 * n * n)) / denom
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def mean_interval(values, z: float = 1.96) -> tuple[float, float, float]:
-    """Mean and normal-approximation 95% interval of a sample."""
+def mean_interval(values, confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean and Student-t ``confidence`` interval of a sample (NaN bounds for fewer than 2)."""
     v = np.asarray(values, dtype=np.float64)
     if len(v) == 0:
         return (float("nan"),) * 3
-    m = v.mean()
-    half = z * v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else float("nan")
+    m = float(v.mean())
+    if len(v) < 2:
+        return (m, float("nan"), float("nan"))
+    half = float(stats.t.ppf(0.5 + confidence / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
     return (m, m - half, m + half)
 
 
-def vendi_score(features: np.ndarray) -> float:
-    """Vendi score of n items: exp(-Σ λ log λ), λ the eigenvalues of K/n, K the cosine
-    similarities of the rows of ``features`` [n, d]. 1 for identical items, n for
-    orthogonal ones."""
+def rate_metric(values) -> Metric:
+    """Mean of per-unit values in [0, 1] (booleans or fractions) with its Wilson interval."""
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) == 0:
+        return Metric(float("nan"), float("nan"), float("nan"), 0)
+    return Metric(float(v.mean()), *wilson_interval(float(v.sum()), len(v)), len(v))
+
+
+def vendi_score(features) -> float:
+    """Vendi score of n items (Friedman & Dieng 2023, eq. 1): ``exp(-Σ λ log λ)``, λ the
+    eigenvalues of K/n, K the cosine similarities of the rows of ``features`` [n, d].
+    1 for identical items, n for mutually orthogonal ones."""
     x = np.asarray(features, dtype=np.float64)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    k = x @ x.T / len(x)
-    lam = np.clip(np.linalg.eigvalsh(k), 0, None)
+    if x.ndim != 2 or len(x) == 0:
+        raise DiffattnError(f"vendi_score takes features [n, d] with n >= 1, got shape {x.shape}")
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # rows to unit length
+    lam = np.clip(np.linalg.eigvalsh(x @ x.T / len(x)), 0, None)  # [n], sums to 1
     lam = lam[lam > 1e-12]
     return float(np.exp(-(lam * np.log(lam)).sum()))
 
 
+# ----------------------------------------------------------------------------- features
+
+_SLOTS = [(c, s) for c in COLORS for s in (*SHAPES, "blob")]  # 16 object kinds
+_GRID = (np.arange(4) + 0.5) * SIZE / 4  # 4 x 4 position centres, px
+_POS_SIGMA = SIZE / 6  # px: objects a quarter-frame apart are still somewhat alike
+_SIZE_CENTRES = np.array([6.0, 9.0, 12.0])  # circumradius, px
+_SIZE_SIGMA = 2.0
+STYLE_WEIGHT = 0.5  # same objects, other style: cosine 0.8; other objects, same style: 0.2
+
+
 def oracle_features(parsed: oracle.Parsed) -> np.ndarray:
-    """What an image shows, as a vector: per colour×shape the (count, mean x, mean y, mean
-    size) of its objects, plus the styles."""
-    feats = []
-    for c, s in _OBJECTS:
-        objs = [o for o in parsed.objects if o.color == c and o.shape == s]
-        if objs:
-            feats += [len(objs), np.mean([o.cx for o in objs]) / 64, np.mean([o.cy for o in objs]) / 64, np.mean([o.size for o in objs]) / 16]
-        else:
-            feats += [0.0, 0.0, 0.0, 0.0]
-    feats += [float(parsed.background == "dark"), float(parsed.outline)]
-    return np.array(feats) + 1e-3  # keep an empty scene a valid direction
+    """What an image shows, as a non-negative vector for the Vendi kernel.
+
+    Objects: the sum over detected objects of one-hot(colour, shape) ⊗ a Gaussian encoding of
+    the centre on a 4x4 grid ⊗ a Gaussian encoding of the size, normalised to unit length
+    (an image with nothing detected gets its own "empty" direction). Styles: one-hot of
+    (background light/dark/other, outline yes/no) with weight ``STYLE_WEIGHT``. Cosine
+    similarity is then 1 for the same objects at the same places in the same style, and falls
+    as objects move, change size, kind, number or style."""
+    def rbf(centres, values, sigma):  # [m, len(centres)] Gaussian encodings of m values
+        return np.exp(-((centres[None, :] - np.asarray(values, dtype=np.float64)[:, None]) ** 2) / (2 * sigma**2))
+
+    gx = rbf(_GRID, [o.cx for o in parsed.objects], _POS_SIGMA)  # [m, 4]
+    gy = rbf(_GRID, [o.cy for o in parsed.objects], _POS_SIGMA)  # [m, 4]
+    gs = rbf(_SIZE_CENTRES, [o.size for o in parsed.objects], _SIZE_SIGMA)  # [m, 3]
+    objects = np.zeros((len(_SLOTS), 4, 4, len(_SIZE_CENTRES)))  # [16 kinds, 4 rows, 4 cols, 3 sizes]
+    for k, o in enumerate(parsed.objects):
+        objects[_SLOTS.index((o.color, o.shape))] += gy[k][:, None, None] * gx[k][None, :, None] * gs[k][None, None, :]
+    objects = objects.reshape(-1)  # [16 * 4 * 4 * 3]
+    norm = np.linalg.norm(objects)
+    empty = np.array([0.0 if norm > 0 else 1.0])
+    objects = objects / norm if norm > 0 else objects
+    style = np.zeros((3, 2))  # [background light/dark/other, outline no/yes]
+    style[("light", "dark", "other").index(parsed.background), int(parsed.outline)] = STYLE_WEIGHT
+    return np.concatenate([objects, empty, style.reshape(-1)])
+
+
+def pixel_features(image) -> np.ndarray:
+    """The image at 16x16 (4x4 block means), centred on mid-grey, flattened [768]."""
+    arr = oracle.to_array(image) / 255.0  # [64, 64, 3]
+    small = arr.reshape(16, 4, 16, 4, 3).mean(axis=(1, 3))  # [16, 16, 3]
+    return (small - 0.5).reshape(-1)
+
+
+# ----------------------------------------------------------------------------- report
 
 
 @dataclass
 class EvalReport:
+    """Scores of every generated image, with the metrics computed from them."""
+
     scores: list[oracle.Score]
     seeds: list[int]
-    features: list[np.ndarray]
-    images: list = field(default_factory=list)
+    features: list[np.ndarray]  # oracle_features per image
+    pixel_features: list[np.ndarray] = field(default_factory=list)
+    images: list = field(default_factory=list)  # PIL images, when return_images=True
+    settings: dict = field(default_factory=dict)  # call kwargs and batch size, for the record
 
-    def metrics(self) -> dict[str, tuple[float, float, float, int]]:
-        """name -> (value, low, high, n) with 95% intervals."""
-        out = {}
-        n_obj = sum(s.requested for s in self.scores)
-        found = sum(sum(s.found) for s in self.scores)
-        out["object_accuracy"] = (found / n_obj, *wilson_interval(found, n_obj), n_obj)
-        allp = sum(s.all_present for s in self.scores)
-        out["all_present"] = (allp / len(self.scores), *wilson_interval(allp, len(self.scores)), len(self.scores))
-        rel = [s.relation_ok for s in self.scores if s.relation_ok is not None]
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def _by_prompt(self, feats) -> dict[str, list[np.ndarray]]:
+        groups: dict[str, list[np.ndarray]] = {}
+        for s, f in zip(self.scores, feats):
+            groups.setdefault(s.prompt, []).append(f)
+        return groups
+
+    def vendi_per_prompt(self, pixels: bool = False) -> dict[str, float]:
+        """Vendi score of each prompt's images (prompts with at least 2 images)."""
+        feats = self.pixel_features if pixels else self.features
+        return {p: vendi_score(np.stack(fs)) for p, fs in self._by_prompt(feats).items() if len(fs) > 1}
+
+    def metrics(self) -> dict[str, Metric]:
+        """name -> Metric(value, low, high, n), 95% intervals (see the module docstring).
+
+        object_accuracy, color_accuracy: per image, the fraction of requested objects found
+        (colour and shape / colour). all_present: every object found. correct: everything
+        right (objects, relation, styles, no extra object). relation_accuracy /
+        relation_color_accuracy: over relation prompts, strict / on colour matches.
+        style_accuracy: over prompts asking for a style, the fraction of asked styles shown;
+        unrequested_style_rate: images showing a style (dark, outlines) nobody asked for.
+        extra_object_rate: images with an object no requested object explains. vendi /
+        vendi_pixels: diversity over seeds, per prompt, averaged."""
+        sc = self.scores
+        out = {
+            "object_accuracy": rate_metric([s.object_accuracy for s in sc]),
+            "all_present": rate_metric([s.all_present for s in sc]),
+            "color_accuracy": rate_metric([s.color_accuracy for s in sc]),
+        }
+        rel = [s for s in sc if s.relation_ok is not None]
         if rel:
-            out["relation_accuracy"] = (sum(rel) / len(rel), *wilson_interval(sum(rel), len(rel)), len(rel))
-        sty = [ok for s in self.scores for name, ok in s.style_ok.items() if _asked(s.prompt, name)]
-        if sty:
-            out["style_accuracy"] = (sum(sty) / len(sty), *wilson_interval(sum(sty), len(sty)), len(sty))
-        extra = sum(s.extra_objects > 0 for s in self.scores)
-        out["extra_object_rate"] = (extra / len(self.scores), *wilson_interval(extra, len(self.scores)), len(self.scores))
-        by_prompt = {}
-        for s, f in zip(self.scores, self.features):
-            by_prompt.setdefault(s.prompt, []).append(f)
-        vendi = [vendi_score(np.stack(fs)) for fs in by_prompt.values() if len(fs) > 1]
-        if vendi:
-            out["vendi"] = (*mean_interval(vendi), len(vendi))
+            out["relation_accuracy"] = rate_metric([s.relation_ok for s in rel])
+            out["relation_color_accuracy"] = rate_metric([s.relation_color_ok for s in rel])
+        styled = [s for s in sc if any(s.style_requested.values())]
+        if styled:
+            out["style_accuracy"] = rate_metric(
+                [np.mean([s.style_ok[k] for k, asked in s.style_requested.items() if asked]) for s in styled]
+            )
+        out["unrequested_style_rate"] = rate_metric(
+            [any(not s.style_ok[k] for k, asked in s.style_requested.items() if not asked) for s in sc]
+        )
+        out["extra_object_rate"] = rate_metric([s.extra_objects > 0 for s in sc])
+        out["correct"] = rate_metric([s.correct for s in sc])
+        for name, pixels in (("vendi", False), ("vendi_pixels", True)):
+            v = list(self.vendi_per_prompt(pixels).values()) if (self.pixel_features or not pixels) else []
+            if v:
+                out[name] = Metric(*mean_interval(v), len(v))
         return out
 
-    def as_dict(self) -> dict:
-        return {
-            "metrics": {k: dict(zip(("value", "low", "high", "n"), v)) for k, v in self.metrics().items()},
-            "images": [dict(s.as_dict(), seed=seed) for s, seed in zip(self.scores, self.seeds)],
+    def as_dict(self, per_image: bool = True) -> dict:
+        """JSON-ready: metrics, settings and (optionally) every image's score and detections."""
+        d = {
+            "n_images": len(self),
+            "settings": self.settings,
+            "metrics": {k: m._asdict() for k, m in self.metrics().items()},
         }
+        if per_image:
+            d["images"] = [dict(s.as_dict(), seed=seed) for s, seed in zip(self.scores, self.seeds)]
+        return d
 
     def to_markdown(self, title: str = "") -> str:
-        rows = [f"| metric{(' (' + title + ')') if title else ''} | value | 95% CI | n |", "|---|---|---|---|"]
-        for name, (v, lo, hi, n) in self.metrics().items():
-            rows.append(f"| {name} | {v:.3f} | [{lo:.3f}, {hi:.3f}] | {n} |")
+        """A table row per metric: value, 95% interval, n."""
+        head = f"metric ({title})" if title else "metric"
+        rows = [f"| {head} | value | 95% CI | n |", "|---|---|---|---|"]
+        for name, m in self.metrics().items():
+            rows.append(f"| {name} | {m.value:.3f} | [{m.low:.3f}, {m.high:.3f}] | {m.n} |")
         return "\n".join(rows)
 
-    def save_grid(self, path: str, ncols: int = 8, scale: int = 2):
+    def save_grid(self, path: str, ncols: int = 8, scale: int = 2, limit: int | None = None) -> None:
+        """Save the kept images (``return_images=True``) as one grid PNG, in generation order."""
         from diffusers.utils import make_image_grid
 
-        images = [im.resize((im.width * scale, im.height * scale)) for im in self.images]
+        if not self.images:
+            raise DiffattnError("this report kept no images; call evaluate(..., return_images=True) to save a grid")
+        images = [oracle.to_pil(im) for im in self.images[:limit]]
+        images = [im.resize((im.width * scale, im.height * scale), 0) for im in images]  # 0: nearest
         rows = math.ceil(len(images) / ncols)
-        images += [images[0].copy().point(lambda _: 255)] * (rows * ncols - len(images))
-        make_image_grid(images, rows=rows, cols=ncols).save(path)
+        cols = min(ncols, len(images))
+        blank = images[0].copy()
+        blank.paste((255, 255, 255), (0, 0, *blank.size))
+        images += [blank] * (rows * cols - len(images))
+        make_image_grid(images, rows=rows, cols=cols).save(path)
 
 
-def _asked(prompt: str, style: str) -> bool:
-    from .world import parse_prompt
-
-    return parse_prompt(prompt).styles.get(style, False)
+# ----------------------------------------------------------------------------- harness
 
 
-def evaluate(pipe, prompts, seeds, *, batch_size: int = 16, progress: bool = True, return_images: bool = False,
-             pairs=None, **call_kwargs) -> EvalReport:
-    """Generate one image per (prompt, seed) pair and grade it with the oracle."""
+def evaluate(
+    pipe,
+    prompts=None,
+    seeds=None,
+    *,
+    pairs=None,
+    batch_size: int = 16,
+    progress: bool = True,
+    return_images: bool = False,
+    **call_kwargs,
+) -> EvalReport:
+    """Generate one image per (prompt, seed) pair and grade it with the oracle.
+
+    pipe: any callable ``pipe(prompt=[...], generator=[...], **call_kwargs)`` returning an
+    object with ``.images`` (a diffusers pipeline, optionally with diffattn controls
+    attached). prompts, seeds: image i is ``prompts[i % len(prompts)]`` with ``seeds[i]``;
+    or pass ``pairs`` [(prompt, seed), ...]. Prompts must be of the world's grammar."""
     if pairs is None:
-        pairs = [(prompts[i % len(prompts)], s) for i, s in enumerate(seeds)]
-    scores, used_seeds, feats, images = [], [], [], []
+        if not prompts or seeds is None:
+            raise DiffattnError("evaluate() needs prompts and seeds (image i: prompts[i % len(prompts)], seeds[i]) "
+                                "or pairs=[(prompt, seed), ...]")
+        prompts = list(prompts)
+        pairs = [(prompts[i % len(prompts)], int(s)) for i, s in enumerate(seeds)]
+    pairs = [(p, int(s)) for p, s in pairs]
+    for p in dict.fromkeys(p for p, _ in pairs):
+        try:
+            parse_prompt(p)
+        except ValueError as e:
+            raise DiffattnError(f"evaluate(): {e}") from None
+    if batch_size < 1:
+        raise DiffattnError(f"batch_size must be >= 1, got {batch_size}")
+    plain = (int, float, str, bool, type(None))
+    settings = {"batch_size": batch_size, **{k: v if isinstance(v, plain) else repr(v) for k, v in call_kwargs.items()}}
+    report = EvalReport(scores=[], seeds=[], features=[], settings=settings)
     bar = tqdm(total=len(pairs), desc="evaluate", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        gens = [torch.Generator().manual_seed(int(s)) for _, s in chunk]
-        out = pipe(prompt=[p for p, _ in chunk], generator=gens, **call_kwargs).images
-        for (p, s), im in zip(chunk, out):
+        generators = [torch.Generator().manual_seed(s) for _, s in chunk]
+        images = pipe(prompt=[p for p, _ in chunk], generator=generators, **call_kwargs).images
+        if len(images) != len(chunk):
+            raise DiffattnError(f"the pipeline returned {len(images)} images for {len(chunk)} prompts; "
+                                "pass num_images_per_prompt=1")
+        for (p, s), im in zip(chunk, images):
             parsed = oracle.parse(im)
-            scores.append(oracle.score(im, p, parsed=parsed))
-            feats.append(oracle_features(parsed))
-            used_seeds.append(int(s))
+            report.scores.append(oracle.score(im, p, parsed=parsed))
+            report.seeds.append(s)
+            report.features.append(oracle_features(parsed))
+            report.pixel_features.append(pixel_features(im))
             if return_images:
-                images.append(im)
+                report.images.append(oracle.to_pil(im))
         bar.update(len(chunk))
     bar.close()
-    return EvalReport(scores=scores, seeds=used_seeds, features=feats, images=images)
+    return report
 
 
-def evaluate_suite(pipe, suite: str, n_seeds: int = 64, **kw) -> EvalReport:
-    return evaluate(pipe, suite_prompts(suite), eval_seeds(n_seeds), **kw)
+def evaluate_suite(pipe, suite: str, n_seeds: int = 64, *, seed_offset: int = 0, **kwargs) -> EvalReport:
+    """``evaluate`` on a suite's prompts with ``eval_seeds(n_seeds)``: n_seeds images, cycling
+    through the prompts (use a multiple of the suite length for equal images per prompt)."""
+    return evaluate(pipe, suite_prompts(suite), eval_seeds(n_seeds, seed_offset), **kwargs)
 
 
-def add_eval_arguments(p):
-    p.add_argument("--suite", default="all", help="single, two, relation, three, style, or all")
-    p.add_argument("--seeds", type=int, default=64, help="evaluation seeds (images) per suite")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--out", default=None, help="write the full report as JSON")
-    p.add_argument("--grid", default=None, help="write a sample grid PNG per suite (suffixed by suite name)")
+def evaluate_suites(pipe, suites="all", n_seeds: int = 64, **kwargs) -> dict[str, EvalReport]:
+    """``evaluate_suite`` for several suites ("all", a name, "a,b" or a list)."""
+    names = list(SUITES) if suites == "all" else suites.split(",") if isinstance(suites, str) else list(suites)
+    for n in names:
+        _check_suite(n)
+    return {n: evaluate_suite(pipe, n, n_seeds, **kwargs) for n in names}
 
 
-def run_eval_cli(args):
+# ----------------------------------------------------------------------------- command line
+
+
+def add_eval_arguments(parser) -> None:
+    """Arguments of ``diffattn eval`` (the model arguments come from the CLI)."""
+    parser.add_argument("--suite", default="all", help=f"{', '.join(SUITES)}, a comma list, or all (default)")
+    parser.add_argument("--seeds", type=int, default=64, help="images per suite, one evaluation seed each (default 64)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
+    parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the pipeline's)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--out", default=None, help="write the full report (metrics and every image's score) as JSON")
+    parser.add_argument("--grid", default=None,
+                        help="write a grid PNG of the images (suffixed by the suite name when several)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_eval_cli(args) -> dict[str, EvalReport]:
+    """``diffattn eval``: evaluate a model (default: the testbed's tiny-sd3) on suites, print a
+    Markdown table per suite, optionally write JSON and image grids."""
     from ..cli import load_model
 
-    pipe = load_model(args.model, args.dtype, args.device)
+    pipe = load_model(getattr(args, "model", None), getattr(args, "dtype", "float32"), getattr(args, "device", "cpu"))
     kw = {}
     if args.steps is not None:
         kw["num_inference_steps"] = args.steps
     if args.guidance is not None:
         kw["guidance_scale"] = args.guidance
-    suites = SUITES if args.suite == "all" else tuple(args.suite.split(","))
-    full = {}
-    for suite in suites:
-        report = evaluate_suite(pipe, suite, args.seeds, batch_size=args.batch_size, return_images=bool(args.grid), **kw)
-        print(report.to_markdown(suite))
-        full[suite] = report.as_dict()
+    names = list(SUITES) if args.suite == "all" else args.suite.split(",")
+    for n in names:
+        _check_suite(n)
+    reports = {}
+    for name in names:
+        report = evaluate_suite(pipe, name, args.seeds, batch_size=args.batch_size, progress=not args.no_progress,
+                                return_images=bool(args.grid), **kw)
+        print(report.to_markdown(name), flush=True)
+        reports[name] = report
         if args.grid:
-            stem, _, ext = args.grid.rpartition(".")
-            report.images = report.images[:32]
-            report.save_grid(f"{stem}-{suite}.{ext or 'png'}")
+            path = args.grid
+            if len(names) > 1:
+                stem, dot, ext = args.grid.rpartition(".")
+                path = f"{stem}-{name}.{ext}" if dot else f"{args.grid}-{name}.png"
+            report.save_grid(path)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(full, f, indent=1)
+            model = getattr(args, "model", None) or "tiny-sd3"
+            json.dump({"model": model, **{n: r.as_dict() for n, r in reports.items()}}, f, indent=1)
+    return reports
