@@ -17,8 +17,9 @@ METHODS: dict[str, Callable] = {}
 
 def _builtin_methods() -> dict[str, Callable]:
     from .methods.softpag import _generate_builder as softpag
+    from .pipelines.astar import generate_builder as astar
 
-    return {"softpag": softpag}
+    return {"softpag": softpag, "astar": astar}
 
 
 def register_method(name: str):
@@ -84,6 +85,13 @@ def run_generate(args):
         label, run = methods[args.method](pipe, args)
         images += run(torch.Generator(args.device).manual_seed(args.seed), kw)
         labels.append(label)
+        rows = getattr(run, "rows", [])
+    else:
+        rows = []
     result = side_by_side(images, labels) if len(images) > 1 else images[0]
+    if rows:  # e.g. A-STAR's concept maps under the images
+        from .pipelines.astar import compose
+
+        result = compose(result, rows)
     result.save(args.out)
     print(f"wrote {args.out} ({' | '.join(labels)})")

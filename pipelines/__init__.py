@@ -1,1 +1,24 @@
-"""Ready pipelines for methods that change the sampling loop (A-STAR, UAM, IR-Diffusion, DeContext)."""
+"""Ready pipelines for methods that change the sampling loop (A-STAR, UAM, IR-Diffusion, DeContext).
+
+    from diffattn.pipelines import AStarPipeline, AStarConfig
+"""
+from __future__ import annotations
+
+import importlib
+
+# Public names -> defining module, resolved lazily (importing diffattn.pipelines stays cheap).
+_EXPORTS = {
+    "AStarPipeline": "diffattn.pipelines.astar",
+    "AStarConfig": "diffattn.pipelines.astar",
+    "AStarOutput": "diffattn.pipelines.astar",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'diffattn.pipelines' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))

@@ -2,6 +2,7 @@
 
     python -m diffattn.testbed.train vae      --out runs/vae
     python -m diffattn.testbed.train data     --vae runs/vae --out runs/data
+    python -m diffattn.testbed.train decoder  --data runs/data --out runs/decoder
     python -m diffattn.testbed.train tiny-sd  --data runs/data --out runs/tiny-sd
     python -m diffattn.testbed.train tiny-sd3 --data runs/data --out runs/tiny-sd3
     python -m diffattn.testbed.train export   --run runs/tiny-sd3 --to assets/tiny-sd3
@@ -11,7 +12,9 @@ batches and noise from generators seeded by (seed, step), so a resumed run conti
 exactly where it stopped. Checkpoints (weights, EMA, optimiser moments) are safetensors
 plus a JSON state; nothing is pickled.
 
-Objectives: the VAE is an L1 + tiny-KL autoencoder; tiny-sd learns epsilon-prediction on
+Objectives: the VAE is an L1 + tiny-KL autoencoder, whose decoder is then fine-tuned alone
+(encoder frozen, so the latent space and the encoded data stay valid) with an extra
+image-gradient term that keeps corners sharp; tiny-sd learns epsilon-prediction on
 the scaled-linear DDPM schedule of Stable Diffusion; tiny-sd3 learns rectified flow with
 logit-normal timestep sampling (Esser et al. 2024, "Scaling Rectified Flow Transformers",
 Sec. 3.1), the objective of SD3. Captions are dropped 10% of the time for CFG.
@@ -148,6 +151,56 @@ def train_vae(args):
     print(f"saved VAE to {os.path.join(args.out, 'final')}")
 
 
+def _image_gradient_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """L1 between the finite-difference gradients of two image batches (edges, corners)."""
+    dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
+    dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
+    return F.l1_loss(dx(a), dx(b)) + F.l1_loss(dy(a), dy(b))
+
+
+def train_decoder(args):
+    """Fine-tune the decoder of the data's VAE with its encoder frozen.
+
+    The denoisers learn the frozen encoder's latents, so a sharper decoder improves every
+    generated image without retraining them. Latent crops of 8x8 decode to 32x32 patches."""
+    torch.manual_seed(args.seed)
+    vae = AutoencoderKL.from_pretrained(os.path.join(args.data, "vae"))
+    vae.requires_grad_(False)
+    decoder = torch.nn.ModuleDict({"post_quant_conv": vae.post_quant_conv, "decoder": vae.decoder})
+    decoder.requires_grad_(True)
+    modules = {"decoder": decoder}
+    ema = {n: p.detach().clone() for n, p in _named_trainable(modules)}
+    opt = torch.optim.AdamW(decoder.parameters(), lr=args.lr, weight_decay=0.0)
+    step = load_checkpoint(args.out, modules, ema, opt)
+    bar = tqdm(total=args.steps, initial=step, desc="decoder", dynamic_ncols=True)
+    while step < args.steps:
+        rng = np.random.default_rng([args.seed, 7, step])
+        x = images_to_tensor([render(sample_training_scene(rng)) for _ in range(args.batch)])  # [B, 3, 64, 64]
+        gen = torch.Generator().manual_seed(args.seed * 7919 + step)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample(generator=gen)  # [B, 4, 16, 16]
+        ys, xs = (int(v) for v in rng.integers(0, 9, size=2))
+        z = z[:, :, ys : ys + 8, xs : xs + 8]  # [B, 4, 8, 8] latent crop
+        x = x[:, :, 4 * ys : 4 * ys + 32, 4 * xs : 4 * xs + 32]  # [B, 3, 32, 32] matching pixels
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.lr, 50, args.steps)
+        recon = vae.decode(z).sample
+        loss = F.l1_loss(recon, x) + 0.5 * F.mse_loss(recon, x) + _image_gradient_l1(recon, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        ema_update(ema, modules, step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % args.save_every == 0 or step == args.steps:
+            save_checkpoint(args.out, step, modules, ema, opt)
+    bar.close()
+    _load_ema_into(modules, ema)
+    vae.save_pretrained(os.path.join(args.out, "final"), safe_serialization=True)
+    print(f"saved VAE with the fine-tuned decoder to {os.path.join(args.out, 'final')}")
+
+
 def _load_ema_into(modules, ema):
     with torch.no_grad():
         for n, p in _named_trainable(modules):
@@ -256,7 +309,7 @@ def export(args):
     """Assemble the EMA weights of a run into a diffusers pipeline folder (safetensors)."""
     with open(os.path.join(args.run, "args.json")) as f:
         run_args = json.load(f)
-    vae = AutoencoderKL.from_pretrained(os.path.join(run_args["data"], "vae"))
+    vae = AutoencoderKL.from_pretrained(args.vae_from or os.path.join(run_args["data"], "vae"))
     is_sd3 = run_args["stage"] == "tiny-sd3"
     pipe = models.build_sd3(vae, run_args["seed"]) if is_sd3 else models.build_sd(vae, run_args["seed"])
     modules = {"denoiser": pipe.transformer if is_sd3 else pipe.unet, "text_encoder": pipe.text_encoder}
@@ -269,12 +322,13 @@ def export(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m diffattn.testbed.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["vae", "data", "tiny-sd", "tiny-sd3", "export"])
+    p.add_argument("stage", choices=["vae", "data", "decoder", "tiny-sd", "tiny-sd3", "export"])
     p.add_argument("--out", default=None, help="run folder (checkpoints; resumes from it)")
     p.add_argument("--vae", default="runs/vae", help="VAE run folder (data stage)")
     p.add_argument("--data", default="runs/data", help="encoded data folder (denoiser stages)")
     p.add_argument("--run", default=None, help="run folder to export")
     p.add_argument("--to", default=None, help="export destination folder")
+    p.add_argument("--vae-from", default=None, help="export: VAE folder to ship instead of the data's (e.g. runs/decoder/final)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
@@ -288,6 +342,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     defaults = {
         "vae": dict(steps=1000, batch=32, lr=1e-3),
+        "decoder": dict(steps=3000, batch=32, lr=3e-4),
         "tiny-sd": dict(steps=3000, batch=64, lr=5e-4),
         "tiny-sd3": dict(steps=3000, batch=64, lr=5e-4),
     }.get(args.stage, {})
@@ -296,11 +351,11 @@ def main(argv=None):
             setattr(args, k, v)
     if args.stage == "export":
         return export(args)
-    args.out = args.out or {"vae": "runs/vae", "data": "runs/data"}.get(args.stage, f"runs/{args.stage}")
+    args.out = args.out or {"vae": "runs/vae", "data": "runs/data", "decoder": "runs/decoder"}.get(args.stage, f"runs/{args.stage}")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=1)
-    {"vae": train_vae, "data": make_data, "tiny-sd": train_denoiser, "tiny-sd3": train_denoiser}[args.stage](args)
+    {"vae": train_vae, "data": make_data, "decoder": train_decoder, "tiny-sd": train_denoiser, "tiny-sd3": train_denoiser}[args.stage](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,722 @@
+"""A-STAR (and Attend-and-Excite) sampling around a diffusers pipeline.
+
+    from diffattn.pipelines import AStarPipeline
+    astar = AStarPipeline(pipe)                                   # SD1.5 / SD2 / SDXL / SD3 pipeline
+    out = astar("a red circle and a blue square", concepts=["circle", "square"],
+                return_attention_maps=True)
+    out.images[0].save("astar.png"); out.attention_maps[0]["circle"].save("circle.png")
+
+    AStarPipeline(pipe, AStarConfig.attend_and_excite())          # Attend-and-Excite
+
+The loop is Attend-and-Excite's (Chefer et al. 2023; diffusers'
+``StableDiffusionAttendAndExcitePipeline``) with the loss made configurable
+(``diffattn.methods.astar``): at every step i of the window ``i < max_iter_to_alter`` and for
+every sample of the batch *separately* (so the autograd graph of one sample is held at a time):
+
+1. a gradient-enabled forward of the denoiser on the sample's latent and its conditional
+   prompt only; an engine control (:class:`~diffattn.methods.astar.ConceptRecorder`) taps the
+   image-query × text-key probabilities of the selected sites exactly from the row LSE,
+   keeping the graph; the forward stops as soon as every site has reported;
+2. concept maps (sites × heads mean at one resolution, ``softmax(100·A)`` over the text tokens,
+   3×3 Gaussian) and the loss: A-STAR's segregation + retention (Agarwal et al. 2023, Eqs. 2-3),
+   A&E's max-activation loss, or any weighted combination;
+3. optional iterative refinement at threshold steps (A&E): while some concept's peak
+   attention is below the threshold, repeat forward → loss → step (at most 20 times);
+4. the update z ← z − α_i ∇_z L with α_i = scale_factor · sqrt(linspace(1, 0.5, T)[i]).
+
+Then the ordinary classifier-free-guided forward and scheduler step run without gradients.
+A-STAR's retention target B for step i is the binarised concept map of step i−1, read from
+that step's ordinary forward (so it is taken *after* step i−1's latent update), or a user
+layout mask (``layout_masks``), which turns A-STAR into layout-guided generation.
+
+MMDiT (SD3): the maps are the image-query × text-key block of joint attention, each head's
+row re-normalised over the text keys (``joint_text_norm``) before the A&E steps.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, replace
+
+import numpy as np
+import torch
+
+from diffattn.errors import UnsupportedModelError
+from diffattn.methods.astar import (
+    LOSSES,
+    ConceptError,
+    ConceptRecorder,
+    MapsComplete,
+    aggregate_attention,
+    attend_excite_loss,
+    binarize,
+    combined_loss,
+    concept_maps,
+    concept_token_indices,
+    heatmap_image,
+    max_activations,
+    text_positions,
+)
+
+SUPPORTED_PIPELINES = "StableDiffusionPipeline (SD1.x, SD2.x), StableDiffusionXLPipeline and StableDiffusion3Pipeline"
+
+# Settings for the tiny testbed models (diffattn.testbed), chosen on training seeds (never the
+# evaluation seeds): their cross-attention varies ~10x less over the image than SD1.x's, so
+# softmax(100·A) gives almost flat maps; 1000 restores A&E's contrast. benchmarks/RESULTS.md.
+TESTBED_OVERRIDES = {"temperature": 1000.0}
+
+# A&E's refinement thresholds {0: 0.05, 10: 0.5, 20: 0.8} of 50 steps, as fractions of the run
+AE_THRESHOLDS = {0.0: 0.05, 0.2: 0.5, 0.4: 0.8}
+
+
+@dataclass
+class AStarConfig:
+    """What A-STAR optimises and how (defaults: A-STAR with A&E's step sizes, every step).
+
+    losses:             weights of ``"segregation"``, ``"retention"``, ``"attend_excite"``.
+    scale_factor:       α_0 of the step size α_i = scale_factor·sqrt(linspace(1, 0.5, T)[i]) (A&E: 20).
+    max_iter_to_alter:  latent updates at steps i < this; an int is a step count, a float in
+                        [0, 1] a fraction of the run. A-STAR default 1.0, every step: its
+                        retention loss targets the *late* loss of concepts and the paper's ablation
+                        finds early-only updates leave concepts missing; A&E preset 0.5 (25 of 50).
+    refine:             iterative refinement ``{step: threshold}`` (int keys: step indices,
+                        float keys in [0, 1): fractions of the run); ``None`` turns it off.
+                        At such a step, while some concept's peak attention is below the
+                        threshold, A&E repeats forward/loss/update (A&E's test ``L > 1 - thr``).
+    max_refinement_steps: cap of those repeats (A&E: 20).
+    sites:              selector of the attention sites the maps come from (``diffattn.sites``
+                        grammar); ``None``: UNet cross-attention at the default resolution
+                        (:func:`default_unet_factor`), every joint site on SD3.
+    heads:              heads averaged (``"all"`` or a ``diffattn`` head spec).
+    resolution:         ``(h, w)`` of the maps; ``None``: the resolution of the default sites
+                        (SD1.x 512 px: 16×16, SDXL 1024 px: 32×32, tiny-sd: 8×8, SD3: latent/patch).
+                        Maps of other sites are resized to it bilinearly.
+    text_tokens:        ``"prompt"`` re-normalises over the prompt's own tokens (no start, end
+                        or padding tokens); ``"diffusers"`` over keys 1..N-2 as diffusers'
+                        A&E pipeline (which keeps the end and padding tokens).
+    temperature:        the 100 of softmax(100·A). It sets how peaked the maps are, which depends
+                        on how much raw attention varies over the image: the tiny testbed models'
+                        attention is ~10x flatter than SD's and needs 1000
+                        (:data:`TESTBED_OVERRIDES`, chosen on training seeds).
+    smooth_size, smooth_sigma: A&E's Gaussian (3, 0.5); ``smooth_size=0`` turns it off.
+    subtoken:           ``"mean"`` or ``"max"`` over the tokens of a multi-token concept.
+    retention_threshold: binarisation of the previous map: min-max normalise, then ``>=`` this
+                        number, or ``"otsu"`` (:func:`diffattn.methods.astar.binarize`).
+    joint_text_norm:    MMDiT: divide each head's image→text probabilities by their sum over
+                        the text keys before averaging.
+    early_exit:         stop the gradient forward once every selected site has reported.
+    eps:                denominator guard of the soft IoUs.
+    """
+
+    losses: dict[str, float] = field(default_factory=lambda: {"segregation": 1.0, "retention": 1.0})
+    scale_factor: float = 20.0
+    max_iter_to_alter: int | float = 1.0
+    refine: dict | None = None
+    max_refinement_steps: int = 20
+    sites: object = None
+    heads: object = "all"
+    resolution: tuple[int, int] | None = None
+    text_tokens: str = "prompt"
+    temperature: float = 100.0
+    smooth_size: int = 3
+    smooth_sigma: float = 0.5
+    subtoken: str = "mean"
+    retention_threshold: float | str = 0.5
+    joint_text_norm: bool = True
+    early_exit: bool = True
+    eps: float = 1e-8
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def astar(cls, **kw) -> "AStarConfig":
+        """A-STAR: segregation + retention, A&E's step-size schedule, over the whole run."""
+        return cls(**kw)
+
+    @classmethod
+    def attend_and_excite(cls, **kw) -> "AStarConfig":
+        """Attend-and-Excite: the max-activation loss over the first half of the run, refinement at
+        0 %, 20 %, 40 % of the run (A&E's steps 0, 10, 20 of 50) with thresholds 0.05, 0.5, 0.8."""
+        kw.setdefault("losses", {"attend_excite": 1.0})
+        kw.setdefault("max_iter_to_alter", 0.5)
+        kw.setdefault("refine", dict(AE_THRESHOLDS))
+        return cls(**kw)
+
+    @classmethod
+    def segregation_only(cls, **kw) -> "AStarConfig":
+        """Ablation: A-STAR's segregation loss alone."""
+        return cls(losses={"segregation": 1.0}, **kw)
+
+    @classmethod
+    def retention_only(cls, **kw) -> "AStarConfig":
+        """Ablation: A-STAR's retention loss alone."""
+        return cls(losses={"retention": 1.0}, **kw)
+
+    def validate(self) -> "AStarConfig":
+        unknown = set(self.losses) - set(LOSSES)
+        if unknown or not any(self.losses.values()):
+            raise ConceptError(f"losses={self.losses!r}: give a positive weight to at least one of {LOSSES}")
+        if self.text_tokens not in ("prompt", "diffusers"):
+            raise ConceptError(f"text_tokens={self.text_tokens!r}: use 'prompt' or 'diffusers'")
+        if self.subtoken not in ("mean", "max"):
+            raise ConceptError(f"subtoken={self.subtoken!r}: use 'mean' or 'max'")
+        return self
+
+
+@dataclass
+class AStarOutput:
+    """images: PIL images / array / tensor as ``output_type``;
+    attention_maps: per image ``{concept label: PIL heat map}`` (``return_attention_maps``);
+    concept_maps: per image ``[C, h, w]`` fp32 maps averaged over the steps (``return_attention_maps``);
+    losses: per image, one dict per optimised step (step, loss, its parts, peak attention per concept)."""
+
+    images: object
+    attention_maps: list[dict] | None = None
+    concept_maps: list[torch.Tensor] | None = None
+    losses: list[list[dict]] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- families
+
+
+def pipeline_family(pipe) -> str:
+    """``"sd"``, ``"sdxl"`` or ``"sd3"``; :class:`UnsupportedModelError` for anything else."""
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if isinstance(pipe, StableDiffusionXLPipeline):
+        return "sdxl"
+    if isinstance(pipe, StableDiffusionPipeline):
+        return "sd"
+    if isinstance(pipe, StableDiffusion3Pipeline):
+        return "sd3"
+    raise UnsupportedModelError(
+        f"AStarPipeline supports {SUPPORTED_PIPELINES} (and their subclasses); got {type(pipe).__name__}. "
+        f"Load one of those pipelines (e.g. StableDiffusionPipeline.from_pretrained(...)) and pass it"
+    )
+
+
+def _base_class(family: str):
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline}[family]
+
+
+def call_defaults(pipe, family: str) -> dict:
+    """Defaults of the stock ``__call__`` (steps, guidance, ...), overlaid with the testbed's."""
+    sig = inspect.signature(_base_class(family).__call__)
+    out = {k: p.default for k, p in sig.parameters.items()
+           if k in ("num_inference_steps", "guidance_scale", "max_sequence_length", "eta")}
+    try:
+        from diffattn.testbed.pipelines import SD3_DEFAULTS, SD_DEFAULTS, ShapesSD3Pipeline, ShapesSDPipeline
+    except ImportError:  # pragma: no cover - testbed always ships with the package
+        return out
+    if isinstance(pipe, ShapesSDPipeline):
+        out.update(SD_DEFAULTS)
+    elif isinstance(pipe, ShapesSD3Pipeline):
+        out.update(SD3_DEFAULTS)
+    return out
+
+
+def unet_site_factor(name: str, n_levels: int) -> int | None:
+    """Downsampling factor of the UNet level a site runs at: ``down_blocks.i`` 2^i,
+    ``mid_block`` 2^(n-1), ``up_blocks.j`` 2^(n-1-j)."""
+    part, _, rest = name.partition(".")
+    if part == "mid_block":
+        return 2 ** (n_levels - 1)
+    if part in ("down_blocks", "up_blocks"):
+        i = int(rest.split(".")[0])
+        return 2 ** i if part == "down_blocks" else 2 ** (n_levels - 1 - i)
+    return None
+
+
+def default_unet_factor(cross_sites, n_levels: int) -> int:
+    """The UNet level whose cross-attention maps A-STAR/A&E use, scaled to the model.
+
+    On SD1.x (latent 64, levels 64/32/16/8) A&E uses 16×16, latent/4, and on SDXL 32×32 =
+    latent/4. Rule: among the levels with at least two cross-attention sites outside the mid
+    block, the factor closest to 4 (log scale), ties to the finer level. SD1.x, SD2, SDXL: 4;
+    the tiny testbed UNet (levels 16/8/4, the 4×4 level only in the mid block): 2 (8×8).
+    """
+    counts: dict[int, int] = {}
+    for s in cross_sites:
+        if not s.name.startswith("mid_block"):
+            f = unet_site_factor(s.name, n_levels)
+            if f is not None:
+                counts[f] = counts.get(f, 0) + 1
+    if not counts:
+        raise UnsupportedModelError("this UNet has no cross-attention outside the mid block; pass AStarConfig(sites=...)")
+    good = [f for f, n in counts.items() if n >= 2] or list(counts)
+    return min(good, key=lambda f: (abs(math.log2(f) - 2), f))
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+class AStarPipeline:
+    """A-STAR / Attend-and-Excite sampling with a diffusers pipeline's own components.
+
+    pipe:    a ``StableDiffusionPipeline`` (SD1.x/SD2), ``StableDiffusionXLPipeline`` or
+             ``StableDiffusion3Pipeline`` (subclasses included); its modules are shared, not copied.
+    config:  an :class:`AStarConfig` (default: A-STAR); keyword ``overrides`` replace its fields.
+
+    Calling it generates images (see :meth:`__call__`); ``.pipe`` is the wrapped pipeline.
+    """
+
+    def __init__(self, pipe, config: AStarConfig | None = None, **overrides):
+        self.family = pipeline_family(pipe)
+        self.pipe = pipe
+        names = {f.name for f in fields(AStarConfig)}
+        bad = set(overrides) - names
+        if bad:
+            raise ConceptError(f"unknown A-STAR option(s) {sorted(bad)}; AStarConfig has {sorted(names)}")
+        self.config = replace(config or AStarConfig(), **overrides).validate()
+
+    @classmethod
+    def from_pipe(cls, pipe, config: AStarConfig | None = None, **overrides) -> "AStarPipeline":
+        """Same as ``AStarPipeline(pipe, config, **overrides)`` (diffusers' naming)."""
+        return cls(pipe, config, **overrides)
+
+    def __repr__(self):
+        return f"AStarPipeline({type(self.pipe).__name__}, losses={self.config.losses})"
+
+    # ------------------------------------------------------------------ sites
+    def _sites(self):
+        """(site selector for the recorder, default map resolution factor or None)."""
+        from diffattn.sites import select, sites
+
+        all_sites = sites(self.pipe)
+        if self.config.sites is not None:
+            return self.config.sites, None
+        if self.family == "sd3":
+            return [s.name for s in all_sites if s.kind == "joint"], None
+        n_levels = len(self.pipe.unet.config.block_out_channels)
+        cross = select(all_sites, "cross")
+        factor = default_unet_factor(cross, n_levels)
+        return [s.name for s in cross if unet_site_factor(s.name, n_levels) == factor], factor
+
+    # ------------------------------------------------------------------ concepts
+    def _concepts_for(self, prompt: str, concepts) -> tuple[list[list[int]], list[str]]:
+        if callable(concepts):
+            concepts = concepts(prompt)
+        elif isinstance(concepts, dict):
+            if prompt not in concepts:
+                raise ConceptError(f"concepts is a dict without an entry for the prompt {prompt!r}")
+            concepts = concepts[prompt]
+        elif concepts is None:
+            concepts = default_concepts(prompt)
+        if isinstance(concepts, (str, int)):
+            concepts = [concepts]
+        groups = concept_token_indices(self.pipe.tokenizer, prompt, concepts)
+        labels = []
+        for c, g in zip(concepts, groups):
+            label = c if isinstance(c, str) else "tokens " + ",".join(map(str, g))
+            labels.append(label if label not in labels else f"{label} ({len(labels)})")
+        return groups, labels
+
+    # ------------------------------------------------------------------ encoding
+    def _encode(self, prompts, negative_prompt, n, cfg, height, width, opts):
+        """Conditional / unconditional denoiser keyword tensors per row ({name: [B, ...]})."""
+        pipe, device = self.pipe, self.pipe._execution_device
+        if self.family == "sd":
+            cond, uncond = pipe.encode_prompt(prompts, device, n, cfg, negative_prompt, clip_skip=opts.get("clip_skip"))
+            return {"encoder_hidden_states": cond}, ({"encoder_hidden_states": uncond} if cfg else None)
+        if self.family == "sdxl":
+            cond, uncond, pooled, upooled = pipe.encode_prompt(
+                prompt=prompts, device=device, num_images_per_prompt=n, do_classifier_free_guidance=cfg,
+                negative_prompt=negative_prompt, clip_skip=opts.get("clip_skip"))
+            proj = (pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None
+                    else int(pooled.shape[-1]))
+            ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=cond.dtype,
+                                         text_encoder_projection_dim=proj).to(device)
+            ids = ids.repeat(cond.shape[0], 1)  # [B, 6]
+            c = {"encoder_hidden_states": cond, "text_embeds": pooled, "time_ids": ids}
+            u = {"encoder_hidden_states": uncond, "text_embeds": upooled, "time_ids": ids} if cfg else None
+            return c, u
+        cond, uncond, pooled, upooled = pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, prompt_3=None, negative_prompt=negative_prompt,
+            do_classifier_free_guidance=cfg, device=device, num_images_per_prompt=n,
+            max_sequence_length=opts.get("max_sequence_length", 256), clip_skip=opts.get("clip_skip"))
+        c = {"encoder_hidden_states": cond, "pooled_projections": pooled}
+        return c, ({"encoder_hidden_states": uncond, "pooled_projections": upooled} if cfg else None)
+
+    @staticmethod
+    def _rows(cond, uncond, rows, cfg: bool) -> dict:
+        """Denoiser tensors for batch ``rows`` ([uncond; cond] when ``cfg``)."""
+        if cfg:
+            return {k: torch.cat([uncond[k][rows], cond[k][rows]]) for k in cond}
+        return {k: v[rows] for k, v in cond.items()}
+
+    def _denoise(self, x, t, emb: dict) -> torch.Tensor:
+        """One denoiser forward on (already scaled) latents ``x`` [b, C, h, w]."""
+        if self.family == "sd3":
+            return self.pipe.transformer(hidden_states=x, timestep=t.expand(x.shape[0]), return_dict=False, **emb)[0]
+        added = None
+        if self.family == "sdxl":
+            added = {"text_embeds": emb["text_embeds"], "time_ids": emb["time_ids"]}
+        return self.pipe.unet(x, t, encoder_hidden_states=emb["encoder_hidden_states"], added_cond_kwargs=added,
+                              return_dict=False)[0]
+
+    def _scale(self, x, t):
+        if self.family == "sd3":
+            return x
+        return self.pipe.scheduler.scale_model_input(x, t)
+
+    # ------------------------------------------------------------------ maps
+    def _maps_of(self, records, row: int, groups, eot: int, resolution) -> torch.Tensor:
+        cfg = self.config
+        res = resolution or records[0][2]
+        attn = aggregate_attention([(p[row], grid) for _, p, grid in records], res,
+                                   renorm_text=self.family == "sd3" and cfg.joint_text_norm)  # [h, w, T]
+        positions = text_positions(attn.shape[-1], eot, cfg.text_tokens)
+        return concept_maps(attn, groups, positions, temperature=cfg.temperature, smooth_size=cfg.smooth_size,
+                            smooth_sigma=cfg.smooth_sigma, subtoken=cfg.subtoken)  # [C, h, w]
+
+    def _grad_maps(self, rec, z, t, emb, groups, eot, resolution) -> torch.Tensor:
+        """Concept maps of one sample's latent ``z`` [1, C, h, w], differentiable in ``z``."""
+        rec.start("grad", early_exit=self.config.early_exit)
+        try:
+            self._denoise(self._scale(z, t), t, emb)
+        except MapsComplete:
+            pass
+        finally:
+            rec.mode = None
+        records, rec.records = rec.records, []
+        return self._maps_of(records, 0, groups, eot, resolution)
+
+    # ------------------------------------------------------------------ one sample's update
+    def _optimise(self, rec, z, t, emb, groups, eot, resolution, target, step_size, threshold, update):
+        """A&E's per-sample step (with refinement when ``threshold`` is set) on ``z`` [1, C, h, w]."""
+        cfg = self.config
+        z = z.detach().requires_grad_(True)
+        maps = self._grad_maps(rec, z, t, emb, groups, eot, resolution)
+        loss, parts = combined_loss(maps, cfg.losses, target, cfg.eps)
+        refined = 0
+        if threshold is not None and float(attend_excite_loss(maps.detach())) > max(0.0, 1.0 - threshold):
+            goal = max(0.0, 1.0 - threshold)
+            crit = float(attend_excite_loss(maps.detach()))
+            while crit > goal:
+                refined += 1
+                z = z.detach().requires_grad_(True)
+                maps = self._grad_maps(rec, z, t, emb, groups, eot, resolution)
+                loss, _ = combined_loss(maps, cfg.losses, target, cfg.eps)
+                crit = float(attend_excite_loss(maps.detach()))
+                if loss.requires_grad and float(loss.detach()) != 0:
+                    z = z - step_size * torch.autograd.grad(loss, [z])[0]
+                if refined >= cfg.max_refinement_steps:
+                    break
+            z = z.detach().requires_grad_(True)  # A&E: one more forward for the loss of the refined latent
+            maps = self._grad_maps(rec, z, t, emb, groups, eot, resolution)
+            loss, parts = combined_loss(maps, cfg.losses, target, cfg.eps)
+        if update and loss.requires_grad and float(loss.detach()) != 0:
+            z = z - step_size * torch.autograd.grad(loss, [z])[0]
+        info = {"loss": float(loss.detach()), **parts, "refinements": refined,
+                "max_attention": [round(float(v), 4) for v in max_activations(maps.detach())]}
+        return z.detach(), info
+
+    # ------------------------------------------------------------------ call
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], concepts=None, *, negative_prompt=None,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                 height: int | None = None, width: int | None = None, num_images_per_prompt: int = 1,
+                 generator=None, latents: torch.Tensor | None = None, output_type: str = "pil",
+                 layout_masks=None, return_attention_maps: bool = False, **kwargs) -> AStarOutput:
+        """Generate with A-STAR.
+
+        prompt:     a prompt or a list of prompts.
+        concepts:   the concepts of every prompt: words (``["circle", "square"]``), token
+                    positions, lists of positions (one multi-token concept); a callable
+                    ``prompt -> concepts`` or a dict ``{prompt: concepts}`` for per-prompt
+                    concepts; ``None``: the objects of a shapes-world caption (testbed).
+        layout_masks: retention targets replacing the previous-step maps (layout guidance):
+                    ``[C, H, W]`` (any resolution, values in [0, 1]) for every prompt, or a list
+                    of them per prompt.
+        return_attention_maps: also return the concept maps averaged over the steps and
+                    PNG-ready heat maps (``out.attention_maps[i][label]``).
+        Other arguments as the wrapped pipeline (``max_sequence_length`` for SD3, ``eta``,
+        ``clip_skip``); the defaults are the pipeline's own (the testbed's for testbed models).
+        """
+        pipe, cfg, family = self.pipe, self.config, self.family
+        unknown = set(kwargs) - {"max_sequence_length", "eta", "clip_skip"}
+        if unknown:
+            raise ConceptError(f"AStarPipeline does not take {sorted(unknown)}")
+        defaults = call_defaults(pipe, family)
+        steps = num_inference_steps or defaults.get("num_inference_steps", 50)
+        w = guidance_scale if guidance_scale is not None else defaults.get("guidance_scale", 7.5)
+        opts = {"max_sequence_length": defaults.get("max_sequence_length", 256), "eta": defaults.get("eta", 0.0)}
+        opts.update(kwargs)
+        cfg_on = w > 1.0
+        if family == "sd3":
+            size = pipe.default_sample_size * pipe.vae_scale_factor
+        elif family == "sdxl":
+            size = pipe.default_sample_size * pipe.vae_scale_factor
+        else:
+            size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        height, width = height or size, width or size
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ConceptError("AStarPipeline needs at least one prompt")
+        device = pipe._execution_device
+
+        # concepts per row (prompts repeated num_images_per_prompt times, as encode_prompt does)
+        per_prompt = [self._concepts_for(p, concepts) for p in prompts]
+        eots = [len(pipe.tokenizer(p, truncation=True).input_ids) - 1 for p in prompts]
+        rows_prompt = [k for k in range(len(prompts)) for _ in range(num_images_per_prompt)]
+        B = len(rows_prompt)
+
+        cond, uncond = self._encode(prompts, negative_prompt, num_images_per_prompt, cfg_on, height, width, opts)
+        timesteps, T = self._timesteps(steps, device, height, width)
+        latents = self._latents(B, height, width, cond["encoder_hidden_states"].dtype, device, generator, latents)
+        extra = {}
+        if family != "sd3":
+            extra = pipe.prepare_extra_step_kwargs(generator, opts["eta"])
+
+        selector, factor = self._sites()
+        resolution = tuple(cfg.resolution) if cfg.resolution is not None else None
+        if resolution is None and factor is not None:
+            resolution = (-(-latents.shape[-2] // factor), -(-latents.shape[-1] // factor))
+        if resolution is None and family == "sd3":
+            p = pipe.transformer.config.patch_size
+            resolution = (latents.shape[-2] // p, latents.shape[-1] // p)
+        masks = self._layout_targets(layout_masks, per_prompt, rows_prompt, resolution)
+
+        step_sizes = cfg.scale_factor * np.sqrt(np.linspace(1.0, 0.5, T))
+        stop = _as_step(cfg.max_iter_to_alter, T, "max_iter_to_alter")
+        refine = {_as_step(k, T, "refine", key=True): float(v) for k, v in (cfg.refine or {}).items()}
+        want_prev = bool(cfg.losses.get("retention")) and masks is None
+        targets: list[torch.Tensor | None] = list(masks) if masks is not None else [None] * B
+        sums: list[torch.Tensor | None] = [None] * B
+        counts = [0] * B
+        history: list[list[dict]] = [[] for _ in range(B)]
+
+        from diffattn.engine import attach
+
+        rec = ConceptRecorder(selector, heads=cfg.heads)
+
+        def branches(batch):
+            if cfg_on and batch == 2 * B:
+                return {"uncond": slice(0, B), "cond": slice(B, 2 * B)}
+            return {"cond": slice(0, batch)}
+
+        with attach(pipe, rec) as handle, handle.branches(branches), pipe.progress_bar(total=T) as bar:
+            for i, t in enumerate(timesteps):
+                if i < stop or i in refine:
+                    new = []
+                    with torch.enable_grad():
+                        for b in range(B):
+                            k = rows_prompt[b]
+                            emb = self._rows(cond, uncond, slice(b, b + 1), False)
+                            z, info = self._optimise(rec, latents[b : b + 1], t, emb, per_prompt[k][0], eots[k],
+                                                     resolution, targets[b], float(step_sizes[i]), refine.get(i),
+                                                     i < stop)
+                            history[b].append({"step": i, **info})
+                            new.append(z)
+                    latents = torch.cat(new)
+                record = want_prev or return_attention_maps
+                rec.start("main" if record else None)
+                x = torch.cat([latents] * 2) if cfg_on else latents
+                noise = self._denoise(self._scale(x, t), t, self._rows(cond, uncond, slice(0, B), cfg_on))
+                rec.mode = None
+                if record:
+                    records, rec.records = rec.records, []
+                    for b in range(B):
+                        k = rows_prompt[b]
+                        m = self._maps_of(records, b, per_prompt[k][0], eots[k], resolution).detach()
+                        if want_prev:
+                            targets[b] = binarize(m, cfg.retention_threshold)
+                        if return_attention_maps:
+                            sums[b] = m if sums[b] is None else sums[b] + m
+                            counts[b] += 1
+                if cfg_on:
+                    u, c = noise.chunk(2)
+                    noise = u + w * (c - u)
+                latents = pipe.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+                bar.update()
+
+        images = self._decode(latents, output_type)
+        out = AStarOutput(images=images, losses=history)
+        if return_attention_maps:
+            out.concept_maps = [s / max(n, 1) for s, n in zip(sums, counts)]
+            out.attention_maps = [
+                {label: heatmap_image(m, size=width) for label, m in zip(per_prompt[rows_prompt[b]][1], out.concept_maps[b])}
+                for b in range(B)
+            ]
+        return out
+
+    # ------------------------------------------------------------------ pieces of the loop
+    def _timesteps(self, steps, device, height, width):
+        pipe = self.pipe
+        if self.family == "sd3":
+            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
+                calculate_shift,
+                retrieve_timesteps,
+            )
+
+            kw = {}
+            if pipe.scheduler.config.get("use_dynamic_shifting", None):
+                p = pipe.transformer.config.patch_size
+                n = (height // pipe.vae_scale_factor // p) * (width // pipe.vae_scale_factor // p)
+                c = pipe.scheduler.config
+                kw["mu"] = calculate_shift(n, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                                           c.get("base_shift", 0.5), c.get("max_shift", 1.16))
+            timesteps, steps = retrieve_timesteps(pipe.scheduler, steps, device, **kw)
+        else:
+            from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+
+            timesteps, steps = retrieve_timesteps(pipe.scheduler, steps, device)
+        return timesteps, len(timesteps)
+
+    def _latents(self, B, height, width, dtype, device, generator, latents):
+        pipe = self.pipe
+        channels = pipe.transformer.config.in_channels if self.family == "sd3" else pipe.unet.config.in_channels
+        return pipe.prepare_latents(B, channels, height, width, dtype, device, generator, latents)
+
+    def _layout_targets(self, layout_masks, per_prompt, rows_prompt, resolution):
+        """User layout masks -> binary retention targets ``[C, h, w]`` per row (or ``None``)."""
+        if layout_masks is None:
+            return None
+        if resolution is None:
+            raise ConceptError("layout masks need a map resolution: pass AStarConfig(resolution=(h, w))")
+        per = layout_masks if isinstance(layout_masks, (list, tuple)) else [layout_masks] * len(per_prompt)
+        if len(per) != len(per_prompt):
+            raise ConceptError(f"layout_masks: give one [C, H, W] mask per prompt ({len(per_prompt)}), got {len(per)}")
+        out = []
+        for k in rows_prompt:
+            m = torch.as_tensor(np.asarray(per[k]), dtype=torch.float32)
+            n_concepts = len(per_prompt[k][0])
+            if m.dim() != 3 or m.shape[0] != n_concepts:
+                raise ConceptError(
+                    f"layout mask of shape {tuple(m.shape)} for the prompt with concepts {per_prompt[k][1]}: "
+                    f"expected [C={n_concepts}, H, W]"
+                )
+            m = torch.nn.functional.interpolate(m[:, None], size=resolution, mode="area")[:, 0]  # [C, h, w]
+            out.append((m >= 0.5).float())
+        return out
+
+    def _decode(self, latents, output_type):
+        pipe = self.pipe
+        if output_type == "latent":
+            return latents
+        vae = pipe.vae
+        if self.family == "sd3":
+            latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+            image = vae.decode(latents, return_dict=False)[0]
+            return pipe.image_processor.postprocess(image, output_type=output_type)
+        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        if upcast:
+            pipe.upcast_vae()
+            latents = latents.to(next(iter(vae.post_quant_conv.parameters())).dtype)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if self.family == "sdxl" and mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+            std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+            latents = latents * std / vae.config.scaling_factor + mean
+        else:
+            latents = latents / vae.config.scaling_factor
+        image = vae.decode(latents, return_dict=False)[0]
+        if upcast:
+            vae.to(dtype=torch.float16)
+        denorm = [True] * image.shape[0]
+        if self.family == "sd" and getattr(pipe, "safety_checker", None) is not None:
+            image, nsfw = pipe.run_safety_checker(image, pipe._execution_device, latents.dtype)
+            denorm = [not x for x in nsfw] if nsfw is not None else denorm
+        if self.family == "sdxl" and getattr(pipe, "watermark", None) is not None:
+            image = pipe.watermark.apply_watermark(image)
+        return pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=denorm)
+
+
+def _as_step(value, T: int, what: str, key: bool = False) -> int:
+    """A step index from an int (index / count) or a float fraction of the ``T`` steps."""
+    if isinstance(value, bool):
+        raise ConceptError(f"{what}: {value!r} is not a step")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and (0.0 <= value < 1.0 if key else 0.0 <= value <= 1.0):
+        return int(round(value * T))
+    raise ConceptError(f"{what}: {value!r} must be a step index (int) or a fraction of the run (float in [0, 1])")
+
+
+def default_concepts(prompt: str) -> list[str]:
+    """The shape nouns of a shapes-world caption, one per object (the testbed's concepts)."""
+    from diffattn.testbed.world import parse_prompt
+
+    try:
+        spec = parse_prompt(prompt)
+    except ValueError:
+        raise ConceptError(
+            f"no concepts given and {prompt!r} is not a shapes-world caption; pass concepts=['word', ...] "
+            f"(the subject nouns of the prompt)"
+        ) from None
+    return [shape for _, shape in spec.objects]
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def maps_row(maps: dict, size: int):
+    """The concept heat maps of one image side by side, labelled, each ``size`` pixels wide."""
+    from PIL import Image, ImageDraw
+
+    label_h = 14
+    row = Image.new("RGB", (size * len(maps), size + label_h), "white")
+    draw = ImageDraw.Draw(row)
+    for i, (label, im) in enumerate(maps.items()):
+        row.paste(im.resize((size, size), Image.BILINEAR), (i * size, label_h))
+        draw.text((i * size + 3, 1), str(label), fill="black")
+    return row
+
+
+def is_testbed(pipe) -> bool:
+    """Whether ``pipe`` is one of the tiny testbed pipelines (``diffattn.testbed.load``)."""
+    from diffattn.testbed.pipelines import ShapesSD3Pipeline, ShapesSDPipeline
+
+    return isinstance(pipe, (ShapesSDPipeline, ShapesSD3Pipeline))
+
+
+def generate_builder(pipe, args):
+    """``diffattn generate --method astar --concepts circle,square``: A-STAR beside the baseline.
+
+    ``run(generator, call_kwargs)`` returns ``[A-STAR image]``; it also sets ``run.rows`` to
+    ``[(label, PIL row of concept heat maps)]`` for drawing under the images.
+    """
+    concepts = [c.strip() for c in args.concepts.split(",") if c.strip()] if getattr(args, "concepts", None) else None
+    method = getattr(args, "astar_loss", None) or "astar"
+    kw = dict(TESTBED_OVERRIDES) if is_testbed(pipe) else {}
+    config = AStarConfig.attend_and_excite(**kw) if method in ("ae", "attend_and_excite") else AStarConfig.astar(**kw)
+    astar = AStarPipeline(pipe, config)
+    if concepts is None:
+        default_concepts(args.prompt)  # fail early with the concept error
+
+    def run(generator, call_kwargs):
+        out = astar(args.prompt, concepts, generator=generator, return_attention_maps=True, **call_kwargs)
+        size = out.images[0].width * (4 if out.images[0].width <= 128 else 1)
+        run.rows = [("A-STAR concept maps", maps_row(out.attention_maps[0], size))]
+        run.maps = out.attention_maps[0]
+        return out.images
+
+    run.rows = []
+    return "A-STAR", run
+
+
+def compose(top, rows: Sequence) -> "object":
+    """``top`` (the side-by-side image) with ``rows`` ``[(label, PIL image)]`` stacked underneath."""
+    from PIL import Image
+
+    height = top.height + sum(r.height for _, r in rows)
+    width = max([top.width] + [r.width for _, r in rows])
+    canvas = Image.new("RGB", (width, height), "white")
+    canvas.paste(top, (0, 0))
+    y = top.height
+    for _, r in rows:
+        canvas.paste(r, (width - r.width, y))  # under the right-most (method) image
+        y += r.height
+    return canvas
+
+
+def _register():
+    """Register ``astar`` in ``diffattn generate`` (``diffattn.generate.METHODS``)."""
+    from diffattn.generate import register_method
+
+    register_method("astar")(generate_builder)
+
+
+_register()

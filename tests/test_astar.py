@@ -1,0 +1,280 @@
+"""A-STAR / Attend-and-Excite: loss math on synthetic maps, concept tokens, the reference
+equivalence with diffusers' StableDiffusionAttendAndExcitePipeline, the pipeline on tiny
+UNet / SDXL / SD3 models, and bad input."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from diffattn.errors import DiffattnError, UnsupportedModelError
+from diffattn.methods.astar import (
+    ConceptError,
+    attend_excite_loss,
+    binarize,
+    combined_loss,
+    concept_maps,
+    concept_token_indices,
+    gaussian_kernel,
+    heatmap_image,
+    otsu_threshold,
+    retention_loss,
+    segregation_loss,
+    smooth_maps,
+    text_positions,
+)
+from diffattn.pipelines import AStarConfig, AStarPipeline
+
+
+def blob(cx, cy, size=16, sigma=2.5):
+    """A Gaussian blob [size, size] centred at (cx, cy) (differentiable in the centre)."""
+    y, x = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
+    return torch.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * sigma**2))
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def test_segregation_zero_for_disjoint_and_half_for_identical():
+    a = torch.zeros(8, 8)
+    a[:4] = 1.0
+    b = torch.zeros(8, 8)
+    b[4:] = 1.0
+    assert segregation_loss(torch.stack([a, b])).item() == 0.0
+    m = torch.rand(8, 8) + 0.1
+    assert segregation_loss(torch.stack([m, m])).item() == pytest.approx(0.5, abs=1e-6)
+    # three identical maps: three pairs of 0.5
+    assert segregation_loss(torch.stack([m, m, m])).item() == pytest.approx(1.5, abs=1e-6)
+
+
+def test_segregation_gradient_pushes_overlapping_blobs_apart():
+    c1 = torch.tensor([6.0, 8.0], requires_grad=True)
+    c2 = torch.tensor([9.0, 8.0], requires_grad=True)
+    maps = torch.stack([blob(*c1), blob(*c2)])
+    loss = segregation_loss(maps)
+    g1, g2 = torch.autograd.grad(loss, [c1, c2])
+    assert g1[0] > 0 and g2[0] < 0  # descent moves blob 1 left and blob 2 right
+    with torch.no_grad():
+        n1, n2 = c1 - 2.0 * g1, c2 - 2.0 * g2
+        after = segregation_loss(torch.stack([blob(*n1), blob(*n2)]))
+    assert (n2[0] - n1[0]) > (c2[0] - c1[0]).detach()
+    assert after < loss
+
+
+def test_retention_minimal_when_map_equals_target():
+    target = torch.zeros(2, 8, 8)
+    target[0, 2:5, 2:5] = 1
+    target[1, 4:8, 1:3] = 1
+    at_target = retention_loss(target.clone(), target)
+    assert at_target.item() == pytest.approx(2 * 0.5, abs=1e-6)  # 0.5 per concept, its minimum
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        other = torch.rand(2, 8, 8, generator=g)
+        assert retention_loss(other, target) >= at_target - 1e-6
+    # the gradient pulls the map toward the target: descent raises A inside B, lowers it outside
+    a = torch.full((2, 8, 8), 0.3, requires_grad=True)
+    (grad,) = torch.autograd.grad(retention_loss(a, target), [a])
+    assert (grad[target.bool()] < 0).all() and (grad[~target.bool()] > 0).all()
+
+
+def test_single_concept_and_combined_loss():
+    maps = torch.rand(1, 8, 8, requires_grad=True)
+    seg = segregation_loss(maps)
+    assert seg.item() == 0.0 and seg.requires_grad
+    loss, parts = combined_loss(maps, {"segregation": 1.0, "retention": 1.0})  # no target yet: retention skipped
+    assert loss.item() == 0.0 and parts == {"segregation": 0.0}
+    target = binarize(maps)
+    loss, parts = combined_loss(maps, {"segregation": 1.0, "retention": 2.0, "attend_excite": 1.0}, target)
+    expected = 2 * retention_loss(maps, target) + attend_excite_loss(maps)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert set(parts) == {"segregation", "retention", "attend_excite"}
+    with pytest.raises(ConceptError, match="unknown loss"):
+        combined_loss(maps, {"overlap": 1.0})
+
+
+def test_attend_excite_loss_is_the_worst_concept():
+    maps = torch.zeros(3, 4, 4)
+    maps[0, 1, 1], maps[1, 2, 2], maps[2, 0, 3] = 0.9, 0.3, 1.2
+    assert attend_excite_loss(maps).item() == pytest.approx(0.7)
+    assert attend_excite_loss(torch.ones(2, 4, 4) * 1.5).item() == 0.0
+
+
+def test_binarize_rules():
+    m = torch.zeros(1, 4, 4)
+    m[0, 0, 0], m[0, 1, 1], m[0, 2, 2] = 1.0, 0.6, 0.4
+    assert binarize(m, 0.5).sum() == 2
+    assert binarize(m, 0.35).sum() == 3
+    two = torch.cat([torch.full((50,), 0.1), torch.full((50,), 0.9)])
+    assert 0.1 < float(otsu_threshold(two)) < 0.9
+    assert binarize(two.view(1, 10, 10), "otsu").sum() == 50
+    with pytest.raises(ConceptError, match="otsu"):
+        binarize(m, 1.5)
+
+
+def test_smoothing_and_maps_match_diffusers_attend_and_excite():
+    from diffusers.pipelines.deprecated.stable_diffusion_attend_and_excite.pipeline_stable_diffusion_attend_and_excite import (
+        GaussianSmoothing,
+        StableDiffusionAttendAndExcitePipeline as AE,
+    )
+
+    assert torch.allclose(gaussian_kernel(), GaussianSmoothing().weight[0, 0], atol=1e-7)
+    attn = torch.rand(16, 16, 77, generator=torch.Generator().manual_seed(1)) * 0.05
+    ref = AE._compute_max_attention_per_index(attn.clone(), [2, 5])
+    ours = concept_maps(attn, [[2], [5]], text_positions(77, 7, "diffusers")).flatten(1).max(1).values
+    assert torch.allclose(ours, torch.stack(ref), atol=1e-6)
+    # multi-token concepts merge after the softmax; "max" is at least "mean"
+    mean = concept_maps(attn, [[2, 3]], text_positions(77, 7, "prompt"))
+    mx = concept_maps(attn, [[2, 3]], text_positions(77, 7, "prompt"), subtoken="max")
+    assert (mx >= mean - 1e-6).all()
+    assert smooth_maps(torch.ones(2, 5, 5)).allclose(torch.ones(2, 5, 5))
+
+
+def test_heatmap_is_png_ready(tmp_path):
+    im = heatmap_image(blob(3, 4, size=8), size=32)
+    assert im.size == (32, 32) and im.mode == "RGB"
+    im.save(tmp_path / "map.png")
+
+
+# ----------------------------------------------------------------------------- concepts
+
+
+def test_concept_tokens_words_multitoken_repeats_and_indices(tiny_pipe):
+    tok = tiny_pipe("sd15").tokenizer  # letters-only BPE: every word is several tokens
+    prompt = "a cat and a dog and a cat"
+    cat1, dog, cat2 = concept_token_indices(tok, prompt, ["cat", "dog", "cat"])
+    assert len(cat1) == 3 and cat1 == [2, 3, 4] and cat2[0] > dog[0] > cat1[0]
+    assert concept_token_indices(tok, prompt, [4, [2, 3]]) == [[4], [2, 3]]
+    with pytest.raises(ConceptError, match="not in the prompt") as e:
+        concept_token_indices(tok, prompt, ["frog"])
+    assert "'d'" in str(e.value)  # the message lists the prompt's tokens
+    with pytest.raises(ConceptError, match="listed 3 times"):
+        concept_token_indices(tok, prompt, ["cat", "cat", "cat"])
+    with pytest.raises(ConceptError, match="at least one concept"):
+        concept_token_indices(tok, prompt, [])
+    with pytest.raises(ConceptError, match="positions"):
+        concept_token_indices(tok, prompt, [0])  # the start token is not a concept
+
+
+# ----------------------------------------------------------------------------- pipelines
+
+
+def test_reproduces_diffusers_attend_and_excite(tiny_fresh):
+    """Configured as A&E, the pipeline equals diffusers' A&E pipeline on a tiny UNet (fp32).
+
+    tiny_sd15(sample_size=16) with 32 px images has cross attention at 16x16 and 8x8 (+ the
+    4x4 mid block); diffusers' A&E keeps maps of ``attn_res`` = 8x8, which is our default
+    resolution for this UNet (latent/2: the tiny UNet's A&E level).
+    """
+    from diffusers.pipelines.deprecated.stable_diffusion_attend_and_excite.pipeline_stable_diffusion_attend_and_excite import (
+        StableDiffusionAttendAndExcitePipeline,
+    )
+
+    pipe = tiny_fresh("sd15", sample_size=16)
+    comps = {k: v for k, v in pipe.components.items() if k != "image_encoder"}
+    ae = StableDiffusionAttendAndExcitePipeline(**comps, requires_safety_checker=False)
+    ae.set_progress_bar_config(disable=True)
+    prompt, steps = "a cat and a dog", 6
+    idx = [4, 11]  # the last letter token of each word (A&E takes single positions)
+    thresholds = {0: 0.05, 2: 0.5, 4: 0.8}
+    kw = dict(num_inference_steps=steps, guidance_scale=5.0, height=32, width=32, output_type="pt")
+    ref = ae(prompt, token_indices=idx, generator=torch.Generator().manual_seed(0), max_iter_to_alter=3,
+             thresholds=thresholds, attn_res=(8, 8), scale_factor=200, **kw).images
+    config = AStarConfig.attend_and_excite(text_tokens="diffusers", refine=thresholds, max_iter_to_alter=3,
+                                           scale_factor=200)
+    out = AStarPipeline(pipe, config)(prompt, [[i] for i in idx], generator=torch.Generator().manual_seed(0), **kw)
+    base = pipe(prompt, generator=torch.Generator().manual_seed(0), **kw).images
+    effect = (base - ref).abs().max().item()
+    assert effect > 1e-2  # A&E changed the image...
+    assert (out.images - ref).abs().max().item() < 1e-4  # ...and we reproduce it (fp32 rounding only)
+    assert out.losses[0][0]["refinements"] > 0 and [s["step"] for s in out.losses[0]] == [0, 1, 2, 4]  # 0-2 update, 4 refines
+
+
+def test_astar_on_tiny_sd3_maps_and_losses(tiny_pipe):
+    pipe = tiny_pipe("sd3")
+    astar = AStarPipeline(pipe, max_iter_to_alter=2)
+    prompts = ["a red circle and a blue square", "a cat and a dog"]
+    concepts = {prompts[0]: ["circle", "square"], prompts[1]: ["cat", "dog"]}
+    out = astar(prompts, concepts, num_inference_steps=3, height=32, width=32, max_sequence_length=8,
+                generator=[torch.Generator().manual_seed(s) for s in (0, 1)], return_attention_maps=True)
+    assert len(out.images) == 2 and out.images[0].size == (32, 32)
+    assert list(out.attention_maps[1]) == ["cat", "dog"]
+    assert out.attention_maps[0]["circle"].size == (32, 32)
+    assert out.concept_maps[0].shape == (2, 8, 8)  # 32 px / VAE 2 / patch 2
+    steps = out.losses[0]
+    assert [s["step"] for s in steps] == [0, 1]
+    assert "retention" not in steps[0] and "retention" in steps[1]  # B comes from the previous step
+
+
+def test_one_update_lowers_the_loss(tiny_pipe):
+    """Tiny SD3: one A-STAR step on the latent lowers L_seg + L_ret at a fixed seed."""
+    from diffattn.engine import attach
+    from diffattn.methods.astar import ConceptRecorder
+
+    pipe = tiny_pipe("sd3")
+    astar = AStarPipeline(pipe)
+    prompt = "a cat and a dog"
+    groups, _ = astar._concepts_for(prompt, ["cat", "dog"])
+    eot = len(pipe.tokenizer(prompt).input_ids) - 1
+    cond, _ = astar._encode([prompt], None, 1, False, 32, 32, {"max_sequence_length": 8})
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor(800.0)
+    selector, _ = astar._sites()
+    rec = ConceptRecorder(selector)
+    with attach(pipe, rec):
+        maps = astar._grad_maps(rec, z, t, cond, groups, eot, (8, 8)).detach()
+        target = binarize(maps)
+        before = combined_loss(maps, astar.config.losses, target)[0].item()
+        with torch.enable_grad():
+            z2, _ = astar._optimise(rec, z, t, cond, groups, eot, (8, 8), target, 5.0, None, True)
+        after = combined_loss(astar._grad_maps(rec, z2, t, cond, groups, eot, (8, 8)), astar.config.losses, target)[0].item()
+    assert not torch.equal(z, z2)
+    assert after < before
+
+
+def test_astar_runs_on_sdxl_and_layout_masks(tiny_pipe):
+    pipe = tiny_pipe("sdxl")
+    astar = AStarPipeline(pipe, AStarConfig.retention_only(max_iter_to_alter=1))
+    masks = torch.zeros(2, 16, 16)
+    masks[0, :, :8] = 1
+    masks[1, :, 8:] = 1
+    out = astar("a cat and a dog", ["cat", "dog"], num_inference_steps=2, height=32, width=32, output_type="pt",
+                generator=torch.Generator().manual_seed(0), layout_masks=masks)
+    assert out.images.shape == (1, 3, 32, 32) and torch.isfinite(out.images).all()
+    assert "retention" in out.losses[0][0]  # a layout mask is a target from the first step
+    base = pipe("a cat and a dog", num_inference_steps=2, height=32, width=32, output_type="pt",
+                generator=torch.Generator().manual_seed(0)).images
+    assert not torch.allclose(base, out.images)
+
+
+def test_bad_input(tiny_pipe):
+    pipe = tiny_pipe("sd3")
+    astar = AStarPipeline(pipe)
+    kw = dict(num_inference_steps=1, height=16, width=16, max_sequence_length=8)
+    with pytest.raises(ConceptError, match="not in the prompt"):
+        astar("a red circle", ["square"], **kw)
+    with pytest.raises(ConceptError, match="at least one concept"):
+        astar("a red circle", [], **kw)
+    with pytest.raises(ConceptError, match="not a shapes-world caption"):
+        astar("a photo of a cat", **kw)  # no concepts and not a testbed caption
+    with pytest.raises(UnsupportedModelError, match="AStarPipeline supports"):
+        AStarPipeline(tiny_pipe("flux"))
+    with pytest.raises(ConceptError, match="unknown A-STAR option"):
+        AStarPipeline(pipe, step_size=3)
+    with pytest.raises(ConceptError, match="positive weight"):
+        AStarPipeline(pipe, losses={"segregation": 0.0})
+    assert issubclass(ConceptError, DiffattnError)
+
+
+def test_generate_builder_gives_images_and_map_rows(tiny_pipe):
+    from diffattn.pipelines.astar import compose, generate_builder
+
+    pipe = tiny_pipe("sd3")
+    args = argparse.Namespace(prompt="a red circle and a blue square", concepts="circle,square")
+    label, run = generate_builder(pipe, args)
+    images = run(torch.Generator().manual_seed(0), dict(num_inference_steps=2, height=16, width=16,
+                                                        max_sequence_length=8))
+    assert label == "A-STAR" and len(images) == 1
+    (row_label, row), = run.rows
+    assert row.width == 2 * images[0].width * 4  # two concepts, each as wide as the upscaled image
+    assert compose(images[0], run.rows).height == images[0].height + row.height
