@@ -31,6 +31,7 @@ _EXPORTS = {
     "StepState": "diffattn.controls",
     "UniformKeys": "diffattn.controls",
     "SoftPAG": "diffattn.methods.softpag",
+    "UniformAttention": "diffattn.methods.uniform",
     "HeadHunter": "diffattn.methods.headhunter",
     "DiffattnError": "diffattn.errors",
     "SelectorError": "diffattn.errors",

@@ -51,26 +51,46 @@ def cmd_generate(args):
 
 
 def cmd_headhunt(args):
-    from .methods.headhunter import HeadHunter, oracle_fidelity, oracle_style
+    import torch
+
+    from .methods.headhunter import HeadHunter, distributed_state, make_objective
     from .testbed.evaluate import TRAIN_SEEDS, suite_prompts
 
-    pipe = load_model(args.model, args.dtype, args.device)
-    objective = oracle_fidelity if args.objective == "fidelity" else oracle_style(args.objective)
+    # one process, or one of several under `accelerate launch` / `torchrun` (candidates split
+    # across processes, same result); each process on its own device unless --device is given
+    state = distributed_state()
+    pipe = load_model(args.model, args.dtype, args.device or state.device)
+    objective = make_objective(args.objective, clip_model=args.clip_model, clip_processor=args.clip_processor,
+                               template=args.clip_template, dtype=getattr(torch, args.dtype))
     prompts = args.prompt or suite_prompts(args.suite)
     kw = {} if args.steps is None else {"num_inference_steps": args.steps}
     hunt = HeadHunter(pipe, objective, prompts, list(TRAIN_SEEDS)[: args.seeds], top_k=args.top_k, rounds=args.rounds,
-                      scale=args.scale, state_dir=args.state_dir, **kw)
+                      scale=args.scale, state_dir=args.state_dir, progress=state.is_main_process, **kw)
     result = hunt.run()
-    result.save_preset(args.out, strength=args.strength)
-    print(f"selected heads {result.selected}; preset written to {args.out}")
-    if args.heatmap:
-        result.save_heatmap(args.heatmap)
+    if state.is_main_process:  # the others wait until the files are written
+        result.save_preset(args.out, strength=args.strength)
+        print(f"selected heads {result.selected}; preset written to {args.out}")
+        if args.heatmap:
+            result.save_heatmap(args.heatmap)
+    state.wait_for_everyone()
 
 
 def cmd_eval(args):
     from .testbed.evaluate import run_eval_cli
 
     run_eval_cli(args)
+
+
+def cmd_invert(args):
+    from .pipelines.uam import run_invert_cli
+
+    run_invert_cli(args)
+
+
+def cmd_edit(args):
+    from .pipelines.uam import run_edit_cli
+
+    run_edit_cli(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,10 +108,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_arguments(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("headhunt", help="search the attention heads whose perturbation best serves an objective")
+    p = sub.add_parser("headhunt", help="search the attention heads whose perturbation best serves an objective",
+                       description="Greedy head search (HeadHunter). To split the candidates across processes (one "
+                                   "GPU each, or CPUs), launch it as `accelerate launch --num_processes N -m "
+                                   "diffattn.cli headhunt ...` or `torchrun --nproc_per_node N -m diffattn.cli "
+                                   "headhunt ...`; the result equals a one-process run.")
     _add_model_arguments(p)
-    p.add_argument("--objective", default="fidelity", choices=["fidelity", "dark", "outline"],
-                   help="testbed oracle objective: prompt fidelity, or a style to push toward")
+    p.set_defaults(device=None)  # default: the process's device (one GPU per process under accelerate/torchrun)
+    p.add_argument("--objective", default="fidelity", choices=["fidelity", "dark", "outline", "clip", "pickscore"],
+                   help="testbed oracle objective (prompt fidelity, or a style to push toward), or CLIPScore / PickScore "
+                        "of a CLIP model (--clip-model)")
+    p.add_argument("--clip-model", default=None,
+                   help="CLIP model folder or hub id for --objective clip|pickscore, safetensors weights "
+                        "(default: openai/clip-vit-large-patch14 | yuvalkirstain/PickScore_v1)")
+    p.add_argument("--clip-processor", default=None, help="tokenizer/image processor source if not the model's")
+    p.add_argument("--clip-template", default=None, help='text scored against the image, e.g. "A photo depicts {prompt}"')
     p.add_argument("--prompt", action="append", help="prompt to search on (repeatable; default: the --suite prompts)")
     p.add_argument("--suite", default="two")
     p.add_argument("--seeds", type=int, default=16, help="training seeds (prompt-seed pairs)")
@@ -114,6 +145,22 @@ def build_parser() -> argparse.ArgumentParser:
     if add_eval_arguments is not None:
         add_eval_arguments(p)
     p.set_defaults(func=cmd_eval)
+
+    from .pipelines.uam import add_edit_arguments, add_invert_arguments
+
+    p = sub.add_parser("invert", help="invert an image and reconstruct it with the source prompt, the empty prompt "
+                                      "and uniform attention maps (UAM), side by side with PSNR")
+    _add_model_arguments(p)
+    p.set_defaults(model="tiny-sd")
+    add_invert_arguments(p)
+    p.set_defaults(func=cmd_invert)
+
+    p = sub.add_parser("edit", help="edit an image by a word swap (prompt-to-prompt), with and without UAM's "
+                                    "mask-guided blending")
+    _add_model_arguments(p)
+    p.set_defaults(model="tiny-sd")
+    add_edit_arguments(p)
+    p.set_defaults(func=cmd_edit)
     return parser
 
 

@@ -11,6 +11,16 @@ _EXPORTS = {
     "AStarPipeline": "diffattn.pipelines.astar",
     "AStarConfig": "diffattn.pipelines.astar",
     "AStarOutput": "diffattn.pipelines.astar",
+    "UAMPipeline": "diffattn.pipelines.uam",
+    "UAMConfig": "diffattn.pipelines.uam",
+    "Inversion": "diffattn.pipelines.uam",
+    "Reconstruction": "diffattn.pipelines.uam",
+    "EditOutput": "diffattn.pipelines.uam",
+    "PromptToPromptReplace": "diffattn.pipelines.uam",
+    "ImageInputError": "diffattn.pipelines.uam",
+    "EditPromptError": "diffattn.pipelines.uam",
+    "psnr": "diffattn.pipelines.uam",
+    "ssim": "diffattn.pipelines.uam",
 }
 
 

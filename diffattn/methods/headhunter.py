@@ -11,11 +11,36 @@ preset it writes can then be used at a lower u (SoftPAG).
     result.save_preset("preset.json"); result.save_heatmap("heads.png")
     da.SoftPAG("preset.json", strength=0.5)
 
+Objectives are ``(images, prompts) -> scores`` callables: the testbed oracles
+(:func:`oracle_fidelity`, :func:`oracle_style`) or CLIP-based scorers for real models
+(:func:`clip_score`, :func:`pick_score`; PickScore is the paper's objective).
+
 Scores per image are cached by (head set, prompt, seed) in ``state_dir`` (JSON), and the
 selection after each round is saved there too, so an interrupted search resumes.
+
+**Distributed search.** Launched as several processes (``accelerate launch`` or
+``torchrun``), the candidates of each round are split across the processes (rank-strided),
+each process scores its share, and the per-image scores are gathered to every process
+(``accelerate.utils.gather_object``), so every process takes the same greedy decision and the
+result equals a one-process run exactly. Put each process's pipeline on its own device
+(``PartialState().device``; :func:`distributed_state` builds the state, using gloo on CPUs);
+``state_dir`` must be on a filesystem all processes share. Only the main process writes the
+cache, the state, presets and heat maps; the others write their share of the running round
+to ``cache.rank<N>.json`` (so an interrupted round resumes), merged by the main process at the
+end of the round. ::
+
+    accelerate launch --num_processes 8 -m diffattn.cli headhunt --model M --objective pickscore ...
+    torchrun --nproc_per_node 2 -m diffattn.cli headhunt ...      # CPUs too (gloo)
+
+On CPUs launch with ``torchrun`` (or ``accelerate launch --multi_gpu --num_processes N``, which
+runs torchrun): ``accelerate launch --cpu`` starts a single process unless MPI is configured.
+Scores are bit-identical to a one-process run when every process computes as that run does:
+same device type and the same number of intra-op threads (torchrun sets ``OMP_NUM_THREADS=1``
+per process; set it for the one-process run too, or fewer threads change the last float bits).
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -27,11 +52,16 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..engine import attach
-from ..errors import ControlError
+from ..errors import ControlError, DiffattnError
 from ..sites import sites
 from .softpag import PERTURBABLE_KINDS, SoftPAG, model_id
 
 Head = tuple[str, int]
+
+
+class ObjectiveError(DiffattnError, ValueError):
+    """A search objective was named or configured wrongly (unknown name, a scorer model that
+    cannot be loaded or has no safetensors weights)."""
 
 
 # ---------------------------------------------------------------------------- objectives
@@ -60,6 +90,218 @@ def oracle_style(style: str, wanted: bool = True) -> Callable:
     return objective
 
 
+DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
+DEFAULT_PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
+
+
+def _has_safetensors(folder: str) -> bool:
+    return any(name.endswith(".safetensors") or name.endswith(".safetensors.index.json") for name in os.listdir(folder))
+
+
+def _pooled(out) -> torch.Tensor:
+    """``get_*_features`` returns a tensor (transformers 4) or an output whose pooler_output
+    holds the projected features (transformers 5)."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def _as_pil(images) -> list:
+    """Pipeline outputs as PIL images: PIL lists pass through; ``output_type="pt"`` tensors
+    ``[B,3,H,W]`` and ``"np"`` arrays ``[B,H,W,3]`` in [0, 1] are quantised to 8 bits."""
+    if isinstance(images, torch.Tensor):
+        images = images.detach().float().cpu().permute(0, 2, 3, 1).numpy()
+    if isinstance(images, np.ndarray):
+        if images.ndim == 3:
+            images = images[None]
+        if images.dtype != np.uint8:
+            images = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+        return [Image.fromarray(a) for a in images]
+    return [im if isinstance(im, Image.Image) else _as_pil(np.asarray(im))[0] for im in images]
+
+
+class ImageTextObjective:
+    """``(images, prompts) -> scores`` from a CLIP-style model of ``transformers`` (a hub id or a
+    local folder; weights from safetensors only, loaded lazily at the first call, batched, under
+    ``no_grad``). HeadHunter moves it to its pipeline's device; ``device=`` fixes one.
+
+    ``kind="clip"``: CLIPScore (Hessel et al. 2021), ``max(weight · cos(image, text), 0)`` with
+    ``weight`` 100 as torchmetrics reports it (the paper's CLIP-S uses 2.5).
+    ``kind="pickscore"``: PickScore (Kirstain et al. 2023), ``logit_scale.exp() · cos`` of the
+    projected embeddings; for one image per prompt that scaled similarity is the score (the
+    paper's softmax over several images of one prompt only turns it into preferences).
+    ``template`` formats the text (``"A photo depicts {prompt}"``); ``processor`` names the
+    tokenizer/image-processor source when the model folder has none (PickScore_v1 ships its
+    own, the processor of laion/CLIP-ViT-H-14-laion2B-s32B-b79K).
+    """
+
+    def __init__(self, model: str, *, kind: str = "clip", processor: str | None = None, template: str | None = None,
+                 weight: float = 100.0, batch_size: int = 32, device=None, dtype: torch.dtype | None = None):
+        if kind not in ("clip", "pickscore"):
+            raise ObjectiveError(f"unknown image-text objective kind {kind!r}; choose 'clip' or 'pickscore'")
+        if not isinstance(model, str) or not model:
+            raise ObjectiveError(f"the {kind} objective needs a model: a hub id or a local folder, got {model!r}")
+        if os.path.isdir(model) and not _has_safetensors(model):
+            found = sorted(f for f in os.listdir(model) if f.endswith((".bin", ".pt", ".pth", ".ckpt")))
+            raise ObjectiveError(
+                f"{model!r} has no safetensors weights (found {found or 'no weights'}); diffattn loads scorer "
+                f"models from safetensors only. Convert once with "
+                f"`CLIPModel.from_pretrained(path).save_pretrained(path)` (transformers writes safetensors)")
+        if template is not None and "{prompt}" not in template:
+            raise ObjectiveError(f"template {template!r} must contain '{{prompt}}'")
+        self.model_name, self.kind, self.processor_name = model, kind, processor or model
+        self.template, self.weight, self.batch_size = template, float(weight), int(batch_size)
+        self.device = None if device is None else torch.device(device)
+        self.dtype = dtype
+        self._model = self._tokenizer = self._image_processor = None
+        self.__name__ = f"{kind}_score"
+
+    def to(self, device):
+        self.device = torch.device(device)
+        if self._model is not None:
+            self._model.to(self.device)
+        return self
+
+    def load(self):
+        """Load the model, tokenizer and image processor (done by the first call)."""
+        if self._model is not None:
+            return self
+        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+        try:
+            model = AutoModel.from_pretrained(self.model_name, use_safetensors=True)
+        except (OSError, ValueError) as e:
+            raise ObjectiveError(
+                f"cannot load the {self.kind} model {self.model_name!r} with safetensors weights: {e}. Give a local "
+                f"folder holding config.json and model.safetensors, or a hub id (reachable or in the local cache)") from e
+        if not (hasattr(model, "get_image_features") and hasattr(model, "get_text_features")):
+            raise ObjectiveError(f"{self.model_name!r} is a {type(model).__name__}, not a CLIP-style image-text model")
+        try:
+            self._tokenizer = AutoTokenizer.from_pretrained(self.processor_name)
+            self._image_processor = AutoImageProcessor.from_pretrained(self.processor_name)
+        except (OSError, ValueError) as e:
+            raise ObjectiveError(f"cannot load the tokenizer and image processor of {self.processor_name!r}: {e}. "
+                                 f"Pass processor= (the CLIP processor the model was trained with)") from e
+        model.eval().requires_grad_(False)
+        if self.dtype is not None:
+            model.to(self.dtype)
+        self._model = model.to(self.device or "cpu")
+        return self
+
+    def _max_length(self) -> int:
+        limits = [getattr(self._tokenizer, "model_max_length", 77)]
+        text_config = getattr(self._model.config, "text_config", None)
+        limits.append(getattr(text_config, "max_position_embeddings", 77))
+        return int(min(m for m in limits if m and m < 1_000_000))
+
+    @torch.no_grad()
+    def similarity(self, images, prompts) -> torch.Tensor:
+        """Cosine similarity of each image with its prompt (float32, on the CPU)."""
+        self.load()
+        images = _as_pil(images)
+        prompts = list(prompts)
+        if len(images) != len(prompts):
+            raise ObjectiveError(f"{len(images)} images for {len(prompts)} prompts")
+        texts = [p if self.template is None else self.template.format(prompt=p) for p in prompts]
+        model, device = self._model, next(self._model.parameters()).device
+        dtype = next(self._model.parameters()).dtype
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            pixels = self._image_processor(images=images[start : start + self.batch_size], return_tensors="pt")["pixel_values"]
+            tokens = self._tokenizer(texts[start : start + self.batch_size], padding=True, truncation=True,
+                                     max_length=self._max_length(), return_tensors="pt")
+            img = _pooled(model.get_image_features(pixel_values=pixels.to(device, dtype))).float()
+            txt = _pooled(model.get_text_features(input_ids=tokens["input_ids"].to(device),
+                                                  attention_mask=tokens["attention_mask"].to(device))).float()
+            img = img / img.norm(dim=-1, keepdim=True)
+            txt = txt / txt.norm(dim=-1, keepdim=True)
+            out.append((img * txt).sum(-1).cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def __call__(self, images, prompts) -> list[float]:
+        cos = self.similarity(images, prompts)
+        if self.kind == "clip":
+            scores = (self.weight * cos).clamp(min=0)
+        else:
+            scores = self._model.logit_scale.detach().float().exp().cpu() * cos
+        return [float(s) for s in scores]
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.model_name!r}, kind={self.kind!r})"
+
+
+def clip_score(model: str = DEFAULT_CLIP_MODEL, *, processor: str | None = None, template: str | None = None,
+               weight: float = 100.0, batch_size: int = 32, device=None, dtype=None) -> ImageTextObjective:
+    """CLIPScore objective (Hessel et al. 2021): ``max(weight · cos(E_img, E_text), 0)`` with a
+    CLIP model of ``transformers`` (hub id or local folder, safetensors only).
+    ``weight=100`` is the torchmetrics scale; 2.5 is the paper's CLIP-S."""
+    return ImageTextObjective(model, kind="clip", processor=processor, template=template, weight=weight,
+                              batch_size=batch_size, device=device, dtype=dtype)
+
+
+def pick_score(model: str = DEFAULT_PICKSCORE_MODEL, *, processor: str | None = None, template: str | None = None,
+               batch_size: int = 32, device=None, dtype=None) -> ImageTextObjective:
+    """PickScore objective (Kirstain et al. 2023; the HeadHunter paper's objective):
+    ``logit_scale.exp() · cos`` of the projected image and text embeddings of a CLIP-H model.
+    ``processor`` defaults to the model's own folder (PickScore_v1 ships model.safetensors and
+    its CLIP-H processor)."""
+    return ImageTextObjective(model, kind="pickscore", processor=processor, template=template,
+                              batch_size=batch_size, device=device, dtype=dtype)
+
+
+OBJECTIVES = ("fidelity", "dark", "outline", "clip", "pickscore")
+
+
+def make_objective(name: str, *, clip_model: str | None = None, clip_processor: str | None = None,
+                   template: str | None = None, dtype=None) -> Callable:
+    """An objective by name (the CLI's ``--objective``): ``fidelity``, ``dark``, ``outline``
+    (testbed oracles), ``clip`` or ``pickscore`` (with ``clip_model``; defaults to the public
+    CLIP-L / PickScore_v1 models)."""
+    if name == "fidelity":
+        return oracle_fidelity
+    if name in ("dark", "outline"):
+        return oracle_style(name)
+    if name == "clip":
+        return clip_score(clip_model or DEFAULT_CLIP_MODEL, processor=clip_processor, template=template, dtype=dtype)
+    if name == "pickscore":
+        return pick_score(clip_model or DEFAULT_PICKSCORE_MODEL, processor=clip_processor, template=template, dtype=dtype)
+    raise ObjectiveError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
+
+
+# ---------------------------------------------------------------------------- distribution
+
+
+def distributed_state():
+    """The ``accelerate.PartialState`` of this process. Under a multi-process launch on a
+    machine without an accelerator (or with ``ACCELERATE_USE_CPU``) it is a CPU state on gloo;
+    on GPUs one device per process (``state.device``)."""
+    from accelerate import PartialState
+
+    has_accelerator = torch.cuda.is_available()
+    if hasattr(torch, "accelerator") and hasattr(torch.accelerator, "is_available"):
+        has_accelerator = has_accelerator or torch.accelerator.is_available()
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not has_accelerator
+    return PartialState(cpu=cpu)
+
+
+def _launched_world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _is_main_process() -> bool:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _write_json(path: str, obj, indent=None) -> None:
+    """Write atomically (a reader or an interruption never sees half a file)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=indent)
+    os.replace(tmp, path)
+
+
 # ---------------------------------------------------------------------------- result
 
 
@@ -79,8 +321,9 @@ class HeadHuntResult:
                 "baseline": self.baseline, "rounds": self.rounds}
 
     def save_preset(self, path: str, strength: float | None = None) -> None:
-        with open(path, "w") as f:
-            json.dump(self.preset(strength), f, indent=1)
+        """Write the preset JSON (in a distributed launch, on the main process only)."""
+        if _is_main_process():
+            _write_json(path, self.preset(strength), indent=1)
 
     def heatmap(self, round_index: int = 0, cell: int = 24) -> Image.Image:
         """Per-head scores of one round as a layers × heads image (blue low, red high;
@@ -105,7 +348,9 @@ class HeadHuntResult:
         return Image.fromarray(img)
 
     def save_heatmap(self, path: str, round_index: int = 0) -> None:
-        self.heatmap(round_index).save(path)
+        """Write the heat map PNG (in a distributed launch, on the main process only)."""
+        if _is_main_process():
+            self.heatmap(round_index).save(path)
 
 
 # ---------------------------------------------------------------------------- search
@@ -121,15 +366,21 @@ class HeadHunter:
     pipe:       a diffusers pipeline; objective: ``(images, prompts) -> scores``.
     prompts, seeds: the fixed pairs (zipped; cycle the prompts for more seeds than prompts).
     candidates: "all" (every head of every self/joint/single site) or (site, head) pairs.
+    distributed: under a multi-process launch (``accelerate launch``/``torchrun``), split each
+        round's candidates across the processes; ignored in a single process.
     """
 
     def __init__(self, pipe, objective: Callable, prompts: Sequence[str], seeds: Sequence[int], *,
                  candidates="all", top_k: int = 3, rounds: int = 1, scale: float = 3.0, strength: float = 1.0,
                  semantics: str = "joint", batch_size: int = 16, state_dir: str | None = None,
-                 progress: bool = True, **call_kwargs):
+                 progress: bool = True, distributed: bool = True, **call_kwargs):
         if len(prompts) == 0 or len(seeds) == 0:
             raise ControlError("HeadHunter needs at least one prompt and one seed")
+        if not callable(objective):
+            raise ObjectiveError(f"the objective must be a callable (images, prompts) -> scores, got {objective!r}")
         self.pipe, self.objective = pipe, objective
+        if isinstance(objective, ImageTextObjective) and objective.device is None and hasattr(pipe, "device"):
+            objective.to(pipe.device)  # score where the pipeline runs
         self.pairs = [(prompts[i % len(prompts)], int(s)) for i, s in enumerate(seeds)]
         all_sites = [s for s in sites(pipe) if s.kind in PERTURBABLE_KINDS]
         self.layout = {s.name: s.heads for s in all_sites}
@@ -142,32 +393,57 @@ class HeadHunter:
         self.top_k, self.rounds = top_k, rounds
         self.scale, self.strength, self.semantics = scale, strength, semantics
         self.batch_size, self.progress, self.call_kwargs = batch_size, progress, call_kwargs
+        self.dist = distributed_state() if distributed and _launched_world_size() > 1 else None
+        self.rank = self.dist.process_index if self.dist else 0
+        self.world = self.dist.num_processes if self.dist else 1
         self.state_dir = state_dir
         self.cache: dict[str, float] = {}
         if state_dir:
             os.makedirs(state_dir, exist_ok=True)
-            if os.path.exists(self._path("cache.json")):
-                with open(self._path("cache.json")) as f:
-                    self.cache = json.load(f)
+            # the main cache plus the shares other processes saved during an interrupted round
+            for path in [self._path("cache.json")] + sorted(glob.glob(self._path("cache.rank*.json"))):
+                if os.path.exists(path):
+                    with open(path) as f:
+                        self.cache.update(json.load(f))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
     def _path(self, name):
         return os.path.join(self.state_dir, name)
 
-    def _save(self, state=None):
+    def _barrier(self):
+        if self.dist is not None and self.world > 1:
+            self.dist.wait_for_everyone()
+
+    def _save_share(self, new: dict[str, float]) -> None:
+        """During a round: the main process saves the whole cache, the others their share."""
         if not self.state_dir:
             return
-        with open(self._path("cache.json"), "w") as f:
-            json.dump(self.cache, f)
-        if state is not None:
-            with open(self._path("state.json"), "w") as f:
-                json.dump(state, f, indent=1)
+        if self.is_main:
+            _write_json(self._path("cache.json"), self.cache)
+        else:
+            _write_json(self._path(f"cache.rank{self.rank}.json"), new)
 
-    def score(self, heads: Sequence[Head]) -> float:
-        """Mean objective over the pairs when guiding with ``heads`` (PAG at u = strength)."""
+    def _save(self, state=None):
+        """End of a round: the main process saves the merged cache (and the state) and drops the
+        shares; every process waits until it has."""
+        if self.state_dir and self.is_main:
+            _write_json(self._path("cache.json"), self.cache)
+            if state is not None:
+                _write_json(self._path("state.json"), state, indent=1)
+            for share in glob.glob(self._path("cache.rank*.json")):
+                os.remove(share)
+        self._barrier()
+
+    def _compute(self, heads: Sequence[Head]) -> dict[str, float]:
+        """Score the pairs of ``heads`` that are not cached; returns the new cache entries."""
         key = _key(heads)
         todo = [(p, s) for p, s in self.pairs if f"{key}#{p}#{s}" not in self.cache]
+        new: dict[str, float] = {}
         control = None
-        if heads:
+        if heads and todo:
             control = SoftPAG([(s, h) for s, h in heads], strength=self.strength, scale=self.scale, semantics=self.semantics)
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start : start + self.batch_size]
@@ -178,24 +454,56 @@ class HeadHunter:
             else:
                 with attach(self.pipe, control):
                     images = self.pipe(prompt=prompts, generator=gens, **self.call_kwargs).images
-            for (p, s), value in zip(chunk, self.objective(images, prompts)):
-                self.cache[f"{key}#{p}#{s}"] = float(value)
+            values = list(self.objective(images, prompts))
+            if len(values) != len(chunk):
+                raise ObjectiveError(f"the objective returned {len(values)} scores for {len(chunk)} images")
+            for (p, s), value in zip(chunk, values):
+                new[f"{key}#{p}#{s}"] = float(value)
+        self.cache.update(new)
+        return new
+
+    def _mean(self, heads: Sequence[Head]) -> float:
+        key = _key(heads)
         return float(np.mean([self.cache[f"{key}#{p}#{s}"] for p, s in self.pairs]))
+
+    def score(self, heads: Sequence[Head]) -> float:
+        """Mean objective over the pairs when guiding with ``heads`` (PAG at u = strength),
+        computed in this process."""
+        self._compute(heads)
+        return self._mean(heads)
+
+    def score_many(self, head_sets: Sequence[Sequence[Head]], desc: str | None = None) -> list[float]:
+        """Mean objective of each head set. Under a multi-process launch each process scores
+        every ``world``-th set (rank-strided) and the per-image scores are gathered, so every
+        process returns the same list."""
+        mine = list(head_sets)[self.rank :: self.world]
+        new: dict[str, float] = {}
+        if self.world > 1 and desc:
+            desc = f"{desc} [process {self.rank + 1}/{self.world}]"
+        for heads in tqdm(mine, desc=desc, disable=not (self.progress and self.is_main and desc), dynamic_ncols=True):
+            new.update(self._compute(heads))
+            self._save_share(new)
+        if self.world > 1:
+            from accelerate.utils import gather_object
+
+            for share in gather_object([new]):
+                self.cache.update(share)
+        return [self._mean(h) for h in head_sets]
 
     def run(self) -> HeadHuntResult:
         state = {"selected": [], "rounds": []}
         if self.state_dir and os.path.exists(self._path("state.json")):
             with open(self._path("state.json")) as f:
                 state = json.load(f)
+        self._barrier()  # every process has read the saved state before the main process writes
         selected = [tuple(h) for h in state["selected"]]
         rounds = state["rounds"]
-        baseline = self.score([])
+        baseline = self.score_many([[]])[0]
+        self._save()
         for r in range(len(rounds), self.rounds):
             pool = [c for c in self.candidates if c not in selected]
-            scores = {}
-            for cand in tqdm(pool, desc=f"headhunt round {r + 1}/{self.rounds}", disable=not self.progress, dynamic_ncols=True):
-                scores[f"{cand[0]}:{cand[1]}"] = self.score(selected + [cand])
-                self._save()
+            values = self.score_many([selected + [c] for c in pool], desc=f"headhunt round {r + 1}/{self.rounds}")
+            scores = {f"{c[0]}:{c[1]}": v for c, v in zip(pool, values)}
             best = sorted(pool, key=lambda c: -scores[f"{c[0]}:{c[1]}"])[: self.top_k]
             selected += best
             rounds.append(scores)

@@ -439,6 +439,7 @@ def add_eval_arguments(parser) -> None:
     parser.add_argument("--out", default=None, help="write the full report (metrics and every image's score) as JSON")
     parser.add_argument("--grid", default=None,
                         help="write a grid PNG of the images (suffixed by the suite name when several)")
+    parser.add_argument("--grid-images", type=int, default=32, help="images per grid, in generation order (default 32)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -467,7 +468,7 @@ def run_eval_cli(args) -> dict[str, EvalReport]:
             if len(names) > 1:
                 stem, dot, ext = args.grid.rpartition(".")
                 path = f"{stem}-{name}.{ext}" if dot else f"{args.grid}-{name}.png"
-            report.save_grid(path)
+            report.save_grid(path, limit=getattr(args, "grid_images", None))
     if args.out:
         with open(args.out, "w") as f:
             model = getattr(args, "model", None) or "tiny-sd3"

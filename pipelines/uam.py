@@ -1,0 +1,913 @@
+"""UAM: faithful inversion and reconstruction, and mask-guided editing, around a diffusers pipeline.
+
+Mo et al., "Uniform Attention Maps: Boosting Image Fidelity in Reconstruction and Editing"
+(WACV 2025, arXiv 2411.19652).
+
+    from diffattn.pipelines import UAMPipeline
+    uam = UAMPipeline(pipe)                                   # StableDiffusionPipeline or SD3
+    rec = uam.reconstruct(image, "a red circle", conditioning="uniform")
+    rec.image, rec.psnr, rec.ssim
+    out = uam.edit(image, "a red circle", "a blue circle")    # P2P word swap + UAM blending
+    out.target.save("edit.png")
+
+**Inversion and reconstruction** (§3.1). The image is encoded with the VAE (posterior mean),
+inverted to z_T and denoised back, both *unguided* (w = 1, one prediction per step) as in
+the paper, with one of three conditionings:
+
+- ``"source"``:  the source prompt (DDIM's usual inversion);
+- ``"empty"``:   the empty prompt "";
+- ``"uniform"``: uniform attention maps (:class:`~diffattn.methods.uniform.UniformAttention`)
+  under the empty prompt (official code: ``ddim_loop_uam`` with the unconditional embedding),
+  in both directions.
+
+UNet pipelines use DDIM (η = 0, the paper's scheduler: scaled-linear betas, no clipping,
+``set_alpha_to_one=False``, "leading" spacing). Inversion takes MasaCtrl's ``next_step``:
+ε is predicted at the *next* timestep from the current latent, and
+z_next = sqrt(ᾱ_next)·x̂0 + sqrt(1-ᾱ_next)·ε. SD3 (rectified flow) inverts by running the
+Euler ODE backwards: x_{σ_i} = x_{σ_{i+1}} + (σ_i - σ_{i+1})·v(x_{σ_{i+1}}, t_i), the velocity
+taken at the step's own timestep, the mirror of the sampler's step. On SD3 "uniform" is the
+segment-uniform mode (the text keys' share spread uniformly over them).
+
+**Editing** (§3.2, Algorithm 1). The base editor is prompt-to-prompt's word swap (Hertz et
+al. 2023): the source and target branches start from the source-prompt inversion and run with
+CFG; for the first ``cross_replace`` of the steps the target's cross-attention maps are the
+source's, for the first ``self_replace`` its (small) self-attention maps too. The replacement
+is exact and never builds a map: A_src·V_tgt = attention(q_src, k_src, v_tgt), computed by an
+engine control (:class:`PromptToPromptReplace`). UAM adds an auxiliary branch (uniform maps,
+"" prompt, no CFG, from the uniform inversion) and, at the steps with t < T_mask, blends in
+predicted-x0 space (for latent elements, per channel):
+
+    Δ = x̂0_src - x̂0_tgt,  λ_i = quantile(|Δ|, linspace(0, q, T)[i]),  M = dilate(|Δ| > λ_i)
+    x̂0_tgt ← M·x̂0_tgt + (1 - M)·x̂0_u      (and x̂0_src ← (1-M)·x̂0_src + M·x̂0_u with blend="both")
+    z_{t-1} = sqrt(ᾱ_{t-1})·x̂0 + sqrt(1 - ᾱ_{t-1})·ε          (ε unchanged; flow: (1-σ')x̂0 + σ'ε̂)
+
+Defaults follow the official CLI: T_mask = 200 (of 1000), q = 0.5, dilation radius 1, blend
+the target only (the P2P path), and the *code's* mask convention, which dilates the edit mask
+(the paper's Algorithm 1 dilates the preserve mask; ``mask_convention="paper"``). The
+auxiliary branch runs as its own forward, so it never touches the editor's state.
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from diffattn.controls import AttentionCall, Control, StepWindow
+from diffattn.errors import ControlError, DiffattnError, UnsupportedModelError
+from diffattn.kernels import attention
+from diffattn.methods.uniform import MASK_CONVENTIONS, UniformAttention, blend_x0, edit_mask, quantile_schedule
+
+SUPPORTED_PIPELINES = "StableDiffusionPipeline (SD1.x, SD2.x) and StableDiffusion3Pipeline (SD3, SD3.5)"
+CONDITIONINGS = ("source", "empty", "uniform")  # the paper's three; "uniform-source" also accepted
+BLENDS = ("target", "both")
+
+
+class ImageInputError(DiffattnError, ValueError):
+    """The image cannot be inverted as given (mode, size, value range)."""
+
+
+class EditPromptError(DiffattnError, ValueError):
+    """The source / target prompts cannot be edited as asked (empty target, token counts differ)."""
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def psnr(a, b, data_range: float = 1.0) -> float:
+    """Peak signal-to-noise ratio 10·log10(L² / MSE) in dB of two images of equal shape
+    (values in [0, L]); ``inf`` for identical images."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ImageInputError(f"psnr needs images of one shape; got {a.shape} and {b.shape}")
+    mse = float(np.mean((a - b) ** 2))
+    return float("inf") if mse == 0 else float(10.0 * np.log10(data_range**2 / mse))
+
+
+def gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
+    """The normalised 1-D Gaussian of SSIM's window (Wang et al. 2004: 11 taps, σ = 1.5)."""
+    x = np.arange(size, dtype=np.float64) - (size - 1) / 2
+    w = np.exp(-(x**2) / (2 * sigma**2))
+    return w / w.sum()
+
+
+def _filter_valid(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Separable 'valid' filtering of [H, W] by the 1-D window w (w ⊗ w) -> [H-s+1, W-s+1]."""
+    rows = np.lib.stride_tricks.sliding_window_view(x, len(w), axis=0) @ w  # [H-s+1, W]
+    return np.lib.stride_tricks.sliding_window_view(rows, len(w), axis=1) @ w  # [H-s+1, W-s+1]
+
+
+def ssim(a, b, data_range: float = 1.0, *, size: int = 11, sigma: float = 1.5, k1: float = 0.01,
+         k2: float = 0.03) -> float:
+    """Structural similarity (Wang, Bovik, Sheikh & Simoncelli 2004, Eq. 13) with the
+    Gaussian window (11×11, σ = 1.5), K1 = 0.01, K2 = 0.03, population statistics, the mean
+    of the SSIM map over the window positions inside the image, averaged over channels
+    (the convention of skimage's ``structural_similarity(gaussian_weights=True,
+    use_sample_covariance=False)``). a, b: [H, W] or [H, W, C] in [0, data_range]."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ImageInputError(f"ssim needs images of one shape; got {a.shape} and {b.shape}")
+    if a.ndim == 2:
+        a, b = a[..., None], b[..., None]  # [H, W, 1]
+    if min(a.shape[:2]) < size:
+        raise ImageInputError(f"ssim needs images of at least {size}x{size} pixels; got {a.shape[1]}x{a.shape[0]}")
+    w = gaussian_window(size, sigma)
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    values = []
+    for c in range(a.shape[-1]):
+        x, y = a[..., c], b[..., c]
+        mx, my = _filter_valid(x, w), _filter_valid(y, w)
+        sxx = _filter_valid(x * x, w) - mx * mx
+        syy = _filter_valid(y * y, w) - my * my
+        sxy = _filter_valid(x * y, w) - mx * my
+        m = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
+        values.append(m.mean())
+    return float(np.mean(values))
+
+
+# ----------------------------------------------------------------------------- solver math
+
+
+def ddim_x0(z: torch.Tensor, eps: torch.Tensor, alpha_bar: float) -> torch.Tensor:
+    """DDIM's predicted clean latent x̂0 = (z - sqrt(1-ᾱ)·ε) / sqrt(ᾱ) (Song et al. 2021, Eq. 12)."""
+    return (z - (1 - alpha_bar) ** 0.5 * eps) / alpha_bar**0.5
+
+
+def ddim_compose(x0: torch.Tensor, eps: torch.Tensor, alpha_bar: float) -> torch.Tensor:
+    """z = sqrt(ᾱ)·x̂0 + sqrt(1-ᾱ)·ε: a DDIM (η = 0) step lands here, forwards or backwards."""
+    return alpha_bar**0.5 * x0 + (1 - alpha_bar) ** 0.5 * eps
+
+
+def flow_x0(z: torch.Tensor, v: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Rectified flow x_σ = (1-σ)x0 + σε, velocity v = ε - x0: x̂0 = x_σ - σ·v."""
+    return z - sigma * v
+
+
+def flow_noise(z: torch.Tensor, v: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Rectified flow's predicted noise ε̂ = x_σ + (1-σ)·v."""
+    return z + (1 - sigma) * v
+
+
+def flow_compose(x0: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+    """x_σ = (1-σ)·x̂0 + σ·ε̂; from level σ this equals the Euler step x + (σ' - σ)·v."""
+    return (1 - sigma) * x0 + sigma * noise
+
+
+@dataclass(frozen=True)
+class Step:
+    """One denoising step: the model timestep ``t`` and the noise levels it goes between
+    (``high`` -> ``low``: ᾱ_t -> ᾱ_prev for DDIM, σ_i -> σ_{i+1} for flow). Inversion walks
+    the steps backwards, ``low`` -> ``high``, with the prediction at the same ``t``."""
+
+    t: float
+    high: float
+    low: float
+
+
+class Solver:
+    """DDIM (η = 0, ε-prediction) or rectified-flow Euler in the x̂0 / noise form both share:
+    a step from level a to level b is ``compose(x0(z, pred, a), noise(z, pred, a), b)``."""
+
+    def __init__(self, kind: str):
+        if kind not in ("ddim", "flow"):
+            raise ControlError(f"solver {kind!r}: 'ddim' or 'flow'")
+        self.kind = kind
+
+    def x0(self, z, pred, level):
+        return ddim_x0(z, pred, level) if self.kind == "ddim" else flow_x0(z, pred, level)
+
+    def noise(self, z, pred, level):
+        return pred if self.kind == "ddim" else flow_noise(z, pred, level)
+
+    def compose(self, x0, noise, level):
+        return ddim_compose(x0, noise, level) if self.kind == "ddim" else flow_compose(x0, noise, level)
+
+    def step(self, z, pred, level_from, level_to):
+        """Move ``z`` from ``level_from`` to ``level_to`` with the prediction ``pred``."""
+        return self.compose(self.x0(z, pred, level_from), self.noise(z, pred, level_from), level_to)
+
+
+def ddim_steps(scheduler_config, num_steps: int) -> list[Step]:
+    """The paper's DDIM grid (leading spacing, the config's ``steps_offset``): steps
+    (t_i, ᾱ_{t_i}, ᾱ_{t_{i+1}}), the last one ending at ᾱ_0 (``set_alpha_to_one=False``)."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_config(scheduler_config, clip_sample=False, set_alpha_to_one=False,
+                                      timestep_spacing="leading", prediction_type="epsilon")
+    sched.set_timesteps(num_steps)
+    ts = [int(t) for t in sched.timesteps]
+    ab = sched.alphas_cumprod.double()
+    final = float(sched.final_alpha_cumprod)
+    return [Step(float(t), float(ab[t]), float(ab[ts[i + 1]]) if i + 1 < len(ts) else final) for i, t in enumerate(ts)]
+
+
+def flow_steps(scheduler_config, num_steps: int, image_seq_len: int) -> list[Step]:
+    """The pipeline's flow-matching grid: steps (t_i = 1000·σ_i, σ_i, σ_{i+1}), σ_T = 0
+    (dynamic shifting as the SD3 pipeline computes it, when the scheduler uses it)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+    kw = {}
+    if sched.config.get("use_dynamic_shifting", False):
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+        kw["mu"] = calculate_shift(image_seq_len, sched.config.get("base_image_seq_len", 256),
+                                   sched.config.get("max_image_seq_len", 4096), sched.config.get("base_shift", 0.5),
+                                   sched.config.get("max_shift", 1.16))
+    sched.set_timesteps(num_steps, **kw)
+    sig = sched.sigmas.double()
+    return [Step(float(t), float(sig[i]), float(sig[i + 1])) for i, t in enumerate(sched.timesteps)]
+
+
+# ----------------------------------------------------------------------------- prompt-to-prompt control
+
+
+class PromptToPromptReplace(Control):
+    """Prompt-to-prompt word swap (Hertz et al. 2023, §3.2 "Word Swap"): the target branch's
+    attention maps are the source branch's, exactly and without materialising them,
+
+        O_tgt = A_src·V_tgt = attention(q_src, k_src, v_tgt)       (attention is linear in V)
+
+    cross_steps: steps where cross-attention maps are replaced (UNet ``attn2``; on joint
+                 sites the image rows of the joint map);
+    self_steps:  steps where self-attention maps are replaced, only at sites with at most
+                 ``self_max_tokens`` queries (P2P: the 16×16 and coarser maps of SD's 64×64
+                 latent, i.e. latent tokens / 16);
+    source, target: the branch names of the two batch rows (``handle.branches``).
+
+    Equal token counts are needed (the map of token j goes to token j); the caller checks.
+    P2P edits only the conditional rows: name the unconditional rows something else.
+    """
+
+    order = 70
+
+    def __init__(self, cross_steps=None, self_steps=None, *, self_max_tokens: int | None = None,
+                 source: str = "source", target: str = "target", sites="all"):
+        super().__init__(sites=sites, branches=(target,))
+        self.cross_steps = StepWindow.of(cross_steps)
+        self.self_steps = StepWindow.of(self_steps)
+        self.self_max_tokens = self_max_tokens
+        self.source, self.target = source, target
+
+    def _window(self, call: AttentionCall) -> StepWindow | None:
+        if call.site.kind == "self":
+            if self.self_max_tokens is not None and call.q.shape[2] > self.self_max_tokens:
+                return None
+            return self.self_steps
+        return self.cross_steps
+
+    def is_active(self, call: AttentionCall) -> bool:
+        if call.part != "main" or not (call.has_branch((self.target,)) and call.has_branch((self.source,))):
+            return False
+        window = self._window(call)
+        return window is not None and window.contains(call.step) and super().is_active(call)
+
+    def edit_output(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
+        src, tgt = call.branches[self.source], call.branches[self.target]
+        if call.site.kind in ("joint", "single"):
+            qrows = call.layout.q("image").slice  # the image rows of the joint map
+        else:
+            qrows = slice(None)
+        bias = call.spec.bias
+        if bias is not None and bias.dim() == 4 and bias.shape[0] == call.q.shape[0]:
+            bias = bias[src]
+        if bias is not None and bias.dim() >= 2 and bias.shape[-2] != 1:
+            bias = bias[..., qrows, :]
+        q_s, k_s, v_t = call.q[src][:, :, qrows], call.k[src], call.v[tgt]  # [b, H, Nq', D], [b, H, Nk, D]
+        if q_s.shape[0] != v_t.shape[0]:
+            raise ControlError(f"prompt-to-prompt needs as many {self.source!r} rows as {self.target!r} rows; got "
+                               f"{q_s.shape[0]} and {v_t.shape[0]}")
+        new = attention(q_s, k_s, v_t, scale=call.scale, bias=bias)  # [b, H, Nq', D]
+        out = out.clone()
+        sub = out[tgt]  # a view: tgt is a slice
+        sub[:, :, qrows] = new.to(out.dtype)
+        return out
+
+
+# ----------------------------------------------------------------------------- configuration and outputs
+
+
+@dataclass
+class UAMConfig:
+    """Settings of :class:`UAMPipeline` (defaults: the official code's CLI).
+
+    num_inference_steps: steps of inversion, reconstruction and editing (``None``: the
+                     pipeline's default; the paper: 50 on SD1.4).
+    guidance_scale:  CFG of the source and target branches when editing (``None``: the
+                     pipeline's default; the paper: 7.5). Inversion, reconstruction and the
+                     auxiliary branch are always unguided.
+    uniform_prompt:  the text under the uniform maps ("" as the official code; ``None``: the
+                     source prompt, as conditioning "uniform-source" always does). On the
+                     tiny-sd3 testbed model the "" prediction diverges under inversion, so use
+                     ``None`` there (benchmarks/uam_eval.py).
+    uniform_keys:    ``UniformAttention(keys=...)``: "all" (every key, padding included, the
+                     paper) or text-token positions.
+    uniform_sites:   ``UniformAttention(sites=...)`` ("auto": all cross / joint sites).
+    source_inversion: conditioning of the inversion that the source and target branches
+                     start from ("source": the source prompt, DDIM+P2P; or "empty").
+    mask_timestep:   T_mask: blend at steps with model timestep t < T_mask (0..1000; the
+                     official CLI 200, about the last 10 of 50 steps; function default 400).
+    quantile:        q of λ_i = quantile(|Δ|, linspace(0, q, T)[i]) (CLI 0.5; function default 0.7).
+    dilation:        radius r of the square dilation (kernel 2r+1; ``dilate_mask=1``).
+    mask_convention: "code" (dilate the edit mask, official code, default) or "paper"
+                     (dilate the preserve mask, Algorithm 1).
+    blend:           "target" (P2P path: the target only) or "both" (MasaCtrl path: the
+                     source too, the "red line").
+    cross_replace, self_replace: fractions of the steps, from the start, where the target's
+                     cross / self maps are the source's (the official P2P config: 0.4 / 0.6).
+    self_max_tokens: self maps replaced only at sites with at most this many queries
+                     (``None``: latent tokens / 16, P2P's 16×16 of a 64×64 latent).
+    """
+
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    uniform_prompt: str | None = ""
+    uniform_keys: object = "all"
+    uniform_sites: object = "auto"
+    source_inversion: str = "source"
+    mask_timestep: float = 200.0
+    quantile: float = 0.5
+    dilation: int = 1
+    mask_convention: str = "code"
+    blend: str = "target"
+    cross_replace: float = 0.4
+    self_replace: float = 0.6
+    self_max_tokens: int | None = None
+
+    def validate(self) -> "UAMConfig":
+        if self.mask_convention not in MASK_CONVENTIONS:
+            raise ControlError(f"mask_convention={self.mask_convention!r}: use 'code' (dilate the edit mask, official "
+                               f"code) or 'paper' (dilate the preserve mask, Algorithm 1)")
+        if self.blend not in BLENDS:
+            raise ControlError(f"blend={self.blend!r}: use 'target' (P2P path) or 'both' (MasaCtrl path)")
+        if self.source_inversion not in ("source", "empty"):
+            raise ControlError(f"source_inversion={self.source_inversion!r}: use 'source' or 'empty'")
+        if not 0.0 <= self.quantile <= 1.0:
+            raise ControlError(f"quantile={self.quantile}: a quantile lies in [0, 1]")
+        if self.dilation < 0:
+            raise ControlError(f"dilation={self.dilation}: a radius is >= 0 (0 = no dilation)")
+        for name in ("cross_replace", "self_replace"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ControlError(f"{name}={getattr(self, name)}: a fraction of the steps in [0, 1]")
+        if self.num_inference_steps is not None and self.num_inference_steps < 1:
+            raise ControlError(f"num_inference_steps={self.num_inference_steps}: at least 1")
+        return self
+
+
+@dataclass
+class Inversion:
+    """latents: z_T [B, C, h, w] (fp32); z0: the encoded image; conditioning and prompt used;
+    steps: the :class:`Step` grid; trajectory: z after every inversion step (when asked)."""
+
+    latents: torch.Tensor
+    z0: torch.Tensor
+    conditioning: str
+    prompt: list[str]
+    steps: list[Step]
+    trajectory: list[torch.Tensor] | None = None
+
+
+@dataclass
+class Reconstruction:
+    """image: PIL image; array: [H, W, 3] float in [0, 1]; psnr (dB) and ssim against the input."""
+
+    conditioning: str
+    image: Image.Image
+    array: np.ndarray
+    psnr: float
+    ssim: float
+
+
+@dataclass
+class EditOutput:
+    """source / target (PIL): the two branches' images; aux: the uniform-map reconstruction
+    (``None`` without UAM); masks: per blended step ``(step, t, M [C, h, w])``, M = 1 edited;
+    inversions: the inverted latents used, ``{"source": z_T, "uniform": z^u_T}`` (pass them to
+    another ``edit`` of the same image, prompt and steps to skip the inversions)."""
+
+    source: Image.Image
+    target: Image.Image
+    aux: Image.Image | None = None
+    masks: list[tuple[int, float, torch.Tensor]] = field(default_factory=list)
+    inversions: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+def uam_family(pipe) -> str:
+    """``"sd"`` or ``"sd3"``; :class:`UnsupportedModelError` for anything else."""
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+
+    if isinstance(pipe, StableDiffusionPipeline):
+        return "sd"
+    if isinstance(pipe, StableDiffusion3Pipeline):
+        return "sd3"
+    raise UnsupportedModelError(
+        f"UAMPipeline supports {SUPPORTED_PIPELINES} (and their subclasses); got {type(pipe).__name__}. Load one of "
+        f"those pipelines and pass it"
+    )
+
+
+def _call_defaults(pipe, family: str) -> dict:
+    """Defaults of the pipeline's own ``__call__`` (steps, guidance, T5 length), testbed
+    subclasses included."""
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+
+    base = StableDiffusionPipeline if family == "sd" else StableDiffusion3Pipeline
+    keys = ("num_inference_steps", "guidance_scale", "max_sequence_length")
+    out = {k: p.default for k, p in inspect.signature(base.__call__).parameters.items() if k in keys}
+    try:
+        from diffattn.testbed.pipelines import SD3_DEFAULTS, SD_DEFAULTS, ShapesSD3Pipeline, ShapesSDPipeline
+    except ImportError:  # pragma: no cover
+        return out
+    if isinstance(pipe, ShapesSDPipeline):
+        out.update(SD_DEFAULTS)
+    elif isinstance(pipe, ShapesSD3Pipeline):
+        out.update(SD3_DEFAULTS)
+    return out
+
+
+def _token_count(tokenizer, prompt: str) -> int:
+    return len(tokenizer(prompt, truncation=False, add_special_tokens=True).input_ids)
+
+
+def check_word_swap(tokenizer, source: str, target: str) -> None:
+    """Prompt-to-prompt word swap maps token j of the source to token j of the target: the
+    target must be non-empty and have the source's token count."""
+    if not isinstance(target, str) or not target.strip():
+        raise EditPromptError("the target prompt is empty; give the edited caption, e.g. --target 'a blue circle'")
+    if not isinstance(source, str):
+        raise EditPromptError(f"the source prompt must be a string; got {type(source).__name__}")
+    ns, nt = _token_count(tokenizer, source), _token_count(tokenizer, target)
+    if ns != nt:
+        raise EditPromptError(
+            f"word swap needs prompts of equal token counts: {source!r} has {ns} tokens, {target!r} has {nt}. Swap a "
+            f"word for one with the same number of tokens (e.g. a colour or a shape for another), or use "
+            f"prompt-to-prompt refinement (token alignment), which this editor does not implement"
+        )
+
+
+class UAMPipeline:
+    """UAM inversion / reconstruction / editing with a diffusers pipeline's own components.
+
+    pipe:   a ``StableDiffusionPipeline`` or ``StableDiffusion3Pipeline`` (subclasses, e.g.
+            the testbed's, included); modules are shared, not copied.
+    config: a :class:`UAMConfig`; keyword ``overrides`` replace its fields.
+    progress: show tqdm bars (``None``: follow the pipeline's progress-bar config).
+    """
+
+    def __init__(self, pipe, config: UAMConfig | None = None, *, progress: bool | None = None, **overrides):
+        self.family = uam_family(pipe)
+        self.pipe = pipe
+        names = {f.name for f in fields(UAMConfig)}
+        bad = set(overrides) - names
+        if bad:
+            raise ControlError(f"unknown UAM option(s) {sorted(bad)}; UAMConfig has {sorted(names)}")
+        self.config = replace(config or UAMConfig(), **overrides).validate()
+        self.defaults = _call_defaults(pipe, self.family)
+        if progress is None:
+            progress = not getattr(pipe, "_progress_bar_config", {}).get("disable", False)
+        self.progress = bool(progress)
+        self.solver = Solver("ddim" if self.family == "sd" else "flow")
+        self._embeds: dict[str, dict] = {}
+
+    @classmethod
+    def from_pipe(cls, pipe, config: UAMConfig | None = None, **overrides) -> "UAMPipeline":
+        return cls(pipe, config, **overrides)
+
+    def __repr__(self):
+        return f"UAMPipeline({type(self.pipe).__name__}, {self.solver.kind})"
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def denoiser(self):
+        return self.pipe.unet if self.family == "sd" else self.pipe.transformer
+
+    @property
+    def device(self):
+        return self.pipe._execution_device
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) in pixels the model works at: its sample size × the VAE factor."""
+        s = int(self.denoiser.config.sample_size) * int(self.pipe.vae_scale_factor)
+        return s, s
+
+    def num_steps(self, num_inference_steps: int | None = None) -> int:
+        n = num_inference_steps or self.config.num_inference_steps or self.defaults.get("num_inference_steps") or 50
+        if int(n) < 1:
+            raise ControlError(f"num_inference_steps={n}: at least 1")
+        return int(n)
+
+    def steps(self, num_inference_steps: int | None = None, latent_hw: tuple[int, int] | None = None) -> list[Step]:
+        """The step grid (DDIM for UNets, flow matching for SD3)."""
+        n = self.num_steps(num_inference_steps)
+        if self.family == "sd":
+            return ddim_steps(self.pipe.scheduler.config, n)
+        h, w = latent_hw or (self.image_size[0] // self.pipe.vae_scale_factor,) * 2
+        p = int(self.denoiser.config.patch_size)
+        return flow_steps(self.pipe.scheduler.config, n, (h // p) * (w // p))
+
+    # ------------------------------------------------------------------ images
+    def load_image(self, image) -> torch.Tensor:
+        """A PIL RGB image, a path, an array [H, W, 3] (uint8, or float in [0, 1]) or a tensor
+        [3, H, W] / [1, 3, H, W] in [0, 1] at the model's size -> [1, 3, H, W] fp32 in [0, 1]."""
+        h, w = self.image_size
+        if isinstance(image, (str, Path)):
+            try:
+                image = Image.open(image)
+                image.load()
+            except (OSError, ValueError) as e:
+                raise ImageInputError(f"cannot read the image file: {e}") from None
+        if isinstance(image, Image.Image):
+            if image.mode != "RGB":
+                raise ImageInputError(f"image mode is {image.mode!r}; UAM inverts RGB images: convert it first "
+                                      f"(image.convert('RGB'))")
+            arr = np.asarray(image, dtype=np.float32) / 255.0  # [H, W, 3]
+        elif isinstance(image, np.ndarray):
+            if image.ndim != 3 or image.shape[-1] != 3:
+                raise ImageInputError(f"an image array must be [H, W, 3] RGB; got shape {image.shape}")
+            arr = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
+        elif torch.is_tensor(image):
+            t = image.detach().float().cpu()
+            if t.ndim == 4 and t.shape[0] == 1:
+                t = t[0]
+            if t.ndim != 3 or t.shape[0] != 3:
+                raise ImageInputError(f"an image tensor must be [3, H, W] RGB in [0, 1]; got shape "
+                                      f"{tuple(image.shape)}")
+            arr = t.permute(1, 2, 0).numpy()  # [H, W, 3]
+        else:
+            raise ImageInputError(f"cannot read an image from {type(image).__name__}; pass a PIL RGB image, a path, "
+                                  f"an array [H, W, 3] or a tensor [3, H, W]")
+        if not np.isfinite(arr).all() or arr.min() < -1e-6 or arr.max() > 1 + 1e-6:
+            raise ImageInputError(f"image values must lie in [0, 1] (float) or 0..255 (uint8); got "
+                                  f"[{float(np.nanmin(arr)):.3g}, {float(np.nanmax(arr)):.3g}]")
+        if arr.shape[:2] != (h, w):
+            raise ImageInputError(
+                f"image is {arr.shape[1]}x{arr.shape[0]} pixels; this model inverts {w}x{h} images (its native size): "
+                f"resize or crop it to {w}x{h} first, e.g. image.resize(({w}, {h}))"
+            )
+        return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None].clamp(0, 1)  # [1, 3, H, W]
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """VAE posterior mean of images [B, 3, H, W] in [0, 1] -> latents [B, C, h, w] fp32,
+        scaled as the pipeline's decoder expects (SD: ·scaling; SD3: (· - shift)·scaling)."""
+        vae = self.pipe.vae
+        x = (images * 2 - 1).to(self.device, vae.dtype)  # [-1, 1]
+        mean = vae.encode(x).latent_dist.mean.float()  # [B, C, h, w]
+        cfg = vae.config
+        if self.family == "sd3":
+            return (mean - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
+        return mean * cfg.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents [B, C, h, w] -> images [B, 3, H, W] fp32 in [0, 1] (CPU)."""
+        vae = self.pipe.vae
+        cfg = vae.config
+        z = latents / cfg.scaling_factor
+        if self.family == "sd3":
+            z = z + (cfg.shift_factor or 0.0)
+        x = vae.decode(z.to(vae.dtype), return_dict=False)[0].float()
+        return ((x + 1) / 2).clamp(0, 1).cpu()
+
+    # ------------------------------------------------------------------ text
+    def embed(self, prompt: str) -> dict:
+        """Denoiser keyword tensors of one prompt ([1, ...]), cached."""
+        if prompt not in self._embeds:
+            pipe = self.pipe
+            if self.family == "sd":
+                cond, _ = pipe.encode_prompt([prompt], self.device, 1, False)
+                emb = {"encoder_hidden_states": cond}
+            else:
+                cond, _, pooled, _ = pipe.encode_prompt(
+                    prompt=[prompt], prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
+                    device=self.device, max_sequence_length=self.defaults.get("max_sequence_length", 256))
+                emb = {"encoder_hidden_states": cond, "pooled_projections": pooled}
+            self._embeds[prompt] = emb
+        return self._embeds[prompt]
+
+    def embed_batch(self, prompts: Sequence[str]) -> dict:
+        """Keyword tensors of several prompts, concatenated on the batch ([B, ...])."""
+        embs = [self.embed(p) for p in prompts]
+        return {k: torch.cat([e[k] for e in embs]) for k in embs[0]}
+
+    # ------------------------------------------------------------------ one forward
+    def predict(self, z: torch.Tensor, t: float, emb: dict) -> torch.Tensor:
+        """ε (UNet) or velocity (SD3) of latents z [B, C, h, w] at model timestep t -> fp32."""
+        model = self.denoiser
+        x = z.to(self.device, model.dtype)
+        emb = {k: v.to(self.device) for k, v in emb.items()}
+        tt = torch.tensor(t, device=self.device)
+        if self.family == "sd":
+            out = model(x, tt, encoder_hidden_states=emb["encoder_hidden_states"], return_dict=False)[0]
+        else:
+            out = model(hidden_states=x, timestep=tt.expand(x.shape[0]).to(model.dtype), return_dict=False, **emb)[0]
+        return out.float()
+
+    def _session(self, *extra: Control):
+        """attach() with the uniform control (acting on batch rows named "aux") and ``extra``."""
+        from diffattn.engine import attach
+
+        cfg = self.config
+        uniform = UniformAttention(sites=cfg.uniform_sites, keys=cfg.uniform_keys, branches=("aux",))
+        return attach(self.pipe, uniform, *extra)
+
+    def _bar(self, iterable, desc: str):
+        return tqdm(iterable, desc=desc, disable=not self.progress, leave=False, dynamic_ncols=True)
+
+    def _conditioning(self, conditioning: str, prompts: list[str]) -> tuple[list[str], str]:
+        """(prompts the forwards see, branch name of the rows)."""
+        if conditioning not in CONDITIONINGS + ("uniform-source",):
+            raise ControlError(f"conditioning={conditioning!r}: use one of {CONDITIONINGS + ('uniform-source',)} "
+                               f"(source prompt, empty prompt, uniform maps, uniform maps under the source prompt)")
+        if conditioning == "source":
+            return prompts, "cond"
+        if conditioning == "empty":
+            return [""] * len(prompts), "cond"
+        if conditioning == "uniform-source" or self.config.uniform_prompt is None:
+            return prompts, "aux"
+        return [self.config.uniform_prompt] * len(prompts), "aux"
+
+    # ------------------------------------------------------------------ inversion / sampling
+    @torch.no_grad()
+    def invert_latents(self, z0: torch.Tensor, prompts: Sequence[str], conditioning: str = "source", *,
+                       num_inference_steps: int | None = None, return_trajectory: bool = False) -> Inversion:
+        """Unguided inversion of latents z0 [B, C, h, w] (DDIM ``next_step`` or backward Euler)."""
+        prompts = list(prompts)
+        if len(prompts) != z0.shape[0]:
+            raise ControlError(f"{z0.shape[0]} latents but {len(prompts)} prompts; give one prompt per image")
+        seen, branch = self._conditioning(conditioning, prompts)
+        steps = self.steps(num_inference_steps, tuple(z0.shape[-2:]))
+        emb = self.embed_batch(seen)
+        z = z0.float().to(self.device)
+        traj = [z] if return_trajectory else None
+        self.pipe._num_timesteps = len(steps)  # what the engine reads as the run's step count
+        with self._session() as handle, handle.branches({branch: slice(0, z.shape[0])}):
+            for i in self._bar(range(len(steps) - 1, -1, -1), f"invert ({conditioning})"):
+                s = steps[i]
+                handle.set_step(i)  # step windows count denoising steps: inversion step i mirrors step i
+                pred = self.predict(z, s.t, emb)
+                z = self.solver.step(z, pred, s.low, s.high)
+                if traj is not None:
+                    traj.append(z)
+        return Inversion(z, z0, conditioning, prompts, steps, traj)
+
+    @torch.no_grad()
+    def sample_latents(self, latents: torch.Tensor, prompts: Sequence[str], conditioning: str = "source", *,
+                       num_inference_steps: int | None = None) -> torch.Tensor:
+        """Unguided deterministic sampling from z_T [B, C, h, w] -> z0 (fp32)."""
+        prompts = list(prompts)
+        seen, branch = self._conditioning(conditioning, prompts)
+        steps = self.steps(num_inference_steps, tuple(latents.shape[-2:]))
+        emb = self.embed_batch(seen)
+        z = latents.float().to(self.device)
+        self.pipe._num_timesteps = len(steps)
+        with self._session() as handle, handle.branches({branch: slice(0, z.shape[0])}):
+            for i in self._bar(range(len(steps)), f"reconstruct ({conditioning})"):
+                s = steps[i]
+                handle.set_step(i)
+                z = self.solver.step(z, self.predict(z, s.t, emb), s.high, s.low)
+        return z
+
+    def _images(self, image) -> torch.Tensor:
+        """One image or a list of images -> [B, 3, H, W] in [0, 1]."""
+        items = image if isinstance(image, (list, tuple)) else [image]
+        if not items:
+            raise ImageInputError("no image given")
+        return torch.cat([self.load_image(im) for im in items])
+
+    @staticmethod
+    def _prompts(prompt, n: int) -> list[str]:
+        prompts = [prompt] * n if isinstance(prompt, str) or prompt is None else list(prompt)
+        prompts = ["" if p is None else p for p in prompts]
+        if len(prompts) != n:
+            raise ControlError(f"{n} images but {len(prompts)} prompts; give one prompt, or one per image")
+        return prompts
+
+    def invert(self, image, prompt: str | Sequence[str] = "", conditioning: str = "source", *,
+               num_inference_steps: int | None = None, return_trajectory: bool = False) -> Inversion:
+        """Encode ``image`` (one or a list) with the VAE and invert it, unguided."""
+        x = self._images(image)
+        return self.invert_latents(self.encode(x), self._prompts(prompt, x.shape[0]), conditioning,
+                                   num_inference_steps=num_inference_steps, return_trajectory=return_trajectory)
+
+    def reconstruct(self, image, prompt: str | Sequence[str] = "", conditioning: str = "uniform", *,
+                    num_inference_steps: int | None = None) -> Reconstruction | list[Reconstruction]:
+        """Invert and reconstruct with one conditioning; PSNR / SSIM against the input.
+        A list of images gives a list of results."""
+        out = self.reconstruct_all(image, prompt, (conditioning,), num_inference_steps=num_inference_steps)
+        res = [r[conditioning] for r in out]
+        return res if isinstance(image, (list, tuple)) else res[0]
+
+    def reconstruct_all(self, image, prompt: str | Sequence[str] = "", conditionings: Sequence[str] = CONDITIONINGS,
+                        *, num_inference_steps: int | None = None) -> list[dict[str, Reconstruction]]:
+        """Per image ``{conditioning: Reconstruction}`` (the VAE encodes once)."""
+        x = self._images(image)
+        prompts = self._prompts(prompt, x.shape[0])
+        z0 = self.encode(x)
+        target = x.permute(0, 2, 3, 1).numpy()  # [B, H, W, 3]
+        results: list[dict[str, Reconstruction]] = [{} for _ in range(x.shape[0])]
+        for cond in conditionings:
+            inv = self.invert_latents(z0, prompts, cond, num_inference_steps=num_inference_steps)
+            zr = self.sample_latents(inv.latents, prompts, cond, num_inference_steps=num_inference_steps)
+            imgs = self.decode(zr).permute(0, 2, 3, 1).numpy()  # [B, H, W, 3]
+            for b in range(x.shape[0]):
+                results[b][cond] = Reconstruction(cond, _pil(imgs[b]), imgs[b], psnr(imgs[b], target[b]),
+                                                  ssim(imgs[b], target[b]))
+        return results
+
+    # ------------------------------------------------------------------ editing
+    def _p2p(self, n: int, latent_hw) -> PromptToPromptReplace:
+        cfg = self.config
+        max_tokens = cfg.self_max_tokens
+        if max_tokens is None:
+            max_tokens = (latent_hw[0] // 4) * (latent_hw[1] // 4)  # P2P: 16×16 of SD's 64×64 latent
+        return PromptToPromptReplace(cross_steps=(0, round(cfg.cross_replace * n)),
+                                     self_steps=(0, round(cfg.self_replace * n)), self_max_tokens=max_tokens)
+
+    @torch.no_grad()
+    def edit(self, image, source_prompt: str, target_prompt: str, *, uam: bool = True,
+             num_inference_steps: int | None = None, guidance_scale: float | None = None,
+             edit_steps: int | None = None, inversions: dict[str, torch.Tensor] | None = None) -> EditOutput:
+        """Prompt-to-prompt word swap of ``image`` from ``source_prompt`` to ``target_prompt``,
+        with UAM's three-branch blending (``uam=True``) or without (the base editor).
+
+        edit_steps: the target prompt conditions the target branch for its last ``edit_steps``
+        steps (``None``: every step, as prompt-to-prompt); before, the target branch follows the
+        source prompt, so ``edit_steps=0`` reproduces the source branch.
+        inversions: ``EditOutput.inversions`` of an earlier edit of the same image, source
+        prompt and steps (the inversions do not depend on the target or the blending).
+        """
+        cfg = self.config
+        check_word_swap(self.pipe.tokenizer, source_prompt, target_prompt)
+        x = self.load_image(image)
+        z0 = self.encode(x)
+        hw = tuple(z0.shape[-2:])
+        steps = self.steps(num_inference_steps, hw)
+        n = len(steps)
+        if edit_steps is not None and not 0 <= int(edit_steps) <= n:
+            raise ControlError(f"edit_steps={edit_steps}: between 0 and the {n} steps of the run")
+        first_edit = 0 if edit_steps is None else n - int(edit_steps)
+        w = float(guidance_scale if guidance_scale is not None else
+                  (cfg.guidance_scale if cfg.guidance_scale is not None else self.defaults.get("guidance_scale", 7.5)))
+        src_cond = "source" if cfg.source_inversion == "source" else "empty"
+        inv = dict(inversions or {})
+        if "source" not in inv:
+            inv["source"] = self.invert_latents(z0, [source_prompt], src_cond, num_inference_steps=n).latents
+        if uam and "uniform" not in inv:
+            inv["uniform"] = self.invert_latents(z0, [source_prompt], "uniform", num_inference_steps=n).latents
+        z_src, z_aux = inv["source"], (inv["uniform"] if uam else None)
+        e_src, e_tgt, e_null = self.embed(source_prompt), self.embed(target_prompt), self.embed("")
+        e_aux = self.embed(source_prompt if cfg.uniform_prompt is None else cfg.uniform_prompt)
+        quantiles = quantile_schedule(n, cfg.quantile)
+        cfg_on = w != 1.0
+        z = torch.cat([z_src, z_src])  # [2, C, h, w]: source, target
+        masks: list[tuple[int, float, torch.Tensor]] = []
+        self.pipe._num_timesteps = n
+        with self._session(self._p2p(n, hw)) as handle:
+            for i in self._bar(range(n), "edit (uam)" if uam else "edit"):
+                s = steps[i]
+                handle.set_step(i)
+                tgt = e_tgt if i >= first_edit else e_src
+                if cfg_on:
+                    rows = [e_null, e_null, e_src, tgt]
+                    layout = {"uncond": slice(0, 2), "source": slice(2, 3), "target": slice(3, 4)}
+                    zz = torch.cat([z, z])  # [4, C, h, w]
+                else:
+                    rows, layout, zz = [e_src, tgt], {"source": slice(0, 1), "target": slice(1, 2)}, z
+                emb = {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+                with handle.branches(layout):
+                    pred = self.predict(zz, s.t, emb)
+                if cfg_on:
+                    pred = pred[:2] + w * (pred[2:] - pred[:2])  # [2, C, h, w] guided
+                x0 = self.solver.x0(z, pred, s.high)
+                noise = self.solver.noise(z, pred, s.high)
+                if uam:
+                    with handle.branches({"aux": slice(0, 1)}):
+                        pred_u = self.predict(z_aux, s.t, e_aux)
+                    if 0 < s.t < cfg.mask_timestep:
+                        x0_u = self.solver.x0(z_aux, pred_u, s.high)
+                        m = edit_mask(x0[:1], x0[1:], float(quantiles[i]), cfg.dilation, cfg.mask_convention)
+                        x0_tgt = blend_x0(x0[1:], x0_u, m)
+                        x0_src = blend_x0(x0[:1], x0_u, 1 - m) if cfg.blend == "both" else x0[:1]
+                        x0 = torch.cat([x0_src, x0_tgt])
+                        masks.append((i, s.t, m[0].cpu()))
+                    z_aux = self.solver.step(z_aux, pred_u, s.high, s.low)
+                z = self.solver.compose(x0, noise, s.low)
+        images = self.decode(z if z_aux is None else torch.cat([z, z_aux])).permute(0, 2, 3, 1).numpy()  # [b, H, W, 3]
+        return EditOutput(_pil(images[0]), _pil(images[1]), _pil(images[2]) if uam else None, masks, inv)
+
+
+def _pil(arr: np.ndarray) -> Image.Image:
+    """[H, W, 3] float in [0, 1] -> PIL RGB."""
+    return Image.fromarray((np.clip(arr, 0, 1) * 255 + 0.5).astype(np.uint8))
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def default_caption(pipe, image: Image.Image) -> str:
+    """The testbed oracle's caption of a shapes-world image (the CLI's default source prompt)."""
+    from diffattn.testbed import oracle, world
+
+    parsed = oracle.parse(image)
+    if not parsed.objects:
+        raise EditPromptError("no --prompt given and the testbed oracle finds no object in the image to caption; "
+                              "pass the source prompt with --prompt")
+    objs = tuple((o.color, o.shape if o.shape in world.SHAPES else "circle") for o in parsed.objects[:3])
+    spec = world.PromptSpec(objects=objs, relation=None, styles=parsed.styles)
+    return world.caption(spec)
+
+
+def _source_prompt(args, pipe, image: Image.Image, given: str | None) -> str:
+    if given is not None:
+        return given
+    from diffattn import testbed
+
+    if (args.model or "tiny-sd") in testbed.MODELS:
+        return default_caption(pipe, image)
+    raise EditPromptError("give the source prompt (--prompt / --source): only testbed images can be captioned "
+                          "automatically")
+
+
+def _model_help(p, default: str = "tiny-sd") -> None:
+    """UAM's commands default to the UNet testbed model (the paper's architecture)."""
+    for action in p._actions:
+        if action.dest == "model":
+            action.help = f"{default} (default), tiny-sd3, a diffusers folder or a hub id"
+
+
+def add_invert_arguments(p) -> None:
+    """Arguments of ``diffattn invert``."""
+    _model_help(p)
+    p.add_argument("image", help="RGB image at the model's size (tiny-sd: 64x64)")
+    p.add_argument("--prompt", default=None, help="source prompt (default on testbed models: the oracle's caption)")
+    p.add_argument("--out", default="result.png", help="PNG: input | source prompt | empty prompt | uniform maps")
+    p.add_argument("--steps", type=int, default=None, help="inversion / reconstruction steps (default: the model's)")
+
+
+def add_edit_arguments(p) -> None:
+    """Arguments of ``diffattn edit``."""
+    _model_help(p)
+    p.add_argument("image", help="RGB image at the model's size (tiny-sd: 64x64)")
+    p.add_argument("--source", default=None, help="source prompt (default on testbed models: the oracle's caption)")
+    p.add_argument("--target", required=True, help="target prompt: the source with one word swapped")
+    p.add_argument("--out", default="result.png", help="PNG: input | prompt-to-prompt | + UAM | uniform branch")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None, help="CFG of the source / target branches")
+    p.add_argument("--mask-convention", default="code", choices=list(MASK_CONVENTIONS),
+                   help="code: dilate the edit mask (official code, default); paper: dilate the preserve mask")
+    p.add_argument("--blend", default="target", choices=list(BLENDS))
+    p.add_argument("--mask-timestep", type=float, default=200.0, help="T_mask: blend while t < this (0..1000)")
+    p.add_argument("--quantile", type=float, default=0.5)
+
+
+def run_invert_cli(args) -> dict[str, Reconstruction]:
+    """``diffattn invert``: reconstructions side by side, one PSNR line per conditioning."""
+    from diffattn.cli import load_model
+    from diffattn.generate import side_by_side
+
+    pipe = load_model(args.model, args.dtype, args.device)
+    uam = UAMPipeline(pipe, progress=True)
+    x = uam.load_image(args.image)  # [1, 3, H, W]
+    image = _pil(x[0].permute(1, 2, 0).numpy())
+    prompt = _source_prompt(args, pipe, image, args.prompt)
+    rec = uam.reconstruct_all(x[0], prompt, num_inference_steps=args.steps)[0]
+    labels = {"source": "source prompt", "empty": "empty prompt", "uniform": "uniform maps"}
+    panels = [image] + [rec[c].image for c in CONDITIONINGS]
+    side_by_side(panels, ["input"] + [labels[c] for c in CONDITIONINGS]).save(args.out)
+    print(f"prompt: {prompt!r}")
+    for c in CONDITIONINGS:
+        print(f"{labels[c]:14s} PSNR {rec[c].psnr:6.2f} dB  SSIM {rec[c].ssim:.4f}")
+    print(f"wrote {args.out}")
+    return rec
+
+
+def run_edit_cli(args) -> dict[str, EditOutput]:
+    """``diffattn edit``: prompt-to-prompt word swap with and without UAM blending."""
+    from diffattn.cli import load_model
+    from diffattn.generate import side_by_side
+
+    pipe = load_model(args.model, args.dtype, args.device)
+    uam = UAMPipeline(pipe, progress=True, mask_convention=args.mask_convention, blend=args.blend,
+                      mask_timestep=args.mask_timestep, quantile=args.quantile)
+    x = uam.load_image(args.image)
+    image = _pil(x[0].permute(1, 2, 0).numpy())
+    source = _source_prompt(args, pipe, image, args.source)
+    check_word_swap(pipe.tokenizer, source, args.target)
+    kw = dict(num_inference_steps=args.steps, guidance_scale=args.guidance)
+    with_uam = uam.edit(x[0], source, args.target, uam=True, **kw)
+    base = uam.edit(x[0], source, args.target, uam=False, inversions=with_uam.inversions, **kw)
+    side_by_side([image, base.target, with_uam.target, with_uam.aux],
+                 ["input", "prompt-to-prompt", "p2p + UAM", "uniform branch"]).save(args.out)
+    print(f"{source!r} -> {args.target!r}")
+    print(f"wrote {args.out} (input | prompt-to-prompt | p2p + UAM | uniform branch)")
+    return {"p2p": base, "uam": with_uam}

@@ -1,0 +1,381 @@
+"""UAM (Mo et al. 2025): the uniform-attention control against materialised fp64 references,
+stock equivalence, PSNR / SSIM, inversion and reconstruction on the testbed models, the
+prompt-to-prompt editor with and without UAM blending, the CLI, and bad input."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import diffattn as da
+from diffattn.controls import Control
+from diffattn.errors import ControlError, LayoutError, SelectorError, UnsupportedModelError
+from diffattn.methods.uniform import dilate, edit_mask, quantile_schedule
+from diffattn.pipelines import EditPromptError, ImageInputError, UAMPipeline, psnr, ssim
+from diffattn.tiny import output_of
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def heads_split(x: torch.Tensor, h: int) -> torch.Tensor:
+    """[B, N, H*D] -> [B, H, N, D]."""
+    b, n, c = x.shape
+    return x.view(b, n, h, c // h).transpose(1, 2)
+
+
+def heads_merge(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, N, D] -> [B, N, H*D]."""
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+def mix(p: torch.Tensor, p_uniform: torch.Tensor, u: float, heads) -> torch.Tensor:
+    """A' = (1 - u)A + u·U on the listed heads (maps [B, H, Nq, Nk])."""
+    w = torch.zeros(p.shape[1], dtype=p.dtype)
+    w[list(heads)] = u
+    w = w.view(1, -1, 1, 1)  # [1, H, 1, 1]
+    return (1 - w) * p + w * p_uniform
+
+
+class NoOp(Control):
+    """A control that changes nothing; active, it makes UniformAttention take its general path."""
+
+
+@pytest.fixture(scope="module")
+def sd15_fp64():
+    from diffattn.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline("sd15")
+    pipe.unet.double()
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def sd3_fp64():
+    from diffattn.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline("sd3")
+    pipe.transformer.double()
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def testbed_sd():
+    from diffattn import testbed
+
+    return testbed.load("tiny-sd")
+
+
+@pytest.fixture(scope="module")
+def testbed_sd3():
+    from diffattn import testbed
+
+    return testbed.load("tiny-sd3")
+
+
+def scene(seed: int, **kw):
+    from diffattn.testbed import world
+
+    s = world.sample_scene(seed, **kw)
+    return world.render(s), world.caption(s)
+
+
+# ----------------------------------------------------------------------------- the control: exactness
+
+
+def cross_reference(attn, hs, ehs, u: float, heads, keys=None) -> torch.Tensor:
+    """Materialised fp64 UNet cross attention with the uniform map 1/|S| over keys S mixed in."""
+    h = attn.heads
+    q, k, v = heads_split(attn.to_q(hs), h), heads_split(attn.to_k(ehs), h), heads_split(attn.to_v(ehs), h)
+    p = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)  # [B, H, Nq, Nk]
+    s = torch.zeros(k.shape[2], dtype=torch.bool)
+    s[list(range(k.shape[2])) if keys is None else keys] = True
+    uniform = s.double().expand_as(p) / s.sum()  # all-equal probabilities on S
+    out = mix(p, uniform, u, heads) @ v  # [B, H, Nq, D]
+    return attn.to_out[1](attn.to_out[0](heads_merge(out)))
+
+
+@pytest.mark.parametrize("kw, heads", [
+    (dict(), None),                                   # the paper: every key, every head, u = 1 (fast path)
+    (dict(strength=0.5, heads=[1]), [1]),
+    (dict(keys=[0, 2, 5]), None),                     # a chosen token set
+])
+def test_uniform_cross_attention_equals_materialised_reference(sd15_fp64, kw, heads):
+    site = da.select(sd15_fp64, "cross")[0]
+    attn = site.module
+    g = torch.Generator().manual_seed(0)
+    hs = torch.randn(2, 16, attn.to_q.in_features, generator=g, dtype=torch.float64)  # [B, Nq, C]
+    ehs = torch.randn(2, 7, attn.to_k.in_features, generator=g, dtype=torch.float64)  # [B, Nk, C_text]
+    heads = heads if heads is not None else range(attn.heads)
+    want = cross_reference(attn, hs, ehs, kw.get("strength", 1.0), heads, kw.get("keys"))
+    with da.attach(sd15_fp64, da.UniformAttention(sites=site.name, **kw)):
+        got = attn(hs, encoder_hidden_states=ehs)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    if not kw:  # the same vector at every position, and the general path (another control active) agrees
+        torch.testing.assert_close(got, got[:, :1].expand_as(got), atol=1e-12, rtol=0)
+        with da.attach(sd15_fp64, da.UniformAttention(sites=site.name), NoOp(sites=site.name)):
+            general = attn(hs, encoder_hidden_states=ehs)
+        torch.testing.assert_close(general, want, atol=1e-12, rtol=1e-10)
+
+
+def joint_reference(attn, hs, ehs, u: float, heads, keys=None):
+    """Materialised fp64 SD3 joint attention: softmax over the joint keys, then the text-key
+    block replaced by its row sum spread uniformly over the text keys (S = ``keys`` of them)."""
+    h, n_img = attn.heads, hs.shape[1]
+    q = torch.cat([heads_split(attn.to_q(hs), h), heads_split(attn.add_q_proj(ehs), h)], dim=2)  # [B, H, N, D]
+    k = torch.cat([heads_split(attn.to_k(hs), h), heads_split(attn.add_k_proj(ehs), h)], dim=2)
+    v = torch.cat([heads_split(attn.to_v(hs), h), heads_split(attn.add_v_proj(ehs), h)], dim=2)
+    p = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)  # [B, H, N, N]
+    cols = torch.arange(n_img, k.shape[2]) if keys is None else torch.tensor(keys) + n_img
+    share = p[..., cols].sum(-1, keepdim=True)  # [B, H, N, 1]
+    pu = p.clone()
+    pu[..., cols] = share / len(cols)
+    out = heads_merge(mix(p, pu, u, heads) @ v)  # [B, N, H*D]
+    return attn.to_out[1](attn.to_out[0](out[:, :n_img])), attn.to_add_out(out[:, n_img:])
+
+
+@pytest.mark.parametrize("kw, heads", [(dict(), None), (dict(strength=0.3, heads=[0]), [0]), (dict(keys=[1, 3]), None)])
+def test_segment_uniform_joint_attention_equals_materialised_reference(sd3_fp64, kw, heads):
+    attn = sd3_fp64.transformer.transformer_blocks[0].attn
+    g = torch.Generator().manual_seed(1)
+    hs = torch.randn(2, 16, attn.to_q.in_features, generator=g, dtype=torch.float64)  # [B, N_img, C]
+    ehs = torch.randn(2, 6, attn.add_q_proj.in_features, generator=g, dtype=torch.float64)  # [B, N_txt, C]
+    heads = heads if heads is not None else range(attn.heads)
+    want_img, want_txt = joint_reference(attn, hs, ehs, kw.get("strength", 1.0), heads, kw.get("keys"))
+    with da.attach(sd3_fp64, da.UniformAttention(**kw)) as h:
+        assert all(m == "share" for m in h.controls[0]._modes.values())
+        got_img, got_txt = attn(hs, encoder_hidden_states=ehs)
+    torch.testing.assert_close(got_img, want_img, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(got_txt, want_txt, atol=1e-12, rtol=1e-10)
+
+
+# ----------------------------------------------------------------------------- the control: stock equivalence
+
+
+def test_zero_strength_no_sites_and_detach_equal_stock(tiny_pipe, tiny_inputs):
+    pipe = tiny_pipe("sd15")
+    before = dict(pipe.unet.attn_processors)
+    stock = output_of(pipe(**tiny_inputs("sd15")))
+    for control in (da.UniformAttention(strength=0.0), da.UniformAttention(sites=lambda s: False),
+                    da.UniformAttention(steps=(5, 9))):  # a window the 2-step run never reaches
+        with da.attach(pipe, control):
+            assert torch.equal(output_of(pipe(**tiny_inputs("sd15"))), stock)
+    h = da.attach(pipe, da.UniformAttention())
+    changed = output_of(pipe(**tiny_inputs("sd15")))
+    h.detach()
+    assert not torch.equal(changed, stock)
+    assert all(pipe.unet.attn_processors[k] is p for k, p in before.items())
+    assert torch.equal(output_of(pipe(**tiny_inputs("sd15"))), stock)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def ssim_loop_reference(a: np.ndarray, b: np.ndarray, size=11, sigma=1.5, L=1.0) -> float:
+    """SSIM by the formula, window by window (Wang et al. 2004, Eq. 13 with Gaussian weights)."""
+    x = np.arange(size) - (size - 1) / 2
+    g = np.exp(-(x[:, None] ** 2 + x[None] ** 2) / (2 * sigma**2))
+    g /= g.sum()  # [s, s]
+    c1, c2 = (0.01 * L) ** 2, (0.03 * L) ** 2
+    vals = []
+    for c in range(a.shape[2]):
+        for i in range(a.shape[0] - size + 1):
+            for j in range(a.shape[1] - size + 1):
+                p, q = a[i:i + size, j:j + size, c], b[i:i + size, j:j + size, c]
+                mp, mq = (g * p).sum(), (g * q).sum()
+                vp, vq = (g * (p - mp) ** 2).sum(), (g * (q - mq) ** 2).sum()
+                cov = (g * (p - mp) * (q - mq)).sum()
+                vals.append(((2 * mp * mq + c1) * (2 * cov + c2)) / ((mp**2 + mq**2 + c1) * (vp + vq + c2)))
+    return float(np.mean(vals))
+
+
+def test_psnr_and_ssim_known_values():
+    a = np.zeros((16, 16, 3))
+    assert psnr(a, a + 0.1) == pytest.approx(20.0)  # MSE 0.01
+    assert psnr(a, a) == math.inf
+    c1 = 0.01**2
+    # constant images: no variance, SSIM = (2 μa μb + C1) / (μa² + μb² + C1)
+    assert ssim(a + 0.2, a + 0.4) == pytest.approx((2 * 0.2 * 0.4 + c1) / (0.2**2 + 0.4**2 + c1))
+    rng = np.random.default_rng(0)
+    x = rng.random((20, 18, 3))
+    y = np.clip(x + rng.normal(0, 0.1, x.shape), 0, 1)
+    assert ssim(x, x) == pytest.approx(1.0)
+    assert ssim(x, y) == pytest.approx(ssim_loop_reference(x, y), abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- editing math
+
+
+def test_edit_mask_conventions_and_quantile_schedule():
+    q = quantile_schedule(50, 0.5)
+    assert q[0] == 0 and q[-1] == pytest.approx(0.5) and len(q) == 50
+    delta = torch.zeros(1, 1, 7, 7)
+    delta[0, 0, 3, 3] = 1.0  # one edited element
+    src, tgt = delta, torch.zeros_like(delta)
+    code = edit_mask(src, tgt, 0.5, radius=1, convention="code")  # the edit mask, dilated: a 3x3 block
+    want = torch.zeros(1, 1, 7, 7)
+    want[0, 0, 2:5, 2:5] = 1
+    assert torch.equal(code, want)
+    paper = edit_mask(src, tgt, 0.5, radius=1, convention="paper")  # the preserve mask dilated over it
+    assert torch.equal(paper, torch.zeros_like(paper))
+    assert torch.equal(edit_mask(src, tgt, 0.5, radius=0, convention="paper"), delta)
+    assert torch.equal(dilate(delta, 2).sum(), torch.tensor(25.0))
+
+
+# ----------------------------------------------------------------------------- inversion and reconstruction
+
+
+def test_uniform_reconstruction_on_testbed_scenes(testbed_sd, testbed_sd3):
+    # tiny-sd (UNet): the paper's uniform maps under "" reconstruct faithfully (finite, near the VAE)
+    img, cap = scene(3)
+    rec = UAMPipeline(testbed_sd).reconstruct_all(img, cap, ("source", "uniform"), num_inference_steps=8)[0]
+    assert all(math.isfinite(r.psnr) and r.psnr > 20 and 0.8 < r.ssim <= 1 for r in rec.values())
+    assert rec["uniform"].psnr != rec["source"].psnr
+    # tiny-sd3: segment-uniform maps (under the source prompt) beat the source-prompt inversion on
+    # these scenes (benchmarks/uam_eval.py measures the average over evaluation seeds)
+    scenes = [scene(s) for s in range(4, 8)]
+    uam = UAMPipeline(testbed_sd3, uniform_prompt=None)
+    recs = uam.reconstruct_all([s[0] for s in scenes], [s[1] for s in scenes], ("source", "uniform"),
+                               num_inference_steps=10)
+    assert all(math.isfinite(r["uniform"].psnr) for r in recs)
+    wins = sum(r["uniform"].psnr > r["source"].psnr + 0.2 for r in recs)
+    assert wins >= 2, [(r["source"].psnr, r["uniform"].psnr) for r in recs]
+
+
+def test_inversion_is_the_mirror_of_sampling(testbed_sd):
+    """With a denoiser that ignores the latent, DDIM inversion then sampling is exact."""
+    uam = UAMPipeline(testbed_sd)
+    steps = uam.steps(7)
+    z0 = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    eps = torch.randn_like(z0)
+    z = z0
+    for s in reversed(steps):
+        z = uam.solver.step(z, eps, s.low, s.high)
+    for s in steps:
+        z = uam.solver.step(z, eps, s.high, s.low)
+    torch.testing.assert_close(z, z0, atol=1e-4, rtol=1e-4)
+    from diffattn.pipelines.uam import Solver, flow_steps
+
+    solver, grid = Solver("flow"), flow_steps({"num_train_timesteps": 1000, "shift": 3.0}, 5, 64)
+    z = z0
+    for s in reversed(grid):
+        z = solver.step(z, eps, s.low, s.high)
+    assert grid[0].high == 1.0 and grid[-1].low == 0.0
+    for s in grid:
+        z = solver.step(z, eps, s.high, s.low)
+    torch.testing.assert_close(z, z0, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- editing
+
+
+def test_prompt_to_prompt_replacement_is_exact():
+    """Target rows get A_src·V_tgt (the source's map, the target's values); source rows are
+    untouched; outside the step window the control is inactive."""
+    from diffattn.controls import AttentionCall, StepState
+    from diffattn.layout import unet_layout
+    from diffattn.pipelines import PromptToPromptReplace
+    from diffattn.processors import run_controls
+    from diffattn.sites import Site
+
+    torch.manual_seed(2)
+    q, k, v = torch.randn(3, 2, 2, 16, 4, dtype=torch.float64).unbind(0)  # [B=2 (source, target), H, N, D]
+    k, v = k[:, :, :7], v[:, :, :7]  # 7 text keys
+    site = Site("down_blocks.0.attentions.0.transformer_blocks.0.attn2", "unet", "cross", 0, 2, 4)
+    branches = {"source": slice(0, 1), "target": slice(1, 2)}
+    control = PromptToPromptReplace(cross_steps=(0, 1), self_steps=(0, 0))
+
+    def call(step):
+        layout = unet_layout(16, 7, cross=True, grid=(4, 4))
+        return AttentionCall(site, layout, q, k, v, StepState(index=step), branches)
+
+    p = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1)  # [B, H, Nq, Nk], scale 1/sqrt(4)
+    assert control.is_active(call(0)) and not control.is_active(call(1))
+    got = run_controls(call(0), [control])
+    torch.testing.assert_close(got[1:], p[:1] @ v[1:], atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(got[:1], p[:1] @ v[:1], atol=1e-12, rtol=1e-10)
+    assert not control.is_active(AttentionCall(site, None, q, k, v, StepState(index=0), {"cond": slice(0, 2)}))
+
+
+def test_word_swap_editor(testbed_sd):
+    img, cap = scene(11, objects=[("red", "circle")], background="light", outline=False)
+    assert cap == "a red circle"
+    uam = UAMPipeline(testbed_sd)
+    # no edit steps: the target branch follows the source prompt and reproduces the source branch
+    same = uam.edit(img, cap, "a blue circle", uam=False, edit_steps=0, num_inference_steps=6)
+    assert np.abs(np.asarray(same.target, np.int16) - np.asarray(same.source, np.int16)).max() <= 1
+    # UAM without a blending window is the base editor; with it, the unedited area comes from the uniform branch
+    base = uam.edit(img, cap, "a blue circle", uam=False, num_inference_steps=6)
+    assert not np.array_equal(np.asarray(base.target), np.asarray(base.source))
+    off = UAMPipeline(testbed_sd, mask_timestep=0.0).edit(img, cap, "a blue circle", num_inference_steps=6)
+    assert np.array_equal(np.asarray(off.target), np.asarray(base.target)) and not off.masks
+    on = uam.edit(img, cap, "a blue circle", num_inference_steps=6, guidance_scale=5.0)
+    assert on.masks and all(set(m.unique().tolist()) <= {0.0, 1.0} for _, _, m in on.masks)
+    assert [t for _, t, _ in on.masks] == [t for t in (s.t for s in uam.steps(6)) if 0 < t < 200]
+    assert not np.array_equal(np.asarray(on.target), np.asarray(base.target))
+    assert np.array_equal(np.asarray(on.source), np.asarray(base.source))  # blend="target": the source untouched
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_invert_and_edit(tmp_path, capsys):
+    from diffattn.cli import main
+
+    path = tmp_path / "scene.png"
+    scene(5, n_objects=1, background="light", outline=False)[0].save(path)
+    main(["invert", str(path), "--steps", "4", "--out", str(tmp_path / "inv.png")])
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if "PSNR" in ln]
+    assert [ln.split()[0] for ln in lines] == ["source", "empty", "uniform"]
+    assert Image.open(tmp_path / "inv.png").width == 4 * 64 * 4
+    caption = out.split("prompt: ")[1].splitlines()[0].strip("'")
+    shape = caption.split()[2]  # "a <colour> <shape> ..."
+    target = caption.replace(shape, "square" if shape == "circle" else "circle")
+    main(["edit", str(path), "--target", target, "--steps", "4", "--out", str(tmp_path / "edit.png")])
+    assert Image.open(tmp_path / "edit.png").width == 4 * 64 * 4
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_raises_typed_errors(tiny_pipe, testbed_sd):
+    pipe = tiny_pipe("sd15")
+    with pytest.raises(SelectorError, match="self attention.*sites='cross'"):
+        da.attach(pipe, da.UniformAttention(sites="self"))
+    with pytest.raises(SelectorError, match="names no site"):
+        da.attach(pipe, da.UniformAttention(sites="down_blocks.7"))
+    with pytest.raises(ControlError, match=r"\[0, 1\]"):
+        da.UniformAttention(strength=1.5)
+    with pytest.raises(ControlError, match="keys"):
+        da.UniformAttention(keys="prompt")
+    with pytest.raises(ControlError, match="mode='share'"):
+        da.attach(tiny_pipe("sd3"), da.UniformAttention(mode="replace"))
+    attn = da.select(pipe, "cross")[0].module
+    with da.attach(pipe, da.UniformAttention(keys=[40])), pytest.raises(LayoutError, match="text segment has 7"):
+        attn(torch.randn(1, 4, attn.to_q.in_features), encoder_hidden_states=torch.randn(1, 7, attn.to_k.in_features))
+    assert not any(type(p).__module__.startswith("diffattn") for p in pipe.unet.attn_processors.values())
+    with pytest.raises(UnsupportedModelError, match="UAMPipeline supports"):
+        UAMPipeline(tiny_pipe("flux"))
+
+    uam = UAMPipeline(testbed_sd)
+    img, cap = scene(2)
+    with pytest.raises(ImageInputError, match="64x64"):
+        uam.invert(img.resize((80, 80)), cap)
+    with pytest.raises(ImageInputError, match=r"convert\('RGB'\)"):
+        uam.invert(img.convert("RGBA"), cap)
+    with pytest.raises(ImageInputError, match=r"\[H, W, 3\]"):
+        uam.invert(np.zeros((64, 64)), cap)
+    with pytest.raises(EditPromptError, match="empty"):
+        uam.edit(img, "a red circle", "  ")
+    with pytest.raises(EditPromptError, match="same number of tokens"):
+        uam.edit(img, "a red circle", "a red circle on a dark background")
+    with pytest.raises(ControlError, match="conditioning"):
+        uam.invert(img, cap, "null-text")
+    with pytest.raises(ControlError, match="mask_convention"):
+        UAMPipeline(testbed_sd, mask_convention="both")
+    with pytest.raises(ControlError, match="unknown UAM option"):
+        UAMPipeline(testbed_sd, t_mask=300)
