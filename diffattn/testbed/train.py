@@ -120,22 +120,33 @@ def train_vae(args):
     torch.manual_seed(args.seed)
     vae = models.build_vae(args.seed)
     modules = {"vae": vae}
-    ema = {n: p.detach().clone() for n, p in _named_trainable(modules)}
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
-    step = load_checkpoint(args.out, modules, ema, opt)
-    bar = tqdm(total=args.steps, initial=step, desc="vae", dynamic_ncols=True)
-    while step < args.steps:
+
+    def loss_at(step):
         rng = np.random.default_rng([args.seed, step])
         scenes = [sample_training_scene(rng) for _ in range(args.batch)]
         x = images_to_tensor([render(s) for s in scenes])  # [B, 3, 64, 64]
         ys, xs = rng.integers(0, 33, size=2)
         x = x[:, :, ys : ys + 32, xs : xs + 32]  # [B, 3, 32, 32] crop
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.lr, 50, args.steps)
         posterior = vae.encode(x).latent_dist
         z = posterior.sample(generator=torch.Generator().manual_seed(args.seed * 7919 + step))
         recon = vae.decode(z).sample
-        loss = F.l1_loss(recon, x) + 0.5 * F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        return F.l1_loss(recon, x) + 0.5 * F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+
+    _fit_autoencoder(args, vae, modules, opt, "vae", loss_at)
+    print(f"saved VAE to {os.path.join(args.out, 'final')}")
+
+
+def _fit_autoencoder(args, vae, modules, opt, desc, loss_at) -> None:
+    """The VAE stages' loop: ``loss_at(step)`` → AdamW step with warm-up/cosine rate, EMA,
+    checkpoints every ``--save-every``; then the EMA weights are saved to ``<out>/final``."""
+    ema = {n: p.detach().clone() for n, p in _named_trainable(modules)}
+    step = load_checkpoint(args.out, modules, ema, opt)
+    bar = tqdm(total=args.steps, initial=step, desc=desc, dynamic_ncols=True)
+    while step < args.steps:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.lr, 50, args.steps)
+        loss = loss_at(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -148,7 +159,6 @@ def train_vae(args):
     bar.close()
     _load_ema_into(modules, ema)
     vae.save_pretrained(os.path.join(args.out, "final"), safe_serialization=True)
-    print(f"saved VAE to {os.path.join(args.out, 'final')}")
 
 
 def _image_gradient_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -169,11 +179,9 @@ def train_decoder(args):
     decoder = torch.nn.ModuleDict({"post_quant_conv": vae.post_quant_conv, "decoder": vae.decoder})
     decoder.requires_grad_(True)
     modules = {"decoder": decoder}
-    ema = {n: p.detach().clone() for n, p in _named_trainable(modules)}
     opt = torch.optim.AdamW(decoder.parameters(), lr=args.lr, weight_decay=0.0)
-    step = load_checkpoint(args.out, modules, ema, opt)
-    bar = tqdm(total=args.steps, initial=step, desc="decoder", dynamic_ncols=True)
-    while step < args.steps:
+
+    def loss_at(step):
         rng = np.random.default_rng([args.seed, 7, step])
         x = images_to_tensor([render(sample_training_scene(rng)) for _ in range(args.batch)])  # [B, 3, 64, 64]
         gen = torch.Generator().manual_seed(args.seed * 7919 + step)
@@ -182,22 +190,10 @@ def train_decoder(args):
         ys, xs = (int(v) for v in rng.integers(0, 9, size=2))
         z = z[:, :, ys : ys + 8, xs : xs + 8]  # [B, 4, 8, 8] latent crop
         x = x[:, :, 4 * ys : 4 * ys + 32, 4 * xs : 4 * xs + 32]  # [B, 3, 32, 32] matching pixels
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.lr, 50, args.steps)
         recon = vae.decode(z).sample
-        loss = F.l1_loss(recon, x) + 0.5 * F.mse_loss(recon, x) + _image_gradient_l1(recon, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        ema_update(ema, modules, step)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if step % args.save_every == 0 or step == args.steps:
-            save_checkpoint(args.out, step, modules, ema, opt)
-    bar.close()
-    _load_ema_into(modules, ema)
-    vae.save_pretrained(os.path.join(args.out, "final"), safe_serialization=True)
+        return F.l1_loss(recon, x) + 0.5 * F.mse_loss(recon, x) + _image_gradient_l1(recon, x)
+
+    _fit_autoencoder(args, vae, modules, opt, "decoder", loss_at)
     print(f"saved VAE with the fine-tuned decoder to {os.path.join(args.out, 'final')}")
 
 
