@@ -22,12 +22,19 @@ def load_model(name: str | None, dtype: str = "float32", device: str = "cpu"):
     from . import testbed
 
     name = name or testbed.DEFAULT_MODEL
-    if name in testbed.MODELS:
-        pipe = testbed.load(name)
-    else:
-        from diffusers import DiffusionPipeline
+    if name in testbed.MODELS or testbed.testbed_kind(name):
+        return testbed.load(name, torch_dtype=getattr(torch, dtype)).to(device)
+    from pathlib import Path
 
-        pipe = DiffusionPipeline.from_pretrained(name, torch_dtype=getattr(torch, dtype))
+    from diffusers import DiffusionPipeline
+
+    absent = {}
+    index = Path(name) / "model_index.json"
+    if index.is_file():  # a local folder saved without some components (e.g. SD3 without T5)
+        import json
+
+        absent = {k: None for k, v in json.loads(index.read_text()).items() if v == [None, None]}
+    pipe = DiffusionPipeline.from_pretrained(name, torch_dtype=getattr(torch, dtype), **absent)
     return pipe.to(device)
 
 

@@ -37,16 +37,44 @@ def model_path(name: str) -> Path:
     return path
 
 
+MARKER = "testbed.json"  # written by `train export`: {"model": "tiny-sd3"}
+
+
+def testbed_kind(path) -> str | None:
+    """Which testbed model a pipeline folder holds (its ``testbed.json``), or None."""
+    marker = Path(path) / MARKER
+    if not marker.is_file():
+        return None
+    import json
+
+    kind = json.loads(marker.read_text()).get("model")
+    if kind not in MODELS:
+        raise DiffattnError(f"{marker} names {kind!r}; expected one of {list(MODELS)}")
+    return kind
+
+
 def load(name: str = DEFAULT_MODEL, **kwargs):
     """Load a testbed model as an ordinary diffusers pipeline, fully offline.
 
-    ``tiny-sd`` is a ``StableDiffusionPipeline``, ``tiny-sd3`` a ``StableDiffusion3Pipeline``
-    (subclasses whose call defaults suit the tiny models: steps, guidance, and no T5
-    padding tokens for SD3). Extra keyword arguments go to ``from_pretrained``.
+    ``name`` is ``tiny-sd`` / ``tiny-sd3`` (the shipped assets) or the folder of an
+    exported testbed model (``python -m diffattn.testbed.train export``). ``tiny-sd`` is a
+    ``StableDiffusionPipeline``, ``tiny-sd3`` a ``StableDiffusion3Pipeline`` (subclasses
+    whose call defaults suit the tiny models: steps, guidance, and no T5 padding tokens for
+    SD3). Extra keyword arguments go to ``from_pretrained``.
     """
     from .pipelines import ShapesSD3Pipeline, ShapesSDPipeline
 
-    path = model_path(name)
+    if name in MODELS:
+        path = model_path(name)
+    else:
+        path = Path(name)
+        kind = testbed_kind(path)
+        if kind is None:
+            raise DiffattnError(
+                f"{name!r} is neither a testbed model name {list(MODELS)} nor a folder "
+                f"exported by `python -m diffattn.testbed.train export` (no {MARKER})"
+            )
+        name = kind
     cls = {"tiny-sd": ShapesSDPipeline, "tiny-sd3": ShapesSD3Pipeline}[name]
     if name == "tiny-sd3":  # components the tiny SD3 does not have
         for absent in ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor"):

@@ -313,6 +313,8 @@ def export(args):
         modules["text_encoder_2"] = pipe.text_encoder_2
     _load_ema_into(modules, load_file(os.path.join(args.run, "ema.safetensors")))
     pipe.save_pretrained(args.to, safe_serialization=True)
+    with open(os.path.join(args.to, "testbed.json"), "w") as f:  # lets load() pick the call defaults
+        json.dump({"model": run_args["stage"]}, f)
     print(f"exported {run_args['stage']} to {args.to}")
 
 
