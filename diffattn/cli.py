@@ -4,6 +4,8 @@
     diffattn generate PROMPT --out result.png     generate (baseline | method side by side)
     diffattn eval [--suite two] [--seeds 64]      oracle metrics with confidence intervals
     diffattn headhunt --out preset.json           head search (SoftPAG presets)
+    diffattn invert IMAGE --out result.png        DDIM inversion: source / empty / uniform maps
+    diffattn edit IMAGE --source S --target T     prompt-to-prompt word swap, with UAM blending
 
 With no ``--model`` every command uses the built-in testbed model (tiny-sd3, shipped in
 ``assets/``), so it runs offline on a fresh machine. ``--model`` also takes ``tiny-sd``, a

@@ -16,12 +16,26 @@ _EXPORTS = {
     "Inversion": "diffattn.pipelines.uam",
     "Reconstruction": "diffattn.pipelines.uam",
     "EditOutput": "diffattn.pipelines.uam",
-    "PromptToPromptReplace": "diffattn.pipelines.uam",
+    "PromptToPromptReplace": "diffattn.methods.p2p",
     "ImageInputError": "diffattn.pipelines.uam",
     "EditPromptError": "diffattn.pipelines.uam",
     "psnr": "diffattn.pipelines.uam",
     "ssim": "diffattn.pipelines.uam",
 }
+
+
+def configure(config, default_cls, overrides: dict, error_cls, method: str):
+    """``config`` (or ``default_cls()``) with keyword ``overrides`` replacing its fields, validated.
+
+    An override that is not a field raises ``error_cls`` naming the fields there are.
+    """
+    from dataclasses import fields, replace
+
+    names = {f.name for f in fields(default_cls)}
+    bad = set(overrides) - names
+    if bad:
+        raise error_cls(f"unknown {method} option(s) {sorted(bad)}; {default_cls.__name__} has {sorted(names)}")
+    return replace(config or default_cls(), **overrides).validate()
 
 
 def __getattr__(name: str):

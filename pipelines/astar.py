@@ -37,12 +37,13 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from diffattn.errors import UnsupportedModelError
+from diffattn.pipelines import configure
 from diffattn.methods.astar import (
     LOSSES,
     ConceptError,
@@ -265,11 +266,7 @@ class AStarPipeline:
     def __init__(self, pipe, config: AStarConfig | None = None, **overrides):
         self.family = pipeline_family(pipe)
         self.pipe = pipe
-        names = {f.name for f in fields(AStarConfig)}
-        bad = set(overrides) - names
-        if bad:
-            raise ConceptError(f"unknown A-STAR option(s) {sorted(bad)}; AStarConfig has {sorted(names)}")
-        self.config = replace(config or AStarConfig(), **overrides).validate()
+        self.config = configure(config, AStarConfig, overrides, ConceptError, "A-STAR")
 
     @classmethod
     def from_pipe(cls, pipe, config: AStarConfig | None = None, **overrides) -> "AStarPipeline":

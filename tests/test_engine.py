@@ -327,6 +327,10 @@ def test_uniform_keys_are_exact(index, with_mask):
     torch.testing.assert_close(out.double(), _uniform_reference(q, k, v, index, mask), atol=1e-10, rtol=1e-8)
     _, lse_ref = attention(q, k, v, bias=mask, return_lse=True)
     torch.testing.assert_close(lse, lse_ref)  # taps still see the unedited map
+    out_fast, lse_fast = uniform_keys_attention(q, k, v, torch.tensor(index), bias=mask, need_lse=False)
+    torch.testing.assert_close(out_fast, out)  # the no-scores path (every key uniform) is the same map
+    if len(index) == 8:
+        assert lse_fast is None
 
 
 def test_uniform_keys_rows_and_heads_subset():

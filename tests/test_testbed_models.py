@@ -64,6 +64,36 @@ def test_training_smoke_run_resumes_exactly(tmp_path):
     out = str(tmp_path / "export")
     train.main(["export", "--run", a, "--to", out])
     assert os.path.exists(os.path.join(out, "transformer", "diffusion_pytorch_model.safetensors"))
+    pipe = testbed.load(out)  # an exported folder loads like a shipped model, with its defaults
+    assert type(pipe).__name__ == "ShapesSD3Pipeline"
+    # tiny-sd on per-channel standardised latents: the shipped VAE carries the standardisation
+    run("tiny-sd", "--out", str(tmp_path / "sd"), "--steps", "2", "--standardize", *common)
+    train.main(["export", "--run", str(tmp_path / "sd"), "--to", str(tmp_path / "sd-export")])
+    vae = testbed.load(str(tmp_path / "sd-export")).vae
+    assert vae.config.scaling_factor == 1.0
+    stats = load_file(os.path.join(tmp_path / "sd", "latent_stats.safetensors"))
+    assert stats["mu"].shape == stats["sigma"].shape == (4,)
+
+
+def test_standardized_vae_decodes_exactly_like_the_original():
+    """standardize_vae folds z' = (z - mu) / sigma into the encoder and its inverse into the
+    decoder: the posterior is mapped exactly and decoding a mapped latent is unchanged."""
+    torch.manual_seed(0)
+    vae_a, vae_b = models.build_vae(), models.build_vae()
+    vae_b.load_state_dict(vae_a.state_dict())
+    mu, sigma = torch.tensor([1.0, 0.5, -0.4, 0.8]), torch.tensor([1.2, 0.9, 0.3, 2.0])
+    train.standardize_vae(vae_b, mu, sigma)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        pa, pb = vae_a.encode(x).latent_dist, vae_b.encode(x).latent_dist
+        torch.testing.assert_close(pb.mean, (pa.mean - mu[:, None, None]) / sigma[:, None, None], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pb.std, pa.std / sigma[:, None, None], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(vae_b.decode(pb.mean).sample, vae_a.decode(pa.mean).sample, atol=1e-5, rtol=1e-5)
+
+
+def test_a_folder_that_is_not_a_testbed_export_is_an_error(tmp_path):
+    with pytest.raises(DiffattnError, match="testbed.json"):
+        testbed.load(str(tmp_path))
 
 
 def test_unknown_testbed_model_is_an_error():

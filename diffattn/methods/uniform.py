@@ -271,7 +271,7 @@ class UniformAttention(Control):
                 bs = bias if (index is None or bias.shape[-1] == 1) else bias.index_select(-1, index)
                 target = masked_uniform_output(ks, vs, bs)
         else:
-            target, _ = uniform_keys_attention(q, k, v, index, scale=call.scale, bias=bias)  # [b, H, Nq, D]
+            target, _ = uniform_keys_attention(q, k, v, index, scale=call.scale, bias=bias, need_lse=False)  # [b, H, Nq, D]
         u = torch.full((1, out.shape[1], 1, 1), self.strength, dtype=out.dtype, device=out.device)  # [1, H, 1, 1]
         if heads is not None:
             u = u * heads.view(1, -1, 1, 1).to(out.dtype)

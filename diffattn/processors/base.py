@@ -173,7 +173,8 @@ def _key_columns(bias: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor
     return bias.index_select(-1, index)
 
 
-def uniform_keys_attention(q, k, v, index: torch.Tensor, *, scale=None, bias=None) -> tuple[torch.Tensor, torch.Tensor]:
+def uniform_keys_attention(q, k, v, index: torch.Tensor, *, scale=None, bias=None,
+                           need_lse: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention where the key subset ``index`` gets uniform logits, exactly, without L×L.
 
     With S = ``index`` and R the other keys (UAM; the share of S is kept):
@@ -181,7 +182,8 @@ def uniform_keys_attention(q, k, v, index: torch.Tensor, *, scale=None, bias=Non
         p_S = exp(lse_S - logaddexp(lse_S, lse_R)),
         O = (1 - p_S)·softmax(q K_R^T + b_R)V_R + p_S·softmax(b_S)V_S.
     softmax(b_S)V_S is mean(V_S) without a bias. Returns ``(O [B, H, Nq, D], lse_all [B, H, Nq])``
-    where lse_all is the row LSE of the *unedited* scores (what taps use).
+    where lse_all is the row LSE of the *unedited* scores (what taps use). When every key is
+    in S and ``need_lse`` is False no score is computed at all (O(N): mean(V)) and lse is None.
     """
     nk = k.shape[-2]
     in_s = torch.zeros(nk, dtype=torch.bool, device=k.device)
@@ -190,14 +192,15 @@ def uniform_keys_attention(q, k, v, index: torch.Tensor, *, scale=None, bias=Non
     idx_r = (~in_s).nonzero().flatten()
     k_s, v_s = k.index_select(2, idx_s), v.index_select(2, idx_s)  # [B, H, Ns, D]
     b_s = _key_columns(bias, idx_s)
-    _, lse_s = attention(q, k_s, v_s, scale=scale, bias=b_s, return_lse=True)  # [B, H, Nq]
     if b_s is None:
         uni = v_s.mean(dim=2, keepdim=True)  # [B, H, 1, D]
     else:  # uniform logits plus the bias: zero queries give zero scores
         uni = attention(torch.zeros_like(q), k_s, v_s, bias=b_s).nan_to_num(0.0)  # rows with no allowed key in S
     if idx_r.numel() == 0:
-        out = uni.expand(q.shape[:-1] + (v.shape[-1],))
-        return out.contiguous(), lse_s
+        out = uni.expand(q.shape[:-1] + (v.shape[-1],)).contiguous()  # [B, H, Nq, D]
+        lse_s = attention(q, k_s, v_s, scale=scale, bias=b_s, return_lse=True)[1] if need_lse else None
+        return out, lse_s
+    _, lse_s = attention(q, k_s, v_s, scale=scale, bias=b_s, return_lse=True)  # [B, H, Nq]
     b_r = _key_columns(bias, idx_r)
     out_r, lse_r = attention(q, k.index_select(2, idx_r), v.index_select(2, idx_r), scale=scale, bias=b_r, return_lse=True)
     lse_all = torch.logaddexp(lse_s, lse_r)
@@ -217,7 +220,7 @@ def _uniform_call(call: AttentionCall, uk: UniformKeys, need_lse: bool) -> torch
     if uk.heads is not None:
         heads = uk.heads if torch.is_tensor(uk.heads) and uk.heads.dtype == torch.bool else call.head_mask(list(uk.heads))
     if uk.rows is None and heads is None:
-        out, lse = uniform_keys_attention(q, k, v, index, scale=call.scale, bias=spec.bias)
+        out, lse = uniform_keys_attention(q, k, v, index, scale=call.scale, bias=spec.bias, need_lse=need_lse)
         if spec.head_blend is not None:
             out = _blend(out, v, spec.head_blend)
         call.lse = lse if need_lse else None
@@ -233,7 +236,7 @@ def _uniform_call(call: AttentionCall, uk: UniformKeys, need_lse: bool) -> torch
     bias = spec.bias
     if bias is not None and bias.dim() == 4 and bias.shape[0] == q.shape[0]:
         bias = bias[rows]
-    out_u, _ = uniform_keys_attention(q[rows], k[rows], v[rows], index, scale=call.scale, bias=bias)
+    out_u, _ = uniform_keys_attention(q[rows], k[rows], v[rows], index, scale=call.scale, bias=bias, need_lse=False)
     if spec.head_blend is not None:
         hb = spec.head_blend if spec.head_blend.dim() == 1 else spec.head_blend[rows]
         out_u = _blend(out_u, v[rows], hb)

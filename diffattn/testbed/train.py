@@ -204,6 +204,35 @@ def _load_ema_into(modules, ema):
 
 
 @torch.no_grad()
+def latent_channel_stats(latents: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of the encoded scenes' posterior means, shapes [C]."""
+    mean = latents["mean"].float()  # [N, C, h, w]
+    return mean.mean(dim=(0, 2, 3)), mean.std(dim=(0, 2, 3))
+
+
+@torch.no_grad()
+def standardize_vae(vae: AutoencoderKL, mu: torch.Tensor, sigma: torch.Tensor) -> AutoencoderKL:
+    """Fold a per-channel affine map into the VAE so its latents are zero-mean, unit-std.
+
+    ``z' = (z - mu) / sigma`` is applied to the posterior by rescaling ``quant_conv``'s mean
+    rows (and shifting its log-variance rows by ``-2 log sigma``), and undone before decoding
+    by folding ``z = sigma z' + mu`` into ``post_quant_conv``: decoding is unchanged exactly.
+    ``scaling_factor`` becomes 1 and ``shift_factor`` 0, so the stock ``StableDiffusionPipeline``
+    (which ignores the shift) sees centred latents. Why: the tiny-sd UNet trained on latents
+    with per-channel offsets and a 6x spread of channel scales drew unstructured backgrounds.
+    """
+    c = mu.numel()
+    qw, qb = vae.quant_conv.weight, vae.quant_conv.bias  # [2C, 2C, 1, 1], [2C]
+    qw[:c] /= sigma[:, None, None, None]
+    qb[:c] = (qb[:c] - mu) / sigma
+    qb[c:] -= 2 * torch.log(sigma)
+    pw, pb = vae.post_quant_conv.weight, vae.post_quant_conv.bias  # [C, C, 1, 1], [C]
+    pb += (pw[:, :, 0, 0] @ mu)
+    pw *= sigma[None, :, None, None]
+    vae.register_to_config(scaling_factor=1.0, shift_factor=0.0)
+    return vae
+
+
 def make_data(args):
     """Render ``--n`` training scenes, encode them with the VAE (posterior mean and std),
     and set the VAE's scaling (and SD3 shift) factor from the latents' statistics."""
@@ -244,6 +273,12 @@ def train_denoiser(args):
     with open(os.path.join(args.data, "captions.json")) as f:
         captions = json.load(f)
     is_sd3 = args.stage == "tiny-sd3"
+    if getattr(args, "standardize", False):  # per-channel centred latents, folded into the VAE
+        mu, sigma = latent_channel_stats(lat)
+        lat = {"mean": (lat["mean"].float() - mu[:, None, None]) / sigma[:, None, None],  # [N, C, h, w]
+               "std": lat["std"].float() / sigma[:, None, None]}
+        vae = standardize_vae(vae, mu, sigma)
+        save_file({"mu": mu, "sigma": sigma}, os.path.join(args.out, "latent_stats.safetensors"))
     pipe = models.build_sd3(vae, args.seed) if is_sd3 else models.build_sd(vae, args.seed)
     denoiser = pipe.transformer if is_sd3 else pipe.unet
     modules = {"denoiser": denoiser, "text_encoder": pipe.text_encoder}
@@ -306,6 +341,10 @@ def export(args):
     with open(os.path.join(args.run, "args.json")) as f:
         run_args = json.load(f)
     vae = AutoencoderKL.from_pretrained(args.vae_from or os.path.join(run_args["data"], "vae"))
+    stats_file = os.path.join(args.run, "latent_stats.safetensors")
+    if os.path.exists(stats_file):  # the run trained on standardised latents: ship that VAE
+        stats = load_file(stats_file)
+        vae = standardize_vae(vae, stats["mu"], stats["sigma"])
     is_sd3 = run_args["stage"] == "tiny-sd3"
     pipe = models.build_sd3(vae, run_args["seed"]) if is_sd3 else models.build_sd(vae, run_args["seed"])
     modules = {"denoiser": pipe.transformer if is_sd3 else pipe.unet, "text_encoder": pipe.text_encoder}
@@ -335,6 +374,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--save-every", type=int, default=250)
+    p.add_argument("--standardize", action="store_true", help="denoiser stages: train on per-channel standardised latents (folded into the shipped VAE)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
