@@ -27,7 +27,7 @@ import torch
 from diffattn import testbed
 from diffattn.pipelines import AStarConfig, AStarPipeline
 from diffattn.pipelines.astar import TESTBED_OVERRIDES, default_concepts
-from diffattn.testbed.evaluate import eval_seeds, evaluate, suite_prompts, wilson_interval
+from diffattn.testbed.evaluate import TRAIN_SEEDS, eval_seeds, evaluate, suite_prompts, wilson_interval
 from diffattn.testbed.world import parse_prompt
 
 
@@ -78,6 +78,7 @@ def main(argv=None):
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {list(METHODS)}")
     p.add_argument("--seeds", type=int, default=128, help="evaluation seeds (images) per suite and method")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--tune", action="store_true", help="use training seeds (for choosing settings), not evaluation seeds")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     p.add_argument("--scale-factor", type=float, default=None, help="A-STAR / A&E step size (default 20)")
     p.add_argument("--max-iter", type=float, default=None, help="update window: steps (>= 1) or fraction of the run")
@@ -101,7 +102,7 @@ def main(argv=None):
     if args.grids:
         os.makedirs(args.grids, exist_ok=True)
     call = {} if args.steps is None else {"num_inference_steps": args.steps}
-    seeds = eval_seeds(args.seeds)
+    seeds = list(TRAIN_SEEDS[: args.seeds]) if args.tune else eval_seeds(args.seeds)
     full: dict = {}
     rows = ["| model | suite | method | all objects present [95% CI] | object accuracy [95% CI] | all colours present [95% CI] "
             "| extra-object rate | s / image |",

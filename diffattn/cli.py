@@ -24,8 +24,11 @@ def load_model(name: str | None, dtype: str = "float32", device: str = "cpu"):
     from . import testbed
 
     name = name or testbed.DEFAULT_MODEL
+    # fp32 is every loader's default; naming it only when it differs keeps clear of the
+    # `torch_dtype` -> `dtype` rename across diffusers versions
+    dtype_kwargs = {} if dtype == "float32" else {"torch_dtype": getattr(torch, dtype)}
     if name in testbed.MODELS or testbed.testbed_kind(name):
-        return testbed.load(name, torch_dtype=getattr(torch, dtype)).to(device)
+        return testbed.load(name, **dtype_kwargs).to(device)
     from pathlib import Path
 
     from diffusers import DiffusionPipeline
@@ -36,7 +39,7 @@ def load_model(name: str | None, dtype: str = "float32", device: str = "cpu"):
         import json
 
         absent = {k: None for k, v in json.loads(index.read_text()).items() if v == [None, None]}
-    pipe = DiffusionPipeline.from_pretrained(name, torch_dtype=getattr(torch, dtype), **absent)
+    pipe = DiffusionPipeline.from_pretrained(name, **dtype_kwargs, **absent)
     return pipe.to(device)
 
 
