@@ -144,6 +144,12 @@ def ddim_compose(x0: torch.Tensor, eps: torch.Tensor, alpha_bar: float) -> torch
     return alpha_bar**0.5 * x0 + (1 - alpha_bar) ** 0.5 * eps
 
 
+def v_to_eps(z: torch.Tensor, v: torch.Tensor, alpha_bar: float) -> torch.Tensor:
+    """ε from a v-prediction (Salimans & Ho 2022, §4: v = √ᾱ·ε − √(1−ᾱ)·x0):
+    ε = √(1−ᾱ)·z + √ᾱ·v."""
+    return (1 - alpha_bar) ** 0.5 * z + alpha_bar**0.5 * v
+
+
 def flow_x0(z: torch.Tensor, v: torch.Tensor, sigma: float) -> torch.Tensor:
     """Rectified flow x_σ = (1-σ)x0 + σε, velocity v = ε - x0: x̂0 = x_σ - σ·v."""
     return z - sigma * v
@@ -171,8 +177,8 @@ class Step:
 
 
 class Solver:
-    """DDIM (η = 0, ε-prediction) or rectified-flow Euler in the x̂0 / noise form both share:
-    a step from level a to level b is ``compose(x0(z, pred, a), noise(z, pred, a), b)``."""
+    """DDIM (η = 0, ε-prediction) or rectified-flow Euler in the x̂0 / noise form both
+    share: a step from level a to level b is ``compose(x0(z, pred, a), noise(z, pred, a), b)``."""
 
     def __init__(self, kind: str):
         if kind not in ("ddim", "flow"):
@@ -407,6 +413,10 @@ class UAMPipeline:
             progress = not getattr(pipe, "_progress_bar_config", {}).get("disable", False)
         self.progress = bool(progress)
         self.solver = Solver("ddim" if self.family == "sd" else "flow")
+        self.prediction = pipe.scheduler.config.get("prediction_type", "epsilon") if self.family == "sd" else "flow"
+        if self.prediction not in ("epsilon", "v_prediction", "flow"):
+            raise UnsupportedModelError(f"DDIM inversion supports epsilon and v_prediction UNets; the scheduler says "
+                                        f"prediction_type={self.prediction!r}")
         self._embeds: dict[str, dict] = {}
 
     @classmethod
@@ -532,8 +542,10 @@ class UAMPipeline:
         return {k: torch.cat([e[k] for e in embs]) for k in embs[0]}
 
     # ------------------------------------------------------------------ one forward
-    def predict(self, z: torch.Tensor, t: float, emb: dict) -> torch.Tensor:
-        """ε (UNet) or velocity (SD3) of latents z [B, C, h, w] at model timestep t -> fp32."""
+    def predict(self, z: torch.Tensor, t: float, emb: dict, level: float | None = None) -> torch.Tensor:
+        """ε (UNet) or velocity (SD3) of latents z [B, C, h, w] at model timestep t -> fp32.
+
+        A v-prediction UNet's output is turned into ε at ``level`` (ᾱ of timestep t)."""
         model = self.denoiser
         x = z.to(self.device, model.dtype)
         emb = {k: v.to(self.device) for k, v in emb.items()}
@@ -542,6 +554,8 @@ class UAMPipeline:
             out = model(x, tt, encoder_hidden_states=emb["encoder_hidden_states"], return_dict=False)[0]
         else:
             out = model(hidden_states=x, timestep=tt.expand(x.shape[0]).to(model.dtype), return_dict=False, **emb)[0]
+        if self.prediction == "v_prediction":
+            return v_to_eps(z.float().to(self.device), out.float(), level)
         return out.float()
 
     def _session(self, *extra: Control):
@@ -586,7 +600,7 @@ class UAMPipeline:
             for i in self._bar(range(len(steps) - 1, -1, -1), f"invert ({conditioning})"):
                 s = steps[i]
                 handle.set_step(i)  # step windows count denoising steps: inversion step i mirrors step i
-                pred = self.predict(z, s.t, emb)
+                pred = self.predict(z, s.t, emb, s.high)
                 z = self.solver.step(z, pred, s.low, s.high)
                 if traj is not None:
                     traj.append(z)
@@ -606,7 +620,7 @@ class UAMPipeline:
             for i in self._bar(range(len(steps)), f"reconstruct ({conditioning})"):
                 s = steps[i]
                 handle.set_step(i)
-                z = self.solver.step(z, self.predict(z, s.t, emb), s.high, s.low)
+                z = self.solver.step(z, self.predict(z, s.t, emb, s.high), s.high, s.low)
         return z
 
     def _images(self, image) -> torch.Tensor:
@@ -717,14 +731,14 @@ class UAMPipeline:
                     rows, layout, zz = [e_src, tgt], {"source": slice(0, 1), "target": slice(1, 2)}, z
                 emb = {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
                 with handle.branches(layout):
-                    pred = self.predict(zz, s.t, emb)
+                    pred = self.predict(zz, s.t, emb, s.high)
                 if cfg_on:
                     pred = pred[:2] + w * (pred[2:] - pred[:2])  # [2, C, h, w] guided
                 x0 = self.solver.x0(z, pred, s.high)
                 noise = self.solver.noise(z, pred, s.high)
                 if uam:
                     with handle.branches({"aux": slice(0, 1)}):
-                        pred_u = self.predict(z_aux, s.t, e_aux)
+                        pred_u = self.predict(z_aux, s.t, e_aux, s.high)
                     if 0 < s.t < cfg.mask_timestep:
                         x0_u = self.solver.x0(z_aux, pred_u, s.high)
                         m = edit_mask(x0[:1], x0[1:], float(quantiles[i]), cfg.dilation, cfg.mask_convention)

@@ -270,6 +270,31 @@ def test_inversion_is_the_mirror_of_sampling(testbed_sd):
     torch.testing.assert_close(z, z0, atol=1e-5, rtol=1e-5)
 
 
+def test_v_prediction_is_turned_into_epsilon():
+    """v = √ᾱ·ε − √(1−ᾱ)·x0 (Salimans & Ho 2022) for z = √ᾱ·x0 + √(1−ᾱ)·ε: v_to_eps recovers ε
+    exactly, so DDIM inversion serves v-prediction UNets (SD2-v) with the same solver."""
+    from diffattn.pipelines.uam import v_to_eps
+
+    g = torch.Generator().manual_seed(3)
+    x0, eps = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64).unbind(0)
+    for ab in (0.999, 0.5, 0.0047):
+        z = ab**0.5 * x0 + (1 - ab) ** 0.5 * eps
+        v = ab**0.5 * eps - (1 - ab) ** 0.5 * x0
+        torch.testing.assert_close(v_to_eps(z, v, ab), eps, atol=1e-12, rtol=1e-12)
+
+
+def test_a_scheduler_predicting_samples_is_refused(testbed_sd):
+    from diffusers import DPMSolverMultistepScheduler
+
+    sched = testbed_sd.scheduler
+    testbed_sd.scheduler = DPMSolverMultistepScheduler.from_config(sched.config, prediction_type="sample")
+    try:
+        with pytest.raises(UnsupportedModelError, match="v_prediction"):
+            UAMPipeline(testbed_sd)
+    finally:
+        testbed_sd.scheduler = sched
+
+
 # ----------------------------------------------------------------------------- editing
 
 

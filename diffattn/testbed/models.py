@@ -98,13 +98,13 @@ def sd3_config() -> dict:
     )
 
 
-def sd_scheduler() -> DPMSolverMultistepScheduler:
+def sd_scheduler(prediction_type: str = "epsilon") -> DPMSolverMultistepScheduler:
     return DPMSolverMultistepScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
-        prediction_type="epsilon",
+        prediction_type=prediction_type,
         steps_offset=1,
     )
 
@@ -118,8 +118,8 @@ def build_vae(seed: int = 0) -> AutoencoderKL:
     return AutoencoderKL(**vae_config())
 
 
-def build_sd(vae: AutoencoderKL, seed: int = 0) -> StableDiffusionPipeline:
-    """A fresh (untrained) tiny-sd pipeline around a trained VAE."""
+def build_sd(vae: AutoencoderKL, seed: int = 0, prediction_type: str = "epsilon") -> StableDiffusionPipeline:
+    """A fresh (untrained) tiny-sd pipeline around a trained VAE (ε- or v-prediction, as SD2-v)."""
     tokenizer = make_tokenizer()
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(text_config(tokenizer, projection=False))
@@ -129,7 +129,7 @@ def build_sd(vae: AutoencoderKL, seed: int = 0) -> StableDiffusionPipeline:
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=sd_scheduler(),
+        scheduler=sd_scheduler(prediction_type),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

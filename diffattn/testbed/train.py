@@ -279,7 +279,8 @@ def train_denoiser(args):
                "std": lat["std"].float() / sigma[:, None, None]}
         vae = standardize_vae(vae, mu, sigma)
         save_file({"mu": mu, "sigma": sigma}, os.path.join(args.out, "latent_stats.safetensors"))
-    pipe = models.build_sd3(vae, args.seed) if is_sd3 else models.build_sd(vae, args.seed)
+    prediction = getattr(args, "prediction", "epsilon")
+    pipe = models.build_sd3(vae, args.seed) if is_sd3 else models.build_sd(vae, args.seed, prediction)
     denoiser = pipe.transformer if is_sd3 else pipe.unet
     modules = {"denoiser": denoiser, "text_encoder": pipe.text_encoder}
     if is_sd3:
@@ -320,7 +321,10 @@ def train_denoiser(args):
             t = torch.randint(0, 1000, (len(idx),), generator=gen)
             xt = ddpm.add_noise(x0, noise, t)
             pred = denoiser(xt, t, encoder_hidden_states=prompt_embeds).sample
-            loss = F.mse_loss(pred, noise)
+            # v = sqrt(abar)·eps - sqrt(1 - abar)·x0: an x0-like target at high noise, where an
+            # eps-prediction UNet this small draws unstructured layouts
+            target = ddpm.get_velocity(x0, noise, t) if prediction == "v_prediction" else noise
+            loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in _named_trainable(modules)], 1.0)
@@ -346,7 +350,8 @@ def export(args):
         stats = load_file(stats_file)
         vae = standardize_vae(vae, stats["mu"], stats["sigma"])
     is_sd3 = run_args["stage"] == "tiny-sd3"
-    pipe = models.build_sd3(vae, run_args["seed"]) if is_sd3 else models.build_sd(vae, run_args["seed"])
+    prediction = run_args.get("prediction", "epsilon")
+    pipe = models.build_sd3(vae, run_args["seed"]) if is_sd3 else models.build_sd(vae, run_args["seed"], prediction)
     modules = {"denoiser": pipe.transformer if is_sd3 else pipe.unet, "text_encoder": pipe.text_encoder}
     if is_sd3:
         modules["text_encoder_2"] = pipe.text_encoder_2
@@ -374,6 +379,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--save-every", type=int, default=250)
+    p.add_argument("--prediction", default="epsilon", choices=["epsilon", "v_prediction"], help="tiny-sd: what the UNet predicts")
     p.add_argument("--standardize", action="store_true", help="denoiser stages: train on per-channel standardised latents (folded into the shipped VAE)")
     args = p.parse_args(argv)
     if args.threads:
