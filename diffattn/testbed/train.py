@@ -3,7 +3,7 @@
     python -m diffattn.testbed.train vae      --out runs/vae
     python -m diffattn.testbed.train data     --vae runs/vae --out runs/data
     python -m diffattn.testbed.train decoder  --data runs/data --out runs/decoder
-    python -m diffattn.testbed.train tiny-sd  --data runs/data --out runs/tiny-sd
+    python -m diffattn.testbed.train tiny-sd  --data runs/data --out runs/tiny-sd --standardize --prediction v_prediction
     python -m diffattn.testbed.train tiny-sd3 --data runs/data --out runs/tiny-sd3
     python -m diffattn.testbed.train export   --run runs/tiny-sd3 --to assets/tiny-sd3
 
@@ -14,8 +14,10 @@ plus a JSON state; nothing is pickled.
 
 Objectives: the VAE is an L1 + tiny-KL autoencoder, whose decoder is then fine-tuned alone
 (encoder frozen, so the latent space and the encoded data stay valid) with an extra
-image-gradient term that keeps corners sharp; tiny-sd learns epsilon-prediction on
-the scaled-linear DDPM schedule of Stable Diffusion; tiny-sd3 learns rectified flow with
+image-gradient term that keeps corners sharp; tiny-sd learns v-prediction (Salimans & Ho
+2022, as SD 2.x-v; ``--prediction epsilon`` for SD1.x's objective, which at this size drew
+unstructured layouts) on the scaled-linear DDPM schedule of Stable Diffusion, from latents
+standardised per channel (``--standardize``, folded into the shipped VAE); tiny-sd3 learns rectified flow with
 logit-normal timestep sampling (Esser et al. 2024, "Scaling Rectified Flow Transformers",
 Sec. 3.1), the objective of SD3. Captions are dropped 10% of the time for CFG.
 """
