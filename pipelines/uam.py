@@ -413,8 +413,9 @@ class UAMPipeline:
             progress = not getattr(pipe, "_progress_bar_config", {}).get("disable", False)
         self.progress = bool(progress)
         self.solver = Solver("ddim" if self.family == "sd" else "flow")
-        self.prediction = pipe.scheduler.config.get("prediction_type", "epsilon") if self.family == "sd" else "flow"
-        if self.prediction not in ("epsilon", "v_prediction", "flow"):
+        # what the UNet predicts (SD3 predicts the flow velocity, the solver's own form)
+        self.prediction = pipe.scheduler.config.get("prediction_type", "epsilon") if self.family == "sd" else None
+        if self.family == "sd" and self.prediction not in ("epsilon", "v_prediction"):
             raise UnsupportedModelError(f"DDIM inversion supports epsilon and v_prediction UNets; the scheduler says "
                                         f"prediction_type={self.prediction!r}")
         self._embeds: dict[str, dict] = {}
@@ -542,10 +543,10 @@ class UAMPipeline:
         return {k: torch.cat([e[k] for e in embs]) for k in embs[0]}
 
     # ------------------------------------------------------------------ one forward
-    def predict(self, z: torch.Tensor, t: float, emb: dict, level: float | None = None) -> torch.Tensor:
+    def predict(self, z: torch.Tensor, t: float, emb: dict) -> torch.Tensor:
         """ε (UNet) or velocity (SD3) of latents z [B, C, h, w] at model timestep t -> fp32.
 
-        A v-prediction UNet's output is turned into ε at ``level`` (ᾱ of timestep t)."""
+        A v-prediction UNet's output is turned into ε at ᾱ_t, the level the model is told."""
         model = self.denoiser
         x = z.to(self.device, model.dtype)
         emb = {k: v.to(self.device) for k, v in emb.items()}
@@ -555,7 +556,8 @@ class UAMPipeline:
         else:
             out = model(hidden_states=x, timestep=tt.expand(x.shape[0]).to(model.dtype), return_dict=False, **emb)[0]
         if self.prediction == "v_prediction":
-            return v_to_eps(z.float().to(self.device), out.float(), level)
+            alpha_bar = float(self.pipe.scheduler.alphas_cumprod.double()[int(t)])
+            return v_to_eps(z.float().to(self.device), out.float(), alpha_bar)
         return out.float()
 
     def _session(self, *extra: Control):
@@ -600,7 +602,7 @@ class UAMPipeline:
             for i in self._bar(range(len(steps) - 1, -1, -1), f"invert ({conditioning})"):
                 s = steps[i]
                 handle.set_step(i)  # step windows count denoising steps: inversion step i mirrors step i
-                pred = self.predict(z, s.t, emb, s.high)
+                pred = self.predict(z, s.t, emb)
                 z = self.solver.step(z, pred, s.low, s.high)
                 if traj is not None:
                     traj.append(z)
@@ -620,7 +622,7 @@ class UAMPipeline:
             for i in self._bar(range(len(steps)), f"reconstruct ({conditioning})"):
                 s = steps[i]
                 handle.set_step(i)
-                z = self.solver.step(z, self.predict(z, s.t, emb, s.high), s.high, s.low)
+                z = self.solver.step(z, self.predict(z, s.t, emb), s.high, s.low)
         return z
 
     def _images(self, image) -> torch.Tensor:
@@ -731,14 +733,14 @@ class UAMPipeline:
                     rows, layout, zz = [e_src, tgt], {"source": slice(0, 1), "target": slice(1, 2)}, z
                 emb = {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
                 with handle.branches(layout):
-                    pred = self.predict(zz, s.t, emb, s.high)
+                    pred = self.predict(zz, s.t, emb)
                 if cfg_on:
                     pred = pred[:2] + w * (pred[2:] - pred[:2])  # [2, C, h, w] guided
                 x0 = self.solver.x0(z, pred, s.high)
                 noise = self.solver.noise(z, pred, s.high)
                 if uam:
                     with handle.branches({"aux": slice(0, 1)}):
-                        pred_u = self.predict(z_aux, s.t, e_aux, s.high)
+                        pred_u = self.predict(z_aux, s.t, e_aux)
                     if 0 < s.t < cfg.mask_timestep:
                         x0_u = self.solver.x0(z_aux, pred_u, s.high)
                         m = edit_mask(x0[:1], x0[1:], float(quantiles[i]), cfg.dilation, cfg.mask_convention)
