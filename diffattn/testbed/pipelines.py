@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 
-# Chosen by a sweep on training seeds (benchmarks/RESULTS.md, "testbed defaults").
+# Chosen by a sweep on training seeds (benchmarks/testbed_defaults.py; RESULTS.md, "Testbed defaults").
 SD_DEFAULTS = dict(num_inference_steps=20, guidance_scale=5.0)
 SD3_DEFAULTS = dict(num_inference_steps=20, guidance_scale=5.0, max_sequence_length=0)
 
