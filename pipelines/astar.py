@@ -102,6 +102,10 @@ class AStarConfig:
                         (:data:`TESTBED_OVERRIDES`, chosen on training seeds).
     smooth_size, smooth_sigma: A&E's Gaussian (3, 0.5); ``smooth_size=0`` turns it off.
     subtoken:           ``"mean"`` or ``"max"`` over the tokens of a multi-token concept.
+    center_tokens:      subtract each text token's mean attention over the image before the
+                        softmax (off in the papers): on models where one token draws more
+                        attention everywhere, softmax(T·A) hands it every pixel and the other
+                        concepts' maps (and A&E's gradient) vanish.
     retention_threshold: binarisation of the previous map: min-max normalise, then ``>=`` this
                         number, or ``"otsu"`` (:func:`diffattn.methods.astar.binarize`).
     joint_text_norm:    MMDiT: divide each head's image→text probabilities by their sum over
@@ -123,6 +127,7 @@ class AStarConfig:
     smooth_size: int = 3
     smooth_sigma: float = 0.5
     subtoken: str = "mean"
+    center_tokens: bool = False
     retention_threshold: float | str = 0.5
     joint_text_norm: bool = True
     early_exit: bool = True
@@ -366,7 +371,8 @@ class AStarPipeline:
                                    renorm_text=self.family == "sd3" and cfg.joint_text_norm)  # [h, w, T]
         positions = text_positions(attn.shape[-1], eot, cfg.text_tokens)
         return concept_maps(attn, groups, positions, temperature=cfg.temperature, smooth_size=cfg.smooth_size,
-                            smooth_sigma=cfg.smooth_sigma, subtoken=cfg.subtoken)  # [C, h, w]
+                            smooth_sigma=cfg.smooth_sigma, subtoken=cfg.subtoken,
+                            center_tokens=cfg.center_tokens)  # [C, h, w]
 
     def _grad_maps(self, rec, z, t, emb, groups, eot, resolution) -> torch.Tensor:
         """Concept maps of one sample's latent ``z`` [1, C, h, w], differentiable in ``z``."""

@@ -130,6 +130,24 @@ def test_smoothing_and_maps_match_diffusers_attend_and_excite():
     assert smooth_maps(torch.ones(2, 5, 5)).allclose(torch.ones(2, 5, 5))
 
 
+def test_centered_tokens_undo_a_global_offset():
+    """A token with a global attention offset takes every pixel under softmax(T·A); with
+    center_tokens each token's map follows where it is relatively strong (reference: the
+    formula written out with explicit means)."""
+    a, b = blob(4, 4), blob(11, 11)  # [16, 16] each
+    attn = torch.zeros(16, 16, 4)
+    attn[..., 1] = 0.01 * a + 0.02  # concept 1: offset +0.02 everywhere
+    attn[..., 2] = 0.01 * b
+    positions = torch.tensor([1, 2])
+    plain = concept_maps(attn, [[1], [2]], positions, temperature=1000.0, smooth_size=0)
+    assert plain[0].min() > 0.99 and plain[1].max() < 0.01  # concept 2 vanished
+    centered = concept_maps(attn, [[1], [2]], positions, temperature=1000.0, smooth_size=0, center_tokens=True)
+    x = attn[..., 1:3] - attn[..., 1:3].mean(dim=(0, 1))  # [16, 16, 2]
+    ref = torch.softmax(1000.0 * x.double(), dim=-1).permute(2, 0, 1)  # [2, 16, 16]
+    assert torch.allclose(centered.double(), ref, atol=1e-6)
+    assert centered[0, 4, 4] > 0.9 and centered[1, 11, 11] > 0.9  # each concept keeps its own blob
+
+
 def test_heatmap_is_png_ready(tmp_path):
     im = heatmap_image(blob(3, 4, size=8), size=32)
     assert im.size == (32, 32) and im.mode == "RGB"

@@ -149,12 +149,18 @@ def aggregate_attention(maps: Sequence[tuple[torch.Tensor, tuple[int, int]]], re
     return torch.cat(heads, 0).mean(0)  # [H_all, rh, rw, T] -> [rh, rw, T]
 
 
-def renormalize_text(attn: torch.Tensor, positions: torch.Tensor, temperature: float = 100.0) -> torch.Tensor:
+def renormalize_text(attn: torch.Tensor, positions: torch.Tensor, temperature: float = 100.0,
+                     center: bool = False) -> torch.Tensor:
     """``softmax(temperature · A[..., positions])`` over the text positions (A&E step 2).
 
     attn ``[h, w, T]`` -> ``[h, w, len(positions)]``; column j is the map of token ``positions[j]``.
+    ``center`` subtracts each token's mean over the image first (not in A&E or A-STAR): a token
+    that draws more attention *everywhere* (a global offset) then no longer wins every pixel,
+    and the softmax compares where each token is strong relative to its own level.
     """
     sel = attn.index_select(-1, positions.to(attn.device))  # [h, w, P]
+    if center:
+        sel = sel - sel.mean(dim=(0, 1), keepdim=True)  # [h, w, P] minus per-token spatial mean [1, 1, P]
     return torch.softmax(sel * temperature, dim=-1)
 
 
@@ -182,18 +188,19 @@ def smooth_maps(maps: torch.Tensor, size: int = 3, sigma: float = 0.5) -> torch.
 
 def concept_maps(attn: torch.Tensor, groups: Sequence[Sequence[int]], positions: torch.Tensor, *,
                  temperature: float = 100.0, smooth_size: int = 3, smooth_sigma: float = 0.5,
-                 subtoken: str = "mean") -> torch.Tensor:
+                 subtoken: str = "mean", center_tokens: bool = False) -> torch.Tensor:
     """The maps A-STAR and A&E act on: ``[C, h, w]`` fp32, one per concept.
 
     attn:      aggregated attention ``[h, w, T]`` (:func:`aggregate_attention`);
     groups:    token positions of each concept (:func:`concept_token_indices`);
     positions: text positions to re-normalise over (:func:`text_positions`); every concept
                token must be one of them;
-    subtoken:  how the tokens of a multi-token concept merge: ``"mean"`` or ``"max"``.
+    subtoken:  how the tokens of a multi-token concept merge: ``"mean"`` or ``"max"``;
+    center_tokens: subtract each token's spatial mean before the softmax (:func:`renormalize_text`).
     """
     if subtoken not in ("mean", "max"):
         raise ConceptError(f"subtoken={subtoken!r}: use 'mean' or 'max'")
-    soft = renormalize_text(attn, positions, temperature)  # [h, w, P]
+    soft = renormalize_text(attn, positions, temperature, center_tokens)  # [h, w, P]
     where = {int(p): j for j, p in enumerate(positions.tolist())}
     out = []
     for group in groups:
