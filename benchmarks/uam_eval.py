@@ -7,9 +7,11 @@ scene is sampled (``world.sample_scene``: 1-3 objects, random styles), rendered 
 captioned; the render is encoded with the VAE, inverted and reconstructed unguided (w = 1)
 with the source caption, the empty prompt, and uniform attention maps (UAM, the paper: ""
 under the uniform maps; on SD3 the segment-uniform mode), plus the extra row
-"uniform-source" (uniform maps under the source caption). PSNR and SSIM against the render,
-mean with a Student-t 95% interval over images; the paired difference uniform - source with
-its interval; and the VAE's own encode-decode PSNR, the ceiling of every row.
+"uniform-source" (uniform maps under the source caption), and, since a real image's caption
+is never complete, the source and uniform-source rows again under a partial caption
+(``partial_caption``: one object and the style words left out). PSNR and SSIM against the render,
+mean with a Student-t 95% interval over images; the paired differences (``PAIRED``) with their
+intervals; and the VAE's own encode-decode PSNR, the ceiling of every row.
 
 **Editing.** Per seed a two-object scene; object 0 gets a colour swap (even seeds) or a shape
 swap (odd seeds), "a red circle" -> "a blue circle", in its caption and in a truth render of
@@ -51,6 +53,11 @@ from diffattn.testbed import oracle, world
 from diffattn.testbed.evaluate import eval_seeds, mean_interval, rate_metric
 
 CONDITIONINGS = ("source", "empty", "uniform", "uniform-source")
+# A captioner's caption misses details: the same rows under a partial caption (see partial_caption)
+PARTIAL_ROWS = {"partial caption": "source", "uniform-partial": "uniform-source"}
+ROWS = CONDITIONINGS + tuple(PARTIAL_ROWS)
+PAIRED = (("uniform", "source"), ("uniform-source", "source"), ("uniform", "partial caption"),
+          ("uniform-partial", "partial caption"))  # (row, reference) differences reported per image
 EDITORS = ("p2p", "p2p+uam code", "p2p+uam paper")  # base editor; UAM with either mask convention
 GRID_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "uam_grids")
 GRID_IMAGES = 8
@@ -75,6 +82,14 @@ def edit_pair(seed: int) -> tuple[world.Scene, world.Scene, str]:
         new = replace(o, shape=options[int(rng.integers(len(options)))])
         kind = "shape"
     return src, replace(src, objects=(new,) + src.objects[1:]), kind
+
+
+def partial_caption(scene: world.Scene) -> str:
+    """The caption of ``scene`` as an imperfect captioner might write it: the last object
+    (of two or three) and the style words left out, no relation. Single-object scenes keep
+    their object, so without styles their partial caption is the full one."""
+    keep = scene.objects[: max(1, len(scene.objects) - 1)]
+    return world.caption(world.Scene(keep))
 
 
 def object_footprint(obj: world.SceneObject, background: str) -> np.ndarray:
@@ -111,6 +126,10 @@ def reconstruct_chunk(uam: UAMPipeline, seeds: list[int], steps) -> list[dict]:
     captions = [world.caption(s) for s in scenes]
     t0 = time.time()
     recs = uam.reconstruct_all(images, captions, CONDITIONINGS, num_inference_steps=steps)
+    partial = uam.reconstruct_all(images, [partial_caption(s) for s in scenes], tuple(PARTIAL_ROWS.values()),
+                                  num_inference_steps=steps)
+    for rec, part in zip(recs, partial):
+        rec.update({row: part[cond] for row, cond in PARTIAL_ROWS.items()})
     vae = uam.decode(uam.encode(torch.cat([uam.load_image(im) for im in images]))).permute(0, 2, 3, 1).numpy()
     per_image = (time.time() - t0) / len(seeds)
     out = []
@@ -173,16 +192,18 @@ def rate(values) -> dict:
 
 
 def summarise_reconstruction(records: list[dict]) -> dict:
+    rows = [c for c in ROWS if all(c in r["psnr"] for r in records)]  # records of older runs lack the partial rows
     out = {c: {"psnr": interval([r["psnr"][c] for r in records]), "ssim": interval([r["ssim"][c] for r in records])}
-           for c in CONDITIONINGS}
+           for c in rows}
     out["vae ceiling"] = {"psnr": interval([r["vae_psnr"] for r in records]),
                           "ssim": interval([r["vae_ssim"] for r in records])}
-    for c in ("uniform", "uniform-source"):
-        out[f"{c} - source"] = {
-            "psnr": interval([r["psnr"][c] - r["psnr"]["source"] for r in records]),
-            "ssim": interval([r["ssim"][c] - r["ssim"]["source"] for r in records]),
-            "wins": rate([r["psnr"][c] > r["psnr"]["source"] for r in records]),
-        }
+    for c, ref in PAIRED:
+        if c in rows and ref in rows:
+            out[f"{c} - {ref}"] = {
+                "psnr": interval([r["psnr"][c] - r["psnr"][ref] for r in records]),
+                "ssim": interval([r["ssim"][c] - r["ssim"][ref] for r in records]),
+                "wins": rate([r["psnr"][c] > r["psnr"][ref] for r in records]),
+            }
     out["seconds_per_image"] = float(np.mean([r["seconds"] for r in records]))
     return out
 
@@ -213,12 +234,14 @@ def markdown(summary: dict) -> str:
     for model, s in summary["reconstruction"].items():
         lines += [f"\n### Reconstruction, {model} (n = {s['source']['psnr']['n']}, "
                   f"{s['seconds_per_image']:.1f} s/image)\n",
-                  "| conditioning | PSNR dB | SSIM | images where PSNR > source |", "|---|---:|---:|---:|"]
-        for c in CONDITIONINGS + ("vae ceiling",):
-            lines.append(f"| {c} | {fmt(s[c]['psnr'])} | {fmt(s[c]['ssim'])} | |")
-        for c in ("uniform", "uniform-source"):
-            d = s[f"{c} - source"]
-            lines.append(f"| {c} − source (paired) | {fmt(d['psnr'])} | {fmt(d['ssim'])} | {fmt(d['wins'])} |")
+                  "| conditioning | PSNR dB | SSIM | images where PSNR > reference |", "|---|---:|---:|---:|"]
+        for c in ROWS + ("vae ceiling",):
+            if c in s:
+                lines.append(f"| {c} | {fmt(s[c]['psnr'])} | {fmt(s[c]['ssim'])} | |")
+        for c, ref in PAIRED:
+            if f"{c} - {ref}" in s:
+                d = s[f"{c} - {ref}"]
+                lines.append(f"| {c} − {ref} (paired) | {fmt(d['psnr'])} | {fmt(d['ssim'])} | {fmt(d['wins'])} |")
     for model, s in summary["editing"].items():
         lines += [f"\n### Editing, {model} (n = {s['p2p']['applied']['n']}, {s['seconds_per_image']:.1f} s/image)\n",
                   "| editor | applied | colour applied | others kept | preserved PSNR dB | PSNR vs truth dB |",
