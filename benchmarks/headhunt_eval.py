@@ -73,6 +73,8 @@ def main():
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--scale", type=float, default=2.0)
     p.add_argument("--u-sweep", default="0.25,0.5,0.75,1.0")
+    p.add_argument("--layers", default="all", choices=["all", "best"],
+                   help="held-out rows for layer PAG: every layer, or only the best on the training pairs")
     p.add_argument("--style", default="dark", help="style objective to search (dark | outline | none)")
     p.add_argument("--style-seeds", type=int, default=16)
     p.add_argument("--out", default="runs/headhunt-eval")
@@ -112,7 +114,7 @@ def main():
     heads = [(site, head) for site, head in result.selected]
     for u in [float(x) for x in args.u_sweep.split(",")]:
         configs[f"HeadHunter u={u:g}"] = da.SoftPAG(heads, strength=u, scale=args.scale)
-    for layer in layers:
+    for layer in (layers if args.layers == "all" else [best_layer]):
         configs[f"layer PAG {layer}"] = da.SoftPAG({layer: "all"}, strength=1.0, scale=args.scale)
     reports = {}
     for name, control in configs.items():
