@@ -27,7 +27,7 @@ import torch
 from diffattn import testbed
 from diffattn.pipelines import AStarConfig, AStarPipeline
 from diffattn.pipelines.astar import TESTBED_OVERRIDES, default_concepts
-from diffattn.testbed.evaluate import TRAIN_SEEDS, eval_seeds, evaluate, suite_prompts, wilson_interval
+from diffattn.testbed.evaluate import TRAIN_SEEDS, eval_seeds, evaluate, paired_bootstrap, suite_prompts, wilson_interval
 from diffattn.testbed.world import parse_prompt
 
 
@@ -67,6 +67,23 @@ def runner(pipe, method: str, args):
     return run
 
 
+def paired_rows(reports: dict) -> list[str]:
+    """Markdown rows: each method minus the baseline on the same images (paired bootstrap)."""
+    out = ["", "| model | suite | method − baseline | all present [paired 95% CI] | all colours present [paired 95% CI] |",
+           "|---|---|---|---|---|"]
+    for (model, suite, method), report in reports.items():
+        base = reports.get((model, suite, "baseline"))
+        if method == "baseline" or base is None:
+            continue
+        cells = []
+        for per_image in (lambda r: [float(s.all_present) for s in r.scores],
+                          lambda r: [float(all(s.color_found)) for s in r.scores]):
+            d, lo, hi = paired_bootstrap(per_image(report), per_image(base))
+            cells.append(f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+        out.append(f"| {model} | {suite} | {method} | {cells[0]} | {cells[1]} |")
+    return out
+
+
 def _ci(m) -> str:
     return f"{m[0]:.3f} [{m[1]:.3f}, {m[2]:.3f}]"
 
@@ -104,6 +121,7 @@ def main(argv=None):
     call = {} if args.steps is None else {"num_inference_steps": args.steps}
     seeds = list(TRAIN_SEEDS[: args.seeds]) if args.tune else eval_seeds(args.seeds)
     full: dict = {}
+    reports: dict = {}
     rows = ["| model | suite | method | all objects present [95% CI] | object accuracy [95% CI] | all colours present [95% CI] "
             "| extra-object rate | s / image |",
             "|---|---|---|---|---|---|---|---|"]
@@ -125,9 +143,13 @@ def main(argv=None):
                 rows.append(line)
                 print(line, flush=True)
                 full.setdefault(model, {}).setdefault(suite, {})[method] = dict(report.as_dict(), seconds_per_image=per_image)
+                reports[(model, suite, method)] = report
                 if args.grids:
                     report.images = report.images[:32]
                     report.save_grid(os.path.join(args.grids, f"{model}-{suite}-{method.replace(' ', '_')}.png"))
+    paired = paired_rows(reports)
+    print("\n".join(paired), flush=True)
+    rows += paired
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": full}, f, indent=1)

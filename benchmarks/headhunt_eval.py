@@ -30,15 +30,8 @@ import torch
 import diffattn as da
 from diffattn import testbed
 from diffattn.methods.headhunter import HeadHunter, oracle_fidelity, oracle_style
+from diffattn.testbed.evaluate import paired_bootstrap
 from diffattn.testbed.evaluate import TRAIN_SEEDS, eval_seeds, evaluate, suite_prompts, wilson_interval
-
-
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, n: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of a − b over paired samples and its 95% percentile-bootstrap interval."""
-    d = np.asarray(a, float) - np.asarray(b, float)
-    idx = np.random.default_rng(seed).integers(0, len(d), size=(n, len(d)))
-    means = d[idx].mean(axis=1)
-    return float(d.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
 def per_image(report, metric: str) -> np.ndarray:

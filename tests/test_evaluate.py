@@ -216,3 +216,15 @@ def test_eval_command_on_the_default_model(tmp_path, capsys):
     d = json.loads(out.read_text())
     assert d["model"] == "tiny-sd3" and d["single"]["n_images"] == 2 and d["single"]["settings"]["num_inference_steps"] == 2
     assert grid.exists()
+
+
+def test_paired_bootstrap_mean_and_interval():
+    from diffattn.testbed.evaluate import paired_bootstrap
+
+    a = np.array([1, 0, 1, 1, 0, 1, 1, 1] * 8, float)
+    assert paired_bootstrap(a, a) == (0.0, 0.0, 0.0)
+    b = np.roll(a, 1)
+    d, lo, hi = paired_bootstrap(a, b - 0.25)
+    assert d == pytest.approx((a - b).mean() + 0.25) and lo < d < hi
+    # the interval of a mean of 64 differences with std ~0.6 is ~±0.15 wide, not ±0 or ±1
+    assert 0.05 < hi - lo < 0.6

@@ -188,6 +188,15 @@ def mean_interval(values, confidence: float = 0.95) -> tuple[float, float, float
     return (m, m - half, m + half)
 
 
+def paired_bootstrap(a, b, n: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of ``a - b`` over paired samples (the same prompt and seed under two settings)
+    and its 95% percentile-bootstrap interval (``n`` resamples of the pairs)."""
+    d = np.asarray(a, float) - np.asarray(b, float)
+    idx = np.random.default_rng(seed).integers(0, len(d), size=(n, len(d)))  # [n, pairs] resampled pair indices
+    means = d[idx].mean(axis=1)  # [n]
+    return float(d.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
 def rate_metric(values) -> Metric:
     """Mean of per-unit values in [0, 1] (booleans or fractions) with its Wilson interval."""
     v = np.asarray(values, dtype=np.float64)
