@@ -70,20 +70,21 @@ def main(argv=None):
             groups, _ = astar._concepts_for(prompt, default_concepts(prompt))
             eot = len(pipe.tokenizer(prompt, truncation=True).input_ids) - 1
             n_steps = len(per_step)
-            for k, j in enumerate(score.matched):
-                if j is None or not score.found[k]:
-                    continue
-                obj = score.parsed.objects[j]
-                for s, records in enumerate(per_step):
-                    phase = "early" if s < n_steps / 4 else "mid" if s < 0.6 * n_steps else "late"
-                    views = [(name, [(probs[0], grid)], grid) for name, probs, grid in records]
-                    views.append(("all default sites", [(probs[0], grid) for _, probs, grid in records], records[0][2]))
-                    for name, maps, grid in views:
-                        attn = aggregate_attention(maps, grid, renorm_text=joint)  # [h, w, T]
-                        positions = text_positions(attn.shape[-1], eot, "prompt")
-                        for temp in temps:
-                            m = concept_maps(attn, groups, positions, temperature=temp)[k]  # [h, w]
-                            lifts.setdefault((name, phase, temp), []).append(map_lift(m, obj.cx, obj.cy, obj.size + 2))
+            found = [(k, score.parsed.objects[j]) for k, j in enumerate(score.matched) if j is not None and score.found[k]]
+            if not found:
+                continue
+            for s, records in enumerate(per_step):
+                phase = "early" if s < n_steps / 4 else "mid" if s < 0.6 * n_steps else "late"
+                views = [(name, [(probs[0], grid)], grid) for name, probs, grid in records]
+                views.append(("all default sites", [(probs[0], grid) for _, probs, grid in records], records[0][2]))
+                for name, maps, grid in views:
+                    attn = aggregate_attention(maps, grid, renorm_text=joint)  # [h, w, T]
+                    positions = text_positions(attn.shape[-1], eot, "prompt")
+                    for temp in temps:
+                        cmaps = concept_maps(attn, groups, positions, temperature=temp)  # [C, h, w]
+                        for k, obj in found:
+                            lifts.setdefault((name, phase, temp), []).append(
+                                map_lift(cmaps[k], obj.cx, obj.cy, obj.size + 2))
     names = list(dict.fromkeys(k[0] for k in lifts))
     header = "| site | " + " | ".join(f"{ph} T={t:g}" for ph in ("early", "mid", "late") for t in temps) + " |"
     print(header)

@@ -30,8 +30,7 @@ import torch
 import diffattn as da
 from diffattn import testbed
 from diffattn.methods.headhunter import HeadHunter, oracle_fidelity, oracle_style
-from diffattn.testbed.evaluate import paired_bootstrap
-from diffattn.testbed.evaluate import TRAIN_SEEDS, eval_seeds, evaluate, suite_prompts, wilson_interval
+from diffattn.testbed.evaluate import TRAIN_SEEDS, eval_seeds, evaluate, paired_bootstrap, suite_prompts, wilson_interval
 
 
 def per_image(report, metric: str) -> np.ndarray:

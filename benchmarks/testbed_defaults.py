@@ -21,7 +21,7 @@ from diffattn import testbed
 from diffattn.testbed.evaluate import evaluate, suite_prompts, train_seeds
 
 
-def scheduler_variants(pipe, model: str) -> dict[str, dict]:
+def scheduler_variants(model: str) -> dict[str, dict]:
     """Named scheduler-config overrides to try for ``model``."""
     if model == "tiny-sd3":
         return {f"shift={s}": {"shift": s} for s in (1.0, 2.0, 3.0, 4.0)}
@@ -47,7 +47,7 @@ def main(argv=None):
     scheduler_cls = type(pipe.scheduler)
     rows = []
     for (name, override), cfg, steps in itertools.product(
-        scheduler_variants(pipe, args.model).items(), map(float, args.guidance.split(",")), map(int, args.steps.split(","))
+        scheduler_variants(args.model).items(), map(float, args.guidance.split(",")), map(int, args.steps.split(","))
     ):
         pipe.scheduler = scheduler_cls.from_config({**base_config, **override})
         row = {"scheduler": name, "guidance_scale": cfg, "steps": steps}
