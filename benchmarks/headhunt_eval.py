@@ -72,11 +72,12 @@ def main():
     p.add_argument("--out", default="runs/headhunt-eval")
     p.add_argument("--json", default=None)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="torch device of the pipeline (e.g. cuda)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
-    pipe = testbed.load(args.model)
+    pipe = testbed.load(args.model).to(args.device)
     prompts = suite_prompts(args.suite)
     train = list(TRAIN_SEEDS)[: args.search_seeds]
     held_out = eval_seeds(args.eval_seeds)

@@ -1,6 +1,7 @@
 """SoftPAG cost: time per denoiser step and attention-map memory, side by side in one run.
 
     python benchmarks/softpag.py [--threads 2] [--reps 9] [--tokens 1024]
+    python benchmarks/softpag.py --device cuda --layers 24 --heads 24 --head-dim 64 --tokens 4096   # SD3-medium-sized
 
 Rows (median of interleaved repetitions on one transformer, batch = [uncond, cond, perturbed]):
 - unguided, batch 2 ([uncond, cond]);
@@ -38,7 +39,7 @@ class MaterialisedSoftPAG(Control):
             return out
         q, k, v = call.q[rows], call.k[rows], call.v[rows]
         attn = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)  # [b, H, L, L]
-        eye = torch.eye(attn.shape[-1], dtype=attn.dtype)
+        eye = torch.eye(attn.shape[-1], dtype=attn.dtype, device=attn.device)
         attn = (1 - self.u) * attn + self.u * eye
         out = out.clone()
         out[rows] = attn @ v
@@ -53,35 +54,49 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=9)
     p.add_argument("--tokens", type=int, default=1024, help="image tokens (a square grid)")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops of one SoftPAG step")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    cuda = device.type == "cuda"
     side = int(args.tokens**0.5)
-    pipe = tiny_sd3(num_layers=4, heads=4, head_dim=32, patch_size=2, sample_size=2 * side)
-    model = pipe.transformer
+    pipe = tiny_sd3(num_layers=args.layers, heads=args.heads, head_dim=args.head_dim, patch_size=2, sample_size=2 * side)
+    model = pipe.transformer.to(device, dtype)
     cfg = model.config
 
     def inputs(b):
         g = torch.Generator().manual_seed(0)
-        return dict(hidden_states=torch.randn(b, cfg.in_channels, 2 * side, 2 * side, generator=g),
-                    encoder_hidden_states=torch.randn(b, 77, cfg.joint_attention_dim, generator=g),
-                    pooled_projections=torch.randn(b, cfg.pooled_projection_dim, generator=g),
-                    timestep=torch.full((b,), 500.0))
+        kw = dict(hidden_states=torch.randn(b, cfg.in_channels, 2 * side, 2 * side, generator=g),
+                  encoder_hidden_states=torch.randn(b, 77, cfg.joint_attention_dim, generator=g),
+                  pooled_projections=torch.randn(b, cfg.pooled_projection_dim, generator=g),
+                  timestep=torch.full((b,), 500.0))
+        return {k: v.to(device, dtype if v.is_floating_point() and k != "timestep" else v.dtype) for k, v in kw.items()}
 
     two, three = inputs(2), inputs(3)
     branches = {"uncond": slice(0, 1), "cond": slice(1, 2), "perturbed": slice(2, 3)}
     soft = da.SoftPAG("all", strength=0.5, scale=0.0)  # scale 0: we place the branch ourselves
     mat = MaterialisedSoftPAG(0.5)
 
+    def timed(kw):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model(**kw)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
     def run(kw, control=None):
         with torch.no_grad():
             if control is None:
-                t0 = time.perf_counter()
-                model(**kw)
-                return time.perf_counter() - t0
+                return timed(kw)
             with da.attach(model, control) as h, h.branches(branches):
-                t0 = time.perf_counter()
-                model(**kw)
-                return time.perf_counter() - t0
+                return timed(kw)
 
     variants = {"unguided (batch 2)": (two, None), "3-row batch, no perturbation": (three, None),
                 "SoftPAG, output space": (three, soft), "SoftPAG, materialised map": (three, mat)}
@@ -92,15 +107,37 @@ def main():
         for name, (kw, c) in variants.items():
             times[name].append(run(kw, c))
     med = {k: statistics.median(v) for k, v in times.items()}
+    peak = {}
+    if cuda:  # peak allocator memory of one step, above the weights and inputs
+        for name, (kw, c) in variants.items():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            run(kw, c)
+            peak[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
     base3 = med["3-row batch, no perturbation"]
     n = args.tokens + 77
-    print(f"| SD3 transformer, 4 layers x 4 heads of 32, {args.tokens} image + 77 text tokens | ms / step | vs unguided | extra beyond the branch |")
-    print("|---|---|---|---|")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        for name in ("3-row batch, no perturbation", "SoftPAG, output space"):
+            kw, c = variants[name]
+            with profile(activities=acts) as prof:
+                run(kw, c)
+            print(f"\n### profile: {name}\n")
+            print(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=14))
+    h, d, size = args.heads, args.head_dim, torch.finfo(dtype).bits // 8
+    print(f"| SD3 transformer, {args.layers} layers x {h} heads of {d}, {args.tokens} image + 77 text tokens, "
+          f"{args.dtype} on {device.type} | ms / step | vs unguided | extra beyond the branch |"
+          + (" peak extra memory (MiB) |" if cuda else ""))
+    print("|---|---|---|---|" + ("---|" if cuda else ""))
     for k, t in med.items():
-        print(f"| {k} | {t * 1e3:.1f} | {t / med['unguided (batch 2)']:.3f} | {(t - base3) / base3 * 100:+.1f}% |")
+        print(f"| {k} | {t * 1e3:.1f} | {t / med['unguided (batch 2)']:.3f} | {(t - base3) / base3 * 100:+.1f}% |"
+              + (f" {peak[k]:.0f} |" if cuda else ""))
     print(f"\nAttention map a materialised implementation holds per layer for the perturbed row: "
-          f"{4 * n * n * 4 / 2**20:.1f} MiB (1 x 4 heads x {n}^2 x fp32); output-space target: "
-          f"{4 * n * 32 * 4 / 2**20:.2f} MiB ([1, 4, {n}, 32]).")
+          f"{h * n * n * size / 2**20:.1f} MiB (1 x {h} heads x {n}^2 x {args.dtype}); output-space target: "
+          f"{h * n * d * size / 2**20:.2f} MiB ([1, {h}, {n}, {d}]).")
 
 
 if __name__ == "__main__":

@@ -274,6 +274,14 @@ class AttentionCall:
         """Whether the batch holds rows of any of ``names`` (``None``: any rows at all)."""
         return names is None or any(n in self.branches for n in names)
 
+    def any_rows(self, names: Sequence[str] | None) -> bool:
+        """Whether :meth:`rows` would select any row, decided on the host from the branch
+        slices (``rows(...).any()`` on a GPU mask would wait for the device)."""
+        if names is None:
+            return self.q.shape[0] > 0
+        n = self.q.shape[0]
+        return any(len(range(n)[self.branches[b]]) > 0 for b in names if b in self.branches)
+
     def rows(self, names: Sequence[str] | None) -> torch.Tensor:
         """Boolean ``[B]`` mask of the batch rows of the branches ``names`` (``None``: all rows)."""
         key = None if names is None else tuple(names)

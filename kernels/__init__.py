@@ -40,8 +40,12 @@ Dispatch (one point, flash-attention interface style):
   :mod:`diffattn.kernels.taps`): fp16/bf16/fp32, head dims up to 256. On CPU tensors it needs
   Triton's interpreter: ``TRITON_INTERPRET=1`` set in the environment before the kernels are
   first imported (fp16/fp32 only); otherwise a :class:`KernelError` says so.
-- ``backend="auto"``: Triton on CUDA tensors when the kernel supports the inputs (dtype,
-  head dim, no float bias that needs a gradient), the torch reference otherwise.
+- ``backend="auto"``: Triton on CUDA tensors when the call needs the row LSE (taps,
+  segment-uniform attention, LSE merges: what SDPA does not return) and the kernel supports
+  the inputs (dtype, head dim, no float bias that needs a gradient); the torch reference
+  otherwise. A blend or bias alone goes to SDPA (flash / memory-efficient) plus the exact
+  output-space blend (one ``torch.lerp``): on an H100 the vendor kernels are the faster
+  choice there (benchmarks/RESULTS.md, "GPU figures").
 """
 from __future__ import annotations
 
@@ -126,7 +130,7 @@ def attention(q, k, v, *, scale=None, head_blend=None, bias=None, return_lse=Fal
     Returns ``out`` [B, H, Nq, D], or ``(out, lse)`` with lse [B, H, Nq] when ``return_lse``.
     """
     _check(q, k, v, head_blend, bias, backend)
-    if _use_triton(backend, q, k, v, bias):
+    if _use_triton(backend, q, k, v, bias, need_lse=return_lse):
         from diffattn.kernels.triton_attention import attention_triton
 
         return attention_triton(q, k, v, scale=scale, head_blend=head_blend, bias=bias, return_lse=return_lse)
@@ -178,8 +182,9 @@ def triton_available() -> bool:
     return _TRITON_OK
 
 
-def _use_triton(backend, q, k, v, bias) -> bool:
-    """The one dispatch decision: Triton for "triton", and for "auto" on supported CUDA inputs."""
+def _use_triton(backend, q, k, v, bias, need_lse: bool = True) -> bool:
+    """The one dispatch decision: Triton for "triton", and for "auto" on supported CUDA inputs
+    of a call that needs the LSE (taps always do)."""
     if backend == "torch":
         return False
     if backend == "triton":
@@ -187,7 +192,7 @@ def _use_triton(backend, q, k, v, bias) -> bool:
             raise KernelError("backend='triton' needs the triton package (pip install triton, Linux); "
                               "use backend='torch'")
         return True
-    if not q.is_cuda or not triton_available():
+    if not q.is_cuda or not need_lse or not triton_available():
         return False
     from diffattn.kernels.triton_attention import unsupported
 

@@ -509,3 +509,11 @@ def test_bad_input_errors(tiny_pipe):
     h.detach()
     h.detach()  # idempotent
     assert "detached" in repr(h)
+
+
+def test_any_rows_agrees_with_the_row_mask_without_reading_it():
+    q = torch.zeros(5, 2, 3, 4)
+    branches = {"uncond": slice(0, 2), "cond": slice(2, 4), "perturbed": slice(4, 5), "empty": slice(5, 5)}
+    call = AttentionCall(None, None, q, q, q, branches=branches)
+    for names in (None, ("cond",), ("perturbed",), ("empty",), ("missing",), ("empty", "perturbed"), ()):
+        assert call.any_rows(names) == bool(call.rows(names).any()), names

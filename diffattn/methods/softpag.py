@@ -85,6 +85,7 @@ class SoftPAG(Control):
         self.schedule = schedule
         self.sequential = sequential
         self.u: dict[str, torch.Tensor] = {}
+        self._u_on_device: dict[tuple, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ resolve
     def _site_filter(self, site) -> bool:
@@ -117,20 +118,33 @@ class SoftPAG(Control):
     def _rows(self, call: AttentionCall) -> torch.Tensor:
         return call.rows(("perturbed",))
 
+    def _u_at(self, call: AttentionCall, like: torch.Tensor) -> torch.Tensor:
+        """The site's per-head u [H] on ``like``'s device and dtype, copied there once."""
+        key = (call.site.name, like.device, like.dtype)
+        u = self._u_on_device.get(key)
+        if u is None:
+            u = self._u_on_device[key] = self.u[call.site.name].to(like.device, like.dtype)
+        return u
+
     def edit_spec(self, call: AttentionCall) -> None:
+        # No host syncs on a GPU: the row test uses the branch slices, the blend is dense.
         if self.target == "identity" and (self.semantics == "joint" or not _has_text(call)):
-            rows = self._rows(call)
-            if rows.any():
-                blend = call.head_blend()
-                blend[rows] = torch.maximum(blend[rows], self.u[call.site.name].to(blend.device))
+            if call.any_rows(("perturbed",)):
+                blend = call.head_blend()  # [B, H]
+                rows = self._rows(call).unsqueeze(1)  # [B, 1]
+                torch.maximum(blend, rows * self._u_at(call, blend), out=blend)
+
+    def on_detach(self, engine) -> None:
+        self._u_on_device.clear()
+        super().on_detach(engine)
 
     def edit_output(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
         if self.target == "identity" and (self.semantics == "joint" or not _has_text(call)):
-            return out  # done inside the kernel through the head blend
-        rows = self._rows(call)
-        if not rows.any():
+            return out  # done by the kernel call through the head blend
+        if not call.any_rows(("perturbed",)):
             return out
-        u = self.u[call.site.name].to(out.dtype).view(1, -1, 1, 1)  # [1, H, 1, 1]
+        rows = self._rows(call)
+        u = self._u_at(call, out).view(1, -1, 1, 1)  # [1, H, 1, 1]
         q, k, v = call.q[rows], call.k[rows], call.v[rows]  # [b, H, N, D]
         scale = call.scale if call.scale is not None else q.shape[-1] ** -0.5
         if self.semantics == "joint" or not _has_text(call):

@@ -251,4 +251,4 @@ def _blend(out: torch.Tensor, v: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """(1 - u)·out + u·v per head: u ``[H]`` or ``[B, H]``."""
     u = u.to(out.dtype)
     u = u.view(1, -1, 1, 1) if u.dim() == 1 else u.view(u.shape[0], u.shape[1], 1, 1)  # [B|1, H, 1, 1]
-    return out + u * (v - out)
+    return torch.lerp(out, v, u)  # exact at u = 0 and u = 1

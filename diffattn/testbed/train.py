@@ -72,15 +72,16 @@ def save_checkpoint(out: str, step: int, modules: dict[str, torch.nn.Module], em
     os.replace(tmp, _state_path(out))  # the step is committed only once every file is written
 
 
-def load_checkpoint(out: str, modules: dict[str, torch.nn.Module], ema: dict[str, torch.Tensor], opt: torch.optim.Optimizer) -> int:
+def load_checkpoint(out: str, modules: dict[str, torch.nn.Module], ema: dict[str, torch.Tensor],
+                    opt: torch.optim.Optimizer, device: str = "cpu") -> int:
     if not os.path.exists(_state_path(out)):
         return 0
     with open(_state_path(out)) as f:
         step = json.load(f)["step"]
     for name, module in modules.items():
         module.load_state_dict(load_file(os.path.join(out, f"{name}.safetensors")))
-    ema.update(load_file(os.path.join(out, "ema.safetensors")))
-    moments = load_file(os.path.join(out, "optimizer.safetensors"))
+    ema.update(load_file(os.path.join(out, "ema.safetensors"), device=str(device)))
+    moments = load_file(os.path.join(out, "optimizer.safetensors"), device=str(device))
     for n, p in _named_trainable(modules):
         opt.state[p] = {
             "step": torch.tensor(float(step)),
@@ -105,10 +106,20 @@ def ema_update(ema: dict[str, torch.Tensor], modules: dict[str, torch.nn.Module]
         ema[n].mul_(d).add_(p.detach(), alpha=1 - d)
 
 
-def lr_at(step: int, base: float, warmup: int, total: int) -> float:
-    """Linear warm-up, then cosine decay to 10% of the base rate."""
+def lr_at(step: int, base: float, warmup: int, total: int, schedule: str = "cosine", decay_frac: float = 0.2) -> float:
+    """Linear warm-up, then decay to 10% of the base rate.
+
+    ``cosine``: cosine decay over the whole run. ``wsd`` (warm-up, stable, decay; Hu et al.
+    2024, "MiniCPM", Sec. 4.1): the base rate held until the last ``decay_frac`` of the steps,
+    then a linear decay, so most steps run at the full rate."""
     if step < warmup:
         return base * (step + 1) / warmup
+    if schedule == "wsd":
+        start = total - decay_frac * total
+        progress = min(1.0, max(0.0, (step - start) / max(1.0, total - start)))
+        return base * (1.0 - 0.9 * progress)
+    if schedule != "cosine":
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}; use 'cosine' or 'wsd'")
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
@@ -238,21 +249,23 @@ def standardize_vae(vae: AutoencoderKL, mu: torch.Tensor, sigma: torch.Tensor) -
 def make_data(args):
     """Render ``--n`` training scenes, encode them with the VAE (posterior mean and std),
     and set the VAE's scaling (and SD3 shift) factor from the latents' statistics."""
-    vae = AutoencoderKL.from_pretrained(os.path.join(args.vae, "final")).eval()
+    device = getattr(args, "device", "cpu")
+    vae = AutoencoderKL.from_pretrained(os.path.join(args.vae, "final")).eval().to(device)
     os.makedirs(args.out, exist_ok=True)
     captions, means, stds = [], [], []
     rng = np.random.default_rng([args.seed, 10**6])
     for start in tqdm(range(0, args.n, 256), desc="encode", dynamic_ncols=True):
         scenes = [sample_training_scene(rng) for _ in range(min(256, args.n - start))]
         captions += [caption(s) for s in scenes]
-        dist = vae.encode(images_to_tensor([render(s) for s in scenes])).latent_dist
-        means.append(dist.mean.half())  # [b, 4, 16, 16]
-        stds.append(dist.std.half())
+        with torch.no_grad():
+            dist = vae.encode(images_to_tensor([render(s) for s in scenes]).to(device)).latent_dist
+        means.append(dist.mean.half().cpu())  # [b, 4, 16, 16]
+        stds.append(dist.std.half().cpu())
     mean, std = torch.cat(means), torch.cat(stds)  # [N, 4, 16, 16]
     shift = mean.float().mean().item()
     scale = 1.0 / mean.float().std().item()
     vae.register_to_config(scaling_factor=scale, shift_factor=shift)
-    vae.save_pretrained(os.path.join(args.out, "vae"), safe_serialization=True)
+    vae.to("cpu").save_pretrained(os.path.join(args.out, "vae"), safe_serialization=True)
     save_file({"mean": mean.contiguous(), "std": std.contiguous()}, os.path.join(args.out, "latents.safetensors"))
     with open(os.path.join(args.out, "captions.json"), "w") as f:
         json.dump(captions, f)
@@ -287,11 +300,12 @@ def train_denoiser(args):
     modules = {"denoiser": denoiser, "text_encoder": pipe.text_encoder}
     if is_sd3:
         modules["text_encoder_2"] = pipe.text_encoder_2
+    device = getattr(args, "device", "cpu")
     for m in modules.values():
-        m.train()
+        m.train().to(device)
     ema = {n: p.detach().clone() for n, p in _named_trainable(modules)}
     opt = torch.optim.AdamW([p for _, p in _named_trainable(modules)], lr=args.lr, weight_decay=0.01)
-    step = load_checkpoint(args.out, modules, ema, opt)
+    step = load_checkpoint(args.out, modules, ema, opt, device)
     ddpm = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     scale, shift = vae.config.scaling_factor, (vae.config.shift_factor or 0.0)
     bar = tqdm(total=args.steps, initial=step, desc=args.stage, dynamic_ncols=True)
@@ -306,21 +320,22 @@ def train_denoiser(args):
         batch_caps = ["" if d else captions[i] for i, d in zip(idx, drop.tolist())]
         noise = torch.randn(x0.shape, generator=gen)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.lr, 100, args.steps)
+            g["lr"] = lr_at(step, args.lr, args.warmup, args.steps, args.schedule)
         if is_sd3:
-            x0 = (x0 - shift) * scale
+            x0 = ((x0 - shift) * scale).to(device)
+            noise = noise.to(device)
             prompt_embeds, _, pooled, _ = pipe.encode_prompt(
-                prompt=batch_caps, prompt_2=None, prompt_3=None, device="cpu",
+                prompt=batch_caps, prompt_2=None, prompt_3=None, device=device,
                 do_classifier_free_guidance=False, max_sequence_length=0,
             )  # prompt_embeds [B, 24, 128]; pooled [B, 128]
-            t = torch.sigmoid(torch.randn(len(idx), generator=gen))  # logit-normal(0, 1)
+            t = torch.sigmoid(torch.randn(len(idx), generator=gen)).to(device)  # logit-normal(0, 1)
             xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
             pred = denoiser(hidden_states=xt, timestep=t * 1000, encoder_hidden_states=prompt_embeds, pooled_projections=pooled).sample
             loss = F.mse_loss(pred, noise - x0)  # velocity of the straight path
         else:
-            x0 = x0 * scale
-            prompt_embeds, _ = pipe.encode_prompt(batch_caps, "cpu", 1, False)  # [B, 24, 64]
-            t = torch.randint(0, 1000, (len(idx),), generator=gen)
+            x0, noise = (x0 * scale).to(device), noise.to(device)
+            prompt_embeds, _ = pipe.encode_prompt(batch_caps, device, 1, False)  # [B, 24, 64]
+            t = torch.randint(0, 1000, (len(idx),), generator=gen).to(device)
             xt = ddpm.add_noise(x0, noise, t)
             pred = denoiser(xt, t, encoder_hidden_states=prompt_embeds).sample
             # v = sqrt(abar)·eps - sqrt(1 - abar)·x0: an x0-like target at high noise, where an
@@ -377,6 +392,9 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "wsd"], help="learning-rate schedule after the warm-up")
+    p.add_argument("--warmup", type=int, default=100, help="warm-up steps (denoiser stages)")
+    p.add_argument("--device", default="cpu", help="torch device of the data and denoiser stages (e.g. cuda)")
     p.add_argument("--n", type=int, default=40000, help="scenes to encode (data stage)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
