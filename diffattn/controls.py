@@ -170,6 +170,20 @@ class AttentionSpec:
     bias: torch.Tensor | None = None
     uniform_keys: UniformKeys | None = None
     return_lse: bool = False
+    # head_blend is a control's cached tensor (set with share_head_blend): copy before editing
+    head_blend_shared: bool = False
+
+    def share_head_blend(self, blend: torch.Tensor) -> None:
+        """Use ``blend`` [B, H] as the head blend without copying it when nothing else set one
+        (a control's per-layout cache: no kernel launch per call); otherwise take the
+        elementwise maximum with the current one."""
+        if self.head_blend is None:
+            self.head_blend, self.head_blend_shared = blend, True
+        else:
+            current = self.head_blend
+            if current.dim() == 1:
+                current = current.expand_as(blend)
+            self.head_blend, self.head_blend_shared = torch.maximum(current, blend.to(current.dtype)), False
 
     def add_bias(self, bias: torch.Tensor) -> None:
         """Combine ``bias`` with the current one: masks AND, float biases add, a mask and a
@@ -313,6 +327,9 @@ class AttentionCall:
             self.spec.head_blend = torch.zeros(self.q.shape[:2], dtype=torch.float32, device=self.q.device)
         elif self.spec.head_blend.dim() == 1:
             self.spec.head_blend = self.spec.head_blend.expand(self.q.shape[0], -1).clone()
+        elif self.spec.head_blend_shared:
+            self.spec.head_blend = self.spec.head_blend.clone()
+        self.spec.head_blend_shared = False
         return self.spec.head_blend
 
     def uniform(self, keys, rows: torch.Tensor | None = None, heads=None) -> None:

@@ -44,6 +44,25 @@ def test_output_space_equals_materialised_matrix(target, semantics):
     torch.testing.assert_close(out[:b], plain, atol=1e-10, rtol=1e-8)  # cond rows untouched
 
 
+def test_cached_head_blend_is_copied_before_another_control_edits_it():
+    torch.manual_seed(0)
+    q = torch.randn(2, 3, 13, 8, dtype=torch.float64)
+    layout = TokenLayout(*(segments(("image", 9, (3, 3)), ("text", 4, None)),) * 2)
+    ctrl = SoftPAG({"blocks.0.attn": [0, 1, 2]})
+    ctrl.u = {"blocks.0.attn": torch.tensor([0.0, 0.4, 1.0])}
+    first = _call(q, q, q, layout, 1)
+    ctrl.edit_spec(first)
+    torch.testing.assert_close(first.spec.head_blend, torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.4, 1.0]], dtype=torch.float64))
+    first.head_blend()[:, 0] = 0.9  # a later control editing the blend in place
+    second = _call(q, q, q, layout, 1)
+    ctrl.edit_spec(second)  # the cache is untouched by that edit
+    torch.testing.assert_close(second.spec.head_blend, torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.4, 1.0]], dtype=torch.float64))
+    ctrl.u["blocks.0.attn"][0] = 0.25  # editing u in place is seen at the next call
+    third = _call(q, q, q, layout, 1)
+    ctrl.edit_spec(third)
+    assert third.spec.head_blend[1, 0].item() == 0.25 and third.spec.head_blend[0].abs().sum() == 0
+
+
 def test_guidance_arithmetic():
     c, p = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 3.0])
     torch.testing.assert_close(fold_guidance(c, [p], [2.0], cfg_scale=1.0), c + 2.0 * (c - p))

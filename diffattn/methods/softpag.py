@@ -120,19 +120,32 @@ class SoftPAG(Control):
 
     def _u_at(self, call: AttentionCall, like: torch.Tensor) -> torch.Tensor:
         """The site's per-head u [H] on ``like``'s device and dtype, copied there once."""
-        key = (call.site.name, like.device, like.dtype)
+        src = self.u[call.site.name]
+        key = (call.site.name, id(src), src._version, like.device, like.dtype)  # an edited u is re-copied
         u = self._u_on_device.get(key)
         if u is None:
-            u = self._u_on_device[key] = self.u[call.site.name].to(like.device, like.dtype)
+            u = self._u_on_device[key] = src.to(like.device, like.dtype)
         return u
 
+    def _blend_at(self, call: AttentionCall) -> torch.Tensor:
+        """The [B, H] head blend of this call's batch layout (u on the perturbed rows, 0
+        elsewhere), in q's dtype, built once per (site, layout, device, dtype)."""
+        n = call.q.shape[0]
+        layout = tuple((b, range(n)[sl]) for b, sl in call.branches.items())
+        src = self.u[call.site.name]
+        key = (call.site.name, id(src), src._version, n, layout, call.q.device, call.q.dtype)
+        blend = self._u_on_device.get(key)
+        if blend is None:
+            rows = self._rows(call).unsqueeze(1)  # [B, 1]
+            blend = self._u_on_device[key] = rows * self._u_at(call, call.q)  # [B, H]
+        return blend
+
     def edit_spec(self, call: AttentionCall) -> None:
-        # No host syncs on a GPU: the row test uses the branch slices, the blend is dense.
+        # No host syncs and no kernel launches on a GPU: the row test reads the branch slices
+        # and the blend is cached per batch layout (the step is launch-bound at SD3 sizes).
         if self.target == "identity" and (self.semantics == "joint" or not _has_text(call)):
             if call.any_rows(("perturbed",)):
-                blend = call.head_blend()  # [B, H]
-                rows = self._rows(call).unsqueeze(1)  # [B, 1]
-                torch.maximum(blend, rows * self._u_at(call, blend), out=blend)
+                call.spec.share_head_blend(self._blend_at(call))
 
     def on_detach(self, engine) -> None:
         self._u_on_device.clear()
