@@ -6,6 +6,8 @@
 Rows (median of interleaved repetitions on one transformer, batch = [uncond, cond, perturbed]):
 - unguided, batch 2 ([uncond, cond]);
 - the same 3-row batch with no perturbation: the cost of the extra branch alone;
+- that batch with the engine attached and a control that does nothing at every site (the
+  engine's own per-call cost: its processors, layout and spec);
 - SoftPAG in output space (u = 0.5 on every head of every layer);
 - SoftPAG through a materialised map: A = softmax(QK^T) built explicitly and blended as
   (1-u)A + uI before multiplying V, what the paper's code does.
@@ -99,6 +101,7 @@ def main():
                 return timed(kw)
 
     variants = {"unguided (batch 2)": (two, None), "3-row batch, no perturbation": (three, None),
+                "3-row batch, engine + do-nothing control": (three, Control()),
                 "SoftPAG, output space": (three, soft), "SoftPAG, materialised map": (three, mat)}
     times = {k: [] for k in variants}
     for name, (kw, c) in variants.items():
