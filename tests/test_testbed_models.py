@@ -111,3 +111,17 @@ def test_load_works_offline_and_generates(name, monkeypatch):
     # every weight file is safetensors
     for root, _, files in os.walk(testbed.model_path(name)):
         assert not any(f.endswith((".bin", ".pt", ".pth", ".ckpt")) for f in files), root
+
+
+def test_learning_rate_schedules():
+    base, warm, total = 2e-3, 100, 1000
+    assert train.lr_at(0, base, warm, total, "wsd") == pytest.approx(base / warm)
+    # WSD: the base rate until the last 20% of the steps, then linear to 10% of it
+    assert train.lr_at(500, base, warm, total, "wsd") == train.lr_at(800, base, warm, total, "wsd") == base
+    assert train.lr_at(900, base, warm, total, "wsd") == pytest.approx(0.55 * base)
+    assert train.lr_at(1000, base, warm, total, "wsd") == pytest.approx(0.1 * base)
+    # cosine (the VAE stages): half-way between the base and 10% at the middle of the decay
+    assert train.lr_at(550, base, warm, total) == pytest.approx(0.55 * base)
+    assert train.lr_at(1000, base, warm, total) == pytest.approx(0.1 * base)
+    with pytest.raises(ValueError, match="schedule"):
+        train.lr_at(500, base, warm, total, "linear")

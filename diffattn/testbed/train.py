@@ -392,7 +392,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--ema", type=float, default=0.999)
-    p.add_argument("--schedule", default="cosine", choices=["cosine", "wsd"], help="learning-rate schedule after the warm-up")
+    p.add_argument("--schedule", default=None, choices=["cosine", "wsd"],
+                   help="learning-rate schedule after the warm-up (default: wsd for the denoisers, cosine for the VAE stages)")
     p.add_argument("--warmup", type=int, default=100, help="warm-up steps (denoiser stages)")
     p.add_argument("--device", default="cpu", help="torch device of the data and denoiser stages (e.g. cuda)")
     p.add_argument("--n", type=int, default=40000, help="scenes to encode (data stage)")
@@ -407,8 +408,9 @@ def main(argv=None):
     defaults = {
         "vae": dict(steps=1000, batch=32, lr=1e-3),
         "decoder": dict(steps=3000, batch=32, lr=3e-4),
-        "tiny-sd": dict(steps=3000, batch=64, lr=5e-4),
-        "tiny-sd3": dict(steps=3000, batch=64, lr=5e-4),
+        # the 60-minute recipes (benchmarks/RESULTS.md, "Training recipes"): WSD at a high rate
+        "tiny-sd": dict(steps=3600, batch=64, lr=2e-3, schedule="wsd"),
+        "tiny-sd3": dict(steps=5300, batch=64, lr=2e-3, schedule="wsd"),
     }.get(args.stage, {})
     for k, v in defaults.items():
         if getattr(args, k) is None:
