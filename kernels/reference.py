@@ -57,13 +57,25 @@ def attention_with_lse(q, k, v, *, scale: float, bias=None) -> tuple[torch.Tenso
     return torch.cat(outs, dim=-2), torch.cat(lses, dim=-1)
 
 
+def _sdpa(q, k, v, bias, scale):
+    """``F.scaled_dot_product_attention``; a bias that needs a gradient runs the math backend on
+    CUDA, because the memory-efficient backward there fails on small broadcast masks
+    ("LSE is not correctly aligned (strideH)", torch 2.11 on an H100)."""
+    if bias is not None and bias.requires_grad and bias.is_cuda:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+
+
 def attention_reference(q, k, v, *, scale=None, head_blend=None, bias=None, return_lse=False):
     """The reference path of ``diffattn.kernels.attention`` (arguments already validated)."""
     if return_lse:
         out, lse = attention_with_lse(q, k, v, scale=default_scale(q, scale), bias=bias)
     else:
         # exactly the stock processors' call (scale=None stays None: SDPA computes 1/sqrt(D) itself)
-        out, lse = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale), None
+        out, lse = _sdpa(q, k, v, bias, scale), None
     if head_blend is not None:
         # SoftPAG in output space: (1-u)·A·V + u·I·V, per head (and per batch row for [B, H])
         u = head_blend.to(out.dtype)
