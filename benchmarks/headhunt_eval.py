@@ -63,6 +63,8 @@ def main():
     p.add_argument("--eval-seeds", type=int, default=256)
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--stop-without-gain", action="store_true",
+                   help="end the search at the first round whose best head does not improve the objective")
     p.add_argument("--scale", type=float, default=2.0)
     p.add_argument("--u-sweep", default="0.25,0.5,0.75,1.0")
     p.add_argument("--layers", default="all", choices=["all", "best"],
@@ -86,7 +88,7 @@ def main():
 
     # 1. fidelity search on training pairs
     hunt = HeadHunter(pipe, oracle_fidelity, prompts, train, top_k=args.top_k, rounds=args.rounds,
-                      scale=args.scale, state_dir=os.path.join(args.out, "fidelity-state"))
+                      stop_without_gain=args.stop_without_gain, scale=args.scale, state_dir=os.path.join(args.out, "fidelity-state"))
     result = hunt.run()
     preset = os.path.join(args.out, f"{args.model}-fidelity.json")
     result.save_preset(preset, strength=1.0)

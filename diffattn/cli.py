@@ -77,7 +77,8 @@ def cmd_headhunt(args):
     prompts = args.prompt or suite_prompts(args.suite)
     kw = {} if args.steps is None else {"num_inference_steps": args.steps}
     hunt = HeadHunter(pipe, objective, prompts, list(TRAIN_SEEDS)[: args.seeds], top_k=args.top_k, rounds=args.rounds,
-                      scale=args.scale, state_dir=args.state_dir, progress=state.is_main_process, **kw)
+                      stop_without_gain=args.stop_without_gain, scale=args.scale, state_dir=args.state_dir,
+                      progress=state.is_main_process, **kw)
     result = hunt.run()
     if state.is_main_process:  # the others wait until the files are written
         result.save_preset(args.out, strength=args.strength)
@@ -140,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=16, help="training seeds (prompt-seed pairs)")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--stop-without-gain", action="store_true",
+                   help="end the search at the first round whose best head does not improve the objective")
     p.add_argument("--scale", type=float, default=2.0)
     p.add_argument("--strength", type=float, default=1.0, help="u written into the preset")
     p.add_argument("--steps", type=int, default=None)

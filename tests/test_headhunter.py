@@ -49,6 +49,26 @@ def test_greedy_rounds_pick_the_best_heads_and_resume(tiny_pipe, tmp_path):
     assert heat.size == (4 * max(result.layout.values()), 4 * len(result.layout))
 
 
+def test_stop_without_gain_ends_the_search_and_resumes_stopped(tiny_pipe, tmp_path):
+    pipe = tiny_pipe("sd3")
+    kw = dict(num_inference_steps=2, height=16, width=16, guidance_scale=1.0)
+
+    def constant(images, prompts):  # no head can beat the baseline
+        return [1.0] * len(images)
+
+    hunt = HeadHunter(pipe, constant, ["a red circle"], [0], top_k=1, rounds=3, state_dir=str(tmp_path),
+                      progress=False, stop_without_gain=True, **kw)
+    result = hunt.run()
+    assert result.selected == [] and len(result.rounds) == 1  # one round scored, nothing added, stopped
+    calls = []
+    again = HeadHunter(pipe, lambda i, p: calls.append(1) or constant(i, p), ["a red circle"], [0], top_k=1, rounds=3,
+                       state_dir=str(tmp_path), progress=False, stop_without_gain=True, **kw).run()
+    assert again.selected == [] and len(again.rounds) == 1 and not calls
+    # without the rule the paper's algorithm adds the top head every round
+    plain = HeadHunter(pipe, constant, ["a red circle"], [0], top_k=1, rounds=2, progress=False, **kw).run()
+    assert len(plain.selected) == 2
+
+
 def test_bad_candidates_are_errors(tiny_pipe):
     with pytest.raises(ControlError, match="does not exist"):
         HeadHunter(tiny_pipe("sd3"), brightness, ["a"], [0], candidates=[("transformer_blocks.0.attn", 99)])

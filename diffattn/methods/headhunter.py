@@ -366,6 +366,9 @@ class HeadHunter:
     pipe:       a diffusers pipeline; objective: ``(images, prompts) -> scores``.
     prompts, seeds: the fixed pairs (zipped; cycle the prompts for more seeds than prompts).
     candidates: "all" (every head of every self/joint/single site) or (site, head) pairs.
+    stop_without_gain: end the search early at the first round whose best candidate does not
+        score above the current selection (the baseline before round 1); off by default, as
+        the paper's Algorithm 1 always adds the top k.
     distributed: under a multi-process launch (``accelerate launch``/``torchrun``), split each
         round's candidates across the processes; ignored in a single process.
     """
@@ -373,7 +376,7 @@ class HeadHunter:
     def __init__(self, pipe, objective: Callable, prompts: Sequence[str], seeds: Sequence[int], *,
                  candidates="all", top_k: int = 3, rounds: int = 1, scale: float = 3.0, strength: float = 1.0,
                  semantics: str = "joint", batch_size: int = 16, state_dir: str | None = None,
-                 progress: bool = True, distributed: bool = True, **call_kwargs):
+                 progress: bool = True, distributed: bool = True, stop_without_gain: bool = False, **call_kwargs):
         if len(prompts) == 0 or len(seeds) == 0:
             raise ControlError("HeadHunter needs at least one prompt and one seed")
         if not callable(objective):
@@ -390,7 +393,7 @@ class HeadHunter:
             if site not in self.layout or not 0 <= head < self.layout[site]:
                 raise ControlError(f"candidate head ({site!r}, {head}) does not exist; sites: {list(self.layout)[:8]} ...")
         self.candidates = [tuple(c) for c in candidates]
-        self.top_k, self.rounds = top_k, rounds
+        self.top_k, self.rounds, self.stop_without_gain = top_k, rounds, stop_without_gain
         self.scale, self.strength, self.semantics = scale, strength, semantics
         self.batch_size, self.progress, self.call_kwargs = batch_size, progress, call_kwargs
         self.dist = distributed_state() if distributed and _launched_world_size() > 1 else None
@@ -500,14 +503,22 @@ class HeadHunter:
         rounds = state["rounds"]
         baseline = self.score_many([[]])[0]
         self._save()
+        stopped = state.get("stopped", False)
         for r in range(len(rounds), self.rounds):
+            if stopped:
+                break
             pool = [c for c in self.candidates if c not in selected]
             values = self.score_many([selected + [c] for c in pool], desc=f"headhunt round {r + 1}/{self.rounds}")
             scores = {f"{c[0]}:{c[1]}": v for c, v in zip(pool, values)}
             best = sorted(pool, key=lambda c: -scores[f"{c[0]}:{c[1]}"])[: self.top_k]
-            selected += best
             rounds.append(scores)
-            self._save({"selected": selected, "rounds": rounds})
+            # the current selection's score is cached (the previous round scored it) when top_k = 1
+            if self.stop_without_gain and scores[f"{best[0][0]}:{best[0][1]}"] <= (
+                    self.score_many([selected])[0] if selected else baseline):
+                stopped = True  # no candidate improves the objective: keep the selection as it is
+            else:
+                selected += best
+            self._save({"selected": selected, "rounds": rounds, "stopped": stopped})
         model = model_id(getattr(self.pipe, "transformer", None) or self.pipe.unet)
         return HeadHuntResult(model=model, selected=selected, rounds=rounds, baseline=baseline,
                               scale=self.scale, strength=self.strength, layout=self.layout)
