@@ -88,7 +88,8 @@ def main():
 
     # 1. fidelity search on training pairs
     hunt = HeadHunter(pipe, oracle_fidelity, prompts, train, top_k=args.top_k, rounds=args.rounds,
-                      stop_without_gain=args.stop_without_gain, scale=args.scale, state_dir=os.path.join(args.out, "fidelity-state"))
+                      stop_without_gain=args.stop_without_gain, scale=args.scale,
+                      state_dir=os.path.join(args.out, "fidelity-state"))
     result = hunt.run()
     preset = os.path.join(args.out, f"{args.model}-fidelity.json")
     result.save_preset(preset, strength=1.0)
@@ -145,7 +146,8 @@ def main():
         style_prompts = [q for q in suite_prompts("style") if args.style in q]
         style_train = list(TRAIN_SEEDS)[: args.style_seeds]
         shunt = HeadHunter(pipe, oracle_style(args.style), style_prompts, style_train, top_k=args.top_k,
-                           rounds=args.rounds, scale=args.scale, state_dir=os.path.join(args.out, "style-state"))
+                           rounds=args.rounds, stop_without_gain=args.stop_without_gain, scale=args.scale,
+                           state_dir=os.path.join(args.out, "style-state"))
         sres = shunt.run()
         spreset = os.path.join(args.out, f"{args.model}-{args.style}.json")
         sres.save_preset(spreset, strength=1.0)

@@ -512,11 +512,11 @@ class HeadHunter:
             scores = {f"{c[0]}:{c[1]}": v for c, v in zip(pool, values)}
             best = sorted(pool, key=lambda c: -scores[f"{c[0]}:{c[1]}"])[: self.top_k]
             rounds.append(scores)
-            # the current selection's score is cached (the previous round scored it) when top_k = 1
-            if self.stop_without_gain and scores[f"{best[0][0]}:{best[0][1]}"] <= (
-                    self.score_many([selected])[0] if selected else baseline):
-                stopped = True  # no candidate improves the objective: keep the selection as it is
-            else:
+            if self.stop_without_gain:
+                # the selection's own score is cached (the previous round scored it) when top_k = 1
+                current = self.score_many([selected])[0] if selected else baseline
+                stopped = max(values) <= current  # no candidate improves the objective
+            if not stopped:
                 selected += best
             self._save({"selected": selected, "rounds": rounds, "stopped": stopped})
         model = model_id(getattr(self.pipe, "transformer", None) or self.pipe.unet)
