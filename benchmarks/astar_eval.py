@@ -36,6 +36,33 @@ def phrase_concepts(prompt: str) -> list[str]:
     return [f"{c} {s}" for c, s in parse_prompt(prompt).objects]
 
 
+def colour_concepts(prompt: str) -> list[str]:
+    """Concepts as the colour words, one per object: the testbed's commonest failure is colour
+    leakage (both objects drawn in one prompt colour), not a missing object."""
+    return [c for c, _ in parse_prompt(prompt).objects]
+
+
+def distinguishing_concepts(prompt: str) -> list[str]:
+    """Concepts as the words that tell the objects apart: the shape nouns when the shapes
+    differ, else the colours ("a red circle and a green circle": "red", "green"); both
+    (as phrases) when both differ. Two copies of one word give two identical maps, whose
+    segregation has no direction to push."""
+    objects = parse_prompt(prompt).objects
+    colours_differ = len({c for c, _ in objects}) == len(objects)
+    shapes_differ = len({s for _, s in objects}) == len(objects)
+    if shapes_differ and colours_differ:
+        return [f"{c} {s}" for c, s in objects]
+    if shapes_differ:
+        return [s for _, s in objects]
+    if colours_differ:
+        return [c for c, _ in objects]
+    return [s for _, s in objects]
+
+
+CONCEPTS = {"nouns": default_concepts, "phrases": phrase_concepts, "colours": colour_concepts,
+            "distinguishing": distinguishing_concepts}
+
+
 METHODS = {
     "baseline": None,
     "attend-and-excite": lambda kw: AStarConfig.attend_and_excite(**kw),
@@ -58,8 +85,10 @@ def runner(pipe, method: str, args):
     for item in args.set or []:
         key, _, value = item.partition("=")
         kw[key] = json.loads(value) if value and value[:1] in "[{0123456789-" or value in ("true", "false", "null") else value
+        if key == "refine" and isinstance(kw[key], dict):  # JSON keys are strings: "0" a step, "0.2" a fraction
+            kw[key] = {(float(k) if "." in k else int(k)): v for k, v in kw[key].items()}
     astar = AStarPipeline(pipe, make(kw))
-    concepts = phrase_concepts if args.concepts == "phrases" else default_concepts
+    concepts = CONCEPTS[args.concepts]
 
     def run(prompt, generator, **call_kwargs):
         return astar(prompt, concepts, generator=generator, **call_kwargs)
@@ -97,9 +126,10 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--tune", action="store_true", help="use training seeds (for choosing settings), not evaluation seeds")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's; A&E / A-STAR: 7.5)")
     p.add_argument("--scale-factor", type=float, default=None, help="A-STAR / A&E step size (default 20)")
     p.add_argument("--max-iter", type=float, default=None, help="update window: steps (>= 1) or fraction of the run")
-    p.add_argument("--concepts", default="nouns", choices=["nouns", "phrases"])
+    p.add_argument("--concepts", default="nouns", choices=list(CONCEPTS))
     p.add_argument("--paper-defaults", action="store_true",
                    help="use A&E's temperature 100 instead of the testbed's tuned 1000 (TESTBED_OVERRIDES)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -119,6 +149,8 @@ def main(argv=None):
     if args.grids:
         os.makedirs(args.grids, exist_ok=True)
     call = {} if args.steps is None else {"num_inference_steps": args.steps}
+    if args.guidance is not None:
+        call["guidance_scale"] = args.guidance
     seeds = list(TRAIN_SEEDS[: args.seeds]) if args.tune else eval_seeds(args.seeds)
     full: dict = {}
     reports: dict = {}

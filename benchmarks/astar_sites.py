@@ -43,11 +43,13 @@ def main(argv=None):
     p.add_argument("--model", default="tiny-sd3")
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--temperatures", default="100,1000")
+    p.add_argument("--sites", default=None,
+                   help="site selector to probe (diffattn.sites grammar, e.g. 'cross'); default: A-STAR's default sites")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     pipe = testbed.load(args.model)
     astar = AStarPipeline(pipe)
-    sites, _ = astar._sites()
+    sites = args.sites if args.sites is not None else astar._sites()[0]
     joint = astar.family == "sd3"
     recorder = ConceptRecorder(sites)
     prompts = suite_prompts("two")
@@ -76,7 +78,8 @@ def main(argv=None):
             for s, records in enumerate(per_step):
                 phase = "early" if s < n_steps / 4 else "mid" if s < 0.6 * n_steps else "late"
                 views = [(name, [(probs[0], grid)], grid) for name, probs, grid in records]
-                views.append(("all default sites", [(probs[0], grid) for _, probs, grid in records], records[0][2]))
+                finest = max((grid for _, _, grid in records), key=lambda g: g[0] * g[1])
+                views.append(("all probed sites", [(probs[0], grid) for _, probs, grid in records], finest))
                 for name, maps, grid in views:
                     attn = aggregate_attention(maps, grid, renorm_text=joint)  # [h, w, T]
                     positions = text_positions(attn.shape[-1], eot, "prompt")
