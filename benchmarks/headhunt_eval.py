@@ -43,11 +43,11 @@ def per_image(report, metric: str) -> np.ndarray:
     raise ValueError(metric)
 
 
-def run_config(pipe, control, prompts, seeds):
+def run_config(pipe, control, prompts, seeds, **call_kwargs):
     if control is None:
-        return evaluate(pipe, prompts, seeds, progress=False)
+        return evaluate(pipe, prompts, seeds, progress=False, **call_kwargs)
     with da.attach(pipe, control):
-        return evaluate(pipe, prompts, seeds, progress=False)
+        return evaluate(pipe, prompts, seeds, progress=False, **call_kwargs)
 
 
 def fmt_rate(x: np.ndarray) -> str:
@@ -66,6 +66,9 @@ def main():
     p.add_argument("--stop-without-gain", action="store_true",
                    help="end the search at the first round whose best head does not improve the objective")
     p.add_argument("--scale", type=float, default=2.0)
+    p.add_argument("--cfg", type=float, default=None,
+                   help="CFG scale of every run, search included (default: the model's, 5); 0 = no CFG, "
+                        "perturbation guidance alone, as the paper's head search and head-vs-layer comparison")
     p.add_argument("--u-sweep", default="0.25,0.5,0.75,1.0")
     p.add_argument("--layers", default="all", choices=["all", "best"],
                    help="held-out rows for layer PAG: every layer, or only the best on the training pairs")
@@ -84,12 +87,13 @@ def main():
     train = list(TRAIN_SEEDS)[: args.search_seeds]
     held_out = eval_seeds(args.eval_seeds)
     record: dict = {"model": args.model, "suite": args.suite, "scale": args.scale, "search_seeds": len(train),
-                    "eval_seeds": len(held_out)}
+                    "eval_seeds": len(held_out), "cfg": args.cfg}
+    call = {} if args.cfg is None else {"guidance_scale": args.cfg}
 
     # 1. fidelity search on training pairs
     hunt = HeadHunter(pipe, oracle_fidelity, prompts, train, top_k=args.top_k, rounds=args.rounds,
                       stop_without_gain=args.stop_without_gain, scale=args.scale,
-                      state_dir=os.path.join(args.out, "fidelity-state"))
+                      state_dir=os.path.join(args.out, "fidelity-state"), **call)
     result = hunt.run()
     preset = os.path.join(args.out, f"{args.model}-fidelity.json")
     result.save_preset(preset, strength=1.0)
@@ -114,7 +118,7 @@ def main():
         configs[f"layer PAG {layer}"] = da.SoftPAG({layer: "all"}, strength=1.0, scale=args.scale)
     reports = {}
     for name, control in configs.items():
-        reports[name] = run_config(pipe, control, prompts, held_out)
+        reports[name] = run_config(pipe, control, prompts, held_out, **call)
         oa = per_image(reports[name], "object_accuracy")
         print(f"{name}: object accuracy {oa.mean():.3f} ({time.time() - t0:.0f}s)", flush=True)
     base = "no guidance"
@@ -131,7 +135,8 @@ def main():
         rows.append(row)
     record["held_out"] = rows
 
-    print(f"\n| {args.model}, '{args.suite}' suite, {len(held_out)} eval seeds, s={args.scale:g} | object accuracy [95% CI] "
+    cfg = "model's CFG" if args.cfg is None else f"CFG {args.cfg:g}"
+    print(f"\n| {args.model}, '{args.suite}' suite, {len(held_out)} eval seeds, s={args.scale:g}, {cfg} | object accuracy [95% CI] "
           f"| all present [95% CI] | Δ object acc vs none [paired 95% CI] | Δ vs best layer PAG ({best_layer}) |")
     print("|---|---|---|---|---|")
     for row in rows:
@@ -147,13 +152,13 @@ def main():
         style_train = list(TRAIN_SEEDS)[: args.style_seeds]
         shunt = HeadHunter(pipe, oracle_style(args.style), style_prompts, style_train, top_k=args.top_k,
                            rounds=args.rounds, stop_without_gain=args.stop_without_gain, scale=args.scale,
-                           state_dir=os.path.join(args.out, "style-state"))
+                           state_dir=os.path.join(args.out, "style-state"), **call)
         sres = shunt.run()
         spreset = os.path.join(args.out, f"{args.model}-{args.style}.json")
         sres.save_preset(spreset, strength=1.0)
         sres.save_heatmap(os.path.join(args.out, f"{args.model}-{args.style}-heads.png"))
-        none = run_config(pipe, None, style_prompts, held_out)
-        guided = run_config(pipe, da.SoftPAG(spreset), style_prompts, held_out)
+        none = run_config(pipe, None, style_prompts, held_out, **call)
+        guided = run_config(pipe, da.SoftPAG(spreset), style_prompts, held_out, **call)
         sn, sg = per_image(none, "style"), per_image(guided, "style")
         d = paired_bootstrap(sg, sn)
         record["style"] = {"style": args.style, "prompts": style_prompts, "selected": sres.selected,
