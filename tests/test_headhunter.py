@@ -1,6 +1,7 @@
 """HeadHunter: greedy rounds, cache and resume, presets into SoftPAG, heat map."""
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -9,12 +10,21 @@ import torch
 
 import diffattn as da
 from diffattn.errors import ControlError
-from diffattn.methods.headhunter import HeadHunter
+from diffattn.methods.headhunter import HeadHunter, oracle_style
 
 
 def brightness(images, prompts):
     """A deterministic, head-sensitive objective: mean brightness of the image."""
     return [float(np.asarray(im).mean()) for im in images]
+
+
+def counting(objective, calls):
+    """The same objective (same name), recording each call."""
+    @functools.wraps(objective)
+    def wrapped(images, prompts):
+        calls.append(1)
+        return objective(images, prompts)
+    return wrapped
 
 
 def test_greedy_rounds_pick_the_best_heads_and_resume(tiny_pipe, tmp_path):
@@ -35,7 +45,7 @@ def test_greedy_rounds_pick_the_best_heads_and_resume(tiny_pipe, tmp_path):
     assert abs(np.mean(brightness(imgs, None)) - result.rounds[0][f"{site}:{head}"]) < 1e-6
     # resume: a new hunter on the same state dir recomputes nothing and returns the same
     calls = []
-    again = HeadHunter(pipe, lambda i, p: calls.append(1) or brightness(i, p), ["a red circle"], [0, 1], top_k=2, rounds=2,
+    again = HeadHunter(pipe, counting(brightness, calls), ["a red circle"], [0, 1], top_k=2, rounds=2,
                        scale=3.0, state_dir=str(tmp_path), progress=False, **kw).run()
     assert again.selected == result.selected and not calls
     # presets load into SoftPAG; heat map has one row per site
@@ -61,7 +71,7 @@ def test_stop_without_gain_ends_the_search_and_resumes_stopped(tiny_pipe, tmp_pa
     result = hunt.run()
     assert result.selected == [] and len(result.rounds) == 1  # one round scored, nothing added, stopped
     calls = []
-    again = HeadHunter(pipe, lambda i, p: calls.append(1) or constant(i, p), ["a red circle"], [0], top_k=1, rounds=3,
+    again = HeadHunter(pipe, counting(constant, calls), ["a red circle"], [0], top_k=1, rounds=3,
                        state_dir=str(tmp_path), progress=False, stop_without_gain=True, **kw).run()
     assert again.selected == [] and len(again.rounds) == 1 and not calls
     # without the rule the paper's algorithm adds the top head every round
@@ -184,6 +194,24 @@ def test_objective_errors(tiny_clip, tmp_path):
     assert make_objective("clip", clip_model=tiny_clip[0]).kind == "clip"
 
 
+def test_a_state_dir_of_other_settings_is_refused(tiny_pipe, tmp_path):
+    pipe = tiny_pipe("sd3")
+    kw = dict(num_inference_steps=1, height=16, width=16, guidance_scale=1.0)
+    cands = [("transformer_blocks.0.attn", 0)]
+    HeadHunter(pipe, brightness, ["a red circle"], [0], candidates=cands, top_k=1, scale=3.0, state_dir=str(tmp_path),
+               progress=False, **kw).run()
+    saved = json.loads((tmp_path / "settings.json").read_text())
+    assert saved["scale"] == 3.0 and saved["objective"] == "brightness" and saved["call_kwargs"]["guidance_scale"] == 1.0
+    other_kw = dict(kw, guidance_scale=5.0)
+    for objective, scale, call in [(brightness, 2.0, kw), (brightness, 3.0, other_kw), (oracle_style("dark"), 3.0, kw)]:
+        with pytest.raises(ControlError, match="other settings"):
+            HeadHunter(pipe, objective, ["a red circle"], [0], candidates=cands, scale=scale, state_dir=str(tmp_path),
+                       progress=False, **call)
+    # the same settings resume (prompts, seeds, top_k and rounds may change: scores are keyed by them)
+    HeadHunter(pipe, brightness, ["a red circle"], [0, 1], candidates=cands, top_k=1, rounds=2, scale=3.0,
+               state_dir=str(tmp_path), progress=False, **kw)
+
+
 # ---------------------------------------------------------------------------- distribution
 
 
@@ -203,7 +231,7 @@ def test_shares_of_an_interrupted_distributed_round_are_reused(tiny_pipe, tmp_pa
                        top_k=1, state_dir=str(tmp_path / "b"), progress=False, **kw).run()
     assert len(calls) == 2  # baseline and the head of the share-less process only
     assert again.rounds == first.rounds and again.selected == first.selected
-    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["cache.json", "state.json"]  # share merged
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["cache.json", "settings.json", "state.json"]  # share merged
     assert json.loads((tmp_path / "b" / "cache.json").read_text()) == cache
 
 
@@ -248,4 +276,4 @@ def test_two_processes_find_what_one_process_finds(tiny_clip, tmp_path):
     assert (two / "preset.json").read_bytes() == (one / "preset.json").read_bytes()  # same heads, same scores
     assert (two / "heads.png").read_bytes() == (one / "heads.png").read_bytes()
     assert json.loads((two / "state" / "cache.json").read_text()) == json.loads((one / "state" / "cache.json").read_text())
-    assert sorted(p.name for p in (two / "state").iterdir()) == ["cache.json", "state.json"]
+    assert sorted(p.name for p in (two / "state").iterdir()) == ["cache.json", "settings.json", "state.json"]

@@ -16,7 +16,10 @@ Objectives are ``(images, prompts) -> scores`` callables: the testbed oracles
 (:func:`clip_score`, :func:`pick_score`; PickScore is the paper's objective).
 
 Scores per image are cached by (head set, prompt, seed) in ``state_dir`` (JSON), and the
-selection after each round is saved there too, so an interrupted search resumes.
+selection after each round is saved there too, so an interrupted search resumes. The
+settings that change the images or their scores (model, objective name, scale, strength,
+semantics and the pipeline's call arguments) are written to ``settings.json`` beside them; a
+search whose settings differ refuses the folder rather than reuse scores of another setup.
 
 **Distributed search.** Launched as several processes (``accelerate launch`` or
 ``torchrun``), the candidates of each round are split across the processes (rank-strided),
@@ -87,6 +90,7 @@ def oracle_style(style: str, wanted: bool = True) -> Callable:
         return [float(oracle.parse(im).styles[style] == wanted) for im in images]
 
     objective.__name__ = f"oracle_style_{style}"
+    objective.name = f"oracle_style({style!r}, wanted={wanted})"
     return objective
 
 
@@ -153,6 +157,7 @@ class ImageTextObjective:
         self.dtype = dtype
         self._model = self._tokenizer = self._image_processor = None
         self.__name__ = f"{kind}_score"
+        self.name = f"{kind}_score({model})"  # the search settings tell scorers apart by model
 
     def to(self, device):
         self.device = torch.device(device)
@@ -294,6 +299,21 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def objective_name(objective) -> str:
+    """A stable name of an objective for the search settings: its ``name`` attribute, its
+    ``__name__``, or its class name."""
+    return str(getattr(objective, "name", None) or getattr(objective, "__name__", None) or type(objective).__qualname__)
+
+
+def _as_setting(value):
+    """A pipeline call argument as JSON (numbers, strings, lists as themselves; others by repr)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_as_setting(v) for v in value]
+    return repr(value)
+
+
 def _write_json(path: str, obj, indent=None) -> None:
     """Write atomically (a reader or an interruption never sees half a file)."""
     tmp = f"{path}.tmp{os.getpid()}"
@@ -403,6 +423,7 @@ class HeadHunter:
         self.cache: dict[str, float] = {}
         if state_dir:
             os.makedirs(state_dir, exist_ok=True)
+            self._check_settings()
             # the main cache plus the shares other processes saved during an interrupted round
             for path in [self._path("cache.json")] + sorted(glob.glob(self._path("cache.rank*.json"))):
                 if os.path.exists(path):
@@ -412,6 +433,29 @@ class HeadHunter:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def settings(self) -> dict:
+        """What the cached scores depend on, beyond the (head set, prompt, seed) of their key."""
+        denoiser = getattr(self.pipe, "transformer", None) or getattr(self.pipe, "unet", None)
+        return {"model": model_id(denoiser) if denoiser is not None else type(self.pipe).__name__,
+                "objective": objective_name(self.objective), "scale": float(self.scale),
+                "strength": float(self.strength), "semantics": self.semantics,
+                "call_kwargs": {k: _as_setting(v) for k, v in sorted(self.call_kwargs.items())}}
+
+    def _check_settings(self) -> None:
+        """Refuse a state folder whose cached scores were made under other settings; else record ours."""
+        path, mine = self._path("settings.json"), self.settings()
+        if os.path.exists(path):
+            with open(path) as f:
+                theirs = json.load(f)
+            changed = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+            if changed:
+                what = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in changed.items())
+                raise ControlError(
+                    f"state_dir {self.state_dir!r} holds scores of a search with other settings ({what}); "
+                    f"reusing them would mix setups. Use a new state_dir, or run with the saved settings")
+        elif self.is_main:
+            _write_json(path, mine, indent=1)
 
     def _path(self, name):
         return os.path.join(self.state_dir, name)
