@@ -69,6 +69,9 @@ def main():
     p.add_argument("--cfg", type=float, default=None,
                    help="CFG scale of every run, search included (default: the model's, 5); 0 = no CFG, "
                         "perturbation guidance alone, as the paper's head search and head-vs-layer comparison")
+    p.add_argument("--layer-scales", default=None,
+                   help="also sweep layer PAG's scale (e.g. 0.5,1,2,3) on the training pairs; the best (layer, scale) "
+                        "there is evaluated held out as 'layer PAG best (layer, s)': the best equal-cost layer setting")
     p.add_argument("--u-sweep", default="0.25,0.5,0.75,1.0")
     p.add_argument("--layers", default="all", choices=["all", "best"],
                    help="held-out rows for layer PAG: every layer, or only the best on the training pairs")
@@ -108,6 +111,21 @@ def main():
     record["layer_pag_train"] = layer_train
     record["best_layer"] = best_layer
     print(f"layer PAG on training pairs: {layer_train}; best {best_layer}", flush=True)
+    best_setting = None
+    if args.layer_scales:
+        sweep = {}
+        for scale in [float(x) for x in args.layer_scales.split(",")]:
+            if scale == args.scale:
+                sweep.update({(layer, scale): v for layer, v in layer_train.items()})
+                continue
+            at_scale = HeadHunter(pipe, oracle_fidelity, prompts, train, scale=scale, progress=False,
+                                  state_dir=os.path.join(args.out, f"layer-state-s{scale:g}"), **call)
+            for layer in layers:
+                sweep[(layer, scale)] = at_scale.score([(layer, h) for h in range(result.layout[layer])])
+        best_setting = max(sweep, key=sweep.get)
+        record["layer_scale_sweep_train"] = {f"{layer}@{scale:g}": v for (layer, scale), v in sweep.items()}
+        record["best_layer_setting"] = list(best_setting)
+        print(f"layer PAG scale sweep on training pairs: best {best_setting} ({sweep[best_setting]:.3f})", flush=True)
 
     # 3. held-out evaluation
     configs = {"no guidance": None}
@@ -116,13 +134,16 @@ def main():
         configs[f"HeadHunter u={u:g}"] = da.SoftPAG(heads, strength=u, scale=args.scale)
     for layer in (layers if args.layers == "all" else [best_layer]):
         configs[f"layer PAG {layer}"] = da.SoftPAG({layer: "all"}, strength=1.0, scale=args.scale)
+    if best_setting is not None:
+        layer, scale = best_setting
+        configs[f"layer PAG best ({layer}, s={scale:g})"] = da.SoftPAG({layer: "all"}, strength=1.0, scale=scale)
     reports = {}
     for name, control in configs.items():
         reports[name] = run_config(pipe, control, prompts, held_out, **call)
         oa = per_image(reports[name], "object_accuracy")
         print(f"{name}: object accuracy {oa.mean():.3f} ({time.time() - t0:.0f}s)", flush=True)
     base = "no guidance"
-    best = f"layer PAG {best_layer}"
+    best = f"layer PAG {best_layer}" if best_setting is None else f"layer PAG best ({best_setting[0]}, s={best_setting[1]:g})"
     rows = []
     for name, r in reports.items():
         oa, ap = per_image(r, "object_accuracy"), per_image(r, "all_present")
@@ -137,7 +158,7 @@ def main():
 
     cfg = "model's CFG" if args.cfg is None else f"CFG {args.cfg:g}"
     print(f"\n| {args.model}, '{args.suite}' suite, {len(held_out)} eval seeds, s={args.scale:g}, {cfg} | object accuracy [95% CI] "
-          f"| all present [95% CI] | Δ object acc vs none [paired 95% CI] | Δ vs best layer PAG ({best_layer}) |")
+          f"| all present [95% CI] | Δ object acc vs none [paired 95% CI] | Δ vs {best} |")
     print("|---|---|---|---|---|")
     for row in rows:
         vn, vb = row["vs_none"], row["vs_best_layer"]
