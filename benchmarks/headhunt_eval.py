@@ -72,6 +72,10 @@ def main():
     p.add_argument("--layer-scales", default=None,
                    help="also sweep layer PAG's scale (e.g. 0.5,1,2,3) on the training pairs; the best (layer, scale) "
                         "there is evaluated held out as 'layer PAG best (layer, s)': the best equal-cost layer setting")
+    p.add_argument("--head-scales", default=None,
+                   help="also sweep the head set's scale (e.g. 0.5,1,2,3) with every u of --u-sweep on the training "
+                        "pairs; the best (scale, u) is evaluated held out as 'HeadHunter best (s, u)', the head set's "
+                        "counterpart of --layer-scales")
     p.add_argument("--u-sweep", default="0.25,0.5,0.75,1.0")
     p.add_argument("--layers", default="all", choices=["all", "best"],
                    help="held-out rows for layer PAG: every layer, or only the best on the training pairs")
@@ -127,13 +131,29 @@ def main():
         record["best_layer_setting"] = list(best_setting)
         print(f"layer PAG scale sweep on training pairs: best {best_setting} ({sweep[best_setting]:.3f})", flush=True)
 
+    heads = [(site, head) for site, head in result.selected]
+    best_heads = None
+    if args.head_scales:
+        sweep = {}
+        for scale in [float(x) for x in args.head_scales.split(",")]:
+            for u in [float(x) for x in args.u_sweep.split(",")]:
+                at = HeadHunter(pipe, oracle_fidelity, prompts, train, scale=scale, strength=u, progress=False,
+                                state_dir=os.path.join(args.out, f"head-state-s{scale:g}-u{u:g}"), **call)
+                sweep[(scale, u)] = at.score(heads)
+        best_heads = max(sweep, key=sweep.get)
+        record["head_scale_sweep_train"] = {f"s={sc:g},u={u:g}": v for (sc, u), v in sweep.items()}
+        record["best_head_setting"] = list(best_heads)
+        print(f"head set scale x u sweep on training pairs: best {best_heads} ({sweep[best_heads]:.3f})", flush=True)
+
     # 3. held-out evaluation
     configs = {"no guidance": None}
-    heads = [(site, head) for site, head in result.selected]
     for u in [float(x) for x in args.u_sweep.split(",")]:
         configs[f"HeadHunter u={u:g}"] = da.SoftPAG(heads, strength=u, scale=args.scale)
     for layer in (layers if args.layers == "all" else [best_layer]):
         configs[f"layer PAG {layer}"] = da.SoftPAG({layer: "all"}, strength=1.0, scale=args.scale)
+    if best_heads is not None:
+        scale, u = best_heads
+        configs[f"HeadHunter best (s={scale:g}, u={u:g})"] = da.SoftPAG(heads, strength=u, scale=scale)
     if best_setting is not None:
         layer, scale = best_setting
         configs[f"layer PAG best ({layer}, s={scale:g})"] = da.SoftPAG({layer: "all"}, strength=1.0, scale=scale)
