@@ -55,48 +55,8 @@ def fmt_rate(x: np.ndarray) -> str:
     return f"{x.mean():.3f} [{lo:.3f}, {hi:.3f}]"
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny-sd3")
-    p.add_argument("--suite", default="two")
-    p.add_argument("--search-seeds", type=int, default=32)
-    p.add_argument("--eval-seeds", type=int, default=256)
-    p.add_argument("--top-k", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--stop-without-gain", action="store_true",
-                   help="end the search at the first round whose best head does not improve the objective")
-    p.add_argument("--scale", type=float, default=2.0)
-    p.add_argument("--cfg", type=float, default=None,
-                   help="CFG scale of every run, search included (default: the model's, 5); 0 = no CFG, "
-                        "perturbation guidance alone, as the paper's head search and head-vs-layer comparison")
-    p.add_argument("--layer-scales", default=None,
-                   help="also sweep layer PAG's scale (e.g. 0.5,1,2,3) on the training pairs; the best (layer, scale) "
-                        "there is evaluated held out as 'layer PAG best (layer, s)': the best equal-cost layer setting")
-    p.add_argument("--head-scales", default=None,
-                   help="also sweep the head set's scale (e.g. 0.5,1,2,3) with every u of --u-sweep on the training "
-                        "pairs; the best (scale, u) is evaluated held out as 'HeadHunter best (s, u)', the head set's "
-                        "counterpart of --layer-scales")
-    p.add_argument("--u-sweep", default="0.25,0.5,0.75,1.0")
-    p.add_argument("--layers", default="all", choices=["all", "best"],
-                   help="held-out rows for layer PAG: every layer, or only the best on the training pairs")
-    p.add_argument("--style", default="dark", help="style objective to search (dark | outline | none)")
-    p.add_argument("--style-seeds", type=int, default=16)
-    p.add_argument("--out", default="runs/headhunt-eval")
-    p.add_argument("--json", default=None)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--device", default="cpu", help="torch device of the pipeline (e.g. cuda)")
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    os.makedirs(args.out, exist_ok=True)
-    t0 = time.time()
-    pipe = testbed.load(args.model).to(args.device)
-    prompts = suite_prompts(args.suite)
-    train = list(TRAIN_SEEDS)[: args.search_seeds]
-    held_out = eval_seeds(args.eval_seeds)
-    record: dict = {"model": args.model, "suite": args.suite, "scale": args.scale, "search_seeds": len(train),
-                    "eval_seeds": len(held_out), "cfg": args.cfg}
-    call = {} if args.cfg is None else {"guidance_scale": args.cfg}
-
+def fidelity_study(args, pipe, prompts, train, held_out, call, record, t0):
+    """Steps 1-3: the fidelity search, layer PAG on the same pairs, the held-out comparison."""
     # 1. fidelity search on training pairs
     hunt = HeadHunter(pipe, oracle_fidelity, prompts, train, top_k=args.top_k, rounds=args.rounds,
                       stop_without_gain=args.stop_without_gain, scale=args.scale,
@@ -186,6 +146,53 @@ def main():
         print(f"| {row['config']} | {row['object_accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | "
               f"{row['all_present']:.3f} [{row['all_present_ci'][0]:.3f}, {row['all_present_ci'][1]:.3f}] | "
               f"{vn[0]:+.3f} [{vn[1]:+.3f}, {vn[2]:+.3f}] | {vb[0]:+.3f} [{vb[1]:+.3f}, {vb[2]:+.3f}] |")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny-sd3")
+    p.add_argument("--suite", default="two")
+    p.add_argument("--search-seeds", type=int, default=32)
+    p.add_argument("--eval-seeds", type=int, default=256)
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--stop-without-gain", action="store_true",
+                   help="end the search at the first round whose best head does not improve the objective")
+    p.add_argument("--scale", type=float, default=2.0)
+    p.add_argument("--cfg", type=float, default=None,
+                   help="CFG scale of every run, search included (default: the model's, 5); 0 = no CFG, "
+                        "perturbation guidance alone, as the paper's head search and head-vs-layer comparison")
+    p.add_argument("--layer-scales", default=None,
+                   help="also sweep layer PAG's scale (e.g. 0.5,1,2,3) on the training pairs; the best (layer, scale) "
+                        "there is evaluated held out as 'layer PAG best (layer, s)': the best equal-cost layer setting")
+    p.add_argument("--head-scales", default=None,
+                   help="also sweep the head set's scale (e.g. 0.5,1,2,3) with every u of --u-sweep on the training "
+                        "pairs; the best (scale, u) is evaluated held out as 'HeadHunter best (s, u)', the head set's "
+                        "counterpart of --layer-scales")
+    p.add_argument("--u-sweep", default="0.25,0.5,0.75,1.0")
+    p.add_argument("--layers", default="all", choices=["all", "best"],
+                   help="held-out rows for layer PAG: every layer, or only the best on the training pairs")
+    p.add_argument("--style", default="dark", help="style objective to search (dark | outline | none)")
+    p.add_argument("--style-seeds", type=int, default=16)
+    p.add_argument("--only-style", action="store_true", help="skip the fidelity search and comparison (steps 1-3)")
+    p.add_argument("--out", default="runs/headhunt-eval")
+    p.add_argument("--json", default=None)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="torch device of the pipeline (e.g. cuda)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.time()
+    pipe = testbed.load(args.model).to(args.device)
+    prompts = suite_prompts(args.suite)
+    train = list(TRAIN_SEEDS)[: args.search_seeds]
+    held_out = eval_seeds(args.eval_seeds)
+    record: dict = {"model": args.model, "suite": args.suite, "scale": args.scale, "search_seeds": len(train),
+                    "eval_seeds": len(held_out), "cfg": args.cfg}
+    call = {} if args.cfg is None else {"guidance_scale": args.cfg}
+
+    if not args.only_style:
+        fidelity_study(args, pipe, prompts, train, held_out, call, record, t0)
 
     # 4. style search
     if args.style != "none":

@@ -212,6 +212,20 @@ def test_a_state_dir_of_other_settings_is_refused(tiny_pipe, tmp_path):
                state_dir=str(tmp_path), progress=False, **kw)
 
 
+def test_a_search_over_other_pairs_starts_its_rounds_over(tiny_pipe, tmp_path):
+    pipe = tiny_pipe("sd3")
+    kw = dict(num_inference_steps=1, height=16, width=16, guidance_scale=1.0)
+    cands = [("transformer_blocks.0.attn", 0), ("transformer_blocks.1.attn", 1)]
+    common = dict(candidates=cands, top_k=1, scale=3.0, progress=False, **kw)
+    HeadHunter(pipe, brightness, ["a red circle"], [0], state_dir=str(tmp_path / "a"), **common).run()
+    calls = []
+    wider = HeadHunter(pipe, counting(brightness, calls), ["a red circle"], [0, 1], state_dir=str(tmp_path / "a"),
+                       **common).run()
+    fresh = HeadHunter(pipe, brightness, ["a red circle"], [0, 1], state_dir=str(tmp_path / "b"), **common).run()
+    assert wider.rounds == fresh.rounds and wider.selected == fresh.selected  # not the one-seed selection
+    assert len(calls) == 3  # only seed 1 was generated: baseline and the two candidates
+
+
 # ---------------------------------------------------------------------------- distribution
 
 

@@ -19,7 +19,9 @@ Scores per image are cached by (head set, prompt, seed) in ``state_dir`` (JSON),
 selection after each round is saved there too, so an interrupted search resumes. The
 settings that change the images or their scores (model, objective name, scale, strength,
 semantics and the pipeline's call arguments) are written to ``settings.json`` beside them; a
-search whose settings differ refuses the folder rather than reuse scores of another setup.
+search whose settings differ refuses the folder rather than reuse scores of another setup,
+and a search over other pairs, candidates or top k starts its rounds over (reusing every
+cached score that applies) instead of resuming a selection made for another search.
 
 **Distributed search.** Launched as several processes (``accelerate launch`` or
 ``torchrun``), the candidates of each round are split across the processes (rank-strided),
@@ -44,6 +46,7 @@ per process; set it for the one-process run too, or fewer threads change the las
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -442,6 +445,11 @@ class HeadHunter:
                 "strength": float(self.strength), "semantics": self.semantics,
                 "call_kwargs": {k: _as_setting(v) for k, v in sorted(self.call_kwargs.items())}}
 
+    def _search_key(self) -> str:
+        """Fingerprint of what the greedy rounds depend on beyond the cached scores."""
+        what = json.dumps([self.pairs, self.candidates, self.top_k, self.stop_without_gain])
+        return hashlib.sha256(what.encode()).hexdigest()[:16]
+
     def _check_settings(self) -> None:
         """Refuse a state folder whose cached scores were made under other settings; else record ours."""
         path, mine = self._path("settings.json"), self.settings()
@@ -538,10 +546,15 @@ class HeadHunter:
         return [self._mean(h) for h in head_sets]
 
     def run(self) -> HeadHuntResult:
-        state = {"selected": [], "rounds": []}
+        search = self._search_key()
+        state = {"selected": [], "rounds": [], "search": search}
         if self.state_dir and os.path.exists(self._path("state.json")):
             with open(self._path("state.json")) as f:
-                state = json.load(f)
+                saved = json.load(f)
+            # the saved rounds resume only the same search (pairs, candidates, top k, stop rule);
+            # another one starts over, still reusing every cached score that applies
+            if saved.get("search", search) == search:
+                state = saved
         self._barrier()  # every process has read the saved state before the main process writes
         selected = [tuple(h) for h in state["selected"]]
         rounds = state["rounds"]
@@ -562,7 +575,7 @@ class HeadHunter:
                 stopped = max(values) <= current  # no candidate improves the objective
             if not stopped:
                 selected += best
-            self._save({"selected": selected, "rounds": rounds, "stopped": stopped})
+            self._save({"selected": selected, "rounds": rounds, "stopped": stopped, "search": search})
         model = model_id(getattr(self.pipe, "transformer", None) or self.pipe.unet)
         return HeadHuntResult(model=model, selected=selected, rounds=rounds, baseline=baseline,
                               scale=self.scale, strength=self.strength, layout=self.layout)
