@@ -55,6 +55,11 @@ def fmt_rate(x: np.ndarray) -> str:
     return f"{x.mean():.3f} [{lo:.3f}, {hi:.3f}]"
 
 
+def floats(text: str) -> list[float]:
+    """A comma-separated list of numbers (``"0.5,1,2"``)."""
+    return [float(x) for x in text.split(",")]
+
+
 def fidelity_study(args, pipe, prompts, train, held_out, call, record, t0):
     """Steps 1-3: the fidelity search, layer PAG on the same pairs, the held-out comparison."""
     # 1. fidelity search on training pairs
@@ -68,24 +73,31 @@ def fidelity_study(args, pipe, prompts, train, held_out, call, record, t0):
     record["search"] = {"baseline": result.baseline, "selected": result.selected, "rounds": result.rounds}
     print(f"search: baseline {result.baseline:.3f}; selected {result.selected}", flush=True)
 
+    hunters = {(args.scale, 1.0): hunt}
+
+    def train_score(heads, scale, u=1.0):
+        """Mean objective on the training pairs guiding with ``heads`` at (scale, u); one hunter
+        (and state folder) per setting, the search's own setting reusing the search's cache."""
+        if (scale, u) not in hunters:
+            hunters[(scale, u)] = HeadHunter(pipe, oracle_fidelity, prompts, train, scale=scale, strength=u,
+                                             progress=False, state_dir=os.path.join(args.out, f"train-state-s{scale:g}-u{u:g}"),
+                                             **call)
+        return hunters[(scale, u)].score(heads)
+
     # 2. layer PAG on the same training pairs (equal cost: one perturbed branch)
     layers = list(result.layout)
-    layer_train = {layer: hunt.score([(layer, h) for h in range(result.layout[layer])]) for layer in layers}
+
+    def layer_heads(layer):
+        return [(layer, h) for h in range(result.layout[layer])]
+
+    layer_train = {layer: train_score(layer_heads(layer), args.scale) for layer in layers}
     best_layer = max(layer_train, key=layer_train.get)
     record["layer_pag_train"] = layer_train
     record["best_layer"] = best_layer
     print(f"layer PAG on training pairs: {layer_train}; best {best_layer}", flush=True)
     best_setting = None
     if args.layer_scales:
-        sweep = {}
-        for scale in [float(x) for x in args.layer_scales.split(",")]:
-            if scale == args.scale:
-                sweep.update({(layer, scale): v for layer, v in layer_train.items()})
-                continue
-            at_scale = HeadHunter(pipe, oracle_fidelity, prompts, train, scale=scale, progress=False,
-                                  state_dir=os.path.join(args.out, f"layer-state-s{scale:g}"), **call)
-            for layer in layers:
-                sweep[(layer, scale)] = at_scale.score([(layer, h) for h in range(result.layout[layer])])
+        sweep = {(layer, scale): train_score(layer_heads(layer), scale) for scale in args.layer_scales for layer in layers}
         best_setting = max(sweep, key=sweep.get)
         record["layer_scale_sweep_train"] = {f"{layer}@{scale:g}": v for (layer, scale), v in sweep.items()}
         record["best_layer_setting"] = list(best_setting)
@@ -94,12 +106,7 @@ def fidelity_study(args, pipe, prompts, train, held_out, call, record, t0):
     heads = [(site, head) for site, head in result.selected]
     best_heads = None
     if args.head_scales:
-        sweep = {}
-        for scale in [float(x) for x in args.head_scales.split(",")]:
-            for u in [float(x) for x in args.u_sweep.split(",")]:
-                at = HeadHunter(pipe, oracle_fidelity, prompts, train, scale=scale, strength=u, progress=False,
-                                state_dir=os.path.join(args.out, f"head-state-s{scale:g}-u{u:g}"), **call)
-                sweep[(scale, u)] = at.score(heads)
+        sweep = {(scale, u): train_score(heads, scale, u) for scale in args.head_scales for u in args.u_sweep}
         best_heads = max(sweep, key=sweep.get)
         record["head_scale_sweep_train"] = {f"s={sc:g},u={u:g}": v for (sc, u), v in sweep.items()}
         record["best_head_setting"] = list(best_heads)
@@ -107,7 +114,7 @@ def fidelity_study(args, pipe, prompts, train, held_out, call, record, t0):
 
     # 3. held-out evaluation
     configs = {"no guidance": None}
-    for u in [float(x) for x in args.u_sweep.split(",")]:
+    for u in args.u_sweep:
         configs[f"HeadHunter u={u:g}"] = da.SoftPAG(heads, strength=u, scale=args.scale)
     for layer in (layers if args.layers == "all" else [best_layer]):
         configs[f"layer PAG {layer}"] = da.SoftPAG({layer: "all"}, strength=1.0, scale=args.scale)
@@ -162,14 +169,14 @@ def main():
     p.add_argument("--cfg", type=float, default=None,
                    help="CFG scale of every run, search included (default: the model's, 5); 0 = no CFG, "
                         "perturbation guidance alone, as the paper's head search and head-vs-layer comparison")
-    p.add_argument("--layer-scales", default=None,
+    p.add_argument("--layer-scales", type=floats, default=None,
                    help="also sweep layer PAG's scale (e.g. 0.5,1,2,3) on the training pairs; the best (layer, scale) "
                         "there is evaluated held out as 'layer PAG best (layer, s)': the best equal-cost layer setting")
-    p.add_argument("--head-scales", default=None,
+    p.add_argument("--head-scales", type=floats, default=None,
                    help="also sweep the head set's scale (e.g. 0.5,1,2,3) with every u of --u-sweep on the training "
                         "pairs; the best (scale, u) is evaluated held out as 'HeadHunter best (s, u)', the head set's "
                         "counterpart of --layer-scales")
-    p.add_argument("--u-sweep", default="0.25,0.5,0.75,1.0")
+    p.add_argument("--u-sweep", type=floats, default="0.25,0.5,0.75,1.0")
     p.add_argument("--layers", default="all", choices=["all", "best"],
                    help="held-out rows for layer PAG: every layer, or only the best on the training pairs")
     p.add_argument("--style", default="dark", help="style objective to search (dark | outline | none)")

@@ -405,6 +405,7 @@ class HeadHunter:
         if not callable(objective):
             raise ObjectiveError(f"the objective must be a callable (images, prompts) -> scores, got {objective!r}")
         self.pipe, self.objective = pipe, objective
+        self.model = model_id(getattr(pipe, "transformer", None) or pipe.unet)  # what presets and settings record
         if isinstance(objective, ImageTextObjective) and objective.device is None and hasattr(pipe, "device"):
             objective.to(pipe.device)  # score where the pipeline runs
         self.pairs = [(prompts[i % len(prompts)], int(s)) for i, s in enumerate(seeds)]
@@ -439,9 +440,7 @@ class HeadHunter:
 
     def settings(self) -> dict:
         """What the cached scores depend on, beyond the (head set, prompt, seed) of their key."""
-        denoiser = getattr(self.pipe, "transformer", None) or getattr(self.pipe, "unet", None)
-        return {"model": model_id(denoiser) if denoiser is not None else type(self.pipe).__name__,
-                "objective": objective_name(self.objective), "scale": float(self.scale),
+        return {"model": self.model, "objective": objective_name(self.objective), "scale": float(self.scale),
                 "strength": float(self.strength), "semantics": self.semantics,
                 "call_kwargs": {k: _as_setting(v) for k, v in sorted(self.call_kwargs.items())}}
 
@@ -576,6 +575,5 @@ class HeadHunter:
             if not stopped:
                 selected += best
             self._save({"selected": selected, "rounds": rounds, "stopped": stopped, "search": search})
-        model = model_id(getattr(self.pipe, "transformer", None) or self.pipe.unet)
-        return HeadHuntResult(model=model, selected=selected, rounds=rounds, baseline=baseline,
+        return HeadHuntResult(model=self.model, selected=selected, rounds=rounds, baseline=baseline,
                               scale=self.scale, strength=self.strength, layout=self.layout)
