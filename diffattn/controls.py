@@ -403,9 +403,18 @@ class Control:
     def is_active(self, call: AttentionCall) -> bool:
         """Whether the control acts on this call: its step window holds and the batch has rows
         of its branches (sites were resolved at attach). Override to add conditions."""
-        if self.steps is not None and not self.steps.contains(call.step):
+        if not self.in_window(call):
             return False
         return call.has_branch(self.branches)
+
+    def in_window(self, call: AttentionCall) -> bool:
+        """Whether ``call``'s step lies in the control's step window. Inside an engine forward
+        this reads the flag the engine set on the host before the forward, so a compiled
+        denoiser guards on one bool, not on the step index (no recompile per step)."""
+        windows = getattr(call.context, "in_window", None)
+        if windows is not None and id(self) in windows:
+            return windows[id(self)]
+        return self.steps is None or self.steps.contains(call.step)
 
     def rows(self, call: AttentionCall) -> torch.Tensor:
         """Boolean ``[B]`` mask of the call's batch rows of this control's branches (all rows

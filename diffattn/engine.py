@@ -68,6 +68,8 @@ class ForwardContext:
     video_grid: tuple[int, int, int] | None = None  # Wan: (t, h, w) tokens
     image_context_len: int = 0  # Wan I2V: image tokens at the start of encoder_hidden_states
     grids: dict = field(default_factory=dict)  # cache: n tokens -> (h, w)
+    guidance_scales: list[float] | None = None  # s of each guidance control at this step (read on the host)
+    in_window: dict[int, bool] = field(default_factory=dict)  # id(control) -> its step window holds
 
 
 class _NoState(BaseState):
@@ -102,10 +104,19 @@ class _EngineHook(ModelHook):
             bound.update(bound.pop(self.var_kw))
         return bound
 
+    @torch.compiler.disable
+    def enter(self, args, kwargs) -> tuple[dict, ForwardContext]:
+        """Host-side bookkeeping of one forward (the step reads the timestep's value), kept
+        out of ``torch.compile`` graphs: the compiled forward sees the context as Python state."""
+        arguments = self.arguments(args, kwargs)
+        ctx = self.engine.begin_forward(self, arguments, self.cache._context)
+        if self.engine.guidance is not None:
+            ctx.guidance_scales = self.engine.guidance.scales(ctx.step)
+        return arguments, ctx
+
     def new_forward(self, module, *args, **kwargs):
         engine = self.engine
-        arguments = self.arguments(args, kwargs)
-        ctx = engine.begin_forward(self, arguments, self.cache._context)
+        arguments, ctx = self.enter(args, kwargs)
         previous, engine.context = engine.context, ctx
         try:
             if engine.guidance is not None:
@@ -270,7 +281,8 @@ class Engine:
         step = self._track_step(args.get("timestep"), cache_context)
         name = getattr(cache_context, "name", None)
         ctx = ForwardContext(step=step, branches=self._branches(batch, name), family=family, denoiser=hook.denoiser,
-                             batch=batch, cache_name=name)
+                             batch=batch, cache_name=name,
+                             in_window={id(c): c.steps is None or c.steps.contains(step) for c in self.controls})
         if family == "unet":
             ctx.latent_hw = tuple(hidden.shape[-2:])
         elif family == "sd3":

@@ -135,7 +135,7 @@ class GuidanceWrapper:
         return self.engine.pipeline_cfg_scale(ctx.denoiser)
 
     def __call__(self, forward, family: str, arguments: dict, ctx):
-        scales = self.scales(ctx.step)
+        scales = ctx.guidance_scales if ctx.guidance_scales is not None else self.scales(ctx.step)
         active = [(c, s) for c, s in zip(self.controls, scales) if s != 0.0]
         cond = ctx.branches.get("cond")
         if not active or cond is None:

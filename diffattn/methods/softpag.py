@@ -121,6 +121,8 @@ class SoftPAG(Control):
     def _u_at(self, call: AttentionCall, like: torch.Tensor) -> torch.Tensor:
         """The site's per-head u [H] on ``like``'s device and dtype, copied there once."""
         src = self.u[call.site.name]
+        if torch.compiler.is_compiling():  # in the graph: a cast, no host-side cache to guard on
+            return src.to(like.device, like.dtype)
         key = (call.site.name, id(src), src._version, like.device, like.dtype)  # an edited u is re-copied
         u = self._u_on_device.get(key)
         if u is None:
@@ -130,6 +132,8 @@ class SoftPAG(Control):
     def _blend_at(self, call: AttentionCall) -> torch.Tensor:
         """The [B, H] head blend of this call's batch layout (u on the perturbed rows, 0
         elsewhere), in q's dtype, built once per (site, layout, device, dtype)."""
+        if torch.compiler.is_compiling():
+            return self._rows(call).unsqueeze(1) * self._u_at(call, call.q)  # [B, 1] * [H] -> [B, H]
         n = call.q.shape[0]
         layout = tuple((b, range(n)[sl]) for b, sl in call.branches.items())
         src = self.u[call.site.name]
