@@ -22,6 +22,8 @@ output-space blend's [B, H, L, D] target; on CUDA peak allocator memory is repor
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import statistics
 import time
 
@@ -40,16 +42,14 @@ class MaterialisedSoftPAG(Control):
         self.u = u
 
     def edit_output(self, call, out):
-        rows = call.rows(("perturbed",))
-        if not rows.any():
+        rows = call.branches.get("perturbed")  # a slice: no host sync, traces under torch.compile
+        if rows is None:
             return out
-        q, k, v = call.q[rows], call.k[rows], call.v[rows]
+        q, k, v = call.q[rows], call.k[rows], call.v[rows]  # [b, H, L, D]
         attn = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)  # [b, H, L, L]
         eye = torch.eye(attn.shape[-1], dtype=attn.dtype, device=attn.device)
         attn = (1 - self.u) * attn + self.u * eye
-        out = out.clone()
-        out[rows] = attn @ v
-        return out
+        return torch.cat([out[: rows.start], attn @ v, out[rows.stop:]], dim=0)
 
     def guidance_scale(self, step):
         return 0.0  # the batch is built by hand here; no wrapper
@@ -74,9 +74,6 @@ def main():
     side = int(args.tokens**0.5)
     pipe = tiny_sd3(num_layers=args.layers, heads=args.heads, head_dim=args.head_dim, patch_size=2, sample_size=2 * side)
     model = pipe.transformer.to(device, dtype)
-    if args.compile:  # one compiled graph per row (attaching swaps the processors): let them all stay cached
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
-        model.compile(mode="reduce-overhead" if cuda else None, dynamic=False)
     cfg = model.config
 
     def inputs(b):
@@ -92,40 +89,49 @@ def main():
     soft = da.SoftPAG("all", strength=0.5, scale=0.0)  # scale 0: we place the branch ourselves
     mat = MaterialisedSoftPAG(0.5)
 
-    def timed(kw):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        model(**kw)
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-    def run(kw, control=None):
-        with torch.no_grad():
-            if control is None:
-                return timed(kw)
-            with da.attach(model, control) as h, h.branches(branches):
-                return timed(kw)
-
     variants = {"unguided (batch 2)": (two, None), "3-row batch, no perturbation": (three, None),
                 "3-row batch, engine + do-nothing control": (three, Control()),
                 "SoftPAG, output space": (three, soft), "SoftPAG, materialised map": (three, mat)}
+    # one copy of the transformer per row, its control attached for the whole run: no row
+    # re-attaches (or, compiled, recompiles) between repetitions
+    stack = contextlib.ExitStack()
+    if args.compile:  # the copies share code objects: one cache entry per row
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    models = {}
+    for name, (_, c) in variants.items():
+        models[name] = copy.deepcopy(model)
+        if c is not None:
+            handle = stack.enter_context(da.attach(models[name], c))
+            stack.enter_context(handle.branches(branches))
+        if args.compile:  # CUDA graphs on a GPU
+            models[name].compile(mode="reduce-overhead" if cuda else None, dynamic=False)
+
+    def run(name):
+        kw = variants[name][0]
+        with torch.no_grad():
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            models[name](**kw)
+            if cuda:
+                torch.cuda.synchronize()
+            return time.perf_counter() - t0
+
     times = {k: [] for k in variants}
-    for name, (kw, c) in variants.items():
+    for name in variants:
         for _ in range(3 if args.compile else 1):  # warm-up (compiling: trace, then record the CUDA graph)
-            run(kw, c)
+            run(name)
     for _ in range(args.reps):
-        for name, (kw, c) in variants.items():
-            times[name].append(run(kw, c))
+        for name in variants:
+            times[name].append(run(name))
     med = {k: statistics.median(v) for k, v in times.items()}
     peak = {}
     if cuda:  # peak allocator memory of one step, above the weights and inputs
-        for name, (kw, c) in variants.items():
+        for name in variants:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            run(kw, c)
+            run(name)
             peak[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
     base3 = med["3-row batch, no perturbation"]
     n = args.tokens + 77
@@ -134,9 +140,8 @@ def main():
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         for name in ("3-row batch, no perturbation", "SoftPAG, output space"):
-            kw, c = variants[name]
             with profile(activities=acts) as prof:
-                run(kw, c)
+                run(name)
             print(f"\n### profile: {name}\n")
             print(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=14))
     h, d, size = args.heads, args.head_dim, torch.finfo(dtype).bits // 8
@@ -150,6 +155,7 @@ def main():
     print(f"\nAttention map a materialised implementation holds per layer for the perturbed row: "
           f"{h * n * n * size / 2**20:.1f} MiB (1 x {h} heads x {n}^2 x {args.dtype}); output-space target: "
           f"{h * n * d * size / 2**20:.2f} MiB ([1, {h}, {n}, {d}]).")
+    stack.close()
 
 
 if __name__ == "__main__":

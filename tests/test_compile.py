@@ -76,3 +76,21 @@ def test_uncompiled_step_window_still_follows_steps():
     with da.attach(pipe, Spy(steps=(1, 3))):
         pipe(**tiny_call_kwargs("sd3", steps=4, guidance_scale=1.0))
     assert sorted(set(seen)) == [1, 2]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_softpag_under_cuda_graphs(fresh_dynamo):
+    """``mode="reduce-overhead"`` (CUDA graphs, what the GPU cost target is measured with)
+    gives the eager result with SoftPAG attached."""
+    pipe = tiny_pipeline("sd3").to("cuda")
+    soft = da.SoftPAG("all", strength=0.5, scale=2.0)
+    kw = dict(steps=4, guidance_scale=5.0)
+
+    def run():
+        with da.attach(pipe, soft):
+            return output_of(pipe(**tiny_call_kwargs("sd3", **kw)))
+
+    eager = run()
+    pipe.transformer.compile(mode="reduce-overhead")
+    torch.testing.assert_close(run(), eager, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(run(), eager, rtol=1e-4, atol=1e-4)
