@@ -180,8 +180,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
+    """Run a command. Bad input (a :class:`~diffattn.errors.DiffattnError`) prints its message,
+    which says what to fix, and exits with status 2 instead of a traceback."""
+    from .errors import DiffattnError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except DiffattnError as e:
+        print(f"diffattn {args.command}: error: {e.args[0] if e.args else e}", file=sys.stderr)  # KeyError quotes str(e)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ from diffattn.methods.uniform import MASK_CONVENTIONS, UniformAttention, blend_x
 
 SUPPORTED_PIPELINES = "StableDiffusionPipeline (SD1.x, SD2.x) and StableDiffusion3Pipeline (SD3, SD3.5)"
 CONDITIONINGS = ("source", "empty", "uniform")  # the paper's three; "uniform-source" also accepted
-BLENDS = ("target", "both")
+BLENDS = ("target", "both", "source")
 
 
 class ImageInputError(DiffattnError, ValueError):
@@ -258,12 +258,12 @@ class UAMConfig:
     dilation:        radius r of the square dilation (kernel 2r+1; ``dilate_mask=1``).
     mask_convention: "code" (dilate the edit mask, official code, default) or "paper"
                      (dilate the preserve mask, Algorithm 1).
-    blend:           "target" (P2P path: the target only) or "both" (MasaCtrl path: the
-                     source too, the "red line").
+    blend:           "target" (P2P path: the target only), "both" (MasaCtrl path: the
+                     source too, the "red line") or "source" (the source only, an ablation).
     cross_replace, self_replace: fractions of the steps, from the start, where the target's
                      cross / self maps are the source's (the official P2P config: 0.4 / 0.6).
     self_max_tokens: self maps replaced only at sites with at most this many queries
-                     (``None``: latent tokens / 16, P2P's 16×16 of a 64×64 latent).
+                     (``None``: latent tokens / 4, UAM's P2P code: 32×32 of a 64×64 latent).
     """
 
     num_inference_steps: int | None = None
@@ -286,7 +286,7 @@ class UAMConfig:
             raise ControlError(f"mask_convention={self.mask_convention!r}: use 'code' (dilate the edit mask, official "
                                f"code) or 'paper' (dilate the preserve mask, Algorithm 1)")
         if self.blend not in BLENDS:
-            raise ControlError(f"blend={self.blend!r}: use 'target' (P2P path) or 'both' (MasaCtrl path)")
+            raise ControlError(f"blend={self.blend!r}: use 'target' (P2P path), 'both' (MasaCtrl path) or 'source'")
         if self.source_inversion not in ("source", "empty"):
             raise ControlError(f"source_inversion={self.source_inversion!r}: use 'source' or 'empty'")
         if not 0.0 <= self.quantile <= 1.0:
@@ -379,20 +379,32 @@ def _token_count(tokenizer, prompt: str) -> int:
     return len(tokenizer(prompt, truncation=False, add_special_tokens=True).input_ids)
 
 
-def check_word_swap(tokenizer, source: str, target: str) -> None:
+def word_swap_tokenizers(pipe) -> list:
+    """The tokenizers whose token positions a word swap must keep: CLIP's, and on SD3 also
+    T5's when its text encoder is loaded (its tokens are keys of the joint attention too)."""
+    tokenizers = [pipe.tokenizer]
+    if getattr(pipe, "tokenizer_3", None) is not None and getattr(pipe, "text_encoder_3", None) is not None:
+        tokenizers.append(pipe.tokenizer_3)
+    return tokenizers
+
+
+def check_word_swap(tokenizers, source: str, target: str) -> None:
     """Prompt-to-prompt word swap maps token j of the source to token j of the target: the
-    target must be non-empty and have the source's token count."""
+    target must be non-empty and have the source's token count under every tokenizer the
+    model's text keys come from (one tokenizer or a list)."""
     if not isinstance(target, str) or not target.strip():
         raise EditPromptError("the target prompt is empty; give the edited caption, e.g. --target 'a blue circle'")
     if not isinstance(source, str):
         raise EditPromptError(f"the source prompt must be a string; got {type(source).__name__}")
-    ns, nt = _token_count(tokenizer, source), _token_count(tokenizer, target)
-    if ns != nt:
-        raise EditPromptError(
-            f"word swap needs prompts of equal token counts: {source!r} has {ns} tokens, {target!r} has {nt}. Swap a "
-            f"word for one with the same number of tokens (e.g. a colour or a shape for another), or use "
-            f"prompt-to-prompt refinement (token alignment), which this editor does not implement"
-        )
+    for tokenizer in tokenizers if isinstance(tokenizers, (list, tuple)) else [tokenizers]:
+        ns, nt = _token_count(tokenizer, source), _token_count(tokenizer, target)
+        if ns != nt:
+            raise EditPromptError(
+                f"word swap needs prompts of equal token counts: {source!r} has {ns} {type(tokenizer).__name__} "
+                f"tokens, {target!r} has {nt}. Swap a word for one with the same number of tokens (e.g. a colour or "
+                f"a shape for another), or use prompt-to-prompt refinement (token alignment), which this editor does "
+                f"not implement"
+            )
 
 
 class UAMPipeline:
@@ -677,7 +689,7 @@ class UAMPipeline:
         cfg = self.config
         max_tokens = cfg.self_max_tokens
         if max_tokens is None:
-            max_tokens = (latent_hw[0] // 4) * (latent_hw[1] // 4)  # P2P: 16×16 of SD's 64×64 latent
+            max_tokens = (latent_hw[0] // 2) * (latent_hw[1] // 2)  # UAM's P2P code: 32×32 of SD's 64×64 latent
         return PromptToPromptReplace(cross_steps=(0, round(cfg.cross_replace * n)),
                                      self_steps=(0, round(cfg.self_replace * n)), self_max_tokens=max_tokens)
 
@@ -695,7 +707,7 @@ class UAMPipeline:
         prompt and steps (the inversions do not depend on the target or the blending).
         """
         cfg = self.config
-        check_word_swap(self.pipe.tokenizer, source_prompt, target_prompt)
+        check_word_swap(word_swap_tokenizers(self.pipe), source_prompt, target_prompt)
         x = self.load_image(image)
         z0 = self.encode(x)
         hw = tuple(z0.shape[-2:])
@@ -744,8 +756,8 @@ class UAMPipeline:
                     if 0 < s.t < cfg.mask_timestep:
                         x0_u = self.solver.x0(z_aux, pred_u, s.high)
                         m = edit_mask(x0[:1], x0[1:], float(quantiles[i]), cfg.dilation, cfg.mask_convention)
-                        x0_tgt = blend_x0(x0[1:], x0_u, m)
-                        x0_src = blend_x0(x0[:1], x0_u, 1 - m) if cfg.blend == "both" else x0[:1]
+                        x0_tgt = blend_x0(x0[1:], x0_u, m) if cfg.blend != "source" else x0[1:]
+                        x0_src = blend_x0(x0[:1], x0_u, 1 - m) if cfg.blend != "target" else x0[:1]
                         x0 = torch.cat([x0_src, x0_tgt])
                         masks.append((i, s.t, m[0].cpu()))
                     z_aux = self.solver.step(z_aux, pred_u, s.high, s.low)
@@ -850,7 +862,7 @@ def run_edit_cli(args) -> dict[str, EditOutput]:
     x = uam.load_image(args.image)
     image = _pil(x[0].permute(1, 2, 0).numpy())
     source = _source_prompt(args, pipe, image, args.source)
-    check_word_swap(pipe.tokenizer, source, args.target)
+    check_word_swap(word_swap_tokenizers(pipe), source, args.target)
     kw = dict(num_inference_steps=args.steps, guidance_scale=args.guidance)
     with_uam = uam.edit(x[0], source, args.target, uam=True, **kw)
     base = uam.edit(x[0], source, args.target, uam=False, inversions=with_uam.inversions, **kw)

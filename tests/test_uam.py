@@ -13,7 +13,7 @@ from PIL import Image
 import diffattn as da
 from diffattn.controls import Control
 from diffattn.errors import ControlError, LayoutError, SelectorError, UnsupportedModelError
-from diffattn.methods.uniform import dilate, edit_mask, quantile_schedule
+from diffattn.methods.uniform import blend_x0, dilate, edit_mask, quantile_schedule
 from diffattn.pipelines import EditPromptError, ImageInputError, UAMPipeline, psnr, ssim
 from diffattn.tiny import output_of
 
@@ -121,6 +121,30 @@ def test_uniform_cross_attention_equals_materialised_reference(sd15_fp64, kw, he
         torch.testing.assert_close(general, want, atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.parametrize("keys", ["all", [0, 2, 5]])
+def test_full_uniform_map_never_forms_scores(sd15_fp64, keys, monkeypatch):
+    """At u = 1 the keys collapse to one (the mean of the chosen V): the kernel sees a single
+    key, so no QK^T over the text is computed (O(N)), for every key and for a token list."""
+    import diffattn.processors.base as base
+
+    seen = []
+    kernel = base.attention
+
+    def spy(q, k, v, **kw):
+        seen.append(k.shape[2])
+        return kernel(q, k, v, **kw)
+
+    monkeypatch.setattr(base, "attention", spy)
+    site = da.select(sd15_fp64, "cross")[0]
+    attn = site.module
+    g = torch.Generator().manual_seed(0)
+    hs = torch.randn(1, 16, attn.to_q.in_features, generator=g, dtype=torch.float64)  # [B, Nq, C]
+    ehs = torch.randn(1, 7, attn.to_k.in_features, generator=g, dtype=torch.float64)  # [B, Nk, C_text]
+    with da.attach(sd15_fp64, da.UniformAttention(sites=site.name, keys=keys)):
+        attn(hs, encoder_hidden_states=ehs)
+    assert seen == [1]
+
+
 def joint_reference(attn, hs, ehs, u: float, heads, keys=None):
     """Materialised fp64 SD3 joint attention: softmax over the joint keys, then the text-key
     block replaced by its row sum spread uniformly over the text keys (S = ``keys`` of them)."""
@@ -223,6 +247,31 @@ def test_edit_mask_conventions_and_quantile_schedule():
     assert torch.equal(paper, torch.zeros_like(paper))
     assert torch.equal(edit_mask(src, tgt, 0.5, radius=0, convention="paper"), delta)
     assert torch.equal(dilate(delta, 2).sum(), torch.tensor(25.0))
+    keep, aux = torch.randn(2, 1, 4, 7, 7).unbind(0)  # [1, C, h, w]
+    mixed = blend_x0(keep, aux, want.expand_as(keep))
+    assert torch.equal(mixed[want.expand_as(keep) == 1], keep[want.expand_as(keep) == 1])
+    assert torch.equal(mixed[want.expand_as(keep) == 0], aux[want.expand_as(keep) == 0])
+
+
+def official_edit_mask(x0_src, x0_tgt, quantile, radius):
+    """The official code's mask step (p2p_guidance_forward.py / diffuser_utils.py): soft-threshold
+    Δ by λ, then mark |Δ| > λ, dilate by max-pooling."""
+    delta = x0_src - x0_tgt
+    lam = delta.abs().quantile(quantile)
+    delta = delta - delta.clamp(-lam, lam)
+    mask = (delta.abs() > lam).float()
+    return torch.nn.functional.max_pool2d(mask, 2 * radius + 1, 1, radius)
+
+
+@pytest.mark.parametrize("quantile", [0.0, 0.25, 0.5, 0.7])
+def test_code_mask_equals_the_official_soft_threshold(quantile):
+    g = torch.Generator().manual_seed(1)
+    src, tgt = torch.randn(2, 1, 4, 16, 16, generator=g, dtype=torch.float64)  # [1, C, h, w] each
+    got = edit_mask(src, tgt, quantile, radius=1, convention="code")
+    want = official_edit_mask(src, tgt, quantile, 1)
+    assert torch.equal(got, want)
+    if quantile > 0:  # the soft threshold matters: marking |Δ| > λ alone would mark more
+        assert got.sum() < dilate(((src - tgt).abs() > (src - tgt).abs().quantile(quantile)).float(), 1).sum()
 
 
 # ----------------------------------------------------------------------------- inversion and reconstruction
@@ -234,6 +283,9 @@ def test_uniform_reconstruction_on_testbed_scenes(testbed_sd, testbed_sd3):
     rec = UAMPipeline(testbed_sd).reconstruct_all(img, cap, ("source", "uniform"), num_inference_steps=8)[0]
     assert all(math.isfinite(r.psnr) and r.psnr > 20 and 0.8 < r.ssim <= 1 for r in rec.values())
     assert rec["uniform"].psnr != rec["source"].psnr
+    # uniform maps act (the paper's branch also uses "": without the maps it would be the empty prompt)
+    empty = UAMPipeline(testbed_sd).reconstruct_all(img, cap, ("empty",), num_inference_steps=8)[0]["empty"]
+    assert rec["uniform"].psnr != empty.psnr
     # tiny-sd3: segment-uniform maps (under the source prompt) give a different, still faithful
     # reconstruction; whether they beat the source prompt is measured, over evaluation seeds,
     # by benchmarks/uam_eval.py (an effect, not a correctness property)
@@ -343,6 +395,13 @@ def test_word_swap_editor(testbed_sd):
     assert [t for _, t, _ in on.masks] == [t for t in (s.t for s in uam.steps(6)) if 0 < t < 200]
     assert not np.array_equal(np.asarray(on.target), np.asarray(base.target))
     assert np.array_equal(np.asarray(on.source), np.asarray(base.source))  # blend="target": the source untouched
+    for blend in ("both", "source"):  # the source branch blended too (MasaCtrl's "red line"), or alone
+        other = UAMPipeline(testbed_sd, blend=blend).edit(img, cap, "a blue circle", num_inference_steps=6,
+                                                          guidance_scale=5.0)
+        assert not np.array_equal(np.asarray(other.source), np.asarray(on.source))
+    paper = UAMPipeline(testbed_sd, mask_convention="paper").edit(img, cap, "a blue circle", num_inference_steps=6,
+                                                                  guidance_scale=5.0)
+    assert all(not torch.equal(a, b) for (_, _, a), (_, _, b) in zip(paper.masks, on.masks))
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -363,6 +422,11 @@ def test_cli_invert_and_edit(tmp_path, capsys):
     target = caption.replace(shape, "square" if shape == "circle" else "circle")
     main(["edit", str(path), "--target", target, "--steps", "4", "--out", str(tmp_path / "edit.png")])
     assert Image.open(tmp_path / "edit.png").width == 4 * 64 * 4
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # bad input: its message, no traceback, status 2
+        main(["edit", str(path), "--target", " ", "--steps", "4", "--out", str(tmp_path / "bad.png")])
+    assert exit_info.value.code == 2
+    assert "target prompt is empty" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -405,3 +469,18 @@ def test_bad_input_raises_typed_errors(tiny_pipe, testbed_sd):
         UAMPipeline(testbed_sd, mask_convention="both")
     with pytest.raises(ControlError, match="unknown UAM option"):
         UAMPipeline(testbed_sd, t_mask=300)
+
+
+def test_word_swap_checks_every_text_tokenizer():
+    """SD3's joint keys hold CLIP and T5 tokens: a swap that keeps CLIP's count but not T5's
+    would misalign the T5 maps, so it is refused, naming the tokenizer."""
+    from diffattn.pipelines.uam import check_word_swap, word_swap_tokenizers
+    from diffattn.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline("sd3")
+    clip, t5 = pipe.tokenizer, pipe.tokenizer_3
+    assert len(clip("a cat").input_ids) == len(clip("a dog").input_ids)  # the tiny vocabularies' counts
+    assert len(t5("a cat").input_ids) != len(t5("a dog").input_ids)
+    check_word_swap(clip, "a cat", "a dog")  # CLIP alone would accept it
+    with pytest.raises(EditPromptError, match=type(t5).__name__):
+        check_word_swap(word_swap_tokenizers(pipe), "a cat", "a dog")

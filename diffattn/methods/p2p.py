@@ -21,8 +21,9 @@ class PromptToPromptReplace(Control):
     cross_steps: steps where cross-attention maps are replaced (UNet ``attn2``; on joint
                  sites the image rows of the joint map);
     self_steps:  steps where self-attention maps are replaced, only at sites with at most
-                 ``self_max_tokens`` queries (P2P: the 16×16 and coarser maps of SD's 64×64
-                 latent, i.e. latent tokens / 16);
+                 ``self_max_tokens`` queries (``None``: every self site; UAM's P2P code, from
+                 PnPInversion, replaces the 32×32 and coarser maps of SD's 64×64 latent, i.e.
+                 latent tokens / 4; Hertz et al.'s original, 16×16 and coarser);
     source, target: the branch names of the two batch rows (``handle.branches``).
 
     Equal token counts are needed (the map of token j goes to token j); the caller checks.

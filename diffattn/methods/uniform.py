@@ -101,8 +101,10 @@ def edit_mask(x0_source: torch.Tensor, x0_target: torch.Tensor, quantile: float,
 
     Δ = x̂0_src - x̂0_tgt, λ = quantile(|Δ|, q) per sample over all its elements, then
 
-    - ``"code"``  (official code, default): M = dilate(|Δ| > λ): the *edit* mask is dilated,
-      so the preserved region shrinks;
+    - ``"code"``  (official code, default): the code first soft-thresholds Δ by λ
+      (``Δ -= Δ.clamp(-λ, λ)``) and then marks |Δ| > λ, so an element is edited where the
+      original |Δ| > 2λ; M = dilate(|Δ| > 2λ): the *edit* mask is dilated, so the preserved
+      region shrinks;
     - ``"paper"`` (Algorithm 1): the preserve mask dilate(|Δ| ≤ λ) is dilated, M = 1 - it.
 
     x0_*: [B, C, h, w] -> M [B, C, h, w] float {0, 1}.
@@ -114,7 +116,7 @@ def edit_mask(x0_source: torch.Tensor, x0_target: torch.Tensor, quantile: float,
     flat = delta.flatten(1)  # [B, C*h*w]
     lam = torch.quantile(flat, float(quantile), dim=1).view(-1, 1, 1, 1)  # [B, 1, 1, 1]
     if convention == "code":
-        return dilate((delta > lam).float(), radius)
+        return dilate((delta > 2 * lam).float(), radius)  # soft threshold by λ, then > λ
     return 1.0 - dilate((delta <= lam).float(), radius)
 
 
@@ -222,12 +224,13 @@ class UniformAttention(Control):
         return rows, (None if bool(heads.all()) else heads)
 
     def _fast(self, call: AttentionCall) -> bool:
-        """Collapse the keys to their mean: full uniform map, all rows and heads, no bias, and
-        no other control active at this call (the call's keys stay intact for them otherwise)."""
+        """Collapse the keys to the mean of the chosen ones (every key, or a token list): full
+        uniform map, all rows and heads, no bias, and no other control active at this call
+        (the call's keys stay intact for them otherwise)."""
         if self.strength != 1.0 or self._modes[call.site.name] != "replace" or call.spec.bias is not None:
             return False
         rows, heads = self._all_rows_heads(call)
-        if self.keys not in ("all", "text") or rows is not None or heads is not None:
+        if rows is not None or heads is not None:
             return False
         engine = getattr(self, "_diffattn_engine", None)
         others = engine.per_site.get(call.site.name, ()) if engine is not None else ()
@@ -238,10 +241,10 @@ class UniformAttention(Control):
         if not self._fast(call):
             return
         self._collapsed_call = id(call)  # edit_output of this same call then has nothing to do
-        k, v = call.k, call.v
+        k, v, index = call.k, call.v, self.key_index(call)  # index read from the layout before it changes
         call.layout = TokenLayout(call.layout.query, segments(("text", 1, None)))
         call.k = torch.zeros(k.shape[:2] + (1, k.shape[-1]), dtype=k.dtype, device=k.device)  # [B, H, 1, D]
-        call.v = uniform_map_output(v)  # [B, H, 1, D]: softmax over one key is 1, so out = mean(V)
+        call.v = uniform_map_output(v, index)  # [B, H, 1, D]: softmax over one key is 1, so out = mean(V_S)
 
     def edit_spec(self, call: AttentionCall) -> None:
         if self.strength != 1.0 or self._modes[call.site.name] != "share":
