@@ -8,8 +8,8 @@ evaluation seed (``diffattn.testbed.evaluate.eval_seeds``; the same seeds for ev
 with: the baseline pipeline, Attend-and-Excite, A-STAR (segregation + retention), and the
 two ablations (segregation only, retention only). Concepts are the shape nouns of each
 caption (repeated shapes take their own occurrence). A-STAR and A&E use the testbed settings
-``diffattn.pipelines.astar.TESTBED_OVERRIDES`` (softmax temperature 1000, tuned on training
-seeds; ``--paper-defaults`` for A&E's 100), otherwise their defaults. Prints a markdown table of the
+``diffattn.pipelines.astar.TESTBED_OVERRIDES`` (tiny-sd3: softmax temperature 1000, tuned on
+training seeds; tiny-sd: A&E's 100; ``--paper-defaults`` for A&E's 100 everywhere), otherwise their defaults. Prints a markdown table of the
 all-objects-present rate and the object accuracy with Wilson 95% intervals (plus the
 all-colours-present rate, a direct measure of neglected objects since the tiny models get
 colours right far more often than shapes, the extra-object rate and seconds per image), writes the full reports as JSON (``--json``) and
@@ -26,7 +26,7 @@ import torch
 
 from diffattn import testbed
 from diffattn.pipelines import AStarConfig, AStarPipeline
-from diffattn.pipelines.astar import TESTBED_OVERRIDES, default_concepts
+from diffattn.pipelines.astar import default_concepts, testbed_overrides
 from diffattn.testbed.evaluate import TRAIN_SEEDS, eval_seeds, evaluate, paired_bootstrap, suite_prompts, wilson_interval
 from diffattn.testbed.world import parse_prompt
 
@@ -77,7 +77,7 @@ def runner(pipe, method: str, args):
     make = METHODS[method]
     if make is None:
         return pipe
-    kw = {} if args.paper_defaults else dict(TESTBED_OVERRIDES)
+    kw = {} if args.paper_defaults else dict(testbed_overrides(pipe))
     if args.scale_factor is not None:
         kw["scale_factor"] = args.scale_factor
     if args.max_iter is not None:
@@ -131,7 +131,7 @@ def main(argv=None):
     p.add_argument("--max-iter", type=float, default=None, help="update window: steps (>= 1) or fraction of the run")
     p.add_argument("--concepts", default="nouns", choices=list(CONCEPTS))
     p.add_argument("--paper-defaults", action="store_true",
-                   help="use A&E's temperature 100 instead of the testbed's tuned 1000 (TESTBED_OVERRIDES)")
+                   help="use A&E's temperature 100 on every model (TESTBED_OVERRIDES sets 1000 on tiny-sd3)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="AStarConfig field for every A-STAR / A&E row, e.g. --set temperature=1000 (JSON values)")
     p.add_argument("--threads", type=int, default=None)

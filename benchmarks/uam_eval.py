@@ -204,6 +204,10 @@ def summarise_reconstruction(records: list[dict]) -> dict:
                 "ssim": interval([r["ssim"][c] - r["ssim"][ref] for r in records]),
                 "wins": rate([r["psnr"][c] > r["psnr"][ref] for r in records]),
             }
+    for kind in ("colour", "shape"):  # edit applied, per kind of swap
+        sub = [r for r in records if r["kind"] == kind]
+        if sub:
+            out[f"{kind} swaps applied"] = {name: rate([r["results"][name]["applied"] for r in sub]) for name in EDITORS}
     out["seconds_per_image"] = float(np.mean([r["seconds"] for r in records]))
     return out
 
@@ -218,6 +222,10 @@ def summarise_editing(records: list[dict]) -> dict:
     for name in EDITORS[1:]:
         out[f"{name} - p2p preserved_psnr"] = interval(
             [r["results"][name]["preserved_psnr"] - r["results"]["p2p"]["preserved_psnr"] for r in records])
+    for kind in ("colour", "shape"):  # edit applied, per kind of swap
+        sub = [r for r in records if r["kind"] == kind]
+        if sub:
+            out[f"{kind} swaps applied"] = {name: rate([r["results"][name]["applied"] for r in sub]) for name in EDITORS}
     out["seconds_per_image"] = float(np.mean([r["seconds"] for r in records]))
     return out
 
@@ -252,6 +260,12 @@ def markdown(summary: dict) -> str:
                          f"{fmt(d['preserved_psnr'])} | {fmt(d['truth_psnr'])} |")
         for name in EDITORS[1:]:
             lines.append(f"| {name} − p2p (paired) | | | | {fmt(s[f'{name} - p2p preserved_psnr'])} | |")
+        kinds = [k for k in ("colour", "shape") if f"{k} swaps applied" in s]
+        if kinds:
+            lines += ["", "| editor | " + " | ".join(f"{k} swaps applied" for k in kinds) + " |",
+                      "|---|" + "---:|" * len(kinds)]
+            for name in EDITORS:
+                lines.append(f"| {name} | " + " | ".join(fmt(s[f'{k} swaps applied'][name]) for k in kinds) + " |")
     return "\n".join(lines)
 
 

@@ -42,6 +42,8 @@ def add_generate_arguments(p: argparse.ArgumentParser):
     p.add_argument("--strength", type=float, default=1.0, help="method strength u (softpag)")
     p.add_argument("--heads", default="mid", help="softpag heads: mid (the middle layer), all, or a preset JSON")
     p.add_argument("--concepts", default=None, help="comma-separated concept words (astar)")
+    p.add_argument("--astar-loss", default="astar", choices=["astar", "ae", "segregation", "retention"],
+                   help="astar: A-STAR (segregation + retention); ae: Attend-and-Excite; or one A-STAR loss alone")
 
 
 def call_kwargs(args) -> dict:
@@ -77,17 +79,19 @@ def run_generate(args):
     def baseline():
         return pipe(args.prompt, generator=torch.Generator(args.device).manual_seed(args.seed), **kw).images
 
-    images, labels = baseline(), ["baseline"]
+    method = None
     if args.method != "none":
         methods = {**_builtin_methods(), **METHODS}
         if args.method not in methods:
             raise SystemExit(f"unknown method {args.method!r}; available: none, {', '.join(sorted(methods))}")
-        label, run = methods[args.method](pipe, args)
+        method = methods[args.method](pipe, args)  # checks the method's input before any image is made
+    images, labels = baseline(), ["baseline"]
+    rows = []
+    if method is not None:
+        label, run = method
         images += run(torch.Generator(args.device).manual_seed(args.seed), kw)
         labels.append(label)
         rows = getattr(run, "rows", [])
-    else:
-        rows = []
     result = side_by_side(images, labels) if len(images) > 1 else images[0]
     if rows:  # e.g. A-STAR's concept maps under the images
         from .pipelines.astar import compose

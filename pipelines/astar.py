@@ -65,7 +65,8 @@ SUPPORTED_PIPELINES = "StableDiffusionPipeline (SD1.x, SD2.x), StableDiffusionXL
 # Settings for the tiny testbed models (diffattn.testbed), chosen on training seeds (never the
 # evaluation seeds): their cross-attention varies ~10x less over the image than SD1.x's, so
 # softmax(100·A) gives almost flat maps; 1000 restores A&E's contrast. benchmarks/RESULTS.md.
-TESTBED_OVERRIDES = {"temperature": 1000.0}
+# chosen on training seeds (RESULTS.md): tiny-sd3 needs the sharper softmax, tiny-sd keeps A&E's 100
+TESTBED_OVERRIDES = {"tiny-sd3": {"temperature": 1000.0}, "tiny-sd": {}}
 
 # A&E's refinement thresholds {0: 0.05, 10: 0.5, 20: 0.8} of 50 steps, as fractions of the run
 AE_THRESHOLDS = {0.0: 0.05, 0.2: 0.5, 0.4: 0.8}
@@ -98,7 +99,7 @@ class AStarConfig:
                         A&E pipeline (which keeps the end and padding tokens).
     temperature:        the 100 of softmax(100·A). It sets how peaked the maps are, which depends
                         on how much raw attention varies over the image: the tiny testbed models'
-                        attention is ~10x flatter than SD's and needs 1000
+                        attention is flatter than SD's: tiny-sd3 needs 1000, tiny-sd keeps 100
                         (:data:`TESTBED_OVERRIDES`, chosen on training seeds).
     smooth_size, smooth_sigma: A&E's Gaussian (3, 0.5); ``smooth_size=0`` turns it off.
     subtoken:           ``"mean"`` or ``"max"`` over the tokens of a multi-token concept.
@@ -539,8 +540,10 @@ class AStarPipeline:
         out = AStarOutput(images=images, losses=history)
         if return_attention_maps:
             out.concept_maps = [s / max(n, 1) for s, n in zip(sums, counts)]
+            # one scale per image, the brightest concept's maximum: a neglected concept shows dark
             out.attention_maps = [
-                {label: heatmap_image(m, size=width) for label, m in zip(per_prompt[rows_prompt[b]][1], out.concept_maps[b])}
+                {label: heatmap_image(m, size=width, vmax=float(out.concept_maps[b].max()))
+                 for label, m in zip(per_prompt[rows_prompt[b]][1], out.concept_maps[b])}
                 for b in range(B)
             ]
         return out
@@ -668,6 +671,15 @@ def maps_row(maps: dict, size: int):
     return row
 
 
+def testbed_overrides(pipe) -> dict:
+    """:data:`TESTBED_OVERRIDES` of a testbed pipeline (``{}`` for any other model)."""
+    from diffattn.testbed.pipelines import ShapesSD3Pipeline
+
+    if not is_testbed(pipe):
+        return {}
+    return TESTBED_OVERRIDES["tiny-sd3" if isinstance(pipe, ShapesSD3Pipeline) else "tiny-sd"]
+
+
 def is_testbed(pipe) -> bool:
     """Whether ``pipe`` is one of the tiny testbed pipelines (``diffattn.testbed.load``)."""
     from diffattn.testbed.pipelines import ShapesSD3Pipeline, ShapesSDPipeline
@@ -683,21 +695,24 @@ def generate_builder(pipe, args):
     """
     concepts = [c.strip() for c in args.concepts.split(",") if c.strip()] if getattr(args, "concepts", None) else None
     method = getattr(args, "astar_loss", None) or "astar"
-    kw = dict(TESTBED_OVERRIDES) if is_testbed(pipe) else {}
-    config = AStarConfig.attend_and_excite(**kw) if method in ("ae", "attend_and_excite") else AStarConfig.astar(**kw)
-    astar = AStarPipeline(pipe, config)
-    if concepts is None:
-        default_concepts(args.prompt)  # fail early with the concept error
+    kw = dict(testbed_overrides(pipe))
+    presets = {"astar": AStarConfig.astar, "ae": AStarConfig.attend_and_excite,
+               "segregation": AStarConfig.segregation_only, "retention": AStarConfig.retention_only}
+    if method not in presets:
+        raise ConceptError(f"--astar-loss {method!r}: use one of {', '.join(presets)}")
+    astar = AStarPipeline(pipe, presets[method](**kw))
+    astar._concepts_for(args.prompt, concepts if concepts is not None else default_concepts)  # fail before any image
 
     def run(generator, call_kwargs):
         out = astar(args.prompt, concepts, generator=generator, return_attention_maps=True, **call_kwargs)
         size = out.images[0].width * (4 if out.images[0].width <= 128 else 1)
-        run.rows = [("A-STAR concept maps", maps_row(out.attention_maps[0], size))]
+        run.rows = [(f"{label} concept maps", maps_row(out.attention_maps[0], size))]
         run.maps = out.attention_maps[0]
         return out.images
 
     run.rows = []
-    return "A-STAR", run
+    label = {"astar": "A-STAR", "ae": "Attend-and-Excite"}.get(method, f"A-STAR ({method} only)")
+    return label, run
 
 
 def compose(top, rows: Sequence) -> "object":

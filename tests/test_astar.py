@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
 import pytest
 import torch
 
@@ -296,3 +297,31 @@ def test_generate_builder_gives_images_and_map_rows(tiny_pipe):
     (row_label, row), = run.rows
     assert row.width == 2 * images[0].width * 4  # two concepts, each as wide as the upscaled image
     assert compose(images[0], run.rows).height == images[0].height + row.height
+
+
+def test_cli_generate_astar_end_to_end(tmp_path, capsys):
+    from PIL import Image
+
+    from diffattn.cli import main
+
+    out = tmp_path / "astar.png"
+    main(["generate", "--method", "astar", "--astar-loss", "ae", "--concepts", "circle,square", "--steps", "2",
+          "--out", str(out), "a red circle and a blue square"])
+    img = Image.open(out)
+    assert img.width == 2 * 4 * 64 and img.height > 4 * 64  # baseline | A&E (4x upscaled), concept maps underneath
+    bad = tmp_path / "bad.png"
+    with pytest.raises(SystemExit) as exit_info:  # a concept missing from the prompt: before any image
+        main(["generate", "--method", "astar", "--concepts", "circle,triangle", "--out", str(bad),
+              "a red circle and a blue square"])
+    assert exit_info.value.code == 2 and not bad.exists()
+    assert "triangle" in capsys.readouterr().err
+
+
+def test_heatmaps_share_one_scale():
+    """A neglected concept's map shows dark next to a present one (not min-max stretched)."""
+    bright, faint = blob(3, 4, size=8), 0.05 * blob(3, 4, size=8)
+    vmax = float(bright.max())
+    a, b = (np.asarray(heatmap_image(m, vmax=vmax), dtype=float) for m in (bright, faint))
+    assert b.mean() < 0.5 * a.mean()
+    stretched = np.asarray(heatmap_image(faint), dtype=float)  # its own min-max: looks like the bright one
+    assert np.abs(stretched - np.asarray(heatmap_image(bright), dtype=float)).max() <= 1

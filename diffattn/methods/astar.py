@@ -330,10 +330,15 @@ _COLORMAP = torch.tensor([  # inferno-like anchors, 0 -> 1
 ], dtype=torch.float32)
 
 
-def colorize(m: torch.Tensor) -> torch.Tensor:
-    """A map ``[h, w]`` -> ``[h, w, 3]`` uint8 heat map (min-max normalised, inferno-like)."""
+def colorize(m: torch.Tensor, vmax: float | None = None) -> torch.Tensor:
+    """A map ``[h, w]`` -> ``[h, w, 3]`` uint8 heat map (inferno-like) of ``m / vmax`` over
+    [0, 1]; ``vmax=None`` normalises the map by its own min and max (every map looks as
+    bright as the next: pass a shared ``vmax`` to compare concepts)."""
     m = m.detach().float()
-    m = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-12)
+    if vmax is None:
+        m = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-12)
+    else:
+        m = (m / max(float(vmax), 1e-12)).clamp(0, 1)
     x = m * (len(_COLORMAP) - 1)
     i = x.floor().long().clamp(max=len(_COLORMAP) - 2)
     f = (x - i)[..., None]
@@ -341,11 +346,12 @@ def colorize(m: torch.Tensor) -> torch.Tensor:
     return rgb.round().clamp(0, 255).to(torch.uint8)
 
 
-def heatmap_image(m: torch.Tensor, size: int | tuple[int, int] | None = None):
-    """A PNG-ready ``PIL.Image`` heat map of a map ``[h, w]``, resized (bilinear) to ``size``."""
+def heatmap_image(m: torch.Tensor, size: int | tuple[int, int] | None = None, vmax: float | None = None):
+    """A PNG-ready ``PIL.Image`` heat map of a map ``[h, w]``, resized (bilinear) to ``size``
+    (``vmax``: see :func:`colorize`)."""
     from PIL import Image
 
-    img = Image.fromarray(colorize(m).cpu().numpy())
+    img = Image.fromarray(colorize(m, vmax).cpu().numpy())
     if size is not None:
         img = img.resize((size, size) if isinstance(size, int) else tuple(size), Image.BILINEAR)
     return img
