@@ -34,6 +34,7 @@ row re-normalised over the text keys (``joint_text_norm``) before the A&E steps.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from collections.abc import Sequence
@@ -167,6 +168,19 @@ class AStarConfig:
             raise ConceptError(f"text_tokens={self.text_tokens!r}: use 'prompt' or 'diffusers'")
         if self.subtoken not in ("mean", "max"):
             raise ConceptError(f"subtoken={self.subtoken!r}: use 'mean' or 'max'")
+        negative = {k: v for k, v in self.losses.items() if v < 0}
+        if negative:
+            raise ConceptError(f"losses={self.losses!r}: weights must be >= 0 (a negative weight rewards overlap "
+                               f"or neglect); got {negative}")
+        thr = self.retention_threshold
+        if not (thr == "otsu" or (isinstance(thr, (int, float)) and 0.0 < float(thr) < 1.0)):
+            raise ConceptError(f"retention_threshold={thr!r}: use a number in (0, 1) (on the min-max normalised map) "
+                               f"or 'otsu'")
+        for key, value in (self.refine or {}).items():
+            if isinstance(key, float) and not 0.0 <= key < 1.0 or isinstance(key, int) and key < 0:
+                raise ConceptError(f"refine key {key!r}: use a step index (int >= 0) or a fraction of the run in [0, 1)")
+            if not 0.0 < float(value) <= 1.0:
+                raise ConceptError(f"refine threshold {value!r} at {key!r}: use a peak attention in (0, 1]")
         return self
 
 
@@ -404,8 +418,9 @@ class AStarPipeline:
                 maps = self._grad_maps(rec, z, t, emb, groups, eot, resolution)
                 loss, _ = combined_loss(maps, cfg.losses, target, cfg.eps)
                 crit = float(attend_excite_loss(maps.detach()))
-                if loss.requires_grad and float(loss.detach()) != 0:
-                    z = z - step_size * torch.autograd.grad(loss, [z])[0]
+                if not loss.requires_grad or float(loss.detach()) == 0:
+                    break  # nothing to follow (e.g. one concept's segregation): more forwards change nothing
+                z = z - step_size * torch.autograd.grad(loss, [z])[0]
                 if refined >= cfg.max_refinement_steps:
                     break
             z = z.detach().requires_grad_(True)  # A&E: one more forward for the loss of the refined latent
@@ -486,6 +501,9 @@ class AStarPipeline:
         step_sizes = cfg.scale_factor * np.sqrt(np.linspace(1.0, 0.5, T))
         stop = _as_step(cfg.max_iter_to_alter, T, "max_iter_to_alter")
         refine = {_as_step(k, T, "refine", key=True): float(v) for k, v in (cfg.refine or {}).items()}
+        if any(k >= T for k in refine):
+            raise ConceptError(f"refine={cfg.refine!r}: step {max(refine)} is past the run's {T} steps (0..{T - 1}); "
+                               f"use earlier steps or fractions of the run")
         want_prev = bool(cfg.losses.get("retention")) and masks is None
         targets: list[torch.Tensor | None] = list(masks) if masks is not None else [None] * B
         sums: list[torch.Tensor | None] = [None] * B
@@ -501,7 +519,9 @@ class AStarPipeline:
                 return {"uncond": slice(0, B), "cond": slice(B, 2 * B)}
             return {"cond": slice(0, batch)}
 
-        with attach(pipe, rec) as handle, handle.branches(branches), pipe.progress_bar(total=T) as bar:
+        denoiser = pipe.transformer if family == "sd3" else pipe.unet
+        with attach(pipe, rec) as handle, handle.branches(branches), pipe.progress_bar(total=T) as bar, \
+                _no_weight_grads(denoiser):
             for i, t in enumerate(timesteps):
                 if i < stop or i in refine:
                     new = []
@@ -580,6 +600,11 @@ class AStarPipeline:
         """User layout masks -> binary retention targets ``[C, h, w]`` per row (or ``None``)."""
         if layout_masks is None:
             return None
+        if not self.config.losses.get("retention"):
+            raise ConceptError(
+                f"layout masks are retention targets, but losses={self.config.losses} gives retention no weight "
+                f"(e.g. the Attend-and-Excite preset); use AStarConfig.astar() or add 'retention' to losses"
+            )
         if resolution is None:
             raise ConceptError("layout masks need a map resolution: pass AStarConfig(resolution=(h, w))")
         per = layout_masks if isinstance(layout_masks, (list, tuple)) else [layout_masks] * len(per_prompt)
@@ -678,6 +703,20 @@ def testbed_overrides(pipe) -> dict:
     if not is_testbed(pipe):
         return {}
     return TESTBED_OVERRIDES["tiny-sd3" if isinstance(pipe, ShapesSD3Pipeline) else "tiny-sd"]
+
+
+@contextlib.contextmanager
+def _no_weight_grads(module):
+    """Gradients flow to the latent only: weights that require grad would make autograd save
+    activations for their gradients too (about 20% more memory per grad pass). Restored after."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def is_testbed(pipe) -> bool:

@@ -223,10 +223,13 @@ def test_astar_on_tiny_sd3_maps_and_losses(tiny_pipe):
     steps = out.losses[0]
     assert [s["step"] for s in steps] == [0, 1]
     assert "retention" not in steps[0] and "retention" in steps[1]  # B comes from the previous step
+    assert all(p.requires_grad for p in pipe.transformer.parameters())  # weights frozen only during the call
 
 
-def test_one_update_lowers_the_loss(tiny_pipe):
-    """Tiny SD3: one A-STAR step on the latent lowers L_seg + L_ret at a fixed seed."""
+@pytest.mark.parametrize("layout", [False, True])
+def test_one_update_lowers_the_loss(tiny_pipe, layout):
+    """Tiny SD3: one A-STAR step on the latent lowers L_seg + L_ret at a fixed seed, with the
+    retention target from the maps themselves or from a user layout mask (left / right half)."""
     from diffattn.engine import attach
     from diffattn.methods.astar import ConceptRecorder
 
@@ -243,6 +246,11 @@ def test_one_update_lowers_the_loss(tiny_pipe):
     with attach(pipe, rec):
         maps = astar._grad_maps(rec, z, t, cond, groups, eot, (8, 8)).detach()
         target = binarize(maps)
+        if layout:
+            halves = torch.zeros(2, 32, 32)  # [C, H, W], any resolution
+            halves[0, :, :16], halves[1, :, 16:] = 1, 1
+            target = astar._layout_targets(halves, [(groups, ["cat", "dog"])], [0], (8, 8))[0]
+            assert target.shape == (2, 8, 8) and target[0, :, :4].all() and not target[0, :, 4:].any()
         before = combined_loss(maps, astar.config.losses, target)[0].item()
         with torch.enable_grad():
             z2, _ = astar._optimise(rec, z, t, cond, groups, eot, (8, 8), target, 5.0, None, True)
@@ -282,6 +290,17 @@ def test_bad_input(tiny_pipe):
         AStarPipeline(pipe, step_size=3)
     with pytest.raises(ConceptError, match="positive weight"):
         AStarPipeline(pipe, losses={"segregation": 0.0})
+    with pytest.raises(ConceptError, match="must be >= 0"):
+        AStarPipeline(pipe, losses={"segregation": 1.0, "retention": -1.0})
+    with pytest.raises(ConceptError, match="retention_threshold"):
+        AStarPipeline(pipe, retention_threshold=1.5)
+    with pytest.raises(ConceptError, match="refine threshold"):
+        AStarPipeline(pipe, refine={0: 2.0})
+    with pytest.raises(ConceptError, match="past the run"):
+        AStarPipeline(pipe, refine={5: 0.5})("a red circle", ["circle"], **kw)
+    with pytest.raises(ConceptError, match="retention no weight"):  # a layout mask the config would ignore
+        AStarPipeline(pipe, AStarConfig.attend_and_excite())("a red circle", ["circle"], layout_masks=torch.ones(1, 8, 8),
+                                                             **kw)
     assert issubclass(ConceptError, DiffattnError)
 
 
