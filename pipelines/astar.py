@@ -30,7 +30,13 @@ that step's ordinary forward (so it is taken *after* step i−1's latent update)
 layout mask (``layout_masks``), which turns A-STAR into layout-guided generation.
 
 MMDiT (SD3): the maps are the image-query × text-key block of joint attention, each head's
-row re-normalised over the text keys (``joint_text_norm``) before the A&E steps.
+row re-normalised over the text keys (``joint_text_norm``) before the A&E steps. Concepts
+are located among the CLIP tokens (the first 77 text keys); the T5 tokens after them are not
+part of the concept maps (the papers' losses are defined on CLIP-conditioned UNets).
+
+``AStarConfig.attend_and_excite()`` is the original A&E; to reproduce diffusers'
+``StableDiffusionAttendAndExcitePipeline`` output, also pass ``text_tokens="diffusers"``
+(diffusers re-normalises over keys 1..N-2, end and padding tokens included).
 """
 from __future__ import annotations
 
