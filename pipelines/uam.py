@@ -291,6 +291,9 @@ class UAMConfig:
             raise ControlError(f"source_inversion={self.source_inversion!r}: use 'source' or 'empty'")
         if not 0.0 <= self.quantile <= 1.0:
             raise ControlError(f"quantile={self.quantile}: a quantile lies in [0, 1]")
+        if not 0.0 <= self.mask_timestep <= 1000.0:
+            raise ControlError(f"mask_timestep={self.mask_timestep}: T_mask is a model timestep in [0, 1000] "
+                               f"(blending runs while t < T_mask; 0 turns it off)")
         if self.dilation < 0:
             raise ControlError(f"dilation={self.dilation}: a radius is >= 0 (0 = no dilation)")
         for name in ("cross_replace", "self_replace"):
@@ -827,7 +830,10 @@ def add_edit_arguments(p) -> None:
                    help="code: dilate the edit mask (official code, default); paper: dilate the preserve mask")
     p.add_argument("--blend", default="target", choices=list(BLENDS))
     p.add_argument("--mask-timestep", type=float, default=200.0, help="T_mask: blend while t < this (0..1000)")
-    p.add_argument("--quantile", type=float, default=0.5)
+    p.add_argument("--quantile", type=float, default=0.5, help="q: the mask threshold's quantile at the last step")
+    p.add_argument("--dilation", type=int, default=1, help="mask dilation radius in latent pixels (0 = none)")
+    p.add_argument("--cross-replace", type=float, default=0.4, help="fraction of steps with the source's cross maps")
+    p.add_argument("--self-replace", type=float, default=0.6, help="fraction of steps with the source's self maps")
 
 
 def run_invert_cli(args) -> dict[str, Reconstruction]:
@@ -858,7 +864,8 @@ def run_edit_cli(args) -> dict[str, EditOutput]:
 
     pipe = load_model(args.model, args.dtype, args.device)
     uam = UAMPipeline(pipe, progress=True, mask_convention=args.mask_convention, blend=args.blend,
-                      mask_timestep=args.mask_timestep, quantile=args.quantile)
+                      mask_timestep=args.mask_timestep, quantile=args.quantile, dilation=args.dilation,
+                      cross_replace=args.cross_replace, self_replace=args.self_replace)
     x = uam.load_image(args.image)
     image = _pil(x[0].permute(1, 2, 0).numpy())
     source = _source_prompt(args, pipe, image, args.source)
