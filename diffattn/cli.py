@@ -76,8 +76,16 @@ def cmd_headhunt(args):
                                template=args.clip_template, dtype=getattr(torch, args.dtype))
     prompts = args.prompt or suite_prompts(args.suite)
     kw = {} if args.steps is None else {"num_inference_steps": args.steps}
+    if args.guidance is not None:
+        kw["guidance_scale"] = args.guidance
+    candidates = "all"
+    if args.candidates is not None:
+        from .sites import select
+
+        candidates = [(s.name, h) for s in select(pipe, args.candidates) for h in range(s.heads)]
     hunt = HeadHunter(pipe, objective, prompts, list(TRAIN_SEEDS)[: args.seeds], top_k=args.top_k, rounds=args.rounds,
                       stop_without_gain=args.stop_without_gain, scale=args.scale, state_dir=args.state_dir,
+                      semantics=args.semantics, candidates=candidates, batch_size=args.batch_size,
                       progress=state.is_main_process, **kw)
     result = hunt.run()
     if state.is_main_process:  # the others wait until the files are written
@@ -146,6 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=float, default=2.0)
     p.add_argument("--strength", type=float, default=1.0, help="u written into the preset")
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None,
+                   help="CFG scale of the search's images (default: the model's; the paper searches without CFG: 0)")
+    p.add_argument("--semantics", default="joint", choices=["joint", "image", "image-self"],
+                   help="joint-attention semantics of the perturbation (SoftPAG)")
+    p.add_argument("--candidates", default=None,
+                   help="sites whose heads are candidates (a diffattn site selector, e.g. 'transformer_blocks.0-3'); "
+                        "default: every self / joint / single-stream site")
+    p.add_argument("--batch-size", type=int, default=16, help="images per denoiser batch while scoring")
     p.add_argument("--state-dir", default=None, help="cache and resume the search here")
     p.add_argument("--out", default="preset.json")
     p.add_argument("--heatmap", default=None, help="PNG of per-head scores (layers x heads)")

@@ -38,8 +38,9 @@ def add_generate_arguments(p: argparse.ArgumentParser):
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
     p.add_argument("--size", type=int, default=None, help="height = width in pixels (default: the model's)")
-    p.add_argument("--scale", type=float, default=2.0, help="method guidance scale (softpag)")
-    p.add_argument("--strength", type=float, default=1.0, help="method strength u (softpag)")
+    p.add_argument("--scale", type=float, default=None, help="method guidance scale (softpag; default 2, or the preset's)")
+    p.add_argument("--strength", type=float, default=None,
+                   help="method strength u (softpag; default 1, or the preset's per-head u)")
     p.add_argument("--heads", default="mid", help="softpag heads: mid (the middle layer), all, or a preset JSON")
     p.add_argument("--concepts", default=None, help="comma-separated concept words (astar)")
     p.add_argument("--astar-loss", default="astar", choices=["astar", "ae", "segregation", "retention"],

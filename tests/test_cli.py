@@ -1,6 +1,8 @@
 """The diffattn command on the built-in testbed model (offline)."""
 from __future__ import annotations
 
+import json
+
 from PIL import Image
 
 from diffattn.cli import main
@@ -23,5 +25,8 @@ def test_generate_with_softpag_writes_baseline_beside_guided(tmp_path, capsys):
 def test_headhunt_writes_a_preset(tmp_path):
     out = tmp_path / "preset.json"
     main(["headhunt", "--prompt", "a red circle", "--seeds", "1", "--steps", "2", "--top-k", "1", "--out", str(out),
-          "--heatmap", str(tmp_path / "h.png")])
+          "--heatmap", str(tmp_path / "h.png"), "--guidance", "0", "--candidates", "transformer_blocks.1",
+          "--scale", "2.5"])
     assert out.exists() and (tmp_path / "h.png").exists()
+    preset = json.loads(out.read_text())
+    assert [h[0] for h in preset["heads"]] == ["transformer_blocks.1.attn"] and preset["scale"] == 2.5

@@ -86,6 +86,62 @@ def test_zero_strength_or_no_heads_reproduces_unguided(family, tiny_pipe, tiny_i
     assert (guided - stock).abs().max() > 1e-4  # guidance does something
 
 
+class ForcedBranch(SoftPAG):
+    """SoftPAG whose perturbed branch runs even when every u is 0 (no short cut)."""
+
+    def guidance_scale(self, step):
+        return self.scale
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd3", "sd35", "flux", "flux_kontext", "wan"])
+def test_perturbed_branch_with_zero_u_is_the_cond_branch(family, tiny_pipe, tiny_inputs):
+    """The branch runs (3-row batch, or its own forward on FLUX) with u = 0 on every head:
+    ε_pert = ε_c, so the guided output equals the unguided one; u > 0 on one head moves it.
+    SD3.5 (qk-norm, dual attention) and FLUX Kontext (context image, RoPE) included."""
+    pipe = tiny_pipe(family)
+    stock = output_of(pipe(**tiny_inputs(family)))
+    with da.attach(pipe, ForcedBranch("all", strength=0.0, scale=5.0)):
+        zero = output_of(pipe(**tiny_inputs(family)))
+    torch.testing.assert_close(zero, stock, atol=1e-5, rtol=0)  # batch composition may change the last bits
+    site = [s for s in da.sites(pipe) if s.kind in ("self", "joint", "single")][0]
+    with da.attach(pipe, ForcedBranch({site.name: {0: 1.0}}, scale=5.0)):
+        one = output_of(pipe(**tiny_inputs(family)))
+    assert (one - stock).abs().max() > 1e-4
+
+
+def test_preset_values_and_caller_overrides(tiny_pipe, tmp_path):
+    pipe = tiny_pipe("sd3")
+    preset = {"model": _model_name(pipe),
+              "heads": [["transformer_blocks.0.attn", 1, 0.5], ["transformer_blocks.1.attn", 0, 1.0]], "scale": 2.5}
+    path = tmp_path / "preset.json"
+    path.write_text(__import__("json").dumps(preset))
+    with da.attach(pipe, SoftPAG(str(path))) as h:  # the preset's heads, u and scale
+        ctrl = h.engine.controls[0]
+        assert ctrl.scale == 2.5
+        assert ctrl.u["transformer_blocks.0.attn"].tolist() == [0.0, 0.5] + [0.0] * (len(ctrl.u["transformer_blocks.0.attn"]) - 2)
+        assert ctrl.u["transformer_blocks.1.attn"][0].item() == 1.0
+    with da.attach(pipe, SoftPAG(str(path), strength=0.25, scale=4.0)) as h:  # the caller's values win
+        ctrl = h.engine.controls[0]
+        assert ctrl.scale == 4.0
+        assert ctrl.u["transformer_blocks.0.attn"][1].item() == 0.25 and ctrl.u["transformer_blocks.1.attn"][0].item() == 0.25
+
+
+def _model_name(pipe):
+    from diffattn.methods.softpag import model_id
+
+    return model_id(pipe.transformer)
+
+
+def test_model_id_of_a_hub_cache_folder():
+    from types import SimpleNamespace
+
+    from diffattn.methods.softpag import model_id
+
+    cached = "/root/.cache/huggingface/hub/models--stabilityai--stable-diffusion-3.5-medium/snapshots/b940f670/transformer"
+    assert model_id(SimpleNamespace(config=SimpleNamespace(_name_or_path=cached))) == "stabilityai/stable-diffusion-3.5-medium"
+    assert model_id(SimpleNamespace(config=SimpleNamespace(_name_or_path="/data/models/tiny-sd3/transformer"))) == "tiny-sd3"
+
+
 def test_layer_pag_equals_diffusers_unet_pag_pipeline(tiny_pipe, tiny_inputs):
     pipe = tiny_pipe("sd15")
     kw = tiny_inputs("sd15", steps=3, guidance_scale=4.0)
@@ -120,3 +176,8 @@ def test_bad_input_is_a_clear_error(tiny_pipe):
         da.attach(pipe, SoftPAG({"model": "some/other-model", "heads": [["transformer_blocks.0.attn", 0, 1.0]], "scale": 3.0}))
     with pytest.raises(ControlError, match="image-self"):
         SoftPAG("all", target="uniform", semantics="image-self")
+    with pytest.raises(ControlError, match="made for"):  # another model's preset: the model is named, not its sites
+        da.attach(pipe, SoftPAG({"model": "black-forest-labs/FLUX.1-dev",
+                                 "heads": [["single_transformer_blocks.0.attn", 0, 1.0]], "scale": 3.0}))
+    with pytest.raises(ControlError, match="scale"):
+        SoftPAG("all", scale=-1.0)

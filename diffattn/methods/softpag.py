@@ -16,6 +16,7 @@ applied in output space (``methods.perturbation``): exact, and the L×L map is n
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping
 
 import torch
@@ -41,8 +42,9 @@ class SoftPAG(Control):
     heads:     "all" (every head of every self/joint/single-stream site); a mapping
                {site name: head list | "all" | {head: u}}; a list of (site, head) or
                (site, head, u) tuples; or a preset dict / JSON path from HeadHunter.
-    strength:  default u in [0, 1] for heads given without their own u.
-    scale:     guidance scale s of the perturbed branch.
+    strength:  default u in [0, 1] for heads given without their own u (default 1); given
+               with a preset, it replaces the preset's u of every head.
+    scale:     guidance scale s of the perturbed branch (default: the preset's, else 3).
     target:    "identity" (PAG), "uniform" or "meanquery" (SEG with sigma -> inf).
     semantics: joint-attention semantics, "joint" (paper code), "image" or "image-self"
                (diffusers' SD3 PAG); see ``methods.perturbation``.
@@ -57,8 +59,8 @@ class SoftPAG(Control):
     def __init__(
         self,
         heads="all",
-        strength: float = 1.0,
-        scale: float = 3.0,
+        strength: float | None = None,
+        scale: float | None = None,
         *,
         target: str = "identity",
         semantics: str = "joint",
@@ -67,15 +69,22 @@ class SoftPAG(Control):
         sequential: bool = False,
     ):
         check_target(target, semantics)
-        _check_u(strength, "strength")
+        if strength is not None:
+            _check_u(strength, "strength")
         if isinstance(heads, str) and heads != "all" and heads.endswith(".json"):
             heads = load_preset(heads)
         if isinstance(heads, Mapping) and "heads" in heads and "model" in heads:  # a preset
             self.preset = dict(heads)
-            scale = heads.get("scale", scale)
-            heads = [tuple(h) for h in heads["heads"]]
+            if scale is None:
+                scale = heads.get("scale", 3.0)
+            # the caller's strength replaces the preset's per-head u
+            heads = [tuple(h) if strength is None else tuple(h[:2]) for h in heads["heads"]]
         else:
             self.preset = None
+        strength = 1.0 if strength is None else strength
+        scale = 3.0 if scale is None else scale
+        if not math.isfinite(float(scale)) or float(scale) < 0:
+            raise ControlError(f"scale={scale}: the guidance scale s is a finite number >= 0 (0 = no guidance)")
         super().__init__(sites=self._site_filter, steps=steps, branches=("perturbed",))
         self.head_spec = heads
         self.strength = float(strength)
@@ -93,17 +102,17 @@ class SoftPAG(Control):
 
     def on_attach(self, engine) -> None:
         super().on_attach(engine)
+        if self.preset is not None and self.preset.get("model") not in (None, _model_id(engine)):
+            super().on_detach(engine)  # before the heads: another model's sites would not resolve either
+            raise ControlError(
+                f"this preset was made for {self.preset['model']!r}, not {_model_id(engine)!r}; "
+                f"run HeadHunter on this model or pick a preset made for it"
+            )
         try:
             self.u = resolve_heads(engine.sites, self.head_spec, self.strength)
         except Exception:
             super().on_detach(engine)
             raise
-        if self.preset is not None and self.preset.get("model") not in (None, _model_id(engine)):
-            super().on_detach(engine)
-            raise ControlError(
-                f"this preset was made for {self.preset['model']!r}, not {_model_id(engine)!r}; "
-                f"run HeadHunter on this model or pick a preset made for it"
-            )
         if not self.u:
             self.u = {}
 
@@ -262,6 +271,9 @@ def model_id(model) -> str:
     import os
 
     name = getattr(model.config, "_name_or_path", None) or ""
+    hub = [p for p in os.path.normpath(name).split(os.sep) if p.startswith("models--")]
+    if hub:  # a Hub cache folder: .../models--org--name/snapshots/<revision>/<subfolder>
+        return hub[-1][len("models--"):].replace("--", "/")
     if os.path.isabs(name):
         parts = os.path.normpath(name).split(os.sep)
         name = parts[-2] if parts[-1] in ("transformer", "unet", "transformer_2") and len(parts) > 1 else parts[-1]
@@ -288,7 +300,8 @@ def _generate_builder(pipe, args):
         heads = middle_layer(pipe)
     elif heads.endswith(".json"):
         heads = load_preset(heads)
-    control = SoftPAG(heads, strength=args.strength, scale=args.scale)
+    scale = args.scale if args.scale is not None or isinstance(heads, Mapping) and "model" in heads else 2.0
+    control = SoftPAG(heads, strength=args.strength, scale=scale)  # None: the preset's values
 
     def run(generator, call_kwargs):
         from ..engine import attach
@@ -296,4 +309,5 @@ def _generate_builder(pipe, args):
         with attach(pipe, control):
             return pipe(args.prompt, generator=generator, **call_kwargs).images
 
-    return f"softpag s={args.scale:g} u={args.strength:g}", run
+    strength = "preset" if args.strength is None and control.preset is not None else f"{control.strength:g}"
+    return f"softpag s={control.scale:g} u={strength}", run
