@@ -130,10 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("headhunt", help="search the attention heads whose perturbation best serves an objective",
-                       description="Greedy head search (HeadHunter). To split the candidates across processes (one "
-                                   "GPU each, or CPUs), launch it as `accelerate launch --num_processes N -m "
-                                   "diffattn.cli headhunt ...` or `torchrun --nproc_per_node N -m diffattn.cli "
-                                   "headhunt ...`; the result equals a one-process run.")
+                       description="Greedy head search (HeadHunter). To split the candidates across processes, "
+                                   "launch it as `accelerate launch --multi_gpu --num_processes N -m diffattn.cli "
+                                   "headhunt ...` (one GPU each) or `torchrun --nproc_per_node N -m diffattn.cli "
+                                   "headhunt ...` (GPUs or CPU processes: on one CPU machine `accelerate launch` "
+                                   "starts a single process unless MPI is set up); the result equals a one-process run.")
     _add_model_arguments(p)
     p.set_defaults(device=None)  # default: the process's device (one GPU per process under accelerate/torchrun)
     p.add_argument("--objective", default="fidelity", choices=["fidelity", "dark", "outline", "clip", "pickscore"],

@@ -261,7 +261,11 @@ def _free_port() -> int:
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
 def test_two_processes_find_what_one_process_finds(tiny_clip, tmp_path):
     """A real 2-process launch (torchrun, gloo on the CPU) of `diffattn headhunt` with the
-    PickScore objective gives byte-identical presets, heat maps and caches to one process."""
+    PickScore objective gives byte-identical presets, heat maps and caches to one process.
+    The processes split the candidates through accelerate's ``PartialState``, which reads
+    torchrun's environment as it reads `accelerate launch --multi_gpu`'s. The launcher is
+    torchrun because `accelerate launch` on one CPU machine starts a single process unless
+    MPI is set up."""
     import os
     import subprocess
     import sys
