@@ -394,6 +394,11 @@ class HeadHunter:
         the paper's Algorithm 1 always adds the top k.
     distributed: under a multi-process launch (``accelerate launch``/``torchrun``), split each
         round's candidates across the processes; ignored in a single process.
+    batch_size: images per denoiser batch. A batch holds the prompt-seed pairs of *one*
+        candidate, never rows of two candidates: a score then does not depend on which other
+        candidates shared its batch (batch composition changes the last bits of a forward),
+        so the cache is reusable across searches and an N-process run equals a 1-process run
+        bit for bit. Give at least as many pairs as ``batch_size`` to fill the batches.
     """
 
     def __init__(self, pipe, objective: Callable, prompts: Sequence[str], seeds: Sequence[int], *,
