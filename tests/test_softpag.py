@@ -181,3 +181,22 @@ def test_bad_input_is_a_clear_error(tiny_pipe):
                                  "heads": [["single_transformer_blocks.0.attn", 0, 1.0]], "scale": 3.0}))
     with pytest.raises(ControlError, match="scale"):
         SoftPAG("all", scale=-1.0)
+
+
+def test_step_window_and_schedule_end_to_end(tiny_pipe, tiny_inputs):
+    """A window holding no step, or a schedule that is 0, gives the unguided output; a window
+    over part of the run lies between; a schedule of 1 is the plain scale."""
+    pipe = tiny_pipe("sd3")
+    kw = lambda: tiny_inputs("sd3", steps=4, guidance_scale=3.0)  # noqa: E731
+    stock = output_of(pipe(**kw()))
+
+    def run(**options):
+        with da.attach(pipe, SoftPAG("all", strength=1.0, scale=3.0, **options)):
+            return output_of(pipe(**kw()))
+
+    full = run()
+    assert torch.equal(run(steps=(10, 20)), stock)  # no step of the 4 in the window
+    assert torch.equal(run(schedule=lambda step: 0.0), stock)
+    torch.testing.assert_close(run(schedule=lambda step: 1.0), full, atol=1e-6, rtol=0)
+    half = run(steps=(0.5, 1.0))  # the last two steps only
+    assert (half - stock).abs().max() > 1e-4 and (half - full).abs().max() > 1e-4
