@@ -178,8 +178,10 @@ def test_concept_tokens_words_multitoken_repeats_and_indices(tiny_pipe):
 # ----------------------------------------------------------------------------- pipelines
 
 
-def test_reproduces_diffusers_attend_and_excite(tiny_fresh):
-    """Configured as A&E, the pipeline equals diffusers' A&E pipeline on a tiny UNet (fp32).
+@pytest.mark.parametrize("images", [1, 2])
+def test_reproduces_diffusers_attend_and_excite(tiny_fresh, images):
+    """Configured as A&E, the pipeline equals diffusers' A&E pipeline on a tiny UNet (fp32),
+    for one image and for a batch of two (each sample optimised on its own).
 
     tiny_sd15(sample_size=16) with 32 px images has cross attention at 16x16 and 8x8 (+ the
     4x4 mid block); diffusers' A&E keeps maps of ``attn_res`` = 8x8, which is our default
@@ -196,7 +198,8 @@ def test_reproduces_diffusers_attend_and_excite(tiny_fresh):
     prompt, steps = "a cat and a dog", 6
     idx = [4, 11]  # the last letter token of each word (A&E takes single positions)
     thresholds = {0: 0.05, 2: 0.5, 4: 0.8}
-    kw = dict(num_inference_steps=steps, guidance_scale=5.0, height=32, width=32, output_type="pt")
+    kw = dict(num_inference_steps=steps, guidance_scale=5.0, height=32, width=32, output_type="pt",
+              num_images_per_prompt=images)
     ref = ae(prompt, token_indices=idx, generator=torch.Generator().manual_seed(0), max_iter_to_alter=3,
              thresholds=thresholds, attn_res=(8, 8), scale_factor=200, **kw).images
     config = AStarConfig.attend_and_excite(text_tokens="diffusers", refine=thresholds, max_iter_to_alter=3,
@@ -206,6 +209,7 @@ def test_reproduces_diffusers_attend_and_excite(tiny_fresh):
     effect = (base - ref).abs().max().item()
     assert effect > 1e-2  # A&E changed the image...
     assert (out.images - ref).abs().max().item() < 1e-4  # ...and we reproduce it (fp32 rounding only)
+    assert out.images.shape[0] == images
     assert out.losses[0][0]["refinements"] > 0 and [s["step"] for s in out.losses[0]] == [0, 1, 2, 4]  # 0-2 update, 4 refines
 
 
