@@ -22,15 +22,18 @@ def _call(q, k, v, layout, rows):
     return AttentionCall(site=site, layout=layout, q=q, k=k, v=v, step=StepState(), branches={"cond": slice(0, rows), "perturbed": slice(rows, q.shape[0])})
 
 
+@pytest.mark.parametrize("text_first", [False, True])  # SD3: [image, text]; FLUX: [text, image]
 @pytest.mark.parametrize("target,semantics", [
     ("identity", "joint"), ("identity", "image"), ("identity", "image-self"),
     ("uniform", "joint"), ("uniform", "image"), ("meanquery", "joint"), ("meanquery", "image"),
 ])
-def test_output_space_equals_materialised_matrix(target, semantics):
+def test_output_space_equals_materialised_matrix(target, semantics, text_first):
     torch.manual_seed(0)
     b, h, n_img, n_txt, d = 1, 3, 9, 4, 8
     q, k, v = torch.randn(3, 2 * b, h, n_img + n_txt, d, dtype=torch.float64).unbind(0)
-    layout = TokenLayout(*(segments(("image", n_img, (3, 3)), ("text", n_txt, None)),) * 2)
+    parts = [("image", n_img, (3, 3)), ("text", n_txt, None)]
+    layout = TokenLayout(*(segments(*(parts[::-1] if text_first else parts)),) * 2)
+    image, text = (slice(n_txt, None), slice(0, n_txt)) if text_first else (slice(0, n_img), slice(n_img, None))
     u = torch.tensor([0.0, 0.4, 1.0])
     ctrl = SoftPAG({"blocks.0.attn": {0: 0.0, 1: 0.4, 2: 1.0}}, target=target, semantics=semantics)
     ctrl.u = {"blocks.0.attn": u}
@@ -38,7 +41,7 @@ def test_output_space_equals_materialised_matrix(target, semantics):
     proc = DiffattnProcessor.__new__(DiffattnProcessor)
     ctrl.edit_spec(call)
     out = ctrl.edit_output(call, proc._kernel(call))
-    ref = materialised_reference(q[b:], k[b:], v[b:], u, target=target, semantics=semantics, image=slice(0, n_img), text=slice(n_img, None))
+    ref = materialised_reference(q[b:], k[b:], v[b:], u, target=target, semantics=semantics, image=image, text=text)
     torch.testing.assert_close(out[b:], ref, atol=1e-10, rtol=1e-8)
     plain = torch.softmax(q[:b] @ k[:b].transpose(-1, -2) / d**0.5, -1) @ v[:b]
     torch.testing.assert_close(out[:b], plain, atol=1e-10, rtol=1e-8)  # cond rows untouched
@@ -200,3 +203,26 @@ def test_step_window_and_schedule_end_to_end(tiny_pipe, tiny_inputs):
     torch.testing.assert_close(run(schedule=lambda step: 1.0), full, atol=1e-6, rtol=0)
     half = run(steps=(0.5, 1.0))  # the last two steps only
     assert (half - stock).abs().max() > 1e-4 and (half - full).abs().max() > 1e-4
+
+
+def test_every_head_spec_form_resolves_to_the_same_u(tiny_pipe):
+    """"all", a mapping (head list, "all", {head: u}), (site, head) pairs and (site, head, u)
+    triples give the per-head u tensors they say."""
+    from diffattn.methods.softpag import resolve_heads
+
+    all_sites = da.sites(tiny_pipe("sd3"))
+    a, b = "transformer_blocks.0.attn", "transformer_blocks.1.attn"
+    n = next(s.heads for s in all_sites if s.name == a)
+    want = {a: torch.tensor([0.0, 0.5] + [0.0] * (n - 2)), b: torch.full((n,), 0.5)}
+    forms = [
+        {a: [1], b: "all"},
+        {a: {1: 0.5}, b: {h: 0.5 for h in range(n)}},
+        [(a, 1)] + [(b, h) for h in range(n)],
+        [(a, 1, 0.5)] + [(b, h, 0.5) for h in range(n)],
+    ]
+    for form in forms:
+        got = resolve_heads(all_sites, form, 0.5)
+        assert set(got) == set(want) and all(torch.equal(got[k].float(), want[k]) for k in want), form
+    every = resolve_heads(all_sites, "all", 0.25)
+    assert set(every) == {s.name for s in all_sites if s.kind in ("self", "joint", "single")}
+    assert all(bool((t == 0.25).all()) for t in every.values())
