@@ -78,7 +78,7 @@ def attention_reference(q, k, v, *, scale=None, head_blend=None, bias=None, retu
         out, lse = _sdpa(q, k, v, bias, scale), None
     if head_blend is not None:
         # SoftPAG in output space: (1-u)·A·V + u·I·V, per head (and per batch row for [B, H])
-        u = head_blend.to(out.dtype)
+        u = head_blend if head_blend.dtype == out.dtype else head_blend.to(out.dtype)  # a no-op .to costs µs per call
         u = u.view(1, -1, 1, 1) if u.dim() == 1 else u.view(u.shape[0], u.shape[1], 1, 1)  # [B|1, H, 1, 1]
         # one fused pass (a GPU step is memory-bound here); torch.lerp switches to
         # v - (v - out)·(1 - u) for u >= 0.5, so it is exact at both ends: u=0 -> out, u=1 -> v
