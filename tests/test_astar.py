@@ -348,3 +348,25 @@ def test_heatmaps_share_one_scale():
     assert b.mean() < 0.5 * a.mean()
     stretched = np.asarray(heatmap_image(faint), dtype=float)  # its own min-max: looks like the bright one
     assert np.abs(stretched - np.asarray(heatmap_image(bright), dtype=float)).max() <= 1
+
+
+@pytest.mark.parametrize("layout, want", [
+    # SD1.5: three cross-attention down levels (64/32/16) and a plain 8x8 one -> 16x16 = latent/4
+    (dict(down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+          up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, block_out_channels=(8, 8, 16, 16)), 4),
+    # SDXL: a plain 128 level, cross attention at 64 and 32 -> 32x32 = latent/4
+    (dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+          up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(8, 8, 16)), 4),
+])
+def test_default_map_resolution_on_real_unet_layouts(layout, want):
+    """A&E's map level on SD1.x (16x16 of a 64 latent) and SDXL (32x32 of 128): latent/4, from
+    UNets with those block layouts (tiny widths)."""
+    from diffusers import UNet2DConditionModel
+
+    from diffattn.pipelines.astar import default_unet_factor
+    from diffattn.sites import select, sites
+
+    unet = UNet2DConditionModel(sample_size=16, cross_attention_dim=8, attention_head_dim=2, layers_per_block=2,
+                                norm_num_groups=4, **layout)
+    cross = select(sites(unet), "cross")
+    assert default_unet_factor(cross, len(layout["block_out_channels"])) == want
