@@ -330,7 +330,13 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--json", default="benchmarks/uam_eval.json")
     p.add_argument("--fresh", action="store_true", help="ignore the resume file")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                   help="UAMConfig field of the editing pipeline, e.g. --set mask_timestep=400 --set quantile=0.7")
     args = p.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = json.loads(value) if value[:1] in "0123456789-[{" or value in ("true", "false") else value
     torch.set_num_threads(args.threads)
     partial_path = args.json + ".partial.jsonl"
     done = {} if args.fresh else load_partial(partial_path)
@@ -344,7 +350,7 @@ def main(argv=None):
         # tiny-sd3's unconditional ("") prediction diverges under inversion (see RESULTS.md), so its
         # editing branch takes the uniform maps under the source caption; tiny-sd keeps the paper's ""
         uniform_prompt = None if model == "tiny-sd3" else ""
-        uam = UAMPipeline(pipe, progress=False, uniform_prompt=uniform_prompt)
+        uam = UAMPipeline(pipe, progress=False, uniform_prompt=uniform_prompt, **overrides)
         recon_pipe = UAMPipeline(pipe, progress=False)  # the reconstruction rows name their prompts explicitly
         for task in args.tasks.split(","):
             records, fresh = [], []
