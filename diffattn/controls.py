@@ -414,7 +414,11 @@ class Control:
         windows = getattr(call.context, "in_window", None)
         if windows is not None and id(self) in windows:
             return windows[id(self)]
-        return self.steps is None or self.steps.contains(call.step)
+        return self.window_holds(call.step)
+
+    def window_holds(self, step: StepState) -> bool:
+        """Whether ``step`` lies in the control's step window (always, without one)."""
+        return self.steps is None or self.steps.contains(step)
 
     def rows(self, call: AttentionCall) -> torch.Tensor:
         """Boolean ``[B]`` mask of the call's batch rows of this control's branches (all rows

@@ -109,10 +109,7 @@ class _EngineHook(ModelHook):
         """Host-side bookkeeping of one forward (the step reads the timestep's value), kept
         out of ``torch.compile`` graphs: the compiled forward sees the context as Python state."""
         arguments = self.arguments(args, kwargs)
-        ctx = self.engine.begin_forward(self, arguments, self.cache._context)
-        if self.engine.guidance is not None:
-            ctx.guidance_scales = self.engine.guidance.scales(ctx.step)
-        return arguments, ctx
+        return arguments, self.engine.begin_forward(self, arguments, self.cache._context)
 
     def new_forward(self, module, *args, **kwargs):
         engine = self.engine
@@ -282,7 +279,8 @@ class Engine:
         name = getattr(cache_context, "name", None)
         ctx = ForwardContext(step=step, branches=self._branches(batch, name), family=family, denoiser=hook.denoiser,
                              batch=batch, cache_name=name,
-                             in_window={id(c): c.steps is None or c.steps.contains(step) for c in self.controls})
+                             in_window={id(c): c.window_holds(step) for c in self.controls},
+                             guidance_scales=self.guidance.scales(step) if self.guidance is not None else None)
         if family == "unet":
             ctx.latent_hw = tuple(hidden.shape[-2:])
         elif family == "sd3":

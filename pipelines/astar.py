@@ -70,9 +70,9 @@ from diffattn.methods.astar import (
 SUPPORTED_PIPELINES = "StableDiffusionPipeline (SD1.x, SD2.x), StableDiffusionXLPipeline and StableDiffusion3Pipeline"
 
 # Settings for the tiny testbed models (diffattn.testbed), chosen on training seeds (never the
-# evaluation seeds): their cross-attention varies ~10x less over the image than SD1.x's, so
-# softmax(100·A) gives almost flat maps; 1000 restores A&E's contrast. benchmarks/RESULTS.md.
-# chosen on training seeds (RESULTS.md): tiny-sd3 needs the sharper softmax, tiny-sd keeps A&E's 100
+# evaluation seeds; benchmarks/RESULTS.md): tiny-sd3's attention varies far less over the image
+# than SD1.x's, so softmax(100·A) gives almost flat maps and 1000 restores A&E's contrast;
+# tiny-sd keeps A&E's 100.
 TESTBED_OVERRIDES = {"tiny-sd3": {"temperature": 1000.0}, "tiny-sd": {}}
 
 # A&E's refinement thresholds {0: 0.05, 10: 0.5, 20: 0.8} of 50 steps, as fractions of the run

@@ -826,14 +826,18 @@ def add_edit_arguments(p) -> None:
     p.add_argument("--out", default="result.png", help="PNG: input | prompt-to-prompt | + UAM | uniform branch")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None, help="CFG of the source / target branches")
-    p.add_argument("--mask-convention", default="code", choices=list(MASK_CONVENTIONS),
+    p.add_argument("--mask-convention", default=UAMConfig.mask_convention, choices=list(MASK_CONVENTIONS),
                    help="code: dilate the edit mask (official code, default); paper: dilate the preserve mask")
-    p.add_argument("--blend", default="target", choices=list(BLENDS))
-    p.add_argument("--mask-timestep", type=float, default=200.0, help="T_mask: blend while t < this (0..1000)")
-    p.add_argument("--quantile", type=float, default=0.5, help="q: the mask threshold's quantile at the last step")
-    p.add_argument("--dilation", type=int, default=1, help="mask dilation radius in latent pixels (0 = none)")
-    p.add_argument("--cross-replace", type=float, default=0.4, help="fraction of steps with the source's cross maps")
-    p.add_argument("--self-replace", type=float, default=0.6, help="fraction of steps with the source's self maps")
+    p.add_argument("--blend", default=UAMConfig.blend, choices=list(BLENDS))
+    p.add_argument("--mask-timestep", type=float, default=UAMConfig.mask_timestep,
+                   help="T_mask: blend while t < this (0..1000)")
+    p.add_argument("--quantile", type=float, default=UAMConfig.quantile,
+                   help="q: the mask threshold's quantile at the last step")
+    p.add_argument("--dilation", type=int, default=UAMConfig.dilation, help="mask dilation radius in latent pixels (0 = none)")
+    p.add_argument("--cross-replace", type=float, default=UAMConfig.cross_replace,
+                   help="fraction of steps with the source's cross maps")
+    p.add_argument("--self-replace", type=float, default=UAMConfig.self_replace,
+                   help="fraction of steps with the source's self maps")
 
 
 def run_invert_cli(args) -> dict[str, Reconstruction]:
@@ -869,7 +873,6 @@ def run_edit_cli(args) -> dict[str, EditOutput]:
     x = uam.load_image(args.image)
     image = _pil(x[0].permute(1, 2, 0).numpy())
     source = _source_prompt(args, pipe, image, args.source)
-    check_word_swap(word_swap_tokenizers(pipe), source, args.target)
     kw = dict(num_inference_steps=args.steps, guidance_scale=args.guidance)
     with_uam = uam.edit(x[0], source, args.target, uam=True, **kw)
     base = uam.edit(x[0], source, args.target, uam=False, inversions=with_uam.inversions, **kw)

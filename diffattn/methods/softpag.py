@@ -73,7 +73,7 @@ class SoftPAG(Control):
             _check_u(strength, "strength")
         if isinstance(heads, str) and heads != "all" and heads.endswith(".json"):
             heads = load_preset(heads)
-        if isinstance(heads, Mapping) and "heads" in heads and "model" in heads:  # a preset
+        if is_preset(heads):
             self.preset = dict(heads)
             if scale is None:
                 scale = heads.get("scale", 3.0)
@@ -284,6 +284,11 @@ def _model_id(engine) -> str:
     return model_id(engine.models[0][1])
 
 
+def is_preset(heads) -> bool:
+    """Whether a ``heads`` argument is a HeadHunter preset (a dict with its model and heads)."""
+    return isinstance(heads, Mapping) and "heads" in heads and "model" in heads
+
+
 def load_preset(path: str) -> dict:
     """A HeadHunter preset (JSON): {"model", "heads": [[site, head, u], ...], "scale"}."""
     with open(path) as f:
@@ -300,7 +305,7 @@ def _generate_builder(pipe, args):
         heads = middle_layer(pipe)
     elif heads.endswith(".json"):
         heads = load_preset(heads)
-    scale = args.scale if args.scale is not None or isinstance(heads, Mapping) and "model" in heads else 2.0
+    scale = args.scale if args.scale is not None or is_preset(heads) else 2.0
     control = SoftPAG(heads, strength=args.strength, scale=scale)  # None: the preset's values
 
     def run(generator, call_kwargs):
