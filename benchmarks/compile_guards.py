@@ -19,23 +19,14 @@ import torch
 import diffattn as da
 from diffattn.controls import Control
 from diffattn.tiny import tiny_sd3
-
-BRANCHES = {"uncond": slice(0, 1), "cond": slice(1, 2), "perturbed": slice(2, 3)}
-
-
-def inputs(cfg, batch: int = 3) -> dict:
-    g = torch.Generator().manual_seed(0)
-    return dict(hidden_states=torch.randn(batch, cfg.in_channels, 16, 16, generator=g),
-                encoder_hidden_states=torch.randn(batch, 77, cfg.joint_attention_dim, generator=g),
-                pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=g),
-                timestep=torch.full((batch,), 500.0))
+from softpag import BRANCHES, sd3_inputs  # the sibling benchmark (benchmarks/ is on sys.path when run as a script)
 
 
 def main(reps: int = 201):
     torch.set_num_threads(1)
     torch._dynamo.config.cache_size_limit = 64  # five copies share code objects
     base = tiny_sd3(num_layers=12, heads=4, head_dim=16, patch_size=2, sample_size=16).transformer.eval()
-    kw = inputs(base.config)
+    kw = sd3_inputs(base.config, batch=3, side=8)
     no_module_guards = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
     rows = [("stock", None, None), ("engine + do-nothing control", Control(), None),
             ("SoftPAG", da.SoftPAG("all", strength=0.5, scale=0.0), None),

@@ -34,6 +34,21 @@ from diffattn.controls import Control
 from diffattn.tiny import tiny_sd3
 
 
+# the batch of every 3-row step: [uncond, cond, perturbed]
+BRANCHES = {"uncond": slice(0, 1), "cond": slice(1, 2), "perturbed": slice(2, 3)}
+
+
+def sd3_inputs(cfg, batch: int, side: int, device="cpu", dtype=torch.float32) -> dict:
+    """Seeded inputs of one SD3 transformer step: ``batch`` latents of ``2·side`` pixels (``side²``
+    tokens at patch 2), 77 text tokens, timestep 500; floats in ``dtype`` (the timestep stays fp32)."""
+    g = torch.Generator().manual_seed(0)
+    kw = dict(hidden_states=torch.randn(batch, cfg.in_channels, 2 * side, 2 * side, generator=g),
+              encoder_hidden_states=torch.randn(batch, 77, cfg.joint_attention_dim, generator=g),
+              pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=g),
+              timestep=torch.full((batch,), 500.0))
+    return {k: v.to(device, dtype if v.is_floating_point() and k != "timestep" else v.dtype) for k, v in kw.items()}
+
+
 class MaterialisedSoftPAG(Control):
     """Reference implementation with the explicit L×L map (for the comparison only)."""
 
@@ -76,16 +91,7 @@ def main():
     model = pipe.transformer.to(device, dtype)
     cfg = model.config
 
-    def inputs(b):
-        g = torch.Generator().manual_seed(0)
-        kw = dict(hidden_states=torch.randn(b, cfg.in_channels, 2 * side, 2 * side, generator=g),
-                  encoder_hidden_states=torch.randn(b, 77, cfg.joint_attention_dim, generator=g),
-                  pooled_projections=torch.randn(b, cfg.pooled_projection_dim, generator=g),
-                  timestep=torch.full((b,), 500.0))
-        return {k: v.to(device, dtype if v.is_floating_point() and k != "timestep" else v.dtype) for k, v in kw.items()}
-
-    two, three = inputs(2), inputs(3)
-    branches = {"uncond": slice(0, 1), "cond": slice(1, 2), "perturbed": slice(2, 3)}
+    two, three = (sd3_inputs(cfg, b, side, device, dtype) for b in (2, 3))
     soft = da.SoftPAG("all", strength=0.5, scale=0.0)  # scale 0: we place the branch ourselves
     mat = MaterialisedSoftPAG(0.5)
 
@@ -102,7 +108,7 @@ def main():
         models[name] = copy.deepcopy(model)
         if c is not None:
             handle = stack.enter_context(da.attach(models[name], c))
-            stack.enter_context(handle.branches(branches))
+            stack.enter_context(handle.branches(BRANCHES))
         if args.compile:  # CUDA graphs on a GPU
             models[name].compile(mode="reduce-overhead" if cuda else None, dynamic=False)
 
