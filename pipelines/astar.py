@@ -64,6 +64,7 @@ from diffattn.methods.astar import (
     concept_token_indices,
     heatmap_image,
     max_activations,
+    rescale_to_norm,
     text_positions,
 )
 
@@ -118,6 +119,10 @@ class AStarConfig:
                         number, or ``"otsu"`` (:func:`diffattn.methods.astar.binarize`).
     joint_text_norm:    MMDiT: divide each head's image→text probabilities by their sum over
                         the text keys before averaging.
+    keep_norm:          rescale each updated latent to its norm before the update (off in the
+                        papers): a step along the attention gradient also changes the latent's
+                        norm, which moves an early, noise-like latent off the shell the model
+                        was trained on (:func:`rescale_to_norm`).
     early_exit:         stop the gradient forward once every selected site has reported.
     eps:                denominator guard of the soft IoUs.
     """
@@ -138,6 +143,7 @@ class AStarConfig:
     center_tokens: bool = False
     retention_threshold: float | str = 0.5
     joint_text_norm: bool = True
+    keep_norm: bool = False
     early_exit: bool = True
     eps: float = 1e-8
 
@@ -408,6 +414,11 @@ class AStarPipeline:
         return self._maps_of(records, 0, groups, eot, resolution)
 
     # ------------------------------------------------------------------ one sample's update
+    def _step(self, z: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """z − delta, rescaled to z's norm when ``keep_norm`` is set."""
+        stepped = z.detach() - delta
+        return rescale_to_norm(stepped, z.detach()) if self.config.keep_norm else stepped
+
     def _optimise(self, rec, z, t, emb, groups, eot, resolution, target, step_size, threshold, update):
         """A&E's per-sample step (with refinement when ``threshold`` is set) on ``z`` [1, C, h, w]."""
         cfg = self.config
@@ -426,14 +437,14 @@ class AStarPipeline:
                 crit = float(attend_excite_loss(maps.detach()))
                 if not loss.requires_grad or float(loss.detach()) == 0:
                     break  # nothing to follow (e.g. one concept's segregation): more forwards change nothing
-                z = z - step_size * torch.autograd.grad(loss, [z])[0]
+                z = self._step(z, step_size * torch.autograd.grad(loss, [z])[0])
                 if refined >= cfg.max_refinement_steps:
                     break
             z = z.detach().requires_grad_(True)  # A&E: one more forward for the loss of the refined latent
             maps = self._grad_maps(rec, z, t, emb, groups, eot, resolution)
             loss, parts = combined_loss(maps, cfg.losses, target, cfg.eps)
         if update and loss.requires_grad and float(loss.detach()) != 0:
-            z = z - step_size * torch.autograd.grad(loss, [z])[0]
+            z = self._step(z, step_size * torch.autograd.grad(loss, [z])[0])
         info = {"loss": float(loss.detach()), **parts, "refinements": refined,
                 "max_attention": [round(float(v), 4) for v in max_activations(maps.detach())]}
         return z.detach(), info

@@ -20,6 +20,7 @@ from diffattn.methods.astar import (
     gaussian_kernel,
     heatmap_image,
     otsu_threshold,
+    rescale_to_norm,
     retention_loss,
     segregation_loss,
     smooth_maps,
@@ -261,6 +262,41 @@ def test_one_update_lowers_the_loss(tiny_pipe, layout):
         after = combined_loss(astar._grad_maps(rec, z2, t, cond, groups, eot, (8, 8)), astar.config.losses, target)[0].item()
     assert not torch.equal(z, z2)
     assert after < before
+
+
+def test_rescale_to_norm_per_sample():
+    """Each sample of the result has its reference's L2 norm and its own direction."""
+    g = torch.Generator().manual_seed(0)
+    z, ref = torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64), torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64)
+    out = rescale_to_norm(z, ref)
+    for b in range(3):
+        assert torch.allclose(out[b].norm(), ref[b].norm())
+        assert torch.allclose(out[b] / out[b].norm(), z[b] / z[b].norm())
+
+
+def test_keep_norm_update_stays_on_the_norm_shell(tiny_pipe):
+    """keep_norm: the updated latent has the old latent's norm, differs from it, and equals the
+    plain update rescaled (same gradient, the same step)."""
+    from diffattn.engine import attach
+    from diffattn.methods.astar import ConceptRecorder
+
+    pipe = tiny_pipe("sd3")
+    prompt = "a cat and a dog"
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor(800.0)
+    stepped = {}
+    for keep in (False, True):
+        astar = AStarPipeline(pipe, AStarConfig(losses={"segregation": 1.0}, keep_norm=keep))
+        groups, _ = astar._concepts_for(prompt, ["cat", "dog"])
+        eot = len(pipe.tokenizer(prompt).input_ids) - 1
+        cond, _ = astar._encode([prompt], None, 1, False, 32, 32, {"max_sequence_length": 8})
+        rec = ConceptRecorder(astar._sites()[0])
+        with attach(pipe, rec), torch.enable_grad():
+            stepped[keep], _ = astar._optimise(rec, z, t, cond, groups, eot, (8, 8), None, 50.0, None, True)
+    assert not torch.equal(stepped[False], z)
+    assert not torch.allclose(stepped[False].norm(), z.norm())
+    assert torch.allclose(stepped[True].norm(), z.norm())
+    assert torch.allclose(stepped[True], rescale_to_norm(stepped[False], z), atol=1e-6)
 
 
 def test_astar_runs_on_sdxl_and_layout_masks(tiny_pipe):

@@ -322,6 +322,16 @@ def combined_loss(maps: torch.Tensor, weights: dict[str, float], targets: torch.
     return total, parts
 
 
+def rescale_to_norm(z: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``z · ‖reference‖ / ‖z‖`` per sample (the leading dim): keep an updated latent on the
+    norm shell of the latent it came from. Not in A-STAR / Attend-and-Excite; the same
+    projection keeps an optimised initial noise on the Gaussian shell in noise-optimisation
+    methods (e.g. ReNO, Eyring et al. 2024)."""
+    dims = tuple(range(1, z.ndim))
+    norm = torch.linalg.vector_norm
+    return z * (norm(reference, dim=dims, keepdim=True) / norm(z, dim=dims, keepdim=True).clamp_min(1e-12))
+
+
 # ----------------------------------------------------------------------------- display
 
 
