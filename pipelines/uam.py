@@ -4,7 +4,7 @@ Mo et al., "Uniform Attention Maps: Boosting Image Fidelity in Reconstruction an
 (WACV 2025, arXiv 2411.19652).
 
     from diffattn.pipelines import UAMPipeline
-    uam = UAMPipeline(pipe)                                   # StableDiffusionPipeline or SD3
+    uam = UAMPipeline(pipe)                                   # SD1.x/2.x, SDXL or SD3 pipeline
     rec = uam.reconstruct(image, "a red circle", conditioning="uniform")
     rec.image, rec.psnr, rec.ssim
     out = uam.edit(image, "a red circle", "a blue circle")    # P2P word swap + UAM blending
@@ -26,7 +26,10 @@ UNet pipelines use DDIM (η = 0, the paper's scheduler: scaled-linear betas, no 
 z_next = sqrt(ᾱ_next)·x̂0 + sqrt(1-ᾱ_next)·ε. SD3 (rectified flow) inverts by running the
 Euler ODE backwards: x_{σ_i} = x_{σ_{i+1}} + (σ_i - σ_{i+1})·v(x_{σ_{i+1}}, t_i), the velocity
 taken at the step's own timestep, the mirror of the sampler's step. On SD3 "uniform" is the
-segment-uniform mode (the text keys' share spread uniformly over them).
+segment-uniform mode (the text keys' share spread uniformly over them). SDXL runs the UNet
+path with the pipeline's own pooled text and micro-conditioning (an uncropped image at the
+native size); the "" of the uniform branch is the encoded empty prompt, while CFG's
+unconditional row is zeros where the pipeline's ``force_zeros_for_empty_prompt`` says so.
 
 **Editing** (§3.2, Algorithm 1). The base editor is prompt-to-prompt's word swap (Hertz et
 al. 2023): the source and target branches start from the source-prompt inversion and run with
@@ -48,6 +51,7 @@ auxiliary branch runs as its own forward, so it never touches the editor's state
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -64,7 +68,9 @@ from diffattn.pipelines import configure
 from diffattn.methods.p2p import PromptToPromptReplace
 from diffattn.methods.uniform import MASK_CONVENTIONS, UniformAttention, blend_x0, edit_mask, quantile_schedule
 
-SUPPORTED_PIPELINES = "StableDiffusionPipeline (SD1.x, SD2.x) and StableDiffusion3Pipeline (SD3, SD3.5)"
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline (SD1.x, SD2.x), StableDiffusionXLPipeline (SDXL) and "
+                       "StableDiffusion3Pipeline (SD3, SD3.5)")
+UNET_FAMILIES = ("sd", "sdxl")  # DDIM inversion of a UNet
 CONDITIONINGS = ("source", "empty", "uniform")  # the paper's three; "uniform-source" also accepted
 BLENDS = ("target", "both", "source")
 
@@ -346,11 +352,13 @@ class EditOutput:
 
 
 def uam_family(pipe) -> str:
-    """``"sd"`` or ``"sd3"``; :class:`UnsupportedModelError` for anything else."""
-    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+    """``"sd"``, ``"sdxl"`` or ``"sd3"``; :class:`UnsupportedModelError` for anything else."""
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if isinstance(pipe, StableDiffusionPipeline):
         return "sd"
+    if isinstance(pipe, StableDiffusionXLPipeline):
+        return "sdxl"
     if isinstance(pipe, StableDiffusion3Pipeline):
         return "sd3"
     raise UnsupportedModelError(
@@ -362,9 +370,9 @@ def uam_family(pipe) -> str:
 def _call_defaults(pipe, family: str) -> dict:
     """Defaults of the pipeline's own ``__call__`` (steps, guidance, T5 length), testbed
     subclasses included."""
-    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    base = StableDiffusionPipeline if family == "sd" else StableDiffusion3Pipeline
+    base = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}.get(family, StableDiffusion3Pipeline)
     keys = ("num_inference_steps", "guidance_scale", "max_sequence_length")
     out = {k: p.default for k, p in inspect.signature(base.__call__).parameters.items() if k in keys}
     try:
@@ -384,8 +392,11 @@ def _token_count(tokenizer, prompt: str) -> int:
 
 def word_swap_tokenizers(pipe) -> list:
     """The tokenizers whose token positions a word swap must keep: CLIP's, and on SD3 also
-    T5's when its text encoder is loaded (its tokens are keys of the joint attention too)."""
+    T5's when its text encoder is loaded (its tokens are keys of the joint attention too), and
+    the second CLIP's of SDXL and SD3 (its states are concatenated with the first's)."""
     tokenizers = [pipe.tokenizer]
+    if getattr(pipe, "tokenizer_2", None) is not None and getattr(pipe, "text_encoder_2", None) is not None:
+        tokenizers.append(pipe.tokenizer_2)
     if getattr(pipe, "tokenizer_3", None) is not None and getattr(pipe, "text_encoder_3", None) is not None:
         tokenizers.append(pipe.tokenizer_3)
     return tokenizers
@@ -413,8 +424,9 @@ def check_word_swap(tokenizers, source: str, target: str) -> None:
 class UAMPipeline:
     """UAM inversion / reconstruction / editing with a diffusers pipeline's own components.
 
-    pipe:   a ``StableDiffusionPipeline`` or ``StableDiffusion3Pipeline`` (subclasses, e.g.
-            the testbed's, included); modules are shared, not copied.
+    pipe:   a ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` or
+            ``StableDiffusion3Pipeline`` (subclasses, e.g. the testbed's, included); modules are
+            shared, not copied.
     config: a :class:`UAMConfig`; keyword ``overrides`` replace its fields.
     progress: show tqdm bars (``None``: follow the pipeline's progress-bar config).
     """
@@ -427,10 +439,11 @@ class UAMPipeline:
         if progress is None:
             progress = not getattr(pipe, "_progress_bar_config", {}).get("disable", False)
         self.progress = bool(progress)
-        self.solver = Solver("ddim" if self.family == "sd" else "flow")
+        unet = self.family in UNET_FAMILIES
+        self.solver = Solver("ddim" if unet else "flow")
         # what the UNet predicts (SD3 predicts the flow velocity, the solver's own form)
-        self.prediction = pipe.scheduler.config.get("prediction_type", "epsilon") if self.family == "sd" else None
-        if self.family == "sd" and self.prediction not in ("epsilon", "v_prediction"):
+        self.prediction = pipe.scheduler.config.get("prediction_type", "epsilon") if unet else None
+        if unet and self.prediction not in ("epsilon", "v_prediction"):
             raise UnsupportedModelError(f"DDIM inversion supports epsilon and v_prediction UNets; the scheduler says "
                                         f"prediction_type={self.prediction!r}")
         self._embeds: dict[str, dict] = {}
@@ -445,7 +458,7 @@ class UAMPipeline:
     # ------------------------------------------------------------------ properties
     @property
     def denoiser(self):
-        return self.pipe.unet if self.family == "sd" else self.pipe.transformer
+        return self.pipe.unet if self.family in UNET_FAMILIES else self.pipe.transformer
 
     @property
     def device(self):
@@ -466,7 +479,7 @@ class UAMPipeline:
     def steps(self, num_inference_steps: int | None = None, latent_hw: tuple[int, int] | None = None) -> list[Step]:
         """The step grid (DDIM for UNets, flow matching for SD3)."""
         n = self.num_steps(num_inference_steps)
-        if self.family == "sd":
+        if self.family in UNET_FAMILIES:
             return ddim_steps(self.pipe.scheduler.config, n)
         h, w = latent_hw or (self.image_size[0] // self.pipe.vae_scale_factor,) * 2
         p = int(self.denoiser.config.patch_size)
@@ -513,16 +526,30 @@ class UAMPipeline:
             )
         return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None].clamp(0, 1)  # [1, 3, H, W]
 
+    def _latent_stats(self, like: torch.Tensor):
+        """(mean, std) [1, C, 1, 1] of a VAE that standardises its latents per channel (some
+        SDXL VAEs), else (None, None)."""
+        cfg = self.pipe.vae.config
+        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        if self.family == "sd3" or mean is None or std is None:
+            return None, None
+        return (torch.tensor(mean).view(1, -1, 1, 1).to(like), torch.tensor(std).view(1, -1, 1, 1).to(like))
+
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """VAE posterior mean of images [B, 3, H, W] in [0, 1] -> latents [B, C, h, w] fp32,
-        scaled as the pipeline's decoder expects (SD: ·scaling; SD3: (· - shift)·scaling)."""
+        scaled as the pipeline's decoder expects (SD: ·scaling; SD3: (· - shift)·scaling;
+        a VAE with ``latents_mean``/``latents_std``: (· - mean)·scaling / std)."""
         vae = self.pipe.vae
-        x = (images * 2 - 1).to(self.device, vae.dtype)  # [-1, 1]
-        mean = vae.encode(x).latent_dist.mean.float()  # [B, C, h, w]
+        with _vae_upcast(vae):
+            x = (images * 2 - 1).to(self.device, vae.dtype)  # [-1, 1]
+            mean = vae.encode(x).latent_dist.mean.float()  # [B, C, h, w]
         cfg = vae.config
         if self.family == "sd3":
             return (mean - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
+        mu, sigma = self._latent_stats(mean)
+        if mu is not None:
+            return (mean - mu) * cfg.scaling_factor / sigma
         return mean * cfg.scaling_factor
 
     @torch.no_grad()
@@ -530,10 +557,14 @@ class UAMPipeline:
         """Latents [B, C, h, w] -> images [B, 3, H, W] fp32 in [0, 1] (CPU)."""
         vae = self.pipe.vae
         cfg = vae.config
-        z = latents / cfg.scaling_factor
+        z = latents.float() / cfg.scaling_factor
         if self.family == "sd3":
             z = z + (cfg.shift_factor or 0.0)
-        x = vae.decode(z.to(vae.dtype), return_dict=False)[0].float()
+        mu, sigma = self._latent_stats(z)
+        if mu is not None:
+            z = z * sigma + mu
+        with _vae_upcast(vae):
+            x = vae.decode(z.to(self.device, vae.dtype), return_dict=False)[0].float()
         return ((x + 1) / 2).clamp(0, 1).cpu()
 
     # ------------------------------------------------------------------ text
@@ -544,6 +575,10 @@ class UAMPipeline:
             if self.family == "sd":
                 cond, _ = pipe.encode_prompt([prompt], self.device, 1, False)
                 emb = {"encoder_hidden_states": cond}
+            elif self.family == "sdxl":
+                cond, _, pooled, _ = pipe.encode_prompt(prompt=[prompt], device=self.device, num_images_per_prompt=1,
+                                                        do_classifier_free_guidance=False)
+                emb = {"encoder_hidden_states": cond, "text_embeds": pooled, "time_ids": self._time_ids(pooled)}
             else:
                 cond, _, pooled, _ = pipe.encode_prompt(
                     prompt=[prompt], prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
@@ -551,6 +586,22 @@ class UAMPipeline:
                 emb = {"encoder_hidden_states": cond, "pooled_projections": pooled}
             self._embeds[prompt] = emb
         return self._embeds[prompt]
+
+    def _time_ids(self, pooled: torch.Tensor) -> torch.Tensor:
+        """SDXL's micro-conditioning [1, 6] of an uncropped image at the native size, as the
+        SDXL pipeline builds it (original size, crop (0, 0), target size)."""
+        pipe, size = self.pipe, self.image_size
+        proj = (int(pooled.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim)
+        return pipe._get_add_time_ids(size, (0, 0), size, dtype=pooled.dtype,
+                                      text_encoder_projection_dim=proj).to(self.device)
+
+    def null_embed(self) -> dict:
+        """The unconditional row of CFG: ``""`` encoded, or zeros where the pipeline does so
+        (SDXL's ``force_zeros_for_empty_prompt``; the micro-conditioning stays)."""
+        emb = self.embed("")
+        if self.family == "sdxl" and self.pipe.config.get("force_zeros_for_empty_prompt", False):
+            emb = {k: (v if k == "time_ids" else torch.zeros_like(v)) for k, v in emb.items()}
+        return emb
 
     def embed_batch(self, prompts: Sequence[str]) -> dict:
         """Keyword tensors of several prompts, concatenated on the batch ([B, ...])."""
@@ -568,6 +619,10 @@ class UAMPipeline:
         tt = torch.tensor(t, device=self.device)
         if self.family == "sd":
             out = model(x, tt, encoder_hidden_states=emb["encoder_hidden_states"], return_dict=False)[0]
+        elif self.family == "sdxl":
+            added = {"text_embeds": emb["text_embeds"].to(model.dtype), "time_ids": emb["time_ids"].to(model.dtype)}
+            out = model(x, tt, encoder_hidden_states=emb["encoder_hidden_states"].to(model.dtype),
+                        added_cond_kwargs=added, return_dict=False)[0]
         else:
             out = model(hidden_states=x, timestep=tt.expand(x.shape[0]).to(model.dtype), return_dict=False, **emb)[0]
         if self.prediction == "v_prediction":
@@ -728,7 +783,7 @@ class UAMPipeline:
         if uam and "uniform" not in inv:
             inv["uniform"] = self.invert_latents(z0, [source_prompt], "uniform", num_inference_steps=n).latents
         z_src, z_aux = inv["source"], (inv["uniform"] if uam else None)
-        e_src, e_tgt, e_null = self.embed(source_prompt), self.embed(target_prompt), self.embed("")
+        e_src, e_tgt, e_null = self.embed(source_prompt), self.embed(target_prompt), self.null_embed()
         e_aux = self.embed(source_prompt if cfg.uniform_prompt is None else cfg.uniform_prompt)
         quantiles = quantile_schedule(n, cfg.quantile)
         cfg_on = w != 1.0
@@ -767,6 +822,20 @@ class UAMPipeline:
                 z = self.solver.compose(x0, noise, s.low)
         images = self.decode(z if z_aux is None else torch.cat([z, z_aux])).permute(0, 2, 3, 1).numpy()  # [b, H, W, 3]
         return EditOutput(_pil(images[0]), _pil(images[1]), _pil(images[2]) if uam else None, masks, inv)
+
+
+@contextlib.contextmanager
+def _vae_upcast(vae):
+    """Run an fp16 VAE in fp32 where its config asks (``force_upcast``: SDXL's VAE overflows in
+    fp16), as the diffusers pipelines do; its dtype is restored after."""
+    upcast = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        yield
+    finally:
+        if upcast:
+            vae.to(torch.float16)
 
 
 def _pil(arr: np.ndarray) -> Image.Image:

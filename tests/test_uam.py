@@ -484,3 +484,80 @@ def test_word_swap_checks_every_text_tokenizer():
     check_word_swap(clip, "a cat", "a dog")  # CLIP alone would accept it
     with pytest.raises(EditPromptError, match=type(t5).__name__):
         check_word_swap(word_swap_tokenizers(pipe), "a cat", "a dog")
+
+
+# ----------------------------------------------------------------------------- SDXL
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_unguided_sampling_equals_the_diffusers_pipeline(tiny_fresh, family):
+    """UAMPipeline's conditioning (SDXL: pooled text and micro-conditioning) and DDIM grid are
+    the pipeline's own: sampling with the source prompt equals the diffusers pipeline under a
+    DDIM scheduler at w = 1, from the same z_T."""
+    from diffusers import DDIMScheduler
+
+    pipe = tiny_fresh(family)
+    uam = UAMPipeline(pipe, progress=False)
+    h, w = uam.image_size
+    z_T = torch.randn(1, 4, h // pipe.vae_scale_factor, w // pipe.vae_scale_factor,
+                      generator=torch.Generator().manual_seed(0))
+    ours = uam.sample_latents(z_T, ["a red circle"], "source", num_inference_steps=4)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, set_alpha_to_one=False,
+                                               timestep_spacing="leading")
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe("a red circle", guidance_scale=1.0, latents=z_T, num_inference_steps=4, height=h, width=w,
+                  output_type="latent").images
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_sdxl_reconstruction_and_edit(tiny_pipe):
+    """SDXL: inversion-reconstruction under the three conditionings, uniform maps acting, and a
+    UAM edit; CFG's unconditional row is zeros, as SDXL's force_zeros_for_empty_prompt."""
+    pipe = tiny_pipe("sdxl")
+    uam = UAMPipeline(pipe, progress=False)
+    h, w = uam.image_size
+    image = Image.new("RGB", (w, h), (40, 200, 40))
+    rec = uam.reconstruct_all(image, "a green square", num_inference_steps=5)[0]
+    assert set(rec) == {"source", "empty", "uniform"}
+    assert all(math.isfinite(r.psnr) and 0 <= r.ssim <= 1 for r in rec.values())
+    assert rec["uniform"].psnr != rec["empty"].psnr  # the maps act on the "" keys
+    null = uam.null_embed()
+    assert pipe.config.force_zeros_for_empty_prompt
+    assert not null["encoder_hidden_states"].any() and not null["text_embeds"].any()
+    torch.testing.assert_close(null["time_ids"], uam.embed("")["time_ids"])
+    out = uam.edit(image, "a green square", "a green circle", num_inference_steps=5, guidance_scale=3.0)
+    assert out.source.size == out.target.size == out.aux.size == (w, h)
+    assert out.masks and not any(type(p).__module__.startswith("diffattn") for p in pipe.unet.attn_processors.values())
+
+
+def test_fp16_vae_runs_upcast_and_is_restored(tiny_fresh):
+    """A VAE whose config says force_upcast (SDXL's overflows in fp16) encodes and decodes in
+    fp32 and is handed back in fp16."""
+    pipe = tiny_fresh("sdxl")
+    pipe.vae.register_to_config(force_upcast=True)
+    pipe.vae.to(torch.float16)
+    uam = UAMPipeline(pipe, progress=False)
+    h, w = uam.image_size
+    x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0))
+    z = uam.encode(x)
+    assert z.dtype == torch.float32 and pipe.vae.dtype == torch.float16
+    pipe.vae.to(torch.float32)
+    torch.testing.assert_close(z, uam.encode(x))  # the upcast run is the fp32 run
+    pipe.vae.to(torch.float16)
+    assert uam.decode(z).shape == (1, 3, h, w) and pipe.vae.dtype == torch.float16
+
+
+def test_standardised_vae_latents_round_trip(tiny_fresh):
+    """A VAE with per-channel latents_mean / latents_std (some SDXL VAEs): encode standardises,
+    decode undoes it, so decode(encode(x)) is the VAE's own reconstruction."""
+    pipe = tiny_fresh("sdxl")
+    uam = UAMPipeline(pipe, progress=False)
+    h, w = uam.image_size
+    x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(1))
+    plain = uam.decode(uam.encode(x))
+    raw = pipe.vae.encode(x * 2 - 1).latent_dist.mean  # [1, 4, h/f, w/f]
+    pipe.vae.register_to_config(latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[2.0, 0.5, 1.0, 4.0])
+    z = uam.encode(x)
+    mu, sd = torch.tensor([0.1, -0.2, 0.3, 0.0]).view(1, 4, 1, 1), torch.tensor([2.0, 0.5, 1.0, 4.0]).view(1, 4, 1, 1)
+    torch.testing.assert_close(z, (raw - mu) * pipe.vae.config.scaling_factor / sd)
+    torch.testing.assert_close(uam.decode(z), plain, atol=1e-5, rtol=1e-5)
