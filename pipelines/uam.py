@@ -4,7 +4,7 @@ Mo et al., "Uniform Attention Maps: Boosting Image Fidelity in Reconstruction an
 (WACV 2025, arXiv 2411.19652).
 
     from diffattn.pipelines import UAMPipeline
-    uam = UAMPipeline(pipe)                                   # SD1.x/2.x, SDXL or SD3 pipeline
+    uam = UAMPipeline(pipe)                                   # SD1.x/2.x, SDXL, SD3 or FLUX.1 pipeline
     rec = uam.reconstruct(image, "a red circle", conditioning="uniform")
     rec.image, rec.psnr, rec.ssim
     out = uam.edit(image, "a red circle", "a blue circle")    # P2P word swap + UAM blending
@@ -30,6 +30,11 @@ segment-uniform mode (the text keys' share spread uniformly over them). SDXL run
 path with the pipeline's own pooled text and micro-conditioning (an uncropped image at the
 native size); the "" of the uniform branch is the encoded empty prompt, while CFG's
 unconditional row is zeros where the pipeline's ``force_zeros_for_empty_prompt`` says so.
+FLUX.1 inverts like SD3 (its own σ grid and dynamic shift, latents packed into 2×2 patches
+inside each forward) with segment-uniform maps on its joint and single-stream sites; being
+guidance-distilled it has no CFG: "unguided" means the guidance embedding
+``distilled_guidance`` (1.0) both ways, and editing feeds ``guidance_scale`` (3.5) to the
+source and target branches' embedding instead of running unconditional rows.
 
 **Editing** (§3.2, Algorithm 1). The base editor is prompt-to-prompt's word swap (Hertz et
 al. 2023): the source and target branches start from the source-prompt inversion and run with
@@ -68,9 +73,10 @@ from diffattn.pipelines import configure
 from diffattn.methods.p2p import PromptToPromptReplace
 from diffattn.methods.uniform import MASK_CONVENTIONS, UniformAttention, blend_x0, edit_mask, quantile_schedule
 
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline (SD1.x, SD2.x), StableDiffusionXLPipeline (SDXL) and "
-                       "StableDiffusion3Pipeline (SD3, SD3.5)")
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline (SD1.x, SD2.x), StableDiffusionXLPipeline (SDXL), "
+                       "StableDiffusion3Pipeline (SD3, SD3.5) and FluxPipeline (FLUX.1)")
 UNET_FAMILIES = ("sd", "sdxl")  # DDIM inversion of a UNet
+FLOW_FAMILIES = ("sd3", "flux")  # flow-matching inversion of an MMDiT
 CONDITIONINGS = ("source", "empty", "uniform")  # the paper's three; "uniform-source" also accepted
 BLENDS = ("target", "both", "source")
 
@@ -219,20 +225,23 @@ def ddim_steps(scheduler_config, num_steps: int) -> list[Step]:
     return [Step(float(t), float(ab[t]), float(ab[ts[i + 1]]) if i + 1 < len(ts) else final) for i, t in enumerate(ts)]
 
 
-def flow_steps(scheduler_config, num_steps: int, image_seq_len: int) -> list[Step]:
+def flow_steps(scheduler_config, num_steps: int, image_seq_len: int, *, flux: bool = False) -> list[Step]:
     """The pipeline's flow-matching grid: steps (t_i = 1000·σ_i, σ_i, σ_{i+1}), σ_T = 0
-    (dynamic shifting as the SD3 pipeline computes it, when the scheduler uses it)."""
+    (dynamic shifting as the SD3 pipeline computes it, when the scheduler uses it; ``flux``:
+    the FLUX pipeline's σ = linspace(1, 1/n, n) before the shift and its max_shift default)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     sched = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
     kw = {}
+    if flux and not sched.config.get("use_flow_sigmas", False):
+        kw["sigmas"] = np.linspace(1.0, 1 / num_steps, num_steps)
     if sched.config.get("use_dynamic_shifting", False):
         from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
         kw["mu"] = calculate_shift(image_seq_len, sched.config.get("base_image_seq_len", 256),
                                    sched.config.get("max_image_seq_len", 4096), sched.config.get("base_shift", 0.5),
-                                   sched.config.get("max_shift", 1.16))
-    sched.set_timesteps(num_steps, **kw)
+                                   sched.config.get("max_shift", 1.15 if flux else 1.16))
+    sched.set_timesteps(None if "sigmas" in kw else num_steps, **kw)
     sig = sched.sigmas.double()
     return [Step(float(t), float(sig[i]), float(sig[i + 1])) for i, t in enumerate(sched.timesteps)]
 
@@ -248,7 +257,10 @@ class UAMConfig:
                      pipeline's default; the paper: 50 on SD1.4).
     guidance_scale:  CFG of the source and target branches when editing (``None``: the
                      pipeline's default; the paper: 7.5). Inversion, reconstruction and the
-                     auxiliary branch are always unguided.
+                     auxiliary branch are always unguided. On FLUX (guidance-distilled, no
+                     CFG) it is the guidance embedding of the two branches (default 3.5).
+    distilled_guidance: FLUX's guidance embedding for inversion, reconstruction and the
+                     auxiliary branch, the same both ways (1.0: the unguided setting).
     uniform_prompt:  the text under the uniform maps ("" as the official code; ``None``: the
                      source prompt, as conditioning "uniform-source" always does). On the
                      tiny-sd3 testbed model the "" prediction diverges under inversion, so use
@@ -274,6 +286,7 @@ class UAMConfig:
 
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
+    distilled_guidance: float = 1.0
     uniform_prompt: str | None = ""
     uniform_keys: object = "all"
     uniform_sites: object = "auto"
@@ -295,6 +308,8 @@ class UAMConfig:
             raise ControlError(f"blend={self.blend!r}: use 'target' (P2P path), 'both' (MasaCtrl path) or 'source'")
         if self.source_inversion not in ("source", "empty"):
             raise ControlError(f"source_inversion={self.source_inversion!r}: use 'source' or 'empty'")
+        if not self.distilled_guidance >= 0.0:
+            raise ControlError(f"distilled_guidance={self.distilled_guidance}: a guidance embedding is >= 0")
         if not 0.0 <= self.quantile <= 1.0:
             raise ControlError(f"quantile={self.quantile}: a quantile lies in [0, 1]")
         if not 0.0 <= self.mask_timestep <= 1000.0:
@@ -352,8 +367,11 @@ class EditOutput:
 
 
 def uam_family(pipe) -> str:
-    """``"sd"``, ``"sdxl"`` or ``"sd3"``; :class:`UnsupportedModelError` for anything else."""
-    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    """``"sd"``, ``"sdxl"``, ``"sd3"`` or ``"flux"``; :class:`UnsupportedModelError` for anything else."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if isinstance(pipe, FluxPipeline):
+        return "flux"
 
     if isinstance(pipe, StableDiffusionPipeline):
         return "sd"
@@ -370,9 +388,10 @@ def uam_family(pipe) -> str:
 def _call_defaults(pipe, family: str) -> dict:
     """Defaults of the pipeline's own ``__call__`` (steps, guidance, T5 length), testbed
     subclasses included."""
-    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    base = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}.get(family, StableDiffusion3Pipeline)
+    base = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline,
+            "flux": FluxPipeline}[family]
     keys = ("num_inference_steps", "guidance_scale", "max_sequence_length")
     out = {k: p.default for k, p in inspect.signature(base.__call__).parameters.items() if k in keys}
     try:
@@ -393,7 +412,12 @@ def _token_count(tokenizer, prompt: str) -> int:
 def word_swap_tokenizers(pipe) -> list:
     """The tokenizers whose token positions a word swap must keep: CLIP's, and on SD3 also
     T5's when its text encoder is loaded (its tokens are keys of the joint attention too), and
-    the second CLIP's of SDXL and SD3 (its states are concatenated with the first's)."""
+    the second CLIP's of SDXL and SD3 (its states are concatenated with the first's); on FLUX
+    T5's alone."""
+    from diffusers import FluxPipeline
+
+    if isinstance(pipe, FluxPipeline):
+        return [pipe.tokenizer_2]  # FLUX's keys are T5 tokens; CLIP gives only the pooled vector
     tokenizers = [pipe.tokenizer]
     if getattr(pipe, "tokenizer_2", None) is not None and getattr(pipe, "text_encoder_2", None) is not None:
         tokenizers.append(pipe.tokenizer_2)
@@ -424,9 +448,9 @@ def check_word_swap(tokenizers, source: str, target: str) -> None:
 class UAMPipeline:
     """UAM inversion / reconstruction / editing with a diffusers pipeline's own components.
 
-    pipe:   a ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` or
-            ``StableDiffusion3Pipeline`` (subclasses, e.g. the testbed's, included); modules are
-            shared, not copied.
+    pipe:   a ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
+            ``StableDiffusion3Pipeline`` or ``FluxPipeline`` (subclasses, e.g. the testbed's,
+            included); modules are shared, not copied.
     config: a :class:`UAMConfig`; keyword ``overrides`` replace its fields.
     progress: show tqdm bars (``None``: follow the pipeline's progress-bar config).
     """
@@ -467,7 +491,8 @@ class UAMPipeline:
     @property
     def image_size(self) -> tuple[int, int]:
         """(height, width) in pixels the model works at: its sample size × the VAE factor."""
-        s = int(self.denoiser.config.sample_size) * int(self.pipe.vae_scale_factor)
+        size = self.pipe.default_sample_size if self.family == "flux" else self.denoiser.config.sample_size
+        s = int(size) * int(self.pipe.vae_scale_factor)
         return s, s
 
     def num_steps(self, num_inference_steps: int | None = None) -> int:
@@ -477,13 +502,13 @@ class UAMPipeline:
         return int(n)
 
     def steps(self, num_inference_steps: int | None = None, latent_hw: tuple[int, int] | None = None) -> list[Step]:
-        """The step grid (DDIM for UNets, flow matching for SD3)."""
+        """The step grid (DDIM for UNets, flow matching for SD3 and FLUX)."""
         n = self.num_steps(num_inference_steps)
         if self.family in UNET_FAMILIES:
             return ddim_steps(self.pipe.scheduler.config, n)
         h, w = latent_hw or (self.image_size[0] // self.pipe.vae_scale_factor,) * 2
-        p = int(self.denoiser.config.patch_size)
-        return flow_steps(self.pipe.scheduler.config, n, (h // p) * (w // p))
+        p = 2 if self.family == "flux" else int(self.denoiser.config.patch_size)  # FLUX packs 2×2 latent patches
+        return flow_steps(self.pipe.scheduler.config, n, (h // p) * (w // p), flux=self.family == "flux")
 
     # ------------------------------------------------------------------ images
     def load_image(self, image) -> torch.Tensor:
@@ -531,21 +556,21 @@ class UAMPipeline:
         SDXL VAEs), else (None, None)."""
         cfg = self.pipe.vae.config
         mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
-        if self.family == "sd3" or mean is None or std is None:
+        if self.family in FLOW_FAMILIES or mean is None or std is None:
             return None, None
         return (torch.tensor(mean).view(1, -1, 1, 1).to(like), torch.tensor(std).view(1, -1, 1, 1).to(like))
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """VAE posterior mean of images [B, 3, H, W] in [0, 1] -> latents [B, C, h, w] fp32,
-        scaled as the pipeline's decoder expects (SD: ·scaling; SD3: (· - shift)·scaling;
+        scaled as the pipeline's decoder expects (SD: ·scaling; SD3, FLUX: (· - shift)·scaling;
         a VAE with ``latents_mean``/``latents_std``: (· - mean)·scaling / std)."""
         vae = self.pipe.vae
         with _vae_upcast(vae):
             x = (images * 2 - 1).to(self.device, vae.dtype)  # [-1, 1]
             mean = vae.encode(x).latent_dist.mean.float()  # [B, C, h, w]
         cfg = vae.config
-        if self.family == "sd3":
+        if self.family in FLOW_FAMILIES:
             return (mean - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
         mu, sigma = self._latent_stats(mean)
         if mu is not None:
@@ -558,7 +583,7 @@ class UAMPipeline:
         vae = self.pipe.vae
         cfg = vae.config
         z = latents.float() / cfg.scaling_factor
-        if self.family == "sd3":
+        if self.family in FLOW_FAMILIES:
             z = z + (cfg.shift_factor or 0.0)
         mu, sigma = self._latent_stats(z)
         if mu is not None:
@@ -579,6 +604,11 @@ class UAMPipeline:
                 cond, _, pooled, _ = pipe.encode_prompt(prompt=[prompt], device=self.device, num_images_per_prompt=1,
                                                         do_classifier_free_guidance=False)
                 emb = {"encoder_hidden_states": cond, "text_embeds": pooled, "time_ids": self._time_ids(pooled)}
+            elif self.family == "flux":
+                cond, pooled, _ = pipe.encode_prompt(prompt=[prompt], prompt_2=None, device=self.device,
+                                                     num_images_per_prompt=1,
+                                                     max_sequence_length=self.defaults.get("max_sequence_length", 512))
+                emb = {"encoder_hidden_states": cond, "pooled_projections": pooled}  # text ids: zeros, in predict
             else:
                 cond, _, pooled, _ = pipe.encode_prompt(
                     prompt=[prompt], prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
@@ -609,10 +639,11 @@ class UAMPipeline:
         return {k: torch.cat([e[k] for e in embs]) for k in embs[0]}
 
     # ------------------------------------------------------------------ one forward
-    def predict(self, z: torch.Tensor, t: float, emb: dict) -> torch.Tensor:
-        """ε (UNet) or velocity (SD3) of latents z [B, C, h, w] at model timestep t -> fp32.
+    def predict(self, z: torch.Tensor, t: float, emb: dict, guidance: float | None = None) -> torch.Tensor:
+        """ε (UNet) or velocity (SD3, FLUX) of latents z [B, C, h, w] at model timestep t -> fp32.
 
-        A v-prediction UNet's output is turned into ε at ᾱ_t, the level the model is told."""
+        A v-prediction UNet's output is turned into ε at ᾱ_t, the level the model is told.
+        ``guidance``: FLUX's guidance embedding (``None``: ``distilled_guidance``)."""
         model = self.denoiser
         x = z.to(self.device, model.dtype)
         emb = {k: v.to(self.device) for k, v in emb.items()}
@@ -623,12 +654,31 @@ class UAMPipeline:
             added = {"text_embeds": emb["text_embeds"].to(model.dtype), "time_ids": emb["time_ids"].to(model.dtype)}
             out = model(x, tt, encoder_hidden_states=emb["encoder_hidden_states"].to(model.dtype),
                         added_cond_kwargs=added, return_dict=False)[0]
+        elif self.family == "flux":
+            out = self._flux_forward(x, tt, emb, self.config.distilled_guidance if guidance is None else guidance)
         else:
             out = model(hidden_states=x, timestep=tt.expand(x.shape[0]).to(model.dtype), return_dict=False, **emb)[0]
         if self.prediction == "v_prediction":
             alpha_bar = float(self.pipe.scheduler.alphas_cumprod.double()[int(t)])
             return v_to_eps(z.float().to(self.device), out.float(), alpha_bar)
         return out.float()
+
+    def _flux_forward(self, x: torch.Tensor, t: torch.Tensor, emb: dict, guidance: float) -> torch.Tensor:
+        """FLUX's transformer on latents [B, C, h, w]: packed into 2×2 patch tokens and back, as
+        FluxPipeline does (``_pack_latents`` / ``_unpack_latents``), with its position ids."""
+        model, B, C, h, w = self.denoiser, *x.shape
+        tokens = x.view(B, C, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, (h // 2) * (w // 2), C * 4)
+        img_ids = torch.zeros(h // 2, w // 2, 3)  # [h/2, w/2, (0, row, col)]
+        img_ids[..., 1] += torch.arange(h // 2)[:, None]
+        img_ids[..., 2] += torch.arange(w // 2)[None, :]
+        text = emb["encoder_hidden_states"]
+        g = torch.full([B], float(guidance), device=self.device) if model.config.guidance_embeds else None
+        out = model(hidden_states=tokens, timestep=(t.expand(B) / 1000).to(model.dtype), guidance=g,
+                    pooled_projections=emb["pooled_projections"].to(model.dtype), encoder_hidden_states=text.to(model.dtype),
+                    txt_ids=torch.zeros(text.shape[1], 3, device=self.device, dtype=model.dtype),
+                    img_ids=img_ids.reshape(-1, 3).to(self.device, model.dtype), return_dict=False)[0]
+        # [B, (h/2)(w/2), 4C] -> [B, C, h, w]
+        return out.view(B, h // 2, w // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C, h, w)
 
     def _session(self, *extra: Control):
         """attach() with the uniform control (acting on batch rows named "aux") and ``extra``."""
@@ -787,6 +837,9 @@ class UAMPipeline:
         e_aux = self.embed(source_prompt if cfg.uniform_prompt is None else cfg.uniform_prompt)
         quantiles = quantile_schedule(n, cfg.quantile)
         cfg_on = w != 1.0
+        branch_guidance = None
+        if self.family == "flux":  # guidance-distilled: w is the two branches' guidance embedding, no CFG rows
+            branch_guidance, cfg_on = w, False
         z = torch.cat([z_src, z_src])  # [2, C, h, w]: source, target
         masks: list[tuple[int, float, torch.Tensor]] = []
         self.pipe._num_timesteps = n
@@ -803,7 +856,7 @@ class UAMPipeline:
                     rows, layout, zz = [e_src, tgt], {"source": slice(0, 1), "target": slice(1, 2)}, z
                 emb = {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
                 with handle.branches(layout):
-                    pred = self.predict(zz, s.t, emb)
+                    pred = self.predict(zz, s.t, emb, branch_guidance)
                 if cfg_on:
                     pred = pred[:2] + w * (pred[2:] - pred[:2])  # [2, C, h, w] guided
                 x0 = self.solver.x0(z, pred, s.high)

@@ -449,7 +449,7 @@ def test_bad_input_raises_typed_errors(tiny_pipe, testbed_sd):
         attn(torch.randn(1, 4, attn.to_q.in_features), encoder_hidden_states=torch.randn(1, 7, attn.to_k.in_features))
     assert not any(type(p).__module__.startswith("diffattn") for p in pipe.unet.attn_processors.values())
     with pytest.raises(UnsupportedModelError, match="UAMPipeline supports"):
-        UAMPipeline(tiny_pipe("flux"))
+        UAMPipeline(tiny_pipe("flux_kontext"))
 
     uam = UAMPipeline(testbed_sd)
     img, cap = scene(2)
@@ -489,24 +489,35 @@ def test_word_swap_checks_every_text_tokenizer():
 # ----------------------------------------------------------------------------- SDXL
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "flux"])
 def test_unguided_sampling_equals_the_diffusers_pipeline(tiny_fresh, family):
-    """UAMPipeline's conditioning (SDXL: pooled text and micro-conditioning) and DDIM grid are
-    the pipeline's own: sampling with the source prompt equals the diffusers pipeline under a
-    DDIM scheduler at w = 1, from the same z_T."""
-    from diffusers import DDIMScheduler
+    """UAMPipeline's conditioning (SDXL: pooled text and micro-conditioning; FLUX: packed
+    latents, position ids, guidance embedding) and step grid (DDIM; FLUX's σ grid with
+    dynamic shifting) are the pipeline's own: sampling with the source prompt equals the
+    diffusers pipeline at w = 1 (UNets under a DDIM scheduler), from the same z_T."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-    pipe = tiny_fresh(family)
+    pipe = tiny_fresh(family, guidance_embeds=True) if family == "flux" else tiny_fresh(family)
+    if family == "flux":  # FLUX.1-dev's scheduler kind: dynamic shifting by the image's token count
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=4,
+                                                         max_image_seq_len=64)
     uam = UAMPipeline(pipe, progress=False)
     h, w = uam.image_size
     z_T = torch.randn(1, 4, h // pipe.vae_scale_factor, w // pipe.vae_scale_factor,
-                      generator=torch.Generator().manual_seed(0))
+                      generator=torch.Generator().manual_seed(0))  # [1, C, h, w]
     ours = uam.sample_latents(z_T, ["a red circle"], "source", num_inference_steps=4)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, set_alpha_to_one=False,
-                                               timestep_spacing="leading")
     pipe.set_progress_bar_config(disable=True)
-    theirs = pipe("a red circle", guidance_scale=1.0, latents=z_T, num_inference_steps=4, height=h, width=w,
-                  output_type="latent").images
+    if family == "flux":
+        packed = pipe._pack_latents(z_T, 1, 4, *z_T.shape[-2:])  # [1, h/2 · w/2, 4C]
+        theirs = pipe("a red circle", guidance_scale=1.0, latents=packed, num_inference_steps=4, height=h, width=w,
+                      max_sequence_length=uam.defaults["max_sequence_length"], output_type="latent").images
+        theirs = pipe._unpack_latents(theirs, h, w, pipe.vae_scale_factor)  # [1, C, h, w]
+        assert uam.steps(4, z_T.shape[-2:])[1].high != 0.75  # the shift acted (unshifted: 0.75)
+    else:
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, set_alpha_to_one=False,
+                                                   timestep_spacing="leading")
+        theirs = pipe("a red circle", guidance_scale=1.0, latents=z_T, num_inference_steps=4, height=h, width=w,
+                      output_type="latent").images
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
@@ -561,3 +572,22 @@ def test_standardised_vae_latents_round_trip(tiny_fresh):
     mu, sd = torch.tensor([0.1, -0.2, 0.3, 0.0]).view(1, 4, 1, 1), torch.tensor([2.0, 0.5, 1.0, 4.0]).view(1, 4, 1, 1)
     torch.testing.assert_close(z, (raw - mu) * pipe.vae.config.scaling_factor / sd)
     torch.testing.assert_close(uam.decode(z), plain, atol=1e-5, rtol=1e-5)
+
+
+def test_flux_reconstruction_and_edit(tiny_fresh):
+    """FLUX: reconstruction under the three conditionings (segment-uniform maps on joint and
+    single-stream sites act), and a UAM edit whose branches take the guidance embedding
+    (no CFG rows): a different guidance_scale gives a different target."""
+    pipe = tiny_fresh("flux", guidance_embeds=True)
+    uam = UAMPipeline(pipe, progress=False)
+    h, w = uam.image_size
+    image = Image.new("RGB", (w, h), (200, 40, 40))
+    rec = uam.reconstruct_all(image, "a red circle", num_inference_steps=4)[0]
+    assert all(math.isfinite(r.psnr) and 0 <= r.ssim <= 1 for r in rec.values())
+    assert rec["uniform"].psnr != rec["empty"].psnr
+    edits = [uam.edit(image, "a red circle", "a tan circle", num_inference_steps=6, guidance_scale=g) for g in (1.0, 3.5)]
+    assert all(e.masks and e.aux is not None for e in edits)
+    assert not np.array_equal(np.asarray(edits[0].target), np.asarray(edits[1].target))
+    np.testing.assert_array_equal(np.asarray(edits[0].aux), np.asarray(edits[1].aux))  # aux: distilled_guidance
+    with pytest.raises(ControlError, match="distilled_guidance"):
+        UAMPipeline(pipe, distilled_guidance=-1.0)
