@@ -14,6 +14,11 @@ all-objects-present rate and the object accuracy with Wilson 95% intervals (plus
 all-colours-present rate, a direct measure of neglected objects since the tiny models get
 colours right far more often than shapes, the extra-object rate and seconds per image), writes the full reports as JSON (``--json``) and
 sample grids (first 32 images per row, ``--grids``).
+
+``--layout strips`` is a diagnostic, not a paper setting: every concept's retention target is
+a fixed vertical strip of the image (concept k of C: the k-th of C equal strips) instead of its
+own binarised previous map, i.e. layout guidance through the same latent updates. It asks
+whether the updates can steer the model at all when the target is a clean, disjoint layout.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ from diffattn import testbed
 from diffattn.pipelines import AStarConfig, AStarPipeline
 from diffattn.pipelines.astar import default_concepts, testbed_overrides
 from diffattn.testbed.evaluate import TRAIN_SEEDS, eval_seeds, evaluate, paired_bootstrap, suite_prompts, wilson_interval
-from diffattn.testbed.world import parse_prompt
+from diffattn.testbed.world import SIZE, parse_prompt
 
 
 def phrase_concepts(prompt: str) -> list[str]:
@@ -72,6 +77,30 @@ METHODS = {
 }
 
 
+def strip_layout(n_concepts: int, size: int = 64) -> torch.Tensor:
+    """[C, size, size] masks: concept k owns the k-th of C equal vertical strips."""
+    masks = torch.zeros(n_concepts, size, size)
+    edges = [round(k * size / n_concepts) for k in range(n_concepts + 1)]
+    for k in range(n_concepts):
+        masks[k, :, edges[k]:edges[k + 1]] = 1.0
+    return masks
+
+
+def strip_rate(scores) -> tuple[float, int]:
+    """(share of images whose requested objects all sit in their own strips, images counted):
+    over the images where every requested object is found (colour and shape), object k's
+    centre must lie in the k-th of C equal vertical strips (:func:`strip_layout`)."""
+    hits = counted = 0
+    for sc in scores:
+        if not sc.all_present:
+            continue
+        counted += 1
+        n = len(sc.matched)
+        centres = [sc.parsed.objects[j].cx for j in sc.matched]
+        hits += all(k * SIZE / n <= cx < (k + 1) * SIZE / n for k, cx in enumerate(centres))
+    return (hits / counted if counted else float("nan")), counted
+
+
 def runner(pipe, method: str, args):
     """The callable ``evaluate`` drives: the pipeline itself, or an AStarPipeline."""
     make = METHODS[method]
@@ -91,6 +120,9 @@ def runner(pipe, method: str, args):
     concepts = CONCEPTS[args.concepts]
 
     def run(prompt, generator, **call_kwargs):
+        if args.layout == "strips":  # one [C, H, W] target per prompt of the batch
+            batch = [prompt] if isinstance(prompt, str) else prompt
+            call_kwargs["layout_masks"] = [strip_layout(len(concepts(p))) for p in batch]
         return astar(prompt, concepts, generator=generator, **call_kwargs)
 
     return run
@@ -130,6 +162,8 @@ def main(argv=None):
     p.add_argument("--scale-factor", type=float, default=None, help="A-STAR / A&E step size (default 20)")
     p.add_argument("--max-iter", type=float, default=None, help="update window: steps (>= 1) or fraction of the run")
     p.add_argument("--concepts", default="nouns", choices=list(CONCEPTS))
+    p.add_argument("--layout", default=None, choices=["strips"],
+                   help="retention targets: fixed vertical strips, one per concept (diagnostic; needs retention)")
     p.add_argument("--paper-defaults", action="store_true",
                    help="use A&E's temperature 100 on every model (TESTBED_OVERRIDES sets 1000 on tiny-sd3)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -172,6 +206,9 @@ def main(argv=None):
                 col = (colours / len(report.scores), *wilson_interval(colours, len(report.scores)))
                 line = (f"| {model} | {suite} | {method} | {_ci(m['all_present'])} | {_ci(m['object_accuracy'])} | "
                         f"{_ci(col)} | {m['extra_object_rate'][0]:.3f} | {per_image:.2f} |")
+                if args.layout:  # does the layout take? the same measure for every row, baseline included
+                    rate, counted = strip_rate(report.scores)
+                    line += f" objects in their strips: {rate:.3f} of {counted} |"
                 rows.append(line)
                 print(line, flush=True)
                 full.setdefault(model, {}).setdefault(suite, {})[method] = dict(report.as_dict(), seconds_per_image=per_image)

@@ -1,7 +1,7 @@
 """A-STAR (and Attend-and-Excite) sampling around a diffusers pipeline.
 
     from diffattn.pipelines import AStarPipeline
-    astar = AStarPipeline(pipe)                                   # SD1.5 / SD2 / SDXL / SD3 pipeline
+    astar = AStarPipeline(pipe)                                   # SD1.5 / SD2 / SDXL / SD3 / FLUX.1 pipeline
     out = astar("a red circle and a blue square", concepts=["circle", "square"],
                 return_attention_maps=True)
     out.images[0].save("astar.png"); out.attention_maps[0]["circle"].save("circle.png")
@@ -33,6 +33,12 @@ MMDiT (SD3): the maps are the image-query × text-key block of joint attention, 
 row re-normalised over the text keys (``joint_text_norm``) before the A&E steps. Concepts
 are located among the CLIP tokens (the first 77 text keys); the T5 tokens after them are not
 part of the concept maps (the papers' losses are defined on CLIP-conditioned UNets).
+
+FLUX.1: the same joint-attention maps from the double-stream *and* single-stream blocks, whose
+text keys are T5's (CLIP gives only a pooled vector), so concepts are located among the T5
+tokens (no start token: the prompt's tokens are positions 0..EOS-1). FLUX is
+guidance-distilled: there are no unconditional rows, ``guidance_scale`` is the transformer's
+guidance embedding, and the latents the updates move are FluxPipeline's packed 2×2 patches.
 
 ``AStarConfig.attend_and_excite()`` is the original A&E; to reproduce diffusers'
 ``StableDiffusionAttendAndExcitePipeline`` output, also pass ``text_tokens="diffusers"``
@@ -68,7 +74,8 @@ from diffattn.methods.astar import (
     text_positions,
 )
 
-SUPPORTED_PIPELINES = "StableDiffusionPipeline (SD1.x, SD2.x), StableDiffusionXLPipeline and StableDiffusion3Pipeline"
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline (SD1.x, SD2.x), StableDiffusionXLPipeline, StableDiffusion3Pipeline and "
+                       "FluxPipeline")
 
 # Settings for the tiny testbed models (diffattn.testbed), chosen on training seeds (never the
 # evaluation seeds; benchmarks/RESULTS.md): tiny-sd3's attention varies far less over the image
@@ -213,9 +220,11 @@ class AStarOutput:
 
 
 def pipeline_family(pipe) -> str:
-    """``"sd"``, ``"sdxl"`` or ``"sd3"``; :class:`UnsupportedModelError` for anything else."""
-    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    """``"sd"``, ``"sdxl"``, ``"sd3"`` or ``"flux"``; :class:`UnsupportedModelError` for anything else."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if isinstance(pipe, FluxPipeline):
+        return "flux"
     if isinstance(pipe, StableDiffusionXLPipeline):
         return "sdxl"
     if isinstance(pipe, StableDiffusionPipeline):
@@ -229,9 +238,10 @@ def pipeline_family(pipe) -> str:
 
 
 def _base_class(family: str):
-    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    return {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline}[family]
+    return {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline,
+            "flux": FluxPipeline}[family]
 
 
 def call_defaults(pipe, family: str) -> dict:
@@ -318,12 +328,23 @@ class AStarPipeline:
             return self.config.sites, None
         if self.family == "sd3":
             return [s.name for s in all_sites if s.kind == "joint"], None
+        if self.family == "flux":
+            return [s.name for s in all_sites if s.kind in ("joint", "single")], None
         n_levels = len(self.pipe.unet.config.block_out_channels)
         cross = select(all_sites, "cross")
         factor = default_unet_factor(cross, n_levels)
         return [s.name for s in cross if unet_site_factor(s.name, n_levels) == factor], factor
 
     # ------------------------------------------------------------------ concepts
+    @property
+    def _concept_tokenizer(self):
+        """The tokenizer of the text keys the maps attend to (FLUX: T5, its joint keys)."""
+        return self.pipe.tokenizer_2 if self.family == "flux" else self.pipe.tokenizer
+
+    def _eot(self, prompt: str) -> int:
+        """Position of the end token (CLIP's EOT; T5's EOS): the prompt's tokens end before it."""
+        return len(self._concept_tokenizer(prompt, truncation=True).input_ids) - 1
+
     def _concepts_for(self, prompt: str, concepts) -> tuple[list[list[int]], list[str]]:
         if callable(concepts):
             concepts = concepts(prompt)
@@ -335,7 +356,7 @@ class AStarPipeline:
             concepts = default_concepts(prompt)
         if isinstance(concepts, (str, int)):
             concepts = [concepts]
-        groups = concept_token_indices(self.pipe.tokenizer, prompt, concepts)
+        groups = concept_token_indices(self._concept_tokenizer, prompt, concepts, start_token=self.family != "flux")
         labels = []
         for c, g in zip(concepts, groups):
             label = c if isinstance(c, str) else "tokens " + ",".join(map(str, g))
@@ -361,6 +382,10 @@ class AStarPipeline:
             c = {"encoder_hidden_states": cond, "text_embeds": pooled, "time_ids": ids}
             u = {"encoder_hidden_states": uncond, "text_embeds": upooled, "time_ids": ids} if cfg else None
             return c, u
+        if self.family == "flux":  # guidance-distilled: no unconditional rows
+            cond, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device, num_images_per_prompt=n,
+                                                 max_sequence_length=opts.get("max_sequence_length", 512))
+            return {"encoder_hidden_states": cond, "pooled_projections": pooled}, None
         cond, uncond, pooled, upooled = pipe.encode_prompt(
             prompt=prompts, prompt_2=None, prompt_3=None, negative_prompt=negative_prompt,
             do_classifier_free_guidance=cfg, device=device, num_images_per_prompt=n,
@@ -379,6 +404,14 @@ class AStarPipeline:
         """One denoiser forward on (already scaled) latents ``x`` [b, C, h, w]."""
         if self.family == "sd3":
             return self.pipe.transformer(hidden_states=x, timestep=t.expand(x.shape[0]), return_dict=False, **emb)[0]
+        if self.family == "flux":  # x: packed latents [b, h/2 · w/2, 4C]
+            model, b = self.pipe.transformer, x.shape[0]
+            text = emb["encoder_hidden_states"]
+            g = self._flux_guidance.expand(b) if self._flux_guidance is not None else None
+            return model(hidden_states=x, timestep=(t.expand(b) / 1000).to(x.dtype), guidance=g,
+                         pooled_projections=emb["pooled_projections"], encoder_hidden_states=text,
+                         txt_ids=torch.zeros(text.shape[1], 3, device=x.device, dtype=text.dtype),
+                         img_ids=self._flux_img_ids, return_dict=False)[0]
         added = None
         if self.family == "sdxl":
             added = {"text_embeds": emb["text_embeds"], "time_ids": emb["time_ids"]}
@@ -386,7 +419,7 @@ class AStarPipeline:
                               return_dict=False)[0]
 
     def _scale(self, x, t):
-        if self.family == "sd3":
+        if self.family in ("sd3", "flux"):
             return x
         return self.pipe.scheduler.scale_model_input(x, t)
 
@@ -395,8 +428,8 @@ class AStarPipeline:
         cfg = self.config
         res = resolution or records[0][2]
         attn = aggregate_attention([(p[row], grid) for _, p, grid in records], res,
-                                   renorm_text=self.family == "sd3" and cfg.joint_text_norm)  # [h, w, T]
-        positions = text_positions(attn.shape[-1], eot, cfg.text_tokens)
+                                   renorm_text=self.family in ("sd3", "flux") and cfg.joint_text_norm)  # [h, w, T]
+        positions = text_positions(attn.shape[-1], eot, cfg.text_tokens, first=0 if self.family == "flux" else 1)
         return concept_maps(attn, groups, positions, temperature=cfg.temperature, smooth_size=cfg.smooth_size,
                             smooth_sigma=cfg.smooth_sigma, subtoken=cfg.subtoken,
                             center_tokens=cfg.center_tokens)  # [C, h, w]
@@ -480,14 +513,16 @@ class AStarPipeline:
         w = guidance_scale if guidance_scale is not None else defaults.get("guidance_scale", 7.5)
         opts = {"max_sequence_length": defaults.get("max_sequence_length", 256), "eta": defaults.get("eta", 0.0)}
         opts.update(kwargs)
-        cfg_on = w > 1.0
-        if family == "sd3":
-            size = pipe.default_sample_size * pipe.vae_scale_factor
-        elif family == "sdxl":
+        cfg_on = w > 1.0 and family != "flux"  # FLUX: w is the guidance embedding
+        self._flux_guidance = None
+        if family == "flux" and pipe.transformer.config.guidance_embeds:
+            self._flux_guidance = torch.full([1], float(w), device=pipe._execution_device)
+        if family in ("sd3", "sdxl", "flux"):
             size = pipe.default_sample_size * pipe.vae_scale_factor
         else:
             size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         height, width = height or size, width or size
+        self._size = (height, width)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ConceptError("AStarPipeline needs at least one prompt")
@@ -495,7 +530,7 @@ class AStarPipeline:
 
         # concepts per row (prompts repeated num_images_per_prompt times, as encode_prompt does)
         per_prompt = [self._concepts_for(p, concepts) for p in prompts]
-        eots = [len(pipe.tokenizer(p, truncation=True).input_ids) - 1 for p in prompts]
+        eots = [self._eot(p) for p in prompts]
         rows_prompt = [k for k in range(len(prompts)) for _ in range(num_images_per_prompt)]
         B = len(rows_prompt)
 
@@ -503,7 +538,7 @@ class AStarPipeline:
         timesteps, T = self._timesteps(steps, device, height, width)
         latents = self._latents(B, height, width, cond["encoder_hidden_states"].dtype, device, generator, latents)
         extra = {}
-        if family != "sd3":
+        if family not in ("sd3", "flux"):
             extra = pipe.prepare_extra_step_kwargs(generator, opts["eta"])
 
         selector, factor = self._sites()
@@ -513,6 +548,8 @@ class AStarPipeline:
         if resolution is None and family == "sd3":
             p = pipe.transformer.config.patch_size
             resolution = (latents.shape[-2] // p, latents.shape[-1] // p)
+        if resolution is None and family == "flux":  # the packed image-token grid
+            resolution = (height // pipe.vae_scale_factor // 2, width // pipe.vae_scale_factor // 2)
         masks = self._layout_targets(layout_masks, per_prompt, rows_prompt, resolution)
 
         step_sizes = cfg.scale_factor * np.sqrt(np.linspace(1.0, 0.5, T))
@@ -536,7 +573,7 @@ class AStarPipeline:
                 return {"uncond": slice(0, B), "cond": slice(B, 2 * B)}
             return {"cond": slice(0, batch)}
 
-        denoiser = pipe.transformer if family == "sd3" else pipe.unet
+        denoiser = pipe.transformer if family in ("sd3", "flux") else pipe.unet
         with attach(pipe, rec) as handle, handle.branches(branches), pipe.progress_bar(total=T) as bar, \
                 _no_weight_grads(denoiser):
             for i, t in enumerate(timesteps):
@@ -588,7 +625,16 @@ class AStarPipeline:
     # ------------------------------------------------------------------ pieces of the loop
     def _timesteps(self, steps, device, height, width):
         pipe = self.pipe
-        if self.family == "sd3":
+        if self.family == "flux":
+            from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+            c = pipe.scheduler.config
+            sigmas = None if c.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / steps, steps)
+            n = (height // pipe.vae_scale_factor // 2) * (width // pipe.vae_scale_factor // 2)
+            mu = calculate_shift(n, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                                 c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+            timesteps, steps = retrieve_timesteps(pipe.scheduler, steps, device, sigmas=sigmas, mu=mu)
+        elif self.family == "sd3":
             from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
                 calculate_shift,
                 retrieve_timesteps,
@@ -610,6 +656,10 @@ class AStarPipeline:
 
     def _latents(self, B, height, width, dtype, device, generator, latents):
         pipe = self.pipe
+        if self.family == "flux":  # packed [B, h/2 · w/2, 4C], and the image tokens' position ids
+            latents, self._flux_img_ids = pipe.prepare_latents(B, pipe.transformer.config.in_channels // 4, height,
+                                                               width, dtype, device, generator, latents)
+            return latents
         channels = pipe.transformer.config.in_channels if self.family == "sd3" else pipe.unet.config.in_channels
         return pipe.prepare_latents(B, channels, height, width, dtype, device, generator, latents)
 
@@ -645,7 +695,9 @@ class AStarPipeline:
         if output_type == "latent":
             return latents
         vae = pipe.vae
-        if self.family == "sd3":
+        if self.family == "flux":
+            latents = pipe._unpack_latents(latents, self._size[0], self._size[1], pipe.vae_scale_factor)  # [B, C, h, w]
+        if self.family in ("sd3", "flux"):
             latents = latents / vae.config.scaling_factor + vae.config.shift_factor
             image = vae.decode(latents, return_dict=False)[0]
             return pipe.image_processor.postprocess(image, output_type=output_type)

@@ -231,6 +231,32 @@ def test_astar_on_tiny_sd3_maps_and_losses(tiny_pipe):
     assert all(p.requires_grad for p in pipe.transformer.parameters())  # weights frozen only during the call
 
 
+def test_astar_on_flux_t5_concepts_and_stock_equivalence(tiny_fresh):
+    """FLUX (guidance-distilled, maps over T5's joint keys): with no update window the loop is
+    FluxPipeline's own (dynamic shift, guidance embedding, packing), output for output; with
+    updates the concepts are T5 positions (no start token) and the images change."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = tiny_fresh("flux", guidance_embeds=True)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=4,
+                                                     max_image_seq_len=64)
+    pipe.set_progress_bar_config(disable=True)
+    prompt, kw = "a cat and a dog", dict(num_inference_steps=3, height=16, width=16, max_sequence_length=16,
+                                         guidance_scale=3.5, output_type="pt")
+    stock = pipe(prompt, generator=torch.Generator().manual_seed(0), **kw).images
+    idle = AStarPipeline(pipe, max_iter_to_alter=0)(prompt, ["cat", "dog"], generator=torch.Generator().manual_seed(0),
+                                                    **kw).images
+    torch.testing.assert_close(idle, stock, atol=1e-5, rtol=1e-5)
+    astar = AStarPipeline(pipe, max_iter_to_alter=2)
+    groups, labels = astar._concepts_for(prompt, ["cat", "dog"])
+    t5 = pipe.tokenizer_2(prompt).input_ids
+    assert [t5[g[0]] for g in groups] == [pipe.tokenizer_2("cat", add_special_tokens=False).input_ids[0],
+                                          pipe.tokenizer_2("dog", add_special_tokens=False).input_ids[0]]
+    out = astar(prompt, ["cat", "dog"], generator=torch.Generator().manual_seed(0), return_attention_maps=True, **kw)
+    assert out.concept_maps[0].shape == (2, 4, 4)  # 16 px / VAE 2 / packing 2
+    assert [s["step"] for s in out.losses[0]] == [0, 1] and not torch.allclose(out.images, stock)
+
+
 @pytest.mark.parametrize("layout", [False, True])
 def test_one_update_lowers_the_loss(tiny_pipe, layout):
     """Tiny SD3: one A-STAR step on the latent lowers L_seg + L_ret at a fixed seed, with the
@@ -325,7 +351,7 @@ def test_bad_input(tiny_pipe):
     with pytest.raises(ConceptError, match="not a shapes-world caption"):
         astar("a photo of a cat", **kw)  # no concepts and not a testbed caption
     with pytest.raises(UnsupportedModelError, match="AStarPipeline supports"):
-        AStarPipeline(tiny_pipe("flux"))
+        AStarPipeline(tiny_pipe("flux_kontext"))
     with pytest.raises(ConceptError, match="unknown A-STAR option"):
         AStarPipeline(pipe, step_size=3)
     with pytest.raises(ConceptError, match="positive weight"):

@@ -52,8 +52,9 @@ def _describe_tokens(tokenizer, prompt: str) -> str:
     return ", ".join(f"{i}: {tok!r}" for i, tok in enumerate(prompt_tokens(tokenizer, prompt)))
 
 
-def concept_token_indices(tokenizer, prompt: str, concepts: Sequence) -> list[list[int]]:
-    """Token positions of each concept in ``prompt`` (position 0 is the start token).
+def concept_token_indices(tokenizer, prompt: str, concepts: Sequence, *, start_token: bool = True) -> list[list[int]]:
+    """Token positions of each concept in ``prompt`` (position 0 is the start token; with
+    ``start_token=False``, T5's layout, position 0 is the prompt's first token).
 
     A concept is a word or phrase (``"circle"``, ``"red circle"``), a token position (``3``), or
     a list of positions (``[3, 4]``, one multi-token concept). A word that the tokenizer splits
@@ -70,8 +71,8 @@ def concept_token_indices(tokenizer, prompt: str, concepts: Sequence) -> list[li
             f"A-STAR / Attend-and-Excite need at least one concept; the prompt {prompt!r} has the tokens "
             f"[{_describe_tokens(tokenizer, prompt)}]: pass words (concepts=['circle', 'square']) or token positions"
         )
-    ids = tokenizer(prompt, truncation=True).input_ids  # [SOT, ..., EOT]
-    inner = range(1, len(ids) - 1)  # positions of the prompt's own tokens
+    ids = tokenizer(prompt, truncation=True).input_ids  # [SOT, ..., EOT] (T5: [..., EOS])
+    inner = range(1 if start_token else 0, len(ids) - 1)  # positions of the prompt's own tokens
     used: dict[tuple[int, ...], int] = {}
     out = []
     for concept in concepts:
@@ -102,18 +103,19 @@ def concept_token_indices(tokenizer, prompt: str, concepts: Sequence) -> list[li
     return out
 
 
-def text_positions(n_text: int, eot: int, mode: str = "prompt") -> torch.Tensor:
+def text_positions(n_text: int, eot: int, mode: str = "prompt", first: int = 1) -> torch.Tensor:
     """Text positions over which maps are re-normalised (A&E step 1).
 
-    ``"prompt"``: the prompt's own tokens 1..eot-1 (no start, end or padding tokens; the
+    ``"prompt"``: the prompt's own tokens first..eot-1 (no start, end or padding tokens; the
     original A&E code with ``normalize_eot``). ``"diffusers"``: every position but the first
     and the last of the ``n_text`` keys (``A[:, :, 1:-1]``, diffusers'
     ``StableDiffusionAttendAndExcitePipeline``, which keeps the end and padding tokens).
+    ``first``: the prompt's first token (1 after CLIP's start token, 0 for T5, which has none).
     """
     if mode == "prompt":
-        return torch.arange(1, eot)
+        return torch.arange(first, eot)
     if mode == "diffusers":
-        return torch.arange(1, n_text - 1)
+        return torch.arange(first, n_text - 1)
     raise ConceptError(f"text_tokens={mode!r}: use 'prompt' (the prompt's own tokens) or 'diffusers' (keys 1..N-2)")
 
 
@@ -399,7 +401,7 @@ class ConceptRecorder(Control):
         from ..sites import select
 
         chosen = [s for s in engine.sites if self.sites(s)] if callable(self.sites) else select(engine.sites, self.sites)
-        self.expected = {s.name for s in chosen if s.kind in ("cross", "joint")}  # sites that can see text
+        self.expected = {s.name for s in chosen if s.kind in ("cross", "joint", "single")}  # sites that can see text
 
     def start(self, mode: str | None, early_exit: bool = False) -> None:
         """Clear the records and set the mode (``None`` turns the recorder off)."""
