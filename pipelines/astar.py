@@ -70,6 +70,7 @@ from diffattn.methods.astar import (
     concept_token_indices,
     heatmap_image,
     max_activations,
+    prompt_ids,
     rescale_to_norm,
     text_positions,
 )
@@ -298,8 +299,9 @@ def default_unet_factor(cross_sites, n_levels: int) -> int:
 class AStarPipeline:
     """A-STAR / Attend-and-Excite sampling with a diffusers pipeline's own components.
 
-    pipe:    a ``StableDiffusionPipeline`` (SD1.x/SD2), ``StableDiffusionXLPipeline`` or
-             ``StableDiffusion3Pipeline`` (subclasses included); its modules are shared, not copied.
+    pipe:    a ``StableDiffusionPipeline`` (SD1.x/SD2), ``StableDiffusionXLPipeline``,
+             ``StableDiffusion3Pipeline`` or ``FluxPipeline`` (subclasses included); its modules are
+             shared, not copied.
     config:  an :class:`AStarConfig` (default: A-STAR); keyword ``overrides`` replace its fields.
 
     Calling it generates images (see :meth:`__call__`); ``.pipe`` is the wrapped pipeline.
@@ -341,11 +343,20 @@ class AStarPipeline:
         """The tokenizer of the text keys the maps attend to (FLUX: T5, its joint keys)."""
         return self.pipe.tokenizer_2 if self.family == "flux" else self.pipe.tokenizer
 
-    def _eot(self, prompt: str) -> int:
-        """Position of the end token (CLIP's EOT; T5's EOS): the prompt's tokens end before it."""
-        return len(self._concept_tokenizer(prompt, truncation=True).input_ids) - 1
+    def _text_length(self, max_sequence_length: int | None) -> int | None:
+        """How many T5 tokens FLUX's text keys hold (its ``max_sequence_length``); CLIP models:
+        ``None``, the tokenizer's own 77."""
+        if self.family != "flux":
+            return None
+        return int(max_sequence_length or call_defaults(self.pipe, "flux").get("max_sequence_length", 512))
 
-    def _concepts_for(self, prompt: str, concepts) -> tuple[list[list[int]], list[str]]:
+    def _eot(self, prompt: str, max_sequence_length: int | None = None) -> int:
+        """Position of the end token (CLIP's EOT; T5's EOS, after truncation to the text keys):
+        the prompt's tokens end before it."""
+        return len(prompt_ids(self._concept_tokenizer, prompt, self._text_length(max_sequence_length))) - 1
+
+    def _concepts_for(self, prompt: str, concepts, max_sequence_length: int | None = None
+                      ) -> tuple[list[list[int]], list[str]]:
         if callable(concepts):
             concepts = concepts(prompt)
         elif isinstance(concepts, dict):
@@ -356,7 +367,8 @@ class AStarPipeline:
             concepts = default_concepts(prompt)
         if isinstance(concepts, (str, int)):
             concepts = [concepts]
-        groups = concept_token_indices(self._concept_tokenizer, prompt, concepts, start_token=self.family != "flux")
+        groups = concept_token_indices(self._concept_tokenizer, prompt, concepts, start_token=self.family != "flux",
+                                       max_length=self._text_length(max_sequence_length))
         labels = []
         for c, g in zip(concepts, groups):
             label = c if isinstance(c, str) else "tokens " + ",".join(map(str, g))
@@ -401,14 +413,14 @@ class AStarPipeline:
         return {k: v[rows] for k, v in cond.items()}
 
     def _denoise(self, x, t, emb: dict) -> torch.Tensor:
-        """One denoiser forward on (already scaled) latents ``x`` [b, C, h, w]."""
+        """One denoiser forward on (already scaled) latents ``x`` [b, C, h, w] (FLUX: packed [b, N, 4C])."""
         if self.family == "sd3":
             return self.pipe.transformer(hidden_states=x, timestep=t.expand(x.shape[0]), return_dict=False, **emb)[0]
         if self.family == "flux":  # x: packed latents [b, h/2 · w/2, 4C]
             model, b = self.pipe.transformer, x.shape[0]
             text = emb["encoder_hidden_states"]
             g = self._flux_guidance.expand(b) if self._flux_guidance is not None else None
-            return model(hidden_states=x, timestep=(t.expand(b) / 1000).to(x.dtype), guidance=g,
+            return model(hidden_states=x, timestep=t.expand(b).to(x.dtype) / 1000, guidance=g,  # FluxPipeline's order
                          pooled_projections=emb["pooled_projections"], encoder_hidden_states=text,
                          txt_ids=torch.zeros(text.shape[1], 3, device=x.device, dtype=text.dtype),
                          img_ids=self._flux_img_ids, return_dict=False)[0]
@@ -435,7 +447,7 @@ class AStarPipeline:
                             center_tokens=cfg.center_tokens)  # [C, h, w]
 
     def _grad_maps(self, rec, z, t, emb, groups, eot, resolution) -> torch.Tensor:
-        """Concept maps of one sample's latent ``z`` [1, C, h, w], differentiable in ``z``."""
+        """Concept maps of one sample's latent ``z`` [1, C, h, w] (FLUX: [1, N, 4C]), differentiable in ``z``."""
         rec.start("grad", early_exit=self.config.early_exit)
         try:
             self._denoise(self._scale(z, t), t, emb)
@@ -453,7 +465,7 @@ class AStarPipeline:
         return rescale_to_norm(stepped, z.detach()) if self.config.keep_norm else stepped
 
     def _optimise(self, rec, z, t, emb, groups, eot, resolution, target, step_size, threshold, update):
-        """A&E's per-sample step (with refinement when ``threshold`` is set) on ``z`` [1, C, h, w]."""
+        """A&E's per-sample step (with refinement when ``threshold`` is set) on ``z`` [1, C, h, w] (FLUX: [1, N, 4C])."""
         cfg = self.config
         z = z.detach().requires_grad_(True)
         maps = self._grad_maps(rec, z, t, emb, groups, eot, resolution)
@@ -522,6 +534,13 @@ class AStarPipeline:
         else:
             size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         height, width = height or size, width or size
+        if family == "flux":  # FluxPipeline's latents hold whole 2×2 patches: the image floors to 2·VAE multiples
+            unit = 2 * pipe.vae_scale_factor
+            height, width = height // unit * unit, width // unit * unit
+            if negative_prompt is not None:
+                raise ConceptError("FLUX is guidance-distilled and runs no unconditional branch here, so a "
+                                   "negative_prompt would be ignored: leave it out (guidance_scale sets FLUX's "
+                                   "guidance embedding)")
         self._size = (height, width)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
@@ -529,8 +548,8 @@ class AStarPipeline:
         device = pipe._execution_device
 
         # concepts per row (prompts repeated num_images_per_prompt times, as encode_prompt does)
-        per_prompt = [self._concepts_for(p, concepts) for p in prompts]
-        eots = [self._eot(p) for p in prompts]
+        per_prompt = [self._concepts_for(p, concepts, opts["max_sequence_length"]) for p in prompts]
+        eots = [self._eot(p, opts["max_sequence_length"]) for p in prompts]
         rows_prompt = [k for k in range(len(prompts)) for _ in range(num_images_per_prompt)]
         B = len(rows_prompt)
 
@@ -616,7 +635,7 @@ class AStarPipeline:
             out.concept_maps = [s / max(n, 1) for s, n in zip(sums, counts)]
             # one scale per image, the brightest concept's maximum: a neglected concept shows dark
             out.attention_maps = [
-                {label: heatmap_image(m, size=width, vmax=float(out.concept_maps[b].max()))
+                {label: heatmap_image(m, size=(width, height), vmax=float(out.concept_maps[b].max()))
                  for label, m in zip(per_prompt[rows_prompt[b]][1], out.concept_maps[b])}
                 for b in range(B)
             ]

@@ -673,7 +673,7 @@ class UAMPipeline:
         img_ids[..., 2] += torch.arange(w // 2)[None, :]
         text = emb["encoder_hidden_states"]
         g = torch.full([B], float(guidance), device=self.device) if model.config.guidance_embeds else None
-        out = model(hidden_states=tokens, timestep=(t.expand(B) / 1000).to(model.dtype), guidance=g,
+        out = model(hidden_states=tokens, timestep=t.expand(B).to(model.dtype) / 1000, guidance=g,  # FluxPipeline's order
                     pooled_projections=emb["pooled_projections"].to(model.dtype), encoder_hidden_states=text.to(model.dtype),
                     txt_ids=torch.zeros(text.shape[1], 3, device=self.device, dtype=model.dtype),
                     img_ids=img_ids.reshape(-1, 3).to(self.device, model.dtype), return_dict=False)[0]

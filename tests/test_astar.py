@@ -248,13 +248,51 @@ def test_astar_on_flux_t5_concepts_and_stock_equivalence(tiny_fresh):
                                                     **kw).images
     torch.testing.assert_close(idle, stock, atol=1e-5, rtol=1e-5)
     astar = AStarPipeline(pipe, max_iter_to_alter=2)
-    groups, labels = astar._concepts_for(prompt, ["cat", "dog"])
-    t5 = pipe.tokenizer_2(prompt).input_ids
-    assert [t5[g[0]] for g in groups] == [pipe.tokenizer_2("cat", add_special_tokens=False).input_ids[0],
-                                          pipe.tokenizer_2("dog", add_special_tokens=False).input_ids[0]]
     out = astar(prompt, ["cat", "dog"], generator=torch.Generator().manual_seed(0), return_attention_maps=True, **kw)
     assert out.concept_maps[0].shape == (2, 4, 4)  # 16 px / VAE 2 / packing 2
     assert [s["step"] for s in out.losses[0]] == [0, 1] and not torch.allclose(out.images, stock)
+    with pytest.raises(ConceptError, match="negative_prompt"):
+        astar(prompt, ["cat", "dog"], negative_prompt="blurry", **kw)
+
+
+def test_flux_concepts_are_whole_t5_words_within_the_text_keys(tiny_pipe):
+    """T5 has no start token (a concept can be position 0), its pieces must form whole words,
+    and only the first max_sequence_length tokens are keys: positions and the end token are
+    counted after that cut, and a word past it is missing."""
+    pipe = tiny_pipe("flux")
+    astar = AStarPipeline(pipe)
+    t5 = pipe.tokenizer_2
+    cat = t5("cat", add_special_tokens=False).input_ids
+    groups, _ = astar._concepts_for("cat and a dog", ["cat"])
+    assert groups == [list(range(len(cat)))] and astar._eot("cat and a dog") == len(t5("cat and a dog").input_ids) - 1
+    ids = t5("cats and a cat").input_ids
+    (group,), _ = astar._concepts_for("cats and a cat", ["cat"])  # not the first piece of "cats"
+    assert group[0] > 0 and ids[group[0]: group[0] + len(cat)] == cat
+    long = "a cat and a dog " + "and a bird " * 30
+    assert astar._eot(long, 8) == 7 and len(t5(long).input_ids) > 8
+    assert astar._concepts_for(long, ["cat"], 8)[0] == astar._concepts_for(long, ["cat"])[0]
+    with pytest.raises(ConceptError, match="not in the prompt"):
+        astar._concepts_for(long, ["dog"], 8)  # "dog" starts past the 8 text keys
+    out = astar(long, ["cat"], num_inference_steps=2, height=16, width=16, max_sequence_length=8, output_type="pt",
+                generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out.images).all()
+
+
+def test_flux_loop_equals_fluxpipeline_in_bf16(tiny_fresh):
+    """In bf16 the timestep is rounded as FluxPipeline rounds it (cast, then / 1000): with no
+    update and nothing recorded the images are FluxPipeline's, bit for bit."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = tiny_fresh("flux", guidance_embeds=True).to(torch.bfloat16)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=4,
+                                                     max_image_seq_len=64)  # timesteps where the two roundings differ
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=6, height=32, width=32, max_sequence_length=16, guidance_scale=3.5,
+              output_type="pt")
+    stock = pipe("a cat and a dog", generator=torch.Generator().manual_seed(0), **kw).images
+    idle = AStarPipeline(pipe, losses={"segregation": 1.0}, max_iter_to_alter=0)
+    ours = idle("a cat and a dog", ["cat", "dog"], generator=torch.Generator().manual_seed(0), **kw).images
+    torch.testing.assert_close(ours, stock, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("layout", [False, True])

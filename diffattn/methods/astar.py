@@ -42,19 +42,39 @@ class ConceptError(DiffattnError, ValueError):
 # ----------------------------------------------------------------------------- concept tokens
 
 
-def prompt_tokens(tokenizer, prompt: str) -> list[str]:
+def prompt_ids(tokenizer, prompt: str, max_length: int | None = None) -> list[int]:
+    """The prompt's token ids as the text encoder sees them, start/end tokens included, no
+    padding, cut at ``max_length`` (the pipeline's ``max_sequence_length``; ``None``: the
+    tokenizer's own limit)."""
+    kw = {} if max_length is None else {"max_length": int(max_length)}
+    return tokenizer(prompt, truncation=True, **kw).input_ids
+
+
+def prompt_tokens(tokenizer, prompt: str, max_length: int | None = None) -> list[str]:
     """The prompt's tokens as the text encoder sees them, SOT and EOT included (no padding)."""
-    ids = tokenizer(prompt, truncation=True).input_ids
-    return tokenizer.convert_ids_to_tokens(ids)
+    return tokenizer.convert_ids_to_tokens(prompt_ids(tokenizer, prompt, max_length))
 
 
-def _describe_tokens(tokenizer, prompt: str) -> str:
-    return ", ".join(f"{i}: {tok!r}" for i, tok in enumerate(prompt_tokens(tokenizer, prompt)))
+def _describe_tokens(tokenizer, prompt: str, max_length: int | None = None) -> str:
+    return ", ".join(f"{i}: {tok!r}" for i, tok in enumerate(prompt_tokens(tokenizer, prompt, max_length)))
 
 
-def concept_token_indices(tokenizer, prompt: str, concepts: Sequence, *, start_token: bool = True) -> list[list[int]]:
+def _continues_word(tokenizer, token_id: int) -> bool:
+    """Whether a SentencePiece token (T5) continues the word before it: it lacks the word-start
+    mark "▁" and is not a special token. (CLIP's BPE marks word *ends* inside the concept's
+    own tokens, so its matches are whole words already.)"""
+    if token_id in set(tokenizer.all_special_ids):
+        return False
+    return not tokenizer.convert_ids_to_tokens(int(token_id)).startswith("\u2581")
+
+
+def concept_token_indices(tokenizer, prompt: str, concepts: Sequence, *, start_token: bool = True,
+                          max_length: int | None = None) -> list[list[int]]:
     """Token positions of each concept in ``prompt`` (position 0 is the start token; with
-    ``start_token=False``, T5's layout, position 0 is the prompt's first token).
+    ``start_token=False``, T5's layout, position 0 is the prompt's first token). ``max_length``:
+    the text keys the model sees (the pipeline's ``max_sequence_length``); a concept past it
+    is not in the prompt. With a SentencePiece tokenizer (T5) a word matches whole words only
+    ("cat" not in "cats"), and case counts (T5 does not lowercase; CLIP does).
 
     A concept is a word or phrase (``"circle"``, ``"red circle"``), a token position (``3``), or
     a list of positions (``[3, 4]``, one multi-token concept). A word that the tokenizer splits
@@ -69,9 +89,11 @@ def concept_token_indices(tokenizer, prompt: str, concepts: Sequence, *, start_t
     if not concepts:
         raise ConceptError(
             f"A-STAR / Attend-and-Excite need at least one concept; the prompt {prompt!r} has the tokens "
-            f"[{_describe_tokens(tokenizer, prompt)}]: pass words (concepts=['circle', 'square']) or token positions"
+            f"[{_describe_tokens(tokenizer, prompt, max_length)}]: pass words (concepts=['circle', 'square']) or "
+            f"token positions"
         )
-    ids = tokenizer(prompt, truncation=True).input_ids  # [SOT, ..., EOT] (T5: [..., EOS])
+    ids = prompt_ids(tokenizer, prompt, max_length)  # [SOT, ..., EOT] (T5: [..., EOS])
+    sentencepiece = any(t.startswith("\u2581") for t in tokenizer.convert_ids_to_tokens(ids))
     inner = range(1 if start_token else 0, len(ids) - 1)  # positions of the prompt's own tokens
     used: dict[tuple[int, ...], int] = {}
     out = []
@@ -83,20 +105,21 @@ def concept_token_indices(tokenizer, prompt: str, concepts: Sequence, *, start_t
             if not group or any(not isinstance(i, int) or i not in inner for i in group):
                 raise ConceptError(
                     f"token position(s) {concept!r} are not tokens of the prompt {prompt!r}: use positions "
-                    f"{inner.start}..{inner.stop - 1} of [{_describe_tokens(tokenizer, prompt)}]"
+                    f"{inner.start}..{inner.stop - 1} of [{_describe_tokens(tokenizer, prompt, max_length)}]"
                 )
             out.append(group)
             continue
         if not isinstance(concept, str) or not concept.strip():
             raise ConceptError(f"concept {concept!r} must be a non-empty word, a token position or a list of positions")
         word = tuple(tokenizer(concept.strip(), add_special_tokens=False).input_ids)
-        starts = [s for s in inner if s + len(word) <= inner.stop and tuple(ids[s : s + len(word)]) == word]
+        starts = [s for s in inner if s + len(word) <= inner.stop and tuple(ids[s : s + len(word)]) == word
+                  and not (sentencepiece and _continues_word(tokenizer, ids[s + len(word)]))]
         k = used.get(word, 0)
         if k >= len(starts):
             seen = f" (it occurs {len(starts)} time(s); it was listed {k + 1} times)" if starts else ""
             raise ConceptError(
                 f"concept {concept!r} is not in the prompt {prompt!r}{seen}; the prompt's tokens are "
-                f"[{_describe_tokens(tokenizer, prompt)}]: pass one of these words or token positions"
+                f"[{_describe_tokens(tokenizer, prompt, max_length)}]: pass one of these words or token positions"
             )
         used[word] = k + 1
         out.append(list(range(starts[k], starts[k] + len(word))))
