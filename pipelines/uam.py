@@ -490,10 +490,20 @@ class UAMPipeline:
 
     @property
     def image_size(self) -> tuple[int, int]:
-        """(height, width) in pixels the model works at: its sample size × the VAE factor."""
+        """(height, width) in pixels of the model's native size: its sample size × the VAE factor."""
         size = self.pipe.default_sample_size if self.family == "flux" else self.denoiser.config.sample_size
         s = int(size) * int(self.pipe.vae_scale_factor)
         return s, s
+
+    @property
+    def size_unit(self) -> int:
+        """Image sides must be multiples of this many pixels: the VAE factor times the UNet's
+        downsampling (2 per level after the first), SD3's patch or FLUX's 2×2 packing."""
+        if self.family in UNET_FAMILIES:
+            down = 2 ** (len(self.denoiser.config.block_out_channels) - 1)
+        else:
+            down = 2 if self.family == "flux" else int(self.denoiser.config.patch_size)
+        return int(self.pipe.vae_scale_factor) * down
 
     def num_steps(self, num_inference_steps: int | None = None) -> int:
         n = num_inference_steps or self.config.num_inference_steps or self.defaults.get("num_inference_steps") or 50
@@ -506,15 +516,15 @@ class UAMPipeline:
         n = self.num_steps(num_inference_steps)
         if self.family in UNET_FAMILIES:
             return ddim_steps(self.pipe.scheduler.config, n)
-        h, w = latent_hw or (self.image_size[0] // self.pipe.vae_scale_factor,) * 2
+        h, w = latent_hw or tuple(s // self.pipe.vae_scale_factor for s in self.image_size)
         p = 2 if self.family == "flux" else int(self.denoiser.config.patch_size)  # FLUX packs 2×2 latent patches
         return flow_steps(self.pipe.scheduler.config, n, (h // p) * (w // p), flux=self.family == "flux")
 
     # ------------------------------------------------------------------ images
     def load_image(self, image) -> torch.Tensor:
         """A PIL RGB image, a path, an array [H, W, 3] (uint8, or float in [0, 1]) or a tensor
-        [3, H, W] / [1, 3, H, W] in [0, 1] at the model's size -> [1, 3, H, W] fp32 in [0, 1]."""
-        h, w = self.image_size
+        [3, H, W] / [1, 3, H, W] in [0, 1], sides multiples of :attr:`size_unit` (the native size
+        :attr:`image_size` is what the model knows best) -> [1, 3, H, W] fp32 in [0, 1]."""
         if isinstance(image, (str, Path)):
             try:
                 image = Image.open(image)
@@ -544,10 +554,13 @@ class UAMPipeline:
         if not np.isfinite(arr).all() or arr.min() < -1e-6 or arr.max() > 1 + 1e-6:
             raise ImageInputError(f"image values must lie in [0, 1] (float) or 0..255 (uint8); got "
                                   f"[{float(np.nanmin(arr)):.3g}, {float(np.nanmax(arr)):.3g}]")
-        if arr.shape[:2] != (h, w):
+        unit, (h, w) = self.size_unit, arr.shape[:2]
+        if h % unit or w % unit:
+            fit = (max(unit, round(w / unit) * unit), max(unit, round(h / unit) * unit))
+            native = self.image_size
             raise ImageInputError(
-                f"image is {arr.shape[1]}x{arr.shape[0]} pixels; this model inverts {w}x{h} images (its native size): "
-                f"resize or crop it to {w}x{h} first, e.g. image.resize(({w}, {h}))"
+                f"image is {w}x{h} pixels; this model takes sides that are multiples of {unit} pixels (native "
+                f"{native[1]}x{native[0]}): resize or crop it, e.g. image.resize({fit})"
             )
         return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None].clamp(0, 1)  # [1, 3, H, W]
 
@@ -603,7 +616,7 @@ class UAMPipeline:
             elif self.family == "sdxl":
                 cond, _, pooled, _ = pipe.encode_prompt(prompt=[prompt], device=self.device, num_images_per_prompt=1,
                                                         do_classifier_free_guidance=False)
-                emb = {"encoder_hidden_states": cond, "text_embeds": pooled, "time_ids": self._time_ids(pooled)}
+                emb = {"encoder_hidden_states": cond, "text_embeds": pooled}  # micro-conditioning: in predict
             elif self.family == "flux":
                 cond, pooled, _ = pipe.encode_prompt(prompt=[prompt], prompt_2=None, device=self.device,
                                                      num_images_per_prompt=1,
@@ -617,20 +630,20 @@ class UAMPipeline:
             self._embeds[prompt] = emb
         return self._embeds[prompt]
 
-    def _time_ids(self, pooled: torch.Tensor) -> torch.Tensor:
-        """SDXL's micro-conditioning [1, 6] of an uncropped image at the native size, as the
-        SDXL pipeline builds it (original size, crop (0, 0), target size)."""
-        pipe, size = self.pipe, self.image_size
+    def _time_ids(self, pooled: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """SDXL's micro-conditioning [1, 6] of an uncropped ``size`` (H, W) image, as the SDXL
+        pipeline builds it (original size, crop (0, 0), target size)."""
+        pipe = self.pipe
         proj = (int(pooled.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim)
-        return pipe._get_add_time_ids(size, (0, 0), size, dtype=pooled.dtype,
+        return pipe._get_add_time_ids(tuple(size), (0, 0), tuple(size), dtype=pooled.dtype,
                                       text_encoder_projection_dim=proj).to(self.device)
 
     def null_embed(self) -> dict:
         """The unconditional row of CFG: ``""`` encoded, or zeros where the pipeline does so
-        (SDXL's ``force_zeros_for_empty_prompt``; the micro-conditioning stays)."""
+        (SDXL's ``force_zeros_for_empty_prompt``)."""
         emb = self.embed("")
         if self.family == "sdxl" and self.pipe.config.get("force_zeros_for_empty_prompt", False):
-            emb = {k: (v if k == "time_ids" else torch.zeros_like(v)) for k, v in emb.items()}
+            emb = {k: torch.zeros_like(v) for k, v in emb.items()}
         return emb
 
     def embed_batch(self, prompts: Sequence[str]) -> dict:
@@ -651,7 +664,9 @@ class UAMPipeline:
         if self.family == "sd":
             out = model(x, tt, encoder_hidden_states=emb["encoder_hidden_states"], return_dict=False)[0]
         elif self.family == "sdxl":
-            added = {"text_embeds": emb["text_embeds"].to(model.dtype), "time_ids": emb["time_ids"].to(model.dtype)}
+            size = (z.shape[-2] * self.pipe.vae_scale_factor, z.shape[-1] * self.pipe.vae_scale_factor)
+            time_ids = self._time_ids(emb["text_embeds"], size).repeat(x.shape[0], 1)  # [B, 6]
+            added = {"text_embeds": emb["text_embeds"].to(model.dtype), "time_ids": time_ids.to(model.dtype)}
             out = model(x, tt, encoder_hidden_states=emb["encoder_hidden_states"].to(model.dtype),
                         added_cond_kwargs=added, return_dict=False)[0]
         elif self.family == "flux":
@@ -750,7 +765,12 @@ class UAMPipeline:
         items = image if isinstance(image, (list, tuple)) else [image]
         if not items:
             raise ImageInputError("no image given")
-        return torch.cat([self.load_image(im) for im in items])
+        images = [self.load_image(im) for im in items]
+        sizes = sorted({tuple(x.shape[-2:]) for x in images})
+        if len(sizes) > 1:
+            raise ImageInputError(f"the images of one call must share a size; got (H, W) {sizes}: invert them in "
+                                  f"separate calls, or resize them to one size")
+        return torch.cat(images)
 
     @staticmethod
     def _prompts(prompt, n: int) -> list[str]:
@@ -933,7 +953,7 @@ def _model_help(p, default: str = "tiny-sd") -> None:
 def add_invert_arguments(p) -> None:
     """Arguments of ``diffattn invert``."""
     _model_help(p)
-    p.add_argument("image", help="RGB image at the model's size (tiny-sd: 64x64)")
+    p.add_argument("image", help="RGB image, sides multiples of the model's unit (tiny-sd: 16 px; native 64x64)")
     p.add_argument("--prompt", default=None, help="source prompt (default on testbed models: the oracle's caption)")
     p.add_argument("--out", default="result.png", help="PNG: input | source prompt | empty prompt | uniform maps")
     p.add_argument("--steps", type=int, default=None, help="inversion / reconstruction steps (default: the model's)")
@@ -942,7 +962,7 @@ def add_invert_arguments(p) -> None:
 def add_edit_arguments(p) -> None:
     """Arguments of ``diffattn edit``."""
     _model_help(p)
-    p.add_argument("image", help="RGB image at the model's size (tiny-sd: 64x64)")
+    p.add_argument("image", help="RGB image, sides multiples of the model's unit (tiny-sd: 16 px; native 64x64)")
     p.add_argument("--source", default=None, help="source prompt (default on testbed models: the oracle's caption)")
     p.add_argument("--target", required=True, help="target prompt: the source with one word swapped")
     p.add_argument("--out", default="result.png", help="PNG: input | prompt-to-prompt | + UAM | uniform branch")
