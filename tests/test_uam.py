@@ -596,3 +596,25 @@ def test_flux_reconstruction_and_edit(tiny_fresh):
     np.testing.assert_array_equal(np.asarray(edits[0].aux), np.asarray(edits[1].aux))  # aux: distilled_guidance
     with pytest.raises(ControlError, match="distilled_guidance"):
         UAMPipeline(pipe, distilled_guidance=-1.0)
+
+
+@pytest.mark.parametrize("family, target", [("sdxl", "a red square"), ("flux", "a tan circle")])
+def test_cli_on_a_saved_pipeline_folder(tmp_path, capsys, family, target):
+    """The hub-model path, offline: a tiny pipeline saved with save_pretrained (safetensors)
+    and loaded by `--model FOLDER` inverts, edits and runs A-STAR from the command line."""
+    from diffattn.cli import main
+    from diffattn.tiny import tiny_pipeline
+
+    folder = tmp_path / family
+    tiny_pipeline(family, **({"guidance_embeds": True} if family == "flux" else {})).save_pretrained(str(folder))
+    assert any(folder.rglob("*.safetensors")) and not any(folder.rglob("*.bin"))
+    image = tmp_path / "in.png"
+    Image.new("RGB", (16, 16), (200, 40, 40)).save(image)
+    common = ["--model", str(folder), "--steps", "6"]
+    main(["invert", str(image), "--prompt", "a red circle", "--out", str(tmp_path / "inv.png"), *common])
+    assert [ln.split()[0] for ln in capsys.readouterr().out.splitlines() if "PSNR" in ln] == ["source", "empty", "uniform"]
+    main(["edit", str(image), "--source", "a red circle", "--target", target, "--out", str(tmp_path / "edit.png"), *common])
+    assert Image.open(tmp_path / "edit.png").size[1] >= 16
+    main(["generate", "a cat and a dog", "--method", "astar", "--concepts", "cat,dog", "--size", "16",
+          "--out", str(tmp_path / "astar.png"), *common])
+    assert "A-STAR" in capsys.readouterr().out
