@@ -513,7 +513,7 @@ class AStarPipeline:
                     of them per prompt.
         return_attention_maps: also return the concept maps averaged over the steps and
                     PNG-ready heat maps (``out.attention_maps[i][label]``).
-        Other arguments as the wrapped pipeline (``max_sequence_length`` for SD3, ``eta``,
+        Other arguments as the wrapped pipeline (``max_sequence_length`` for SD3 and FLUX, ``eta``,
         ``clip_skip``); the defaults are the pipeline's own (the testbed's for testbed models).
         """
         pipe, cfg, family = self.pipe, self.config, self.family

@@ -26,9 +26,10 @@ UNet pipelines use DDIM (η = 0, the paper's scheduler: scaled-linear betas, no 
 z_next = sqrt(ᾱ_next)·x̂0 + sqrt(1-ᾱ_next)·ε. SD3 (rectified flow) inverts by running the
 Euler ODE backwards: x_{σ_i} = x_{σ_{i+1}} + (σ_i - σ_{i+1})·v(x_{σ_{i+1}}, t_i), the velocity
 taken at the step's own timestep, the mirror of the sampler's step. On SD3 "uniform" is the
-segment-uniform mode (the text keys' share spread uniformly over them). SDXL runs the UNet
-path with the pipeline's own pooled text and micro-conditioning (an uncropped image at the
-native size); the "" of the uniform branch is the encoded empty prompt, while CFG's
+segment-uniform mode (the text keys' share spread uniformly over them). Images may have any
+size whose sides are multiples of ``UAMPipeline.size_unit``. SDXL runs the UNet
+path with the pipeline's own pooled text and micro-conditioning (an uncropped image at its
+own size); the "" of the uniform branch is the encoded empty prompt, while CFG's
 unconditional row is zeros where the pipeline's ``force_zeros_for_empty_prompt`` says so.
 FLUX.1 inverts like SD3 (its own σ grid and dynamic shift, latents packed into 2×2 patches
 inside each forward) with segment-uniform maps on its joint and single-stream sites; being
