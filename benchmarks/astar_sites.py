@@ -70,7 +70,7 @@ def main(argv=None):
             recorder.start(None)
             score = oracle.score(image, prompt)
             groups, _ = astar._concepts_for(prompt, default_concepts(prompt))
-            eot = len(pipe.tokenizer(prompt, truncation=True).input_ids) - 1
+            eot = astar._eot(prompt)
             n_steps = len(per_step)
             found = [(k, score.parsed.objects[j]) for k, j in enumerate(score.matched) if j is not None and score.found[k]]
             if not found:
@@ -82,7 +82,7 @@ def main(argv=None):
                 views.append(("all probed sites", [(probs[0], grid) for _, probs, grid in records], finest))
                 for name, maps, grid in views:
                     attn = aggregate_attention(maps, grid, renorm_text=joint)  # [h, w, T]
-                    positions = text_positions(attn.shape[-1], eot, "prompt")
+                    positions = text_positions(attn.shape[-1], eot, "prompt", first=astar._first_key())
                     for temp in temps:
                         cmaps = concept_maps(attn, groups, positions, temperature=temp)  # [C, h, w]
                         for k, obj in found:

@@ -31,8 +31,9 @@ layout mask (``layout_masks``), which turns A-STAR into layout-guided generation
 
 MMDiT (SD3): the maps are the image-query × text-key block of joint attention, each head's
 row re-normalised over the text keys (``joint_text_norm``) before the A&E steps. Concepts
-are located among the CLIP tokens (the first 77 text keys); the T5 tokens after them are not
-part of the concept maps (the papers' losses are defined on CLIP-conditioned UNets).
+are located among the CLIP tokens (the first 77 text keys) by default, as the papers' losses
+are defined on CLIP-conditioned UNets; ``text_keys="t5"`` locates them in the T5 block after
+them instead (for prompts longer than CLIP's 77 tokens).
 
 FLUX.1: the same joint-attention maps from the double-stream *and* single-stream blocks, whose
 text keys are T5's (CLIP gives only a pooled vector), so concepts are located among the T5
@@ -113,6 +114,11 @@ class AStarConfig:
     text_tokens:        ``"prompt"`` re-normalises over the prompt's own tokens (no start, end
                         or padding tokens); ``"diffusers"`` over keys 1..N-2 as diffusers'
                         A&E pipeline (which keeps the end and padding tokens).
+    text_keys:          whose tokens the concepts are: ``"clip"``, ``"t5"`` or ``"auto"`` (CLIP on
+                        UNets and SD3, T5 on FLUX, whose keys are T5's). On SD3 ``"t5"`` takes the
+                        T5 block of the joint keys (after CLIP's 77): concepts past CLIP's 77 tokens
+                        of a long prompt are found there. Token positions given as concepts count
+                        within the chosen tokenizer's tokens.
     temperature:        the 100 of softmax(100·A). It sets how peaked the maps are, which depends
                         on how much raw attention varies over the image: the tiny testbed models'
                         attention is flatter than SD's: tiny-sd3 needs 1000, tiny-sd keeps 100
@@ -144,6 +150,7 @@ class AStarConfig:
     heads: object = "all"
     resolution: tuple[int, int] | None = None
     text_tokens: str = "prompt"
+    text_keys: str = "auto"
     temperature: float = 100.0
     smooth_size: int = 3
     smooth_sigma: float = 0.5
@@ -184,6 +191,8 @@ class AStarConfig:
         unknown = set(self.losses) - set(LOSSES)
         if unknown or not any(self.losses.values()):
             raise ConceptError(f"losses={self.losses!r}: give a positive weight to at least one of {LOSSES}")
+        if self.text_keys not in ("auto", "clip", "t5"):
+            raise ConceptError(f"text_keys={self.text_keys!r}: use 'auto', 'clip' or 't5'")
         if self.text_tokens not in ("prompt", "diffusers"):
             raise ConceptError(f"text_tokens={self.text_tokens!r}: use 'prompt' or 'diffusers'")
         if self.subtoken not in ("mean", "max"):
@@ -338,22 +347,48 @@ class AStarPipeline:
         return [s.name for s in cross if unet_site_factor(s.name, n_levels) == factor], factor
 
     # ------------------------------------------------------------------ concepts
-    @property
-    def _concept_tokenizer(self):
-        """The tokenizer of the text keys the maps attend to (FLUX: T5, its joint keys)."""
-        return self.pipe.tokenizer_2 if self.family == "flux" else self.pipe.tokenizer
+    def _text_keys(self) -> str:
+        """``"clip"`` or ``"t5"``: whose tokens the concepts are (``AStarConfig.text_keys``)."""
+        keys = self.config.text_keys
+        if keys == "auto":
+            return "t5" if self.family == "flux" else "clip"
+        if keys == "clip" and self.family == "flux":
+            raise ConceptError("text_keys='clip': FLUX's text keys are T5 tokens (CLIP gives only a pooled vector); "
+                               "use 't5' or 'auto'")
+        if keys == "t5" and self.family in ("sd", "sdxl"):
+            raise ConceptError(f"text_keys='t5': this {self.family.upper()} UNet has CLIP text keys only; use 'clip' "
+                               f"or 'auto'")
+        if keys == "t5" and self.family == "sd3" and getattr(self.pipe, "text_encoder_3", None) is None:
+            raise ConceptError("text_keys='t5': this SD3 pipeline was loaded without its T5 encoder (its T5 keys are "
+                               "zeros); load text_encoder_3 or use text_keys='clip'")
+        return keys
+
+    def _key_layout(self) -> tuple[object, bool, int]:
+        """(tokenizer, whether it has a start token, position of its first token among the text
+        keys): CLIP's at 0; FLUX's T5 at 0; SD3's T5 after the CLIP block."""
+        if self._text_keys() == "clip":
+            return self.pipe.tokenizer, True, 0
+        if self.family == "flux":
+            return self.pipe.tokenizer_2, False, 0
+        return self.pipe.tokenizer_3, False, int(self.pipe.tokenizer_max_length)  # SD3: [CLIP (77) | T5]
 
     def _text_length(self, max_sequence_length: int | None) -> int | None:
-        """How many T5 tokens FLUX's text keys hold (its ``max_sequence_length``); CLIP models:
-        ``None``, the tokenizer's own 77."""
-        if self.family != "flux":
+        """How many T5 tokens the text keys hold (``max_sequence_length``); CLIP: ``None``,
+        the tokenizer's own 77."""
+        if self._text_keys() == "clip":
             return None
-        return int(max_sequence_length or call_defaults(self.pipe, "flux").get("max_sequence_length", 512))
+        return int(max_sequence_length or call_defaults(self.pipe, self.family).get("max_sequence_length", 256))
 
     def _eot(self, prompt: str, max_sequence_length: int | None = None) -> int:
-        """Position of the end token (CLIP's EOT; T5's EOS, after truncation to the text keys):
-        the prompt's tokens end before it."""
-        return len(prompt_ids(self._concept_tokenizer, prompt, self._text_length(max_sequence_length))) - 1
+        """Key position of the end token (CLIP's EOT; T5's EOS, after truncation to the text
+        keys): the prompt's tokens end before it."""
+        tokenizer, _, offset = self._key_layout()
+        return offset + len(prompt_ids(tokenizer, prompt, self._text_length(max_sequence_length))) - 1
+
+    def _first_key(self) -> int:
+        """Key position of the prompt's first token (after CLIP's start token)."""
+        _, start, offset = self._key_layout()
+        return offset + int(start)
 
     def _concepts_for(self, prompt: str, concepts, max_sequence_length: int | None = None
                       ) -> tuple[list[list[int]], list[str]]:
@@ -367,8 +402,10 @@ class AStarPipeline:
             concepts = default_concepts(prompt)
         if isinstance(concepts, (str, int)):
             concepts = [concepts]
-        groups = concept_token_indices(self._concept_tokenizer, prompt, concepts, start_token=self.family != "flux",
+        tokenizer, start, offset = self._key_layout()
+        groups = concept_token_indices(tokenizer, prompt, concepts, start_token=start,
                                        max_length=self._text_length(max_sequence_length))
+        groups = [[offset + i for i in g] for g in groups]  # token positions -> key positions
         labels = []
         for c, g in zip(concepts, groups):
             label = c if isinstance(c, str) else "tokens " + ",".join(map(str, g))
@@ -441,7 +478,7 @@ class AStarPipeline:
         res = resolution or records[0][2]
         attn = aggregate_attention([(p[row], grid) for _, p, grid in records], res,
                                    renorm_text=self.family in ("sd3", "flux") and cfg.joint_text_norm)  # [h, w, T]
-        positions = text_positions(attn.shape[-1], eot, cfg.text_tokens, first=0 if self.family == "flux" else 1)
+        positions = text_positions(attn.shape[-1], eot, cfg.text_tokens, first=self._first_key())
         return concept_maps(attn, groups, positions, temperature=cfg.temperature, smooth_size=cfg.smooth_size,
                             smooth_sigma=cfg.smooth_sigma, subtoken=cfg.subtoken,
                             center_tokens=cfg.center_tokens)  # [C, h, w]

@@ -278,6 +278,31 @@ def test_flux_concepts_are_whole_t5_words_within_the_text_keys(tiny_pipe):
     assert torch.isfinite(out.images).all()
 
 
+def test_sd3_concepts_from_the_t5_keys(tiny_pipe):
+    """SD3 with text_keys="t5": concepts are T5 tokens, at key positions after the CLIP block,
+    and the maps re-normalise over the T5 prompt tokens; wrong choices are errors."""
+    pipe = tiny_pipe("sd3")
+    prompt = "a cat and a dog"
+    astar = AStarPipeline(pipe, text_keys="t5", max_iter_to_alter=1)
+    offset, t5 = pipe.tokenizer_max_length, pipe.tokenizer_3
+    groups, _ = astar._concepts_for(prompt, ["cat", "dog"], 16)
+    ids = t5(prompt, truncation=True, max_length=16).input_ids
+    for word, g in zip(["cat", "dog"], groups):
+        assert min(g) >= offset and [ids[i - offset] for i in g] == t5(word, add_special_tokens=False).input_ids
+    assert astar._eot(prompt, 16) == offset + len(ids) - 1 and astar._first_key() == offset
+    clip_groups, _ = AStarPipeline(pipe)._concepts_for(prompt, ["cat", "dog"])
+    assert max(max(g) for g in clip_groups) < offset
+    out = astar(prompt, ["cat", "dog"], num_inference_steps=2, height=16, width=16, max_sequence_length=16,
+                generator=torch.Generator().manual_seed(0), return_attention_maps=True)
+    assert out.concept_maps[0].shape[0] == 2 and torch.isfinite(out.concept_maps[0]).all()
+    with pytest.raises(ConceptError, match="CLIP text keys only"):
+        AStarPipeline(tiny_pipe("sd15"), text_keys="t5")._concepts_for("a cat", ["cat"])
+    with pytest.raises(ConceptError, match="pooled vector"):
+        AStarPipeline(tiny_pipe("flux"), text_keys="clip")._concepts_for("a cat", ["cat"])
+    with pytest.raises(ConceptError, match="'auto', 'clip' or 't5'"):
+        AStarPipeline(pipe, text_keys="both")
+
+
 def test_flux_loop_equals_fluxpipeline_in_bf16(tiny_fresh):
     """In bf16 the timestep is rounded as FluxPipeline rounds it (cast, then / 1000): with no
     update and nothing recorded the images are FluxPipeline's, bit for bit."""
