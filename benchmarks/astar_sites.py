@@ -50,7 +50,7 @@ def main(argv=None):
     pipe = testbed.load(args.model)
     astar = AStarPipeline(pipe)
     sites = args.sites if args.sites is not None else astar._sites()[0]
-    joint = astar.family == "sd3"
+    joint = astar.family in ("sd3", "flux")
     recorder = ConceptRecorder(sites)
     prompts = suite_prompts("two")
     temps = [float(t) for t in args.temperatures.split(",")]

@@ -403,14 +403,18 @@ class AStarPipeline:
         if isinstance(concepts, (str, int)):
             concepts = [concepts]
         tokenizer, start, offset = self._key_layout()
-        groups = concept_token_indices(tokenizer, prompt, concepts, start_token=start,
-                                       max_length=self._text_length(max_sequence_length))
-        groups = [[offset + i for i in g] for g in groups]  # token positions -> key positions
+        try:
+            tokens = concept_token_indices(tokenizer, prompt, concepts, start_token=start,
+                                           max_length=self._text_length(max_sequence_length))
+        except ConceptError as e:
+            if self.family == "sd3" and self._text_keys() == "clip" and "not in the prompt" in str(e):
+                raise ConceptError(f"{e} (SD3: text_keys='t5' finds words past CLIP's 77 tokens)") from None
+            raise
         labels = []
-        for c, g in zip(concepts, groups):
+        for c, g in zip(concepts, tokens):
             label = c if isinstance(c, str) else "tokens " + ",".join(map(str, g))
             labels.append(label if label not in labels else f"{label} ({len(labels)})")
-        return groups, labels
+        return [[offset + i for i in g] for g in tokens], labels  # token positions -> key positions
 
     # ------------------------------------------------------------------ encoding
     def _encode(self, prompts, negative_prompt, n, cfg, height, width, opts):

@@ -506,6 +506,13 @@ class UAMPipeline:
             down = 2 if self.family == "flux" else int(self.denoiser.config.patch_size)
         return int(self.pipe.vae_scale_factor) * down
 
+    @property
+    def max_side(self) -> int | None:
+        """The longest side in pixels the model can embed (SD3's ``pos_embed_max_size`` patches;
+        ``None``: no limit)."""
+        patches = getattr(self.denoiser.config, "pos_embed_max_size", None) if self.family == "sd3" else None
+        return None if patches is None else int(patches) * self.size_unit
+
     def num_steps(self, num_inference_steps: int | None = None) -> int:
         n = num_inference_steps or self.config.num_inference_steps or self.defaults.get("num_inference_steps") or 50
         if int(n) < 1:
@@ -563,6 +570,10 @@ class UAMPipeline:
                 f"image is {w}x{h} pixels; this model takes sides that are multiples of {unit} pixels (native "
                 f"{native[1]}x{native[0]}): resize or crop it, e.g. image.resize({fit})"
             )
+        limit = self.max_side
+        if limit is not None and max(h, w) > limit:
+            raise ImageInputError(f"image is {w}x{h} pixels; this model's position embedding covers sides up to "
+                                  f"{limit} pixels: resize it so that both sides are at most {limit}")
         return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None].clamp(0, 1)  # [1, 3, H, W]
 
     def _latent_stats(self, like: torch.Tensor):

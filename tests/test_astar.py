@@ -268,6 +268,8 @@ def test_flux_concepts_are_whole_t5_words_within_the_text_keys(tiny_pipe):
     ids = t5("cats and a cat").input_ids
     (group,), _ = astar._concepts_for("cats and a cat", ["cat"])  # not the first piece of "cats"
     assert group[0] > 0 and ids[group[0]: group[0] + len(cat)] == cat
+    punctuated, _ = astar._concepts_for("a cat, a dog.", ["cat", "dog"])  # punctuation ends a word
+    assert len(punctuated) == 2
     long = "a cat and a dog " + "and a bird " * 30
     assert astar._eot(long, 8) == 7 and len(t5(long).input_ids) > 8
     assert astar._concepts_for(long, ["cat"], 8)[0] == astar._concepts_for(long, ["cat"])[0]
@@ -292,6 +294,8 @@ def test_sd3_concepts_from_the_t5_keys(tiny_pipe):
     assert astar._eot(prompt, 16) == offset + len(ids) - 1 and astar._first_key() == offset
     clip_groups, _ = AStarPipeline(pipe)._concepts_for(prompt, ["cat", "dog"])
     assert max(max(g) for g in clip_groups) < offset
+    (label,) = astar._concepts_for(prompt, [[1, 2]], 16)[1]
+    assert label == "tokens 1,2"  # the positions as given, within T5's tokens
     out = astar(prompt, ["cat", "dog"], num_inference_steps=2, height=16, width=16, max_sequence_length=16,
                 generator=torch.Generator().manual_seed(0), return_attention_maps=True)
     assert out.concept_maps[0].shape[0] == 2 and torch.isfinite(out.concept_maps[0]).all()

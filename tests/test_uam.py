@@ -450,6 +450,10 @@ def test_bad_input_raises_typed_errors(tiny_pipe, testbed_sd):
     assert not any(type(p).__module__.startswith("diffattn") for p in pipe.unet.attn_processors.values())
     with pytest.raises(UnsupportedModelError, match="UAMPipeline supports"):
         UAMPipeline(tiny_pipe("flux_kontext"))
+    sd3 = UAMPipeline(tiny_pipe("sd3"), progress=False)  # SD3 embeds at most pos_embed_max_size patches a side
+    too_tall = sd3.max_side + sd3.size_unit
+    with pytest.raises(ImageInputError, match=f"sides up to {sd3.max_side} pixels"):
+        sd3.invert(np.zeros((too_tall, 16, 3), np.uint8), "a red circle", num_inference_steps=1)
 
     uam = UAMPipeline(testbed_sd)
     img, cap = scene(2)

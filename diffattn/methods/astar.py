@@ -61,11 +61,13 @@ def _describe_tokens(tokenizer, prompt: str, max_length: int | None = None) -> s
 
 def _continues_word(tokenizer, token_id: int) -> bool:
     """Whether a SentencePiece token (T5) continues the word before it: it lacks the word-start
-    mark "▁" and is not a special token. (CLIP's BPE marks word *ends* inside the concept's
-    own tokens, so its matches are whole words already.)"""
+    mark "▁" and begins with a letter or digit (punctuation such as "," or "." ends the word;
+    special tokens do too). (CLIP's BPE marks word *ends* inside the concept's own tokens, so
+    its matches end at word ends already.)"""
     if token_id in set(tokenizer.all_special_ids):
         return False
-    return not tokenizer.convert_ids_to_tokens(int(token_id)).startswith("\u2581")
+    token = tokenizer.convert_ids_to_tokens(int(token_id))
+    return not token.startswith("\u2581") and token[:1].isalnum()
 
 
 def concept_token_indices(tokenizer, prompt: str, concepts: Sequence, *, start_token: bool = True,
