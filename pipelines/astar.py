@@ -113,7 +113,8 @@ class AStarConfig:
                         Maps of other sites are resized to it bilinearly.
     text_tokens:        ``"prompt"`` re-normalises over the prompt's own tokens (no start, end
                         or padding tokens); ``"diffusers"`` over keys 1..N-2 as diffusers'
-                        A&E pipeline (which keeps the end and padding tokens).
+                        A&E pipeline (which keeps the end and padding tokens), N counted within
+                        the chosen ``text_keys`` block (on SD3 with CLIP: its 77 keys).
     text_keys:          whose tokens the concepts are: ``"clip"``, ``"t5"`` or ``"auto"`` (CLIP on
                         UNets and SD3, T5 on FLUX, whose keys are T5's). On SD3 ``"t5"`` takes the
                         T5 block of the joint keys (after CLIP's 77): concepts past CLIP's 77 tokens
@@ -385,6 +386,13 @@ class AStarPipeline:
         tokenizer, _, offset = self._key_layout()
         return offset + len(prompt_ids(tokenizer, prompt, self._text_length(max_sequence_length))) - 1
 
+    def _positions(self, n_keys: int, eot: int) -> torch.Tensor:
+        """Key positions the maps are re-normalised over (``text_tokens``), within the chosen
+        block of the ``n_keys`` text keys (SD3 with CLIP: its first 77, not the T5 keys after)."""
+        if self.family == "sd3" and self._text_keys() == "clip":
+            n_keys = int(self.pipe.tokenizer_max_length)
+        return text_positions(n_keys, eot, self.config.text_tokens, first=self._first_key())
+
     def _first_key(self) -> int:
         """Key position of the prompt's first token (after CLIP's start token)."""
         _, start, offset = self._key_layout()
@@ -482,7 +490,7 @@ class AStarPipeline:
         res = resolution or records[0][2]
         attn = aggregate_attention([(p[row], grid) for _, p, grid in records], res,
                                    renorm_text=self.family in ("sd3", "flux") and cfg.joint_text_norm)  # [h, w, T]
-        positions = text_positions(attn.shape[-1], eot, cfg.text_tokens, first=self._first_key())
+        positions = self._positions(attn.shape[-1], eot)
         return concept_maps(attn, groups, positions, temperature=cfg.temperature, smooth_size=cfg.smooth_size,
                             smooth_sigma=cfg.smooth_sigma, subtoken=cfg.subtoken,
                             center_tokens=cfg.center_tokens)  # [C, h, w]

@@ -294,6 +294,12 @@ def test_sd3_concepts_from_the_t5_keys(tiny_pipe):
     assert astar._eot(prompt, 16) == offset + len(ids) - 1 and astar._first_key() == offset
     clip_groups, _ = AStarPipeline(pipe)._concepts_for(prompt, ["cat", "dog"])
     assert max(max(g) for g in clip_groups) < offset
+    n_keys = offset + 16  # [CLIP block | 16 T5 keys]
+    clip_eot = AStarPipeline(pipe)._eot(prompt)
+    assert astar._positions(n_keys, astar._eot(prompt, 16)).tolist() == list(range(offset, astar._eot(prompt, 16)))
+    diffusers = {k: AStarPipeline(pipe, text_keys=k, text_tokens="diffusers") for k in ("clip", "t5")}
+    assert diffusers["clip"]._positions(n_keys, clip_eot).tolist() == list(range(1, offset - 1))  # CLIP block only
+    assert diffusers["t5"]._positions(n_keys, astar._eot(prompt, 16)).tolist() == list(range(offset, n_keys - 1))
     (label,) = astar._concepts_for(prompt, [[1, 2]], 16)[1]
     assert label == "tokens 1,2"  # the positions as given, within T5's tokens
     out = astar(prompt, ["cat", "dog"], num_inference_steps=2, height=16, width=16, max_sequence_length=16,
