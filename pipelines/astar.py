@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from diffattn.errors import UnsupportedModelError
-from diffattn.pipelines import configure
+from diffattn.pipelines import configure, flow_timestep_kwargs, latent_stats, vae_upcast
 from diffattn.methods.astar import (
     LOSSES,
     ConceptError,
@@ -76,6 +76,7 @@ from diffattn.methods.astar import (
     text_positions,
 )
 
+MMDIT_FAMILIES = ("sd3", "flux")  # joint-attention transformers on flow-matching schedules
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline (SD1.x, SD2.x), StableDiffusionXLPipeline, StableDiffusion3Pipeline and "
                        "FluxPipeline")
 
@@ -480,7 +481,7 @@ class AStarPipeline:
                               return_dict=False)[0]
 
     def _scale(self, x, t):
-        if self.family in ("sd3", "flux"):
+        if self.family in MMDIT_FAMILIES:
             return x
         return self.pipe.scheduler.scale_model_input(x, t)
 
@@ -489,7 +490,7 @@ class AStarPipeline:
         cfg = self.config
         res = resolution or records[0][2]
         attn = aggregate_attention([(p[row], grid) for _, p, grid in records], res,
-                                   renorm_text=self.family in ("sd3", "flux") and cfg.joint_text_norm)  # [h, w, T]
+                                   renorm_text=self.family in MMDIT_FAMILIES and cfg.joint_text_norm)  # [h, w, T]
         positions = self._positions(attn.shape[-1], eot)
         return concept_maps(attn, groups, positions, temperature=cfg.temperature, smooth_size=cfg.smooth_size,
                             smooth_sigma=cfg.smooth_sigma, subtoken=cfg.subtoken,
@@ -590,7 +591,6 @@ class AStarPipeline:
                 raise ConceptError("FLUX is guidance-distilled and runs no unconditional branch here, so a "
                                    "negative_prompt would be ignored: leave it out (guidance_scale sets FLUX's "
                                    "guidance embedding)")
-        self._size = (height, width)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ConceptError("AStarPipeline needs at least one prompt")
@@ -606,7 +606,7 @@ class AStarPipeline:
         timesteps, T = self._timesteps(steps, device, height, width)
         latents = self._latents(B, height, width, cond["encoder_hidden_states"].dtype, device, generator, latents)
         extra = {}
-        if family not in ("sd3", "flux"):
+        if family not in MMDIT_FAMILIES:
             extra = pipe.prepare_extra_step_kwargs(generator, opts["eta"])
 
         selector, factor = self._sites()
@@ -641,7 +641,7 @@ class AStarPipeline:
                 return {"uncond": slice(0, B), "cond": slice(B, 2 * B)}
             return {"cond": slice(0, batch)}
 
-        denoiser = pipe.transformer if family in ("sd3", "flux") else pipe.unet
+        denoiser = pipe.transformer if family in MMDIT_FAMILIES else pipe.unet
         with attach(pipe, rec) as handle, handle.branches(branches), pipe.progress_bar(total=T) as bar, \
                 _no_weight_grads(denoiser):
             for i, t in enumerate(timesteps):
@@ -678,7 +678,7 @@ class AStarPipeline:
                 latents = pipe.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
                 bar.update()
 
-        images = self._decode(latents, output_type)
+        images = self._decode(latents, output_type, height, width)
         out = AStarOutput(images=images, losses=history)
         if return_attention_maps:
             out.concept_maps = [s / max(n, 1) for s, n in zip(sums, counts)]
@@ -693,28 +693,12 @@ class AStarPipeline:
     # ------------------------------------------------------------------ pieces of the loop
     def _timesteps(self, steps, device, height, width):
         pipe = self.pipe
-        if self.family == "flux":
-            from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+        if self.family in MMDIT_FAMILIES:
+            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import retrieve_timesteps
 
-            c = pipe.scheduler.config
-            sigmas = None if c.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / steps, steps)
-            n = (height // pipe.vae_scale_factor // 2) * (width // pipe.vae_scale_factor // 2)
-            mu = calculate_shift(n, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
-                                 c.get("base_shift", 0.5), c.get("max_shift", 1.15))
-            timesteps, steps = retrieve_timesteps(pipe.scheduler, steps, device, sigmas=sigmas, mu=mu)
-        elif self.family == "sd3":
-            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
-                calculate_shift,
-                retrieve_timesteps,
-            )
-
-            kw = {}
-            if pipe.scheduler.config.get("use_dynamic_shifting", None):
-                p = pipe.transformer.config.patch_size
-                n = (height // pipe.vae_scale_factor // p) * (width // pipe.vae_scale_factor // p)
-                c = pipe.scheduler.config
-                kw["mu"] = calculate_shift(n, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
-                                           c.get("base_shift", 0.5), c.get("max_shift", 1.16))
+            p = 2 if self.family == "flux" else pipe.transformer.config.patch_size  # FLUX packs 2×2 latent patches
+            n = (height // pipe.vae_scale_factor // p) * (width // pipe.vae_scale_factor // p)
+            kw = flow_timestep_kwargs(pipe.scheduler.config, steps, n, flux=self.family == "flux")
             timesteps, steps = retrieve_timesteps(pipe.scheduler, steps, device, **kw)
         else:
             from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
@@ -758,31 +742,25 @@ class AStarPipeline:
             out.append((m >= 0.5).float())
         return out
 
-    def _decode(self, latents, output_type):
+    def _decode(self, latents, output_type, height: int, width: int):
         pipe = self.pipe
         if output_type == "latent":
             return latents
         vae = pipe.vae
         if self.family == "flux":
-            latents = pipe._unpack_latents(latents, self._size[0], self._size[1], pipe.vae_scale_factor)  # [B, C, h, w]
-        if self.family in ("sd3", "flux"):
+            latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)  # [B, C, h, w]
+        if self.family in MMDIT_FAMILIES:
             latents = latents / vae.config.scaling_factor + vae.config.shift_factor
             image = vae.decode(latents, return_dict=False)[0]
             return pipe.image_processor.postprocess(image, output_type=output_type)
-        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
-        if upcast:
-            pipe.upcast_vae()
-            latents = latents.to(next(iter(vae.post_quant_conv.parameters())).dtype)
-        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-        if self.family == "sdxl" and mean is not None and std is not None:
-            mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
-            std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
-            latents = latents * std / vae.config.scaling_factor + mean
-        else:
-            latents = latents / vae.config.scaling_factor
-        image = vae.decode(latents, return_dict=False)[0]
-        if upcast:
-            vae.to(dtype=torch.float16)
+        with vae_upcast(vae):
+            latents = latents.to(vae.dtype)
+            mean, std = latent_stats(vae, latents) if self.family == "sdxl" else (None, None)
+            if mean is not None:
+                latents = latents * std / vae.config.scaling_factor + mean
+            else:
+                latents = latents / vae.config.scaling_factor
+            image = vae.decode(latents, return_dict=False)[0]
         denorm = [True] * image.shape[0]
         if self.family == "sd" and getattr(pipe, "safety_checker", None) is not None:
             image, nsfw = pipe.run_safety_checker(image, pipe._execution_device, latents.dtype)

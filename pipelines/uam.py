@@ -57,7 +57,6 @@ auxiliary branch runs as its own forward, so it never touches the editor's state
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -70,7 +69,7 @@ from tqdm.auto import tqdm
 
 from diffattn.controls import Control
 from diffattn.errors import ControlError, DiffattnError, UnsupportedModelError
-from diffattn.pipelines import configure
+from diffattn.pipelines import configure, flow_timestep_kwargs, latent_stats, vae_upcast
 from diffattn.methods.p2p import PromptToPromptReplace
 from diffattn.methods.uniform import MASK_CONVENTIONS, UniformAttention, blend_x0, edit_mask, quantile_schedule
 
@@ -233,15 +232,7 @@ def flow_steps(scheduler_config, num_steps: int, image_seq_len: int, *, flux: bo
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     sched = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
-    kw = {}
-    if flux and not sched.config.get("use_flow_sigmas", False):
-        kw["sigmas"] = np.linspace(1.0, 1 / num_steps, num_steps)
-    if sched.config.get("use_dynamic_shifting", False):
-        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
-
-        kw["mu"] = calculate_shift(image_seq_len, sched.config.get("base_image_seq_len", 256),
-                                   sched.config.get("max_image_seq_len", 4096), sched.config.get("base_shift", 0.5),
-                                   sched.config.get("max_shift", 1.15 if flux else 1.16))
+    kw = flow_timestep_kwargs(sched.config, num_steps, image_seq_len, flux=flux)
     sched.set_timesteps(None if "sigmas" in kw else num_steps, **kw)
     sig = sched.sigmas.double()
     return [Step(float(t), float(sig[i]), float(sig[i + 1])) for i, t in enumerate(sched.timesteps)]
@@ -577,13 +568,9 @@ class UAMPipeline:
         return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None].clamp(0, 1)  # [1, 3, H, W]
 
     def _latent_stats(self, like: torch.Tensor):
-        """(mean, std) [1, C, 1, 1] of a VAE that standardises its latents per channel (some
-        SDXL VAEs), else (None, None)."""
-        cfg = self.pipe.vae.config
-        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
-        if self.family in FLOW_FAMILIES or mean is None or std is None:
-            return None, None
-        return (torch.tensor(mean).view(1, -1, 1, 1).to(like), torch.tensor(std).view(1, -1, 1, 1).to(like))
+        """(mean, std) of a UNet VAE that standardises its latents (:func:`latent_stats`);
+        SD3 and FLUX VAEs use their shift factor instead."""
+        return (None, None) if self.family in FLOW_FAMILIES else latent_stats(self.pipe.vae, like)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -591,7 +578,7 @@ class UAMPipeline:
         scaled as the pipeline's decoder expects (SD: ·scaling; SD3, FLUX: (· - shift)·scaling;
         a VAE with ``latents_mean``/``latents_std``: (· - mean)·scaling / std)."""
         vae = self.pipe.vae
-        with _vae_upcast(vae):
+        with vae_upcast(vae):
             x = (images * 2 - 1).to(self.device, vae.dtype)  # [-1, 1]
             mean = vae.encode(x).latent_dist.mean.float()  # [B, C, h, w]
         cfg = vae.config
@@ -613,7 +600,7 @@ class UAMPipeline:
         mu, sigma = self._latent_stats(z)
         if mu is not None:
             z = z * sigma + mu
-        with _vae_upcast(vae):
+        with vae_upcast(vae):
             x = vae.decode(z.to(self.device, vae.dtype), return_dict=False)[0].float()
         return ((x + 1) / 2).clamp(0, 1).cpu()
 
@@ -691,21 +678,19 @@ class UAMPipeline:
         return out.float()
 
     def _flux_forward(self, x: torch.Tensor, t: torch.Tensor, emb: dict, guidance: float) -> torch.Tensor:
-        """FLUX's transformer on latents [B, C, h, w]: packed into 2×2 patch tokens and back, as
-        FluxPipeline does (``_pack_latents`` / ``_unpack_latents``), with its position ids."""
-        model, B, C, h, w = self.denoiser, *x.shape
-        tokens = x.view(B, C, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, (h // 2) * (w // 2), C * 4)
-        img_ids = torch.zeros(h // 2, w // 2, 3)  # [h/2, w/2, (0, row, col)]
-        img_ids[..., 1] += torch.arange(h // 2)[:, None]
-        img_ids[..., 2] += torch.arange(w // 2)[None, :]
+        """FLUX's transformer on latents [B, C, h, w]: packed into 2×2 patch tokens and back with
+        FluxPipeline's own ``_pack_latents`` / ``_unpack_latents``, and its position ids."""
+        pipe, model, (B, C, h, w) = self.pipe, self.denoiser, x.shape
+        f = pipe.vae_scale_factor
+        tokens = pipe._pack_latents(x, B, C, h, w)  # [B, (h/2)(w/2), 4C]
+        img_ids = pipe._prepare_latent_image_ids(B, h // 2, w // 2, self.device, model.dtype)  # [(h/2)(w/2), 3]
         text = emb["encoder_hidden_states"]
         g = torch.full([B], float(guidance), device=self.device) if model.config.guidance_embeds else None
         out = model(hidden_states=tokens, timestep=t.expand(B).to(model.dtype) / 1000, guidance=g,  # FluxPipeline's order
                     pooled_projections=emb["pooled_projections"].to(model.dtype), encoder_hidden_states=text.to(model.dtype),
                     txt_ids=torch.zeros(text.shape[1], 3, device=self.device, dtype=model.dtype),
-                    img_ids=img_ids.reshape(-1, 3).to(self.device, model.dtype), return_dict=False)[0]
-        # [B, (h/2)(w/2), 4C] -> [B, C, h, w]
-        return out.view(B, h // 2, w // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C, h, w)
+                    img_ids=img_ids, return_dict=False)[0]
+        return pipe._unpack_latents(out, h * f, w * f, f)  # [B, C, h, w]
 
     def _session(self, *extra: Control):
         """attach() with the uniform control (acting on batch rows named "aux") and ``extra``."""
@@ -907,20 +892,6 @@ class UAMPipeline:
                 z = self.solver.compose(x0, noise, s.low)
         images = self.decode(z if z_aux is None else torch.cat([z, z_aux])).permute(0, 2, 3, 1).numpy()  # [b, H, W, 3]
         return EditOutput(_pil(images[0]), _pil(images[1]), _pil(images[2]) if uam else None, masks, inv)
-
-
-@contextlib.contextmanager
-def _vae_upcast(vae):
-    """Run an fp16 VAE in fp32 where its config asks (``force_upcast``: SDXL's VAE overflows in
-    fp16), as the diffusers pipelines do; its dtype is restored after."""
-    upcast = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
-    if upcast:
-        vae.to(torch.float32)
-    try:
-        yield
-    finally:
-        if upcast:
-            vae.to(torch.float16)
 
 
 def _pil(arr: np.ndarray) -> Image.Image:
