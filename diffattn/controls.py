@@ -27,11 +27,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import ControlError
 from .layout import TokenLayout
+
+if TYPE_CHECKING:
+    from .kernels import BlockSparsePlan
 
 # ----------------------------------------------------------------------------- steps
 
@@ -163,13 +167,21 @@ class AttentionSpec:
     bias:         additive float bias or boolean mask (True = may attend) broadcastable to
                   ``[B, H, Nq, Nk]``; compose several with :meth:`add_bias`.
     uniform_keys: a :class:`UniformKeys` (or a key segment name).
+    sparse:       a :class:`diffattn.kernels.BlockSparsePlan` (reserved for block-sparse
+                  attention): only the selected key blocks of each query block are attended
+                  to, exactly (the plan's token mask ANDed into ``bias``; taps see it too).
+                  Validated against the call's shapes by the kernel.
     return_lse:   keep the row log-sum-exp in ``call.lse`` (set automatically for taps).
+
+    The processor hands it to the kernel as one :class:`diffattn.kernels.KernelSpec`
+    (:func:`diffattn.processors.base.kernel_spec`: segment names resolved to key positions).
     """
 
     head_blend: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     uniform_keys: UniformKeys | None = None
     return_lse: bool = False
+    sparse: BlockSparsePlan | None = None
     # head_blend is a control's cached tensor (set with share_head_blend): copy before editing
     head_blend_shared: bool = False
 
@@ -252,7 +264,7 @@ class AttentionCall:
     """
 
     __slots__ = ("site", "_layout", "_layout_fn", "q", "k", "v", "step", "branches", "scale", "spec", "taps",
-                 "lse", "part", "context", "_rows_cache")
+                 "lse", "part", "context", "scratch", "_rows_cache")
 
     def __init__(self, site, layout, q, k, v, step: StepState | None = None, branches: dict | None = None, *,
                  scale: float | None = None, spec: AttentionSpec | None = None, part: str = "main", context=None):
@@ -270,6 +282,7 @@ class AttentionCall:
         self.lse: torch.Tensor | None = None
         self.part = part
         self.context = context
+        self.scratch: dict = {}  # values a control keeps between its hooks of this call, keyed by id(control)
         self._rows_cache: dict = {}
 
     # ------------------------------------------------------------------ layout
@@ -467,8 +480,22 @@ class Control:
 
     def block_hooks(self, model) -> list:
         """``(module name, diffusers ModelHook)`` pairs to register on ``model`` (between-block
-        methods); the engine removes them on detach."""
+        methods); the engine removes them on detach. A hook reads the current forward's step,
+        branches and prompt groups through :attr:`context`."""
         return []
+
+    @property
+    def context(self):
+        """The :class:`~diffattn.engine.ForwardContext` of the denoiser forward running now on
+        the model this control is attached to (``None`` when detached or between forwards).
+        Block hooks read it; inside attention use ``call.context``."""
+        engine = getattr(self, "_diffattn_engine", None)
+        return engine.context if engine is not None else None
+
+    @property
+    def engine(self):
+        """The engine of the attach this control belongs to (``None`` when detached)."""
+        return getattr(self, "_diffattn_engine", None)
 
     def guidance_scale(self, step: StepState) -> float:
         """Scale s of this control's extra branch at ``step``: the pipeline's prediction gains
