@@ -10,7 +10,8 @@
 diffusers ``ModelHook`` on each denoiser (``unet`` / ``transformer`` / ``transformer_2``).
 Before every denoiser forward the hook records what the processors need in a
 :class:`ForwardContext`: the step (index, timestep, sigma, step count), the batch branch
-layout, the latent grid, the text length and (FLUX Kontext) the context-image split. When a
+layout, and the family's own record (``diffattn.families``: latent grid, text length, FLUX
+Kontext's context-image split, Wan's video grid). When a
 control declares an extra branch, the same hook runs the guidance wrapper
 (``diffattn.guidance``) around the forward.
 
@@ -20,8 +21,9 @@ after attach (or ``handle.reset_steps()``), when the pipeline's scheduler has no
 yet (``scheduler.step_index is None``, true at the first step of every call of a pipeline
 with a k-diffusion/flow-matching scheduler), or, for schedulers without a step index (DDIM,
 PNDM), when the timestep rises (timesteps fall within a run). A pipeline passing
-``cache_context(..., step_index=i)`` (Wan) sets it directly; ``handle.set_step(i)`` pins it
-(custom loops such as inversion, whose timesteps rise).
+``cache_context(..., step_index=i)`` (Wan) sets it directly; the run state's ``step``
+(``attach(..., run=RunState)``, or ``handle.set_step(i)``) pins it (custom loops such as
+inversion, whose timesteps rise); its ``num_steps`` is the run's length when set.
 
 Branches: ``{"uncond": rows, "cond": rows}`` when the pipeline runs classifier-free guidance
 in one batch (SD, SDXL, SD3: ``pipe.do_classifier_free_guidance`` and an even batch); the
