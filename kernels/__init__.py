@@ -1,6 +1,6 @@
 """``diffattn.kernels``: the one attention function every diffattn processor calls.
 
-    attention(q, k, v, *, scale=None, head_blend=None, bias=None, return_lse=False, backend="auto")
+    attention(q, k, v, *, scale=None, head_blend=None, bias=None, return_lse=False, backend="auto", spec=None)
     attention_probs(q, k_subset, lse, *, scale=None, bias_subset=None, backend="auto")
 
 q is [B, H, Nq, D]; k, v are [B, H, Nk, D]. The output is [B, H, Nq, D] in q's dtype.
@@ -16,17 +16,26 @@ q is [B, H, Nq, D]; k, v are [B, H, Nk, D]. The output is [B, H, Nq, D] in q's d
   reference) of the scaled scores plus bias over all keys. Exact taps, segment-uniform
   attention and LSE merges use it.
 
+- ``spec``: a :class:`KernelSpec` instead of the field arguments, the whole request as one
+  object (what the processors pass): ``head_blend``, ``bias``, ``return_lse`` as above, plus
+  ``uniform_keys`` (a :class:`SegmentUniform`: segment-uniform keys, see below) and ``sparse``
+  (a :class:`BlockSparsePlan`: attend only to the selected key blocks of each query block;
+  exact on every backend, rows with no selected key give 0 and lse -inf). Pass either ``spec``
+  or the field arguments, not both. The return follows ``spec.return_lse``.
+
 ``attention_probs`` is the tap: ``exp(q·k_subsetᵀ·scale + bias_subset - lse)`` [B, H, Nq, Ns]
 (fp32) for a query segment and a key subset, given the *full-row* lse of the main call, so the
 L×L matrix is never stored; it is differentiable in q, k_subset and lse.
 
-Controls that need no kernel change, because they are exact output-space identities:
+Composites that need no kernel of their own, because they are exact output-space identities
+(:mod:`diffattn.kernels.composite`, exported here):
 
-- **UAM** (uniform attention over a key segment S): a uniform map over S gives
-  ``(1/|S|)·Σ_{j∈S} v_j``, the mean of V over the segment, a [B, H, 1, D] vector; to keep the
-  other keys' softmax and give S its original total share, weight it by
-  ``exp(lse_S - lse_all)`` and combine with the attention over the other keys through their
-  LSEs (log-sum-exp merge of partial attentions). Only means and LSEs are needed.
+- **UAM** (uniform attention over a key segment S, :func:`uniform_keys_attention`,
+  :func:`segment_uniform_attention`): a uniform map over S gives ``(1/|S|)·Σ_{j∈S} v_j``, the
+  mean of V over the segment, a [B, H, 1, D] vector; to keep the other keys' softmax and give S
+  its original total share, weight it by ``exp(lse_S - lse_all)`` and combine with the
+  attention over the other keys through their LSEs (:func:`merge_lse`, the log-sum-exp merge of
+  partial attentions). Only means and LSEs are needed.
 - **VMix** (value-mixed cross-attention): attention output is linear in V, so
   ``A·(α V₁ + (1-α) V₂) = α A·V₁ + (1-α) A·V₂``: mixing the values before the call is the same
   kernel call on the mixed V.
@@ -46,8 +55,19 @@ Dispatch (one point, flash-attention interface style):
   otherwise. A blend or bias alone goes to SDPA (flash / memory-efficient) plus the exact
   output-space blend (one ``torch.lerp``): on an H100 the vendor kernels are the faster
   choice there (benchmarks/RESULTS.md, "GPU figures").
+- ``with use_backend("triton"):`` makes calls that leave ``backend="auto"`` (every processor's
+  call) take that backend instead, e.g. to run a whole pipeline on the Triton kernels on CPU
+  under the interpreter, or on the reference on CUDA.
+
+torch.compile: the Triton launches are ``torch.library`` custom ops (``diffattn::attention``,
+``diffattn::attention_backward``, ``diffattn::attention_probs``) with fake (meta)
+implementations and registered autograd, so a compiled model traces them as single graph
+nodes, without graph breaks, on CPU (interpreter) and CUDA; the reference path is plain torch
+and traces as such.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -56,8 +76,11 @@ import torch
 # name); it must then import cleanly (and, having no __version__, is judged not to be it).
 from diffattn.kernels.errors import KernelError
 from diffattn.kernels.reference import attention_probs_reference, attention_reference
+from diffattn.kernels.spec import BlockSparsePlan, KernelSpec, SegmentUniform
 
-__all__ = ["attention", "attention_probs", "KernelError", "BACKENDS", "triton_available"]
+__all__ = ["attention", "attention_probs", "KernelError", "BACKENDS", "triton_available", "use_backend",
+           "KernelSpec", "SegmentUniform", "BlockSparsePlan", "merge_lse", "blend_heads", "uniform_keys_attention",
+           "segment_uniform_attention"]
 
 BACKENDS = ("auto", "torch", "triton")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -124,12 +147,45 @@ def _check(q, k, v, head_blend, bias, backend):
     _check_bias(bias, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]), q)
 
 
-def attention(q, k, v, *, scale=None, head_blend=None, bias=None, return_lse=False, backend="auto"):
+def attention(q, k, v, *, scale=None, head_blend=None, bias=None, return_lse=False, backend="auto", spec=None):
     """Attention with per-head identity blend, bias/mask and optional row LSE (see the module doc).
 
-    Returns ``out`` [B, H, Nq, D], or ``(out, lse)`` with lse [B, H, Nq] when ``return_lse``.
+    Returns ``out`` [B, H, Nq, D], or ``(out, lse)`` with lse [B, H, Nq] when ``return_lse``
+    (``spec.return_lse`` when a :class:`KernelSpec` is given as ``spec``).
     """
+    if spec is None:
+        _check(q, k, v, head_blend, bias, backend)
+        return _dense(q, k, v, scale, head_blend, bias, return_lse, backend)
+    if not isinstance(spec, KernelSpec):
+        raise KernelError(f"spec must be a diffattn.kernels.KernelSpec; got {type(spec).__name__} (a control's "
+                          f"AttentionSpec becomes one through diffattn.processors.base.kernel_spec(call))")
+    if head_blend is not None or bias is not None or return_lse:
+        raise KernelError("pass either spec= or the field arguments (head_blend, bias, return_lse), not both: "
+                          "put them into the KernelSpec")
+    head_blend, bias, uniform, sparse, need_lse = spec.head_blend, spec.bias, spec.uniform_keys, spec.sparse, spec.return_lse
     _check(q, k, v, head_blend, bias, backend)
+    if uniform is not None:
+        if not isinstance(uniform, SegmentUniform):
+            raise KernelError(f"spec.uniform_keys must be a diffattn.kernels.SegmentUniform (key positions); got "
+                              f"{type(uniform).__name__}")
+        uniform.check(q, k)
+    if sparse is not None:
+        if not isinstance(sparse, BlockSparsePlan):
+            raise KernelError(f"spec.sparse must be a diffattn.kernels.BlockSparsePlan; got {type(sparse).__name__}")
+        sparse.check(q, k)
+        bias = sparse.masked_bias(bias, q.shape[2], k.shape[2])
+    if uniform is not None:
+        out, lse = segment_uniform_attention(q, k, v, uniform, scale=scale, head_blend=head_blend, bias=bias,
+                                             need_lse=need_lse, backend=backend)
+        return (out, lse) if need_lse else out
+    if sparse is not None and not need_lse:
+        # the LSE route defines rows left without keys (out = 0) on every backend; SDPA may give NaN there
+        return _dense(q, k, v, scale, head_blend, bias, True, backend)[0]
+    return _dense(q, k, v, scale, head_blend, bias, need_lse, backend)
+
+
+def _dense(q, k, v, scale, head_blend, bias, return_lse, backend):
+    """One kernel call of validated inputs, on the backend :func:`_use_triton` picks."""
     if _use_triton(backend, q, k, v, bias, need_lse=return_lse):
         from diffattn.kernels.triton_attention import attention_triton
 
@@ -182,9 +238,28 @@ def triton_available() -> bool:
     return _TRITON_OK
 
 
+_AUTO_BACKEND = "auto"  # what backend="auto" means; set by use_backend
+
+
+@contextlib.contextmanager
+def use_backend(backend: str):
+    """Within the block, calls that leave ``backend="auto"`` take ``backend`` ("torch" or
+    "triton"; "auto" restores the dispatch rule). Explicit ``backend=`` arguments still win.
+    Enter it outside a compiled region (it is host state; torch.compile guards on it)."""
+    global _AUTO_BACKEND
+    _check_backend(backend)
+    previous, _AUTO_BACKEND = _AUTO_BACKEND, backend
+    try:
+        yield
+    finally:
+        _AUTO_BACKEND = previous
+
+
 def _use_triton(backend, q, k, v, bias, need_lse: bool = True) -> bool:
     """The one dispatch decision: Triton for "triton", and for "auto" on supported CUDA inputs
-    of a call that needs the LSE (taps always do)."""
+    of a call that needs the LSE (taps always do); "auto" reads :func:`use_backend` first."""
+    if backend == "auto":
+        backend = _AUTO_BACKEND
     if backend == "torch":
         return False
     if backend == "triton":
@@ -197,3 +272,12 @@ def _use_triton(backend, q, k, v, bias, need_lse: bool = True) -> bool:
     from diffattn.kernels.triton_attention import unsupported
 
     return unsupported(q, k, v, bias) is None
+
+
+# last: the composites call attention() (defined above)
+from diffattn.kernels.composite import (  # noqa: E402
+    blend_heads,
+    merge_lse,
+    segment_uniform_attention,
+    uniform_keys_attention,
+)

@@ -8,6 +8,9 @@ L×L matrix is never formed.
 Backward (torch, O(Nq·Ns) like the output itself), with dS = dP ⊙ P:
 ``dq = scale·dS k``, ``dk = scale·dSᵀ q``, ``dlse = -Σ_j dS``, ``dbias = dS`` (reduced to the
 bias' shape). A-STAR and DeContext differentiate their losses through these taps.
+
+The launch is the ``torch.library`` custom op ``diffattn::attention_probs`` (fake
+implementation and that backward registered), so torch.compile traces a tap as one node.
 """
 from __future__ import annotations
 
@@ -95,43 +98,55 @@ def _reduce_to(grad: torch.Tensor, shape) -> torch.Tensor:
     return grad.sum(dims, keepdim=True) if dims else grad
 
 
-class AttentionProbs(torch.autograd.Function):
-    """Taps with a torch backward (see module doc); differentiable in q, k_subset, lse and a float bias."""
+@torch.library.custom_op(
+    "diffattn::attention_probs", mutates_args=(),
+    schema="(Tensor q, Tensor k_subset, Tensor lse, Tensor? bias_subset, float scale, int block_m, int block_n) -> Tensor")
+def attention_probs_op(q, k_subset, lse, bias_subset, scale, block_m, block_n):
+    """The taps kernel as an opaque op for torch.compile: P [B, H, Nq, Ns] fp32, contiguous."""
+    return probs_forward(q, k_subset, lse, scale=scale, bias_subset=bias_subset,
+                         block=None if block_m <= 0 else (block_m, block_n))
 
-    @staticmethod
-    def forward(ctx, q, k_subset, lse, bias_subset, scale, block):
-        p = probs_forward(q, k_subset, lse, scale=scale, bias_subset=bias_subset, block=block)
-        ctx.save_for_backward(q, k_subset, p)
-        ctx.scale = scale
-        ctx.bias_shape = None if bias_subset is None else bias_subset.shape
-        return p
 
-    @staticmethod
-    def backward(ctx, dp):
-        q, k, p = ctx.saved_tensors
-        ds = dp.float() * p  # [B, H, Nq, Ns]
-        dq = dk = dlse = dbias = None
-        if ctx.needs_input_grad[0]:
-            dq = (torch.matmul(ds, k.float()) * ctx.scale).to(q.dtype)
-        if ctx.needs_input_grad[1]:
-            dk = (torch.matmul(ds.transpose(-1, -2), q.float()) * ctx.scale).to(k.dtype)
-        if ctx.needs_input_grad[2]:
-            dlse = -ds.sum(-1)
-        if ctx.needs_input_grad[3]:
-            dbias = _reduce_to(ds, ctx.bias_shape)
-        return dq, dk, dlse, dbias, None, None
+@attention_probs_op.register_fake
+def _probs_fake(q, k_subset, lse, bias_subset, scale, block_m, block_n):
+    return q.new_empty((q.shape[0], q.shape[1], q.shape[2], k_subset.shape[2]), dtype=torch.float32)
+
+
+def _probs_setup_context(ctx, inputs, output):
+    q, k_subset, lse, bias_subset, scale, block_m, block_n = inputs
+    ctx.save_for_backward(q, k_subset, output)
+    ctx.scale = scale
+    ctx.bias_shape = None if bias_subset is None else bias_subset.shape
+
+
+def _probs_backward(ctx, dp):
+    """Taps' torch backward (see module doc); gradients in q, k_subset, lse and a float bias."""
+    q, k, p = ctx.saved_tensors
+    ds = dp.float() * p  # [B, H, Nq, Ns]
+    dq = dk = dlse = dbias = None
+    if ctx.needs_input_grad[0]:
+        dq = (torch.matmul(ds, k.float()) * ctx.scale).to(q.dtype)
+    if ctx.needs_input_grad[1]:
+        dk = (torch.matmul(ds.transpose(-1, -2), q.float()) * ctx.scale).to(k.dtype)
+    if ctx.needs_input_grad[2]:
+        dlse = -ds.sum(-1)
+    if ctx.needs_input_grad[3]:
+        dbias = _reduce_to(ds, ctx.bias_shape)
+    return dq, dk, dlse, dbias, None, None, None
+
+
+attention_probs_op.register_autograd(_probs_backward, setup_context=_probs_setup_context)
 
 
 def attention_probs_triton(q, k_subset, lse, *, scale=None, bias_subset=None, block=None):
-    """The Triton path of ``diffattn.kernels.attention_probs`` (inputs already validated)."""
+    """The Triton path of ``diffattn.kernels.attention_probs`` (inputs already validated): the
+    ``diffattn::attention_probs`` custom op, differentiable in q, k_subset, lse and a float bias."""
     reason = unsupported(q, k_subset, k_subset)
     if reason is not None:
         raise KernelError(reason)
     scale = default_scale(q, scale)
     lse = lse.to(device=q.device, dtype=torch.float32)
-    tensors = (q, k_subset, lse, bias_subset)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        if bias_subset is not None and bias_subset.dtype == torch.bool:
-            bias_subset = bias_subset.detach()
-        return AttentionProbs.apply(q, k_subset, lse, bias_subset, scale, block)
-    return probs_forward(q, k_subset, lse, scale=scale, bias_subset=bias_subset, block=block)
+    if bias_subset is not None and bias_subset.dtype == torch.bool:
+        bias_subset = bias_subset.detach()
+    bm, bn = (0, 0) if block is None else (int(block[0]), int(block[1]))
+    return torch.ops.diffattn.attention_probs(q, k_subset, lse, bias_subset, scale, bm, bn)

@@ -24,6 +24,12 @@ query tile). A gradient reaching ``lse`` folds into the usual ``delta`` term:
 computed here (they are an Nq×Nk tensor): ``diffattn.kernels.attention(backend="auto")``
 then takes the torch reference.
 
+The launches are ``torch.library`` custom ops, ``diffattn::attention`` (forward: out, lse and,
+when a blend needs a gradient, the unblended output) and ``diffattn::attention_backward``, with
+fake (meta) implementations and the autograd formula registered on the forward op: torch.compile
+traces a call as one graph node (the Triton launch itself cannot be traced) and AOT autograd
+differentiates it.
+
 On CPU the kernels run under Triton's interpreter: ``TRITON_INTERPRET=1`` must be in the
 environment before this module is imported (``@triton.jit`` decides at decoration time).
 On CUDA the block sizes are autotuned; under the interpreter one small fixed tile is used.
@@ -260,9 +266,12 @@ def _attn_bwd_dq(Q, K, V, DO, LSE2, DELTA, BIAS, DQ,
 # ----------------------------------------------------------------------------- launch configs
 
 
+_INTERPRETED = isinstance(_attn_fwd, _Interpreted) if _Interpreted else False
+
+
 def is_interpreted() -> bool:
     """True when these kernels were decorated under ``TRITON_INTERPRET=1`` (they then run on CPU)."""
-    return isinstance(_attn_fwd, _Interpreted) if _Interpreted else False
+    return _INTERPRETED
 
 
 def _configs(pairs):
@@ -409,45 +418,98 @@ def backward(q, k, v, o_raw, lse, dout_attn, dlse, *, scale, bias=None, block=No
     return dq, dk, dv
 
 
-# ----------------------------------------------------------------------------- autograd
+# ----------------------------------------------------------------------------- custom ops and autograd
+#
+# The launches sit behind ``torch.library`` custom ops: torch.compile cannot trace a Triton
+# launch (nor the interpreter), so the ops are opaque nodes of the graph, shaped by their fake
+# (meta) implementations, and their autograd formulas are registered with them. Optional block
+# sizes travel as ints (0 = autotune / the interpreter's tile).
 
 
-class FusedAttention(torch.autograd.Function):
-    """softmax(q kᵀ·scale + bias) v, blended toward v by u, with its row lse; differentiable in q, k, v, u."""
+def _block_args(block) -> tuple[int, int]:
+    return (0, 0) if block is None else (int(block[0]), int(block[1]))
 
-    @staticmethod
-    def forward(ctx, q, k, v, head_blend, bias, scale, block):
-        blend = head_blend is not None
-        out, lse, out_raw = forward(q, k, v, scale=scale, head_blend=head_blend, bias=bias, store_raw=blend,
-                                    block=block)
-        ctx.save_for_backward(q, k, v, out_raw if blend else out, lse, head_blend, bias)
-        ctx.scale, ctx.block = scale, block
-        return out, lse
 
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, o_raw, lse, u, bias = ctx.saved_tensors
-        B, H = q.shape[:2]
-        du = None
-        dout = dout.float() if dout is not None else torch.zeros(o_raw.shape, device=q.device)
-        if u is not None:
-            u4 = u.float().view(1, H, 1, 1) if u.dim() == 1 else u.float().view(B, H, 1, 1)  # [B|1, H, 1, 1]
-            if ctx.needs_input_grad[3]:
-                du = (dout * (v.float() - o_raw.float())).sum((-1, -2))  # [B, H]: d/du of (1-u)O + uV
-                du = (du.sum(0) if u.dim() == 1 else du).to(u.dtype)
-            dout_attn = dout * (1.0 - u4)
-        else:
-            dout_attn = dout
-        dq, dk, dv = backward(q, k, v, o_raw, lse, dout_attn, dlse, scale=ctx.scale, bias=bias, block=ctx.block)
-        if u is not None:
-            dv = dv + u4 * dout  # identity part: V at the query's own position (Nq == Nk)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), du, None, None, None
+def _block_of(block_m: int, block_n: int):
+    return None if block_m <= 0 else (block_m, block_n)
+
+
+@torch.library.custom_op(
+    "diffattn::attention", mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor v, Tensor? head_blend, Tensor? bias, float scale, bool store_raw, "
+           "int block_m, int block_n) -> (Tensor, Tensor, Tensor)")
+def attention_op(q, k, v, head_blend, bias, scale, store_raw, block_m, block_n):
+    """The fused forward: ``(out [B,H,Nq,D] q.dtype, lse [B,H,Nq] fp32, out_raw)``; ``out_raw`` is the
+    unblended output when ``store_raw`` (the backward of a blend needs it), else an empty tensor."""
+    out, lse, out_raw = forward(q, k, v, scale=scale, head_blend=head_blend, bias=bias, store_raw=store_raw,
+                                block=_block_of(block_m, block_n))
+    return out, lse, (out_raw if store_raw else q.new_empty(0))
+
+
+@attention_op.register_fake
+def _attention_fake(q, k, v, head_blend, bias, scale, store_raw, block_m, block_n):
+    out = q.new_empty(q.shape)  # contiguous, as the real op
+    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+    return out, lse, (q.new_empty(q.shape) if store_raw else q.new_empty(0))
+
+
+@torch.library.custom_op(
+    "diffattn::attention_backward", mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor v, Tensor o_raw, Tensor lse, Tensor dout_attn, Tensor? dlse, Tensor? bias, "
+           "float scale, int block_m, int block_n) -> (Tensor, Tensor, Tensor)")
+def attention_backward_op(q, k, v, o_raw, lse, dout_attn, dlse, bias, scale, block_m, block_n):
+    """:func:`backward` as an op: (dq, dk, dv) fp32, contiguous."""
+    return backward(q, k, v, o_raw, lse, dout_attn, dlse, scale=scale, bias=bias, block=_block_of(block_m, block_n))
+
+
+@attention_backward_op.register_fake
+def _attention_backward_fake(q, k, v, o_raw, lse, dout_attn, dlse, bias, scale, block_m, block_n):
+    f32 = torch.float32
+    return q.new_empty(q.shape, dtype=f32), k.new_empty(k.shape, dtype=f32), v.new_empty(v.shape, dtype=f32)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, head_blend, bias, scale, store_raw, block_m, block_n = inputs
+    out, lse, out_raw = output
+    blend = head_blend is not None
+    ctx.save_for_backward(q, k, v, out_raw if blend else out, lse, head_blend, bias)
+    ctx.scale, ctx.block = scale, (block_m, block_n)
+    ctx.raw_ok = store_raw or not blend
+
+
+def _attention_backward(ctx, dout, dlse, dout_raw):
+    """softmax(q kᵀ·scale + bias) v, blended toward v by u: gradients in q, k, v, u (see the module doc)."""
+    q, k, v, o_raw, lse, u, bias = ctx.saved_tensors
+    if not ctx.raw_ok:
+        raise KernelError("the backward of a head blend needs the unblended output: call diffattn::attention "
+                          "with store_raw=True (attention_triton does when a gradient is needed)")
+    B, H = q.shape[:2]
+    du = None
+    dout = dout.float() if dout is not None else torch.zeros(o_raw.shape, device=q.device)
+    if u is not None:
+        u4 = u.float().view(1, H, 1, 1) if u.dim() == 1 else u.float().view(B, H, 1, 1)  # [B|1, H, 1, 1]
+        if ctx.needs_input_grad[3]:
+            du = (dout * (v.float() - o_raw.float())).sum((-1, -2))  # [B, H]: d/du of (1-u)O + uV
+            du = (du.sum(0) if u.dim() == 1 else du).to(u.dtype)
+        dout_attn = dout * (1.0 - u4)
+    else:
+        dout_attn = dout
+    dq, dk, dv = torch.ops.diffattn.attention_backward(q, k, v, o_raw, lse, dout_attn, dlse, bias, ctx.scale,
+                                                       *ctx.block)
+    if u is not None:
+        dv = dv + u4 * dout  # identity part: V at the query's own position (Nq == Nk)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), du, None, None, None, None, None
+
+
+attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
 
 
 def attention_triton(q, k, v, *, scale=None, head_blend=None, bias=None, return_lse=False, block=None):
     """The Triton path of ``diffattn.kernels.attention`` (inputs already validated by the dispatcher).
 
-    Raises :class:`KernelError` when the inputs need the torch reference (see :func:`unsupported`).
+    Runs the ``diffattn::attention`` custom op (differentiable in q, k, v, head_blend; traced by
+    torch.compile as one node). Raises :class:`KernelError` when the inputs need the torch
+    reference (see :func:`unsupported`).
     """
     reason = unsupported(q, k, v, bias)
     if reason is not None:
@@ -460,8 +522,6 @@ def attention_triton(q, k, v, *, scale=None, head_blend=None, bias=None, return_
     if head_blend is not None and head_blend.device != q.device:
         head_blend = head_blend.to(q.device)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, head_blend))
-    if grad:
-        out, lse = FusedAttention.apply(q, k, v, head_blend, bias, scale, block)
-    else:
-        out, lse, _ = forward(q, k, v, scale=scale, head_blend=head_blend, bias=bias, block=block)
+    out, lse, _ = torch.ops.diffattn.attention(q, k, v, head_blend, bias, scale, grad and head_blend is not None,
+                                               *_block_args(block))
     return (out, lse) if return_lse else out

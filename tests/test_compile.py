@@ -94,3 +94,57 @@ def test_softpag_under_cuda_graphs(fresh_dynamo):
     pipe.transformer.compile(mode="reduce-overhead")
     torch.testing.assert_close(run(), eager, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(run(), eager, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- the kernel seam
+
+
+class BlendAndTap(da.Control):
+    """Sets a per-head blend and taps image queries × text keys (so the kernel returns the lse)."""
+
+    def __init__(self, u):
+        super().__init__("all")
+        self.u = u
+        self.maps = []
+
+    def edit_spec(self, call):
+        call.spec.head_blend = self.u
+        call.tap("image", "text")
+
+    def on_taps(self, call, probs):
+        self.maps.append(probs[0])
+
+
+def tiny_sd3_transformer_and_inputs():
+    """A 2-block SD3 transformer (2 heads of 8) and one batch of 2: 16 image + 6 text tokens."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                  caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=64).eval()
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g),
+                  encoder_hidden_states=torch.randn(2, 6, 32, generator=g),
+                  pooled_projections=torch.randn(2, 32, generator=g), timestep=torch.tensor([500.0, 500.0]))
+    return model, inputs
+
+
+def test_processor_with_blend_and_lse_tap_compiles_fullgraph_on_the_reference(fresh_dynamo):
+    """``fullgraph=True`` over the SD3 blocks (processor, control, kernel spec, kernel, taps) on
+    CPU's default backend, the torch reference: plain torch, traced whole. The same over the
+    Triton custom ops (interpreter) is ``test_triton_processor_compiles_fullgraph_through_custom_ops``
+    in tests/test_kernels.py."""
+    model, inputs = tiny_sd3_transformer_and_inputs()
+    ctrl = BlendAndTap(torch.tensor([0.25, 0.75]))
+    with torch.no_grad(), da.attach(model, ctrl):
+        eager = model(**inputs).sample
+        eager_maps, ctrl.maps = ctrl.maps, []
+        for block in model.transformer_blocks:
+            block.compile(fullgraph=True, backend="eager")
+        compiled = model(**inputs).sample
+    assert counters["stats"]["unique_graphs"] >= 2  # the blocks did run compiled
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-6)
+    assert len(ctrl.maps) == len(eager_maps) == 2 and ctrl.maps[0].shape == (2, 2, 16, 6)
+    for got, want in zip(ctrl.maps, eager_maps):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

@@ -469,6 +469,137 @@ def test_triton_refuses_bias_gradients_and_interpreter_bf16():
             attention(q.bfloat16(), q.bfloat16(), q.bfloat16(), backend="triton")
 
 
+# ----------------------------------------------------------------------------- custom ops and torch.compile
+
+
+@needs_triton
+def test_triton_custom_ops_opcheck():
+    """diffattn::attention, ::attention_backward and ::attention_probs: schema, fake (meta)
+    shapes and strides, autograd registration and AOT dispatch (torch.library.opcheck)."""
+    from torch.library import opcheck
+
+    import diffattn.kernels.taps  # noqa: F401  (registers diffattn::attention_probs)
+    import diffattn.kernels.triton_attention  # noqa: F401
+
+    ops = torch.ops.diffattn
+    dev = TRITON_DEVICE
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 20, 16, generator=g).to(dev) for _ in range(3))
+    u = torch.tensor([0.3, 0.8], device=dev)
+    mask = (torch.rand(2, 1, 20, 20, generator=g) > 0.3).to(dev)
+    mask[..., 0] = True
+    fbias = torch.randn(20, 20, generator=g).to(dev)
+    cases = [(q, k, v, None, None, 0.25, False, 16, 16), (q, k, v, u, mask, 0.25, True, 16, 16),
+             (q, k.transpose(1, 2).contiguous().transpose(1, 2), v, u, fbias, 0.3, False, 16, 16)]
+    for args in cases:
+        opcheck(ops.attention.default, args)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, u)]
+    opcheck(ops.attention.default, (*leaves, mask, 0.25, True, 16, 16))
+    out, lse, raw = ops.attention(q, k, v, u, mask, 0.25, True, 16, 16)
+    opcheck(ops.attention_backward.default, (q, k, v, raw, lse, torch.randn_like(out), torch.randn_like(lse), mask,
+                                             0.25, 16, 16))
+    idx = torch.tensor([0, 3, 4, 9, 17], device=dev)
+    for bias in (None, mask[..., idx], fbias[:, idx]):
+        opcheck(ops.attention_probs.default, (q, k[:, :, idx], lse, bias, 0.25, 16, 16))
+    opcheck(ops.attention_probs.default, (leaves[0], leaves[1][:, :, idx].detach().requires_grad_(),
+                                          lse.clone().requires_grad_(), None, 0.25, 16, 16))
+
+
+@needs_triton
+def test_triton_compiled_kernels_and_gradients_match_eager():
+    """torch.compile(fullgraph=True, aot_eager) of attention (blend, lse) + taps with a backward:
+    the ops' fake implementations and registered autograd, against the eager result."""
+    from diffattn.kernels import use_backend
+
+    dev = TRITON_DEVICE
+    g = torch.Generator().manual_seed(4)
+    x = [torch.randn(2, 2, 24, 16, generator=g).to(dev) for _ in range(3)]
+    u = torch.tensor([0.2, 0.6], device=dev)
+
+    def fn(q, k, v, u):
+        out, lse = attention(q, k, v, head_blend=u, return_lse=True)
+        p = attention_probs(q[:, :, :10], k[:, :, 5:12], lse[:, :, :10])
+        return out.sum() + (p * p).sum() + lse.sum()
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    grads = []
+    with use_backend("triton"):
+        for f in (fn, compiled):
+            leaves = [t.clone().requires_grad_() for t in (*x, u)]
+            loss = f(*leaves)
+            loss.backward()
+            grads.append([loss] + [t.grad for t in leaves])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _tiny_sd3_transformer_and_inputs():
+    """A 2-block SD3 transformer (2 heads of 8) and one batch of 2: 16 image + 6 text tokens."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                  caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=64).eval()
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g),
+                  encoder_hidden_states=torch.randn(2, 6, 32, generator=g),
+                  pooled_projections=torch.randn(2, 32, generator=g), timestep=torch.tensor([500.0, 500.0]))
+    return model, inputs
+
+
+@needs_triton
+def test_triton_processor_compiles_fullgraph_through_custom_ops():
+    """``torch.compile(fullgraph=True)`` over the SD3 blocks with a control that sets a head blend
+    and taps image × text: with ``use_backend("triton")`` (on CPU under the interpreter, the
+    choice recorded here; on CUDA the GPU) the processor's kernel and taps calls trace as the
+    ``diffattn::attention`` / ``diffattn::attention_probs`` custom ops, no graph break, and
+    give the eager result (and the torch reference's within fp32 kernel error)."""
+    import diffattn as da
+    from diffattn.kernels import use_backend
+
+    class BlendAndTap(da.Control):
+        def __init__(self, u):
+            super().__init__("all")
+            self.u, self.maps = u, []
+
+        def edit_spec(self, call):
+            call.spec.head_blend = self.u
+            call.tap("image", "text")
+
+        def on_taps(self, call, probs):
+            self.maps.append(probs[0])
+
+    model, inputs = _tiny_sd3_transformer_and_inputs()
+    model, inputs = model.to(TRITON_DEVICE), {n: t.to(TRITON_DEVICE) for n, t in inputs.items()}
+    ctrl = BlendAndTap(torch.tensor([0.25, 0.75], device=TRITON_DEVICE))
+    targets = []
+
+    def recorder(gm, example_inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad(), da.attach(model, ctrl):
+            reference = model(**inputs).sample
+            ctrl.maps = []
+            with use_backend("triton"):
+                eager = model(**inputs).sample
+                eager_maps, ctrl.maps = ctrl.maps, []
+                for block in model.transformer_blocks:
+                    block.compile(fullgraph=True, backend=recorder)
+                compiled = model(**inputs).sample
+    finally:
+        torch._dynamo.reset()
+    assert "diffattn.attention" in targets and "diffattn.attention_probs" in targets, sorted(set(targets))
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-6)
+    torch.testing.assert_close(compiled, reference, rtol=1e-4, atol=1e-4)
+    assert len(ctrl.maps) == len(eager_maps) == 2
+    for got, want in zip(ctrl.maps, eager_maps):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- interpreter child
 
 
