@@ -264,7 +264,7 @@ class AttentionCall:
     """
 
     __slots__ = ("site", "_layout", "_layout_fn", "q", "k", "v", "step", "branches", "scale", "spec", "taps",
-                 "lse", "part", "context", "_rows_cache")
+                 "lse", "part", "context", "scratch", "_rows_cache")
 
     def __init__(self, site, layout, q, k, v, step: StepState | None = None, branches: dict | None = None, *,
                  scale: float | None = None, spec: AttentionSpec | None = None, part: str = "main", context=None):
@@ -282,6 +282,7 @@ class AttentionCall:
         self.lse: torch.Tensor | None = None
         self.part = part
         self.context = context
+        self.scratch: dict = {}  # values a control keeps between its hooks of this call, keyed by id(control)
         self._rows_cache: dict = {}
 
     # ------------------------------------------------------------------ layout
@@ -479,8 +480,22 @@ class Control:
 
     def block_hooks(self, model) -> list:
         """``(module name, diffusers ModelHook)`` pairs to register on ``model`` (between-block
-        methods); the engine removes them on detach."""
+        methods); the engine removes them on detach. A hook reads the current forward's step,
+        branches and prompt groups through :attr:`context`."""
         return []
+
+    @property
+    def context(self):
+        """The :class:`~diffattn.engine.ForwardContext` of the denoiser forward running now on
+        the model this control is attached to (``None`` when detached or between forwards).
+        Block hooks read it; inside attention use ``call.context``."""
+        engine = getattr(self, "_diffattn_engine", None)
+        return engine.context if engine is not None else None
+
+    @property
+    def engine(self):
+        """The engine of the attach this control belongs to (``None`` when detached)."""
+        return getattr(self, "_diffattn_engine", None)
 
     def guidance_scale(self, step: StepState) -> float:
         """Scale s of this control's extra branch at ``step``: the pipeline's prediction gains

@@ -10,7 +10,8 @@
 diffusers ``ModelHook`` on each denoiser (``unet`` / ``transformer`` / ``transformer_2``).
 Before every denoiser forward the hook records what the processors need in a
 :class:`ForwardContext`: the step (index, timestep, sigma, step count), the batch branch
-layout, the latent grid, the text length and (FLUX Kontext) the context-image split. When a
+layout, and the family's own record (``diffattn.families``: latent grid, text length, FLUX
+Kontext's context-image split, Wan's video grid). When a
 control declares an extra branch, the same hook runs the guidance wrapper
 (``diffattn.guidance``) around the forward.
 
@@ -20,8 +21,9 @@ after attach (or ``handle.reset_steps()``), when the pipeline's scheduler has no
 yet (``scheduler.step_index is None``, true at the first step of every call of a pipeline
 with a k-diffusion/flow-matching scheduler), or, for schedulers without a step index (DDIM,
 PNDM), when the timestep rises (timesteps fall within a run). A pipeline passing
-``cache_context(..., step_index=i)`` (Wan) sets it directly; ``handle.set_step(i)`` pins it
-(custom loops such as inversion, whose timesteps rise).
+``cache_context(..., step_index=i)`` (Wan) sets it directly; the run state's ``step``
+(``attach(..., run=RunState)``, or ``handle.set_step(i)``) pins it (custom loops such as
+inversion, whose timesteps rise); its ``num_steps`` is the run's length when set.
 
 Branches: ``{"uncond": rows, "cond": rows}`` when the pipeline runs classifier-free guidance
 in one batch (SD, SDXL, SD3: ``pipe.do_classifier_free_guidance`` and an even batch); the
@@ -42,16 +44,30 @@ from diffusers.hooks.hooks import BaseState, StateManager
 
 from .controls import Control, StepState
 from .errors import ControlError, UnsupportedModelError
-from .layout import grid_shape
-from .processors import MIRRORED, PROCESSORS, DiffattnProcessor
-from .sites import SUPPORTED, denoisers, select, sites
+from .families import RunState, families, get_family
+from .processors import DiffattnProcessor
+from .sites import denoisers, select, sites
 
 HOOK_NAME = "diffattn.engine"
 
 
 @dataclass
 class ForwardContext:
-    """What the processors of one denoiser forward need to know (see the module docstring)."""
+    """What the processors and controls of one denoiser forward may know (module docstring).
+
+    Controls read it as ``call.context`` inside attention and as ``self.context`` (or
+    ``handle.context``) in block hooks; it lives for one forward and belongs to one attach.
+
+    step:      the :class:`StepState`; branches: ``{name: rows}`` of the batch;
+    family:    the denoiser's family name; denoiser: its pipeline attribute (``"unet"``,
+               ``"transformer"``, ``"transformer_2"``) or ``None`` for a bare model;
+    batch:     rows of this forward; cache_name: the pipeline's ``cache_context`` name;
+    info:      the family's own per-forward record (``diffattn.families.<family>``: latent
+               grid, text length, FLUX Kontext's context split, Wan's video grid);
+    text:      the forward's ``encoder_hidden_states`` (what :meth:`prompt_groups` compares);
+    slots:     a generic slot: controls may keep values for the rest of this forward here,
+               keyed by themselves or a name of their own (never on the control).
+    """
 
     step: StepState
     branches: dict[str, slice]
@@ -59,17 +75,40 @@ class ForwardContext:
     denoiser: str | None = None  # pipeline attribute of the model ("unet", "transformer", "transformer_2")
     batch: int = 0
     cache_name: str | None = None  # the pipeline's cache_context name, when it set one
-    latent_hw: tuple[int, int] | None = None  # UNet / SD3: latent height, width
-    patch_size: int = 1  # SD3: patch size of the transformer
-    text_len: int = 0  # FLUX: text tokens at the start of the single-stream sequence
-    image_grid: tuple[int, int] | None = None  # FLUX: (h, w) of the target image tokens
-    context_len: int = 0  # FLUX Kontext: context-image tokens at the end
-    context_grid: tuple[int, int] | None = None
-    video_grid: tuple[int, int, int] | None = None  # Wan: (t, h, w) tokens
-    image_context_len: int = 0  # Wan I2V: image tokens at the start of encoder_hidden_states
-    grids: dict = field(default_factory=dict)  # cache: n tokens -> (h, w)
+    info: object = None  # the family's per-forward record
+    text: torch.Tensor | None = field(default=None, repr=False)
     guidance_scales: list[float] | None = None  # s of each guidance control at this step (read on the host)
     in_window: dict[int, bool] = field(default_factory=dict)  # id(control) -> its step window holds
+    slots: dict = field(default_factory=dict)
+
+    def image_grid(self, n_tokens: int) -> tuple[int, int] | None:
+        """``(h, w)`` of an ``n_tokens`` image at this forward's latent aspect (UNet levels, SD3
+        patches), ``None`` where the family records no latent grid."""
+        fn = getattr(self.info, "image_grid", None)
+        return fn(n_tokens) if callable(fn) else None
+
+    def prompt_groups(self, branch: str = "cond") -> list[list[int]]:
+        """Rows of ``branch`` (batch indices) grouped by identical text conditioning, in order
+        of first appearance: ``num_images_per_prompt = 4`` of two prompts gives two groups of
+        four. Without text every row of the branch is one group."""
+        rows = self.branches.get(branch)
+        if rows is None:
+            return []
+        idx = list(range(rows.start, rows.stop))
+        if self.text is None or self.text.shape[0] != self.batch:
+            return [idx] if idx else []
+        flat = self.text[rows].flatten(1)  # [b, N·C]
+        groups: list[list[int]] = []
+        heads: list[int] = []  # first row of each group
+        for j, row in enumerate(idx):
+            for g, h in zip(groups, heads):
+                if torch.equal(flat[j], flat[h - rows.start]):
+                    g.append(row)
+                    break
+            else:
+                groups.append([row])
+                heads.append(row)
+        return groups
 
 
 class _NoState(BaseState):
@@ -85,15 +124,15 @@ class _EngineHook(ModelHook):
 
     _is_stateful = True  # so diffusers' cache_context("cond"/"uncond") reaches our StateManager
 
-    def __init__(self, engine: "Engine", family: str, denoiser: str | None, model):
+    def __init__(self, engine: "Engine", family, denoiser: str | None, model):
         super().__init__()
         self.engine = engine
-        self.family = family
+        self.family = family  # the diffattn.families.Family of the model
         self.denoiser = denoiser
         self.config = model.config
         self.cache = StateManager(_NoState)  # receives the pipeline's CacheContext
         self.signature = inspect.signature(model.forward)
-        self.ids_cache = None  # FLUX: (img_ids tensor, its analysis)
+        self.family_cache: dict = {}  # the family's per-attach cache (e.g. FLUX's img_ids analysis)
         self.var_kw = next((p.name for p in self.signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
 
     def arguments(self, args, kwargs) -> dict:
@@ -117,7 +156,7 @@ class _EngineHook(ModelHook):
         previous, engine.context = engine.context, ctx
         try:
             if engine.guidance is not None:
-                return engine.guidance(self.fn_ref.original_forward, self.family, arguments, ctx)
+                return engine.guidance(self.fn_ref.original_forward, self.family.not_batched, arguments, ctx)
             return self.fn_ref.original_forward(*args, **kwargs)
         finally:
             engine.context = previous
@@ -135,7 +174,8 @@ class Engine:
     when one was attached.
     """
 
-    def __init__(self, target, controls: tuple[Control, ...] = (), *, cfg_scale=None, sequential: bool | None = None):
+    def __init__(self, target, controls: tuple[Control, ...] = (), *, cfg_scale=None, sequential: bool | None = None,
+                 run: RunState | None = None):
         self.target = target
         self.models = denoisers(target)  # [(attribute or None, model)]
         self.pipeline = None if self.models[0][0] is None else target
@@ -149,7 +189,7 @@ class Engine:
         self.sequential = sequential
         self._index = 0
         self._last_t: float | None = None
-        self._pinned_step: int | None = None
+        self.run = run if run is not None else RunState()  # the pipeline call's state (pinned step, step count)
         self._branch_override = None
         self._saved: list = []  # (model, original processors dict)
         self._hooked: list = []  # models carrying our hook
@@ -173,13 +213,13 @@ class Engine:
         current = {denoiser: model.attn_processors for denoiser, model in self.models}
         for s in self.sites:
             proc = current[s.denoiser][s.processor_key]
-            if type(proc).__name__ not in MIRRORED[s.family]:
+            if type(proc).__name__ not in get_family(s.family).mirrored:
                 foreign.append(f"{s.name} ({type(proc).__name__})")
         if foreign:
             raise UnsupportedModelError(
                 f"{len(foreign)} attention site(s) run processors diffattn does not reproduce, e.g. {foreign[:3]}; "
                 f"swapping them would silently drop what they do (IP-Adapter, custom attention). diffattn mirrors "
-                f"{sorted({n for names in MIRRORED.values() for n in names})}: restore those first "
+                f"{sorted({n for fam in families() for n in fam.mirrored})}: restore those first "
                 f"(e.g. model.set_default_attn_processor() / unload the adapter)"
             )
         for c in self.controls:
@@ -225,8 +265,8 @@ class Engine:
             new = dict(original)
             family = None
             for s in by_model.get(denoiser, []):
-                family = s.family
-                proc = PROCESSORS[s.family](self, s, self.per_site[s.name])
+                family = get_family(s.family)
+                proc = family.processor(self, s, self.per_site[s.name])
                 old = original[s.processor_key]
                 proc._attention_backend = getattr(old, "_attention_backend", None)
                 proc._parallel_config = getattr(old, "_parallel_config", None)
@@ -273,53 +313,20 @@ class Engine:
         family = hook.family
         hidden = args.get("sample", args.get("hidden_states"))
         if hidden is None:
-            raise UnsupportedModelError(f"diffattn could not find the latent input of this {family} forward")
+            raise UnsupportedModelError(f"diffattn could not find the latent input of this {family.name} forward")
         batch = hidden.shape[0]
         step = self._track_step(args.get("timestep"), cache_context)
         name = getattr(cache_context, "name", None)
-        ctx = ForwardContext(step=step, branches=self._branches(batch, name), family=family, denoiser=hook.denoiser,
-                             batch=batch, cache_name=name,
-                             in_window={id(c): c.window_holds(step) for c in self.controls},
-                             guidance_scales=self.guidance.scales(step) if self.guidance is not None else None)
-        if family == "unet":
-            ctx.latent_hw = tuple(hidden.shape[-2:])
-        elif family == "sd3":
-            ctx.latent_hw = tuple(hidden.shape[-2:])
-            ctx.patch_size = int(hook.config.patch_size)
-        elif family == "flux":
-            ehs = args.get("encoder_hidden_states")
-            ctx.text_len = ehs.shape[1] if ehs is not None else 0
-            ids = args.get("img_ids")
-            if ids is not None:
-                if hook.ids_cache is None or hook.ids_cache[0] is not ids:  # pipelines pass the same tensor every step
-                    hook.ids_cache = (ids, _flux_image_ids(ids))
-                ctx.context_len, ctx.image_grid, ctx.context_grid = hook.ids_cache[1]
-        elif family == "wan":
-            pt, ph, pw = hook.config.patch_size
-            t, h, w = hidden.shape[-3:]
-            ctx.video_grid = (t // pt, h // ph, w // pw)
-            ehs = args.get("encoder_hidden_states")
-            img = args.get("encoder_hidden_states_image")
-            ctx.image_context_len = img.shape[1] if img is not None else 0
-            ctx.text_len = ehs.shape[1] if ehs is not None else 0
-        return ctx
+        return ForwardContext(step=step, branches=self._branches(batch, name), family=family.name,
+                              denoiser=hook.denoiser, batch=batch, cache_name=name,
+                              info=family.forward_info(hook.config, args, hook.family_cache),
+                              text=args.get("encoder_hidden_states"),
+                              in_window={id(c): c.window_holds(step) for c in self.controls},
+                              guidance_scales=self.guidance.scales(step) if self.guidance is not None else None)
 
     def image_grid(self, n_tokens: int) -> tuple[int, int] | None:
-        """``(h, w)`` of an ``n_tokens`` image at the current forward's latent aspect (UNet
-        levels, SD3 patches), ``None`` outside a forward."""
-        ctx = self.context
-        if ctx is None or ctx.latent_hw is None:
-            return None
-        grid = ctx.grids.get(n_tokens)
-        if grid is None:
-            h, w = ctx.latent_hw
-            p = ctx.patch_size
-            if ctx.family == "sd3" and (h // p) * (w // p) == n_tokens:
-                grid = (h // p, w // p)
-            else:
-                grid = grid_shape(n_tokens, h, w)
-            ctx.grids[n_tokens] = grid
-        return grid
+        """``(h, w)`` of an ``n_tokens`` image in the current forward (``None`` outside one)."""
+        return self.context.image_grid(n_tokens) if self.context is not None else None
 
     # ------------------------------------------------------------------ steps
     def _scheduler(self):
@@ -333,15 +340,17 @@ class Engine:
         sched_index = getattr(scheduler, "step_index", _MISSING) if scheduler is not None else _MISSING
         if cache_context is not None and getattr(cache_context, "step_index", None) is not None:
             self._index = int(cache_context.step_index)
-        elif self._pinned_step is not None:
-            self._index = self._pinned_step
+        elif self.run.step is not None:
+            self._index = self.run.step
         elif self._last_t is None or sched_index is None:
             self._index = 0  # first forward of a run
         elif t is not None and t != self._last_t:
             rose = t > self._last_t and sched_index is _MISSING
             self._index = 0 if rose else self._index + 1
         self._last_t = t
-        num_steps = getattr(cache_context, "num_inference_steps", None) if cache_context is not None else None
+        num_steps = self.run.num_steps
+        if num_steps is None and cache_context is not None:
+            num_steps = getattr(cache_context, "num_inference_steps", None)
         if num_steps is None and self.pipeline is not None:
             num_steps = getattr(self.pipeline, "_num_timesteps", None)
             if num_steps is None and scheduler is not None and getattr(scheduler, "timesteps", None) is not None:
@@ -413,26 +422,6 @@ def _scheduler_sigma(scheduler, sched_index, t) -> float | None:
     return None
 
 
-def _flux_image_ids(ids: torch.Tensor) -> tuple[int, tuple[int, int] | None, tuple[int, int] | None]:
-    """(context tokens, target grid, context grid) from FLUX ``img_ids`` ``[N, 3]`` (or ``[B, N, 3]``):
-    FLUX Kontext gives the context image first coordinate 1 and appends it after the target."""
-    ids = ids[0] if ids.dim() == 3 else ids  # [N, 3] (diffusers drops a batch dim too)
-    is_ctx = ids[:, 0] > 0
-    n_ctx = int(is_ctx.sum())
-    if not n_ctx:
-        return 0, _ids_grid(ids), None
-    return n_ctx, _ids_grid(ids[~is_ctx]), _ids_grid(ids[is_ctx])
-
-
-def _ids_grid(ids: torch.Tensor) -> tuple[int, int] | None:
-    """``(h, w)`` of FLUX position ids ``[N, 3]`` (row, column in columns 1 and 2)."""
-    if ids.shape[0] == 0:
-        return None
-    h = int(ids[:, 1].max() - ids[:, 1].min()) + 1
-    w = int(ids[:, 2].max() - ids[:, 2].min()) + 1
-    return (h, w) if h * w == ids.shape[0] else None
-
-
 class Handle:
     """What :func:`attach` returns. ``.detach()`` restores the model (also as a context manager);
     ``.engine`` is the :class:`Engine` for inspection."""
@@ -453,7 +442,7 @@ class Handle:
 
     def set_step(self, index: int | None) -> None:
         """Pin the step index (``None`` unpins): for loops the engine cannot follow (inversion)."""
-        self.engine._pinned_step = index
+        self.engine.run.step = index
 
     @contextlib.contextmanager
     def branches(self, layout: dict[str, slice] | Callable[[int], dict[str, slice]]):
@@ -469,6 +458,16 @@ class Handle:
     def controls(self) -> tuple[Control, ...]:
         return self.engine.controls
 
+    @property
+    def context(self) -> ForwardContext | None:
+        """The current denoiser forward's :class:`ForwardContext` (``None`` outside one)."""
+        return self.engine.context
+
+    @property
+    def run(self) -> RunState:
+        """The :class:`~diffattn.families.RunState` this attach serves."""
+        return self.engine.run
+
     def __enter__(self):
         return self
 
@@ -481,7 +480,8 @@ class Handle:
         return f"<diffattn.Handle {state}: {len(self.engine.controls)} controls on {len(self.engine.sites)} sites>"
 
 
-def attach(target, *controls: Control, cfg_scale: float | Callable | None = None, sequential: bool | None = None) -> Handle:
+def attach(target, *controls: Control, cfg_scale: float | Callable | None = None, sequential: bool | None = None,
+           run: RunState | None = None) -> Handle:
     """Install diffattn on a pipeline or a bare denoiser, with the given controls.
 
     target:     a diffusers pipeline (its ``unet`` / ``transformer``, and ``transformer_2``) or
@@ -492,6 +492,14 @@ def attach(target, *controls: Control, cfg_scale: float | Callable | None = None
                 a function ``StepState -> float``.
     sequential: run extra guidance branches as separate forwards (less memory) instead of
                 one batch (default: a control's ``sequential`` attribute).
+    run:        the :class:`~diffattn.families.RunState` of the pipeline call this attach
+                serves (diffattn's own loops pass theirs: its ``step`` pins the step index,
+                its ``num_steps`` is the run's length); default: a fresh one.
+
+    One attach serves one pipeline at a time. To serve concurrent requests (a web app), give
+    each request its own copy of the pipeline (or a lock around the call): the processors and
+    hooks installed here belong to the pipeline's modules, and attaching to a model that is
+    already attached is a ``ControlError``.
 
     With no control, or controls at zero strength, outputs equal the stock processors'.
     Raises UnsupportedModelError for other models, SelectorError for a control whose sites
@@ -503,7 +511,7 @@ def attach(target, *controls: Control, cfg_scale: float | Callable | None = None
             raise ControlError(f"attach() takes diffattn controls (diffattn.Control subclasses); got {type(c).__name__}")
     if len(set(map(id, controls))) != len(controls):
         raise ControlError("the same control instance was passed twice; pass it once")
-    engine = Engine(target, controls, cfg_scale=cfg_scale, sequential=sequential)
+    engine = Engine(target, controls, cfg_scale=cfg_scale, sequential=sequential, run=run)
     try:
         engine.install()
     except BaseException:
@@ -512,7 +520,7 @@ def attach(target, *controls: Control, cfg_scale: float | Callable | None = None
     return Handle(engine)
 
 
-attach.__doc__ = attach.__doc__.replace("{supported}", SUPPORTED)
+attach.__doc__ = attach.__doc__.replace("{supported}", "every registered family (diffattn.families)")
 
 
 def _safe_uninstall(engine: Engine) -> None:

@@ -30,8 +30,8 @@ import torch
 
 from .errors import ControlError
 
-# Arguments never batched, per family ("*": every family).
-NOT_BATCHED = {"*": {"return_dict"}, "flux": {"img_ids", "txt_ids"}}
+# Arguments never batched, whatever the family (a family adds its own: Family.not_batched).
+NOT_BATCHED = frozenset({"return_dict"})
 
 
 def guidance_delta(cond: torch.Tensor, extras: list[torch.Tensor], scales: list[float]) -> torch.Tensor:
@@ -134,14 +134,14 @@ class GuidanceWrapper:
             )
         return self.engine.pipeline_cfg_scale(ctx.denoiser)
 
-    def __call__(self, forward, family: str, arguments: dict, ctx):
+    def __call__(self, forward, not_batched: frozenset, arguments: dict, ctx):
         scales = ctx.guidance_scales if ctx.guidance_scales is not None else self.scales(ctx.step)
         active = [(c, s) for c, s in zip(self.controls, scales) if s != 0.0]
         cond = ctx.branches.get("cond")
         if not active or cond is None:
             out = forward(**arguments)
             return self._apply_pending(out, ctx)
-        skip = NOT_BATCHED["*"] | NOT_BATCHED.get(family, set())
+        skip = NOT_BATCHED | not_batched
         hidden_key = "sample" if "sample" in arguments else "hidden_states"
         batch = arguments[hidden_key].shape[0]
         n = cond.stop - cond.start

@@ -19,8 +19,9 @@ Wan       ``video (t, h, w)``                    self: ``video``; cross: ``text`
                                                  I2V image branch: ``image``
 ========  =====================================  ====================================
 
-The family functions (:func:`unet_layout`, :func:`sd3_layout`, :func:`flux_layout`,
-:func:`wan_layout`) are pure: token counts and grids in, a layout out.
+The family functions (``unet_layout``, ``sd3_layout``, ``flux_layout``, ``wan_layout``, each in
+its family's file under :mod:`diffattn.families` and importable from here) are pure: token
+counts and grids in, a layout out.
 """
 from __future__ import annotations
 
@@ -175,39 +176,14 @@ def _check_grid(n: int, shape) -> tuple[int, ...] | None:
 
 # ----------------------------------------------------------------------------- families
 
-
-def unet_layout(n_query: int, n_key: int, *, cross: bool, grid: tuple[int, int] | None) -> TokenLayout:
-    """UNet ``attn1``: image × image; ``attn2``: image queries × text keys. ``grid`` is the
-    ``(h, w)`` of this UNet level (from :func:`grid_shape` of the latent)."""
-    image = segments(("image", n_query, _check_grid(n_query, grid)))
-    return TokenLayout(image, segments(("text", n_key, None)) if cross else image)
+# Each family's layout function lives in its family's file (diffattn.families.<family>);
+# these names stay importable from here.
+_FAMILY_LAYOUTS = {"unet_layout": "unet", "sd3_layout": "sd3", "flux_layout": "flux", "wan_layout": "wan"}
 
 
-def sd3_layout(n_image: int, n_text: int, *, grid: tuple[int, int] | None) -> TokenLayout:
-    """SD3 joint attention: ``[image ‖ text]`` on both sides (image first); ``n_text = 0`` for
-    SD3.5's image-only ``attn2``. ``grid = (H / patch, W / patch)`` of the latent."""
-    segs = segments(("image", n_image, _check_grid(n_image, grid)), ("text", n_text, None))
-    return TokenLayout(segs, segs)
+def __getattr__(name: str):
+    if name in _FAMILY_LAYOUTS:
+        import importlib
 
-
-def flux_layout(n_text: int, n_total: int, *, n_context: int = 0, image_grid=None, context_grid=None) -> TokenLayout:
-    """FLUX double and single blocks: ``[text ‖ image]`` (text first); FLUX Kontext:
-    ``[text ‖ image (target) ‖ context]``, the context tokens last (``img_ids[:, 0] == 1``)."""
-    n_image = n_total - n_text - n_context
-    if n_image < 0:
-        raise LayoutError(f"{n_total} tokens cannot hold {n_text} text and {n_context} context tokens")
-    segs = segments(
-        ("text", n_text, None),
-        ("image", n_image, _check_grid(n_image, image_grid)),
-        ("context", n_context, _check_grid(n_context, context_grid)),
-    )
-    return TokenLayout(segs, segs)
-
-
-def wan_layout(n_video: int, n_key: int | None = None, *, grid: tuple[int, int, int] | None, key: str = "video") -> TokenLayout:
-    """Wan ``attn1``: video × video (``key="video"``); ``attn2``: video queries × ``key="text"``
-    keys, or ``key="image"`` for the I2V image branch (a separate softmax in the stock model)."""
-    video = segments(("video", n_video, _check_grid(n_video, grid)))
-    if key == "video":
-        return TokenLayout(video, video)
-    return TokenLayout(video, segments((key, n_key, None)))
+        return getattr(importlib.import_module(f"diffattn.families.{_FAMILY_LAYOUTS[name]}"), name)
+    raise AttributeError(f"module 'diffattn.layout' has no attribute {name!r}")

@@ -39,15 +39,9 @@ import torch.nn as nn
 
 from .errors import SelectorError, UnsupportedModelError
 
-FAMILIES = ("unet", "sd3", "flux", "wan")
 KINDS = ("self", "cross", "joint", "single")
 DENOISER_ATTRS = ("unet", "transformer", "transformer_2")  # pipeline attributes searched, in order
 
-SUPPORTED = (
-    "UNet2DConditionModel (SD1.5, SDXL), SD3Transformer2DModel (SD3, SD3.5), "
-    "FluxTransformer2DModel (FLUX.1, FLUX.1 Kontext) and WanTransformer3DModel (Wan 2.1/2.2); "
-    "pass a pipeline of one of them or its .unet / .transformer"
-)
 
 
 @dataclass(frozen=True)
@@ -56,7 +50,8 @@ class Site:
 
     name:   module path inside the denoiser, e.g. ``transformer_blocks.3.attn``
             (the key of ``attn_processors`` without the ``.processor`` suffix).
-    family: ``"unet" | "sd3" | "flux" | "wan"`` (which processor family runs it).
+    family: the name of the :mod:`diffattn.families` family whose processor runs it
+            (``"unet" | "sd3" | "flux" | "wan"`` or a registered one).
     kind:   ``"self" | "cross" | "joint" | "single"`` (single = FLUX single-stream block,
             text and image pre-concatenated).
     block:  index of the transformer block in its stack (UNet: running index of
@@ -123,95 +118,23 @@ def denoisers(target) -> list[tuple[str | None, nn.Module]]:
                 found.append((attr, model))
     if not found:
         raise UnsupportedModelError(
-            f"{type(target).__name__} has no attention processors diffattn can address. Supported: {SUPPORTED}."
+            f"{type(target).__name__} has no attention processors diffattn can address. Supported: {_supported()}."
         )
     return found
 
 
-def _family(model: nn.Module, module: nn.Module) -> str | None:
-    """Processor family of one attention module, from its class and its model's class."""
-    from diffusers.models.attention_processor import Attention
+def _supported() -> str:
+    from .families import supported
 
-    try:
-        from diffusers.models.transformers.transformer_flux import FluxAttention
-    except ImportError:  # diffusers < 0.35
-        FluxAttention = ()
-    try:
-        from diffusers.models.transformers.transformer_wan import WanAttention
-    except ImportError:
-        WanAttention = ()
-    if FluxAttention and isinstance(module, FluxAttention):
-        return "flux"
-    if WanAttention and isinstance(module, WanAttention):
-        return "wan"
-    if isinstance(module, Attention):
-        from diffusers import SD3Transformer2DModel, UNet2DConditionModel
-
-        if isinstance(model, UNet2DConditionModel):
-            return "unet"
-        if isinstance(model, SD3Transformer2DModel):
-            return "sd3"
-    return None
-
-
-def _kind(family: str, module: nn.Module) -> str:
-    """self / cross / joint / single, from the module's projections (not its name)."""
-    has_added_qkv = getattr(module, "add_q_proj", None) is not None  # a second (text) stream
-    if family == "unet":
-        return "cross" if module.is_cross_attention else "self"
-    if family == "sd3":
-        return "joint" if has_added_qkv else "self"  # SD3.5 dual blocks: attn2 is image-only
-    if family == "flux":
-        return "joint" if has_added_qkv else "single"
-    if family == "wan":
-        return "cross" if module.is_cross_attention else "self"  # I2V: image k/v ride on attn2
-    raise AssertionError(family)
-
-
-_UNET_PARTS = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
-
-
-def _ints(name: str) -> tuple[int, ...]:
-    return tuple(int(c) for c in name.split(".") if c.isdigit())
-
-
-def _unet_order(name: str):
-    """Forward-order sort key of a UNet site: down blocks, mid block, up blocks."""
-    return (_UNET_PARTS.get(name.split(".")[0], 3), _ints(name), name.rsplit(".", 1)[-1])
-
-
-def _unet_sites(model, entries, denoiser):
-    """Sites of a UNet, with the running block index and the d/m/u alias."""
-    entries = sorted(entries, key=lambda e: _unet_order(e[0]))
-    blocks: dict[str, int] = {}  # BasicTransformerBlock path -> running index
-    groups: dict[str, tuple[str, int]] = {}  # ".attentions.A" path -> (letter, index in part)
-    per_part: dict[str, int] = {}
-    out = []
-    for name, module, family in entries:
-        comps = name.split(".")
-        block_path = name.rsplit(".", 1)[0]
-        block = blocks.setdefault(block_path, len(blocks))
-        alias = None
-        if "attentions" in comps and "transformer_blocks" in comps:
-            group_path = ".".join(comps[: comps.index("attentions") + 2])
-            if group_path not in groups:
-                letter = {"down_blocks": "d", "mid_block": "m", "up_blocks": "u"}.get(comps[0])
-                if letter is not None:
-                    groups[group_path] = (letter, per_part.get(letter, 0))
-                    per_part[letter] = per_part.get(letter, 0) + 1
-            if group_path in groups:
-                letter, index = groups[group_path]
-                alias = f"{letter}{index}.{comps[comps.index('transformer_blocks') + 1]}"
-        out.append(_make_site(name, family, module, block, alias, denoiser))
-    return out
+    return supported()
 
 
 def _make_site(name, family, module, block, alias, denoiser) -> Site:
     heads = int(module.heads)
     return Site(
         name=_prefix(denoiser) + name,
-        family=family,
-        kind=_kind(family, module),
+        family=family.name,
+        kind=family.kind(module),
         block=block,
         heads=heads,
         head_dim=module.to_q.out_features // heads,
@@ -222,25 +145,26 @@ def _make_site(name, family, module, block, alias, denoiser) -> Site:
 
 
 def _model_sites(model: nn.Module, denoiser: str | None) -> list[Site]:
-    entries = []
+    """Sites of one denoiser: each attention module's family from the registry
+    (:mod:`diffattn.families`), which also orders them and names their blocks."""
+    from .families import family_of, supported
+
+    by_family: dict[str, tuple[object, list]] = {}
     for key in model.attn_processors:
         name = key.removesuffix(".processor")
         module = model.get_submodule(name)
-        family = _family(model, module)
+        family = family_of(model, module)
         if family is None:
             raise UnsupportedModelError(
                 f"{type(model).__name__}: attention module {name!r} ({type(module).__name__}) has no diffattn "
-                f"processor family. Supported: {SUPPORTED}."
+                f"processor family. Supported: {supported()}."
             )
-        entries.append((name, module, family))
-    if not entries:
-        raise UnsupportedModelError(f"{type(model).__name__} has no attention modules. Supported: {SUPPORTED}.")
-    if all(family == "unet" for _, _, family in entries):
-        return _unet_sites(model, entries, denoiser)
-    # DiTs: attn_processors walks modules in registration order, which is forward order;
-    # the block is the first integer of the path (transformer_blocks.3.attn -> 3)
-    return [_make_site(name, family, module, (_ints(name) or (0,))[0], None, denoiser)
-            for name, module, family in entries]
+        by_family.setdefault(family.name, (family, []))[1].append((name, module))
+    if not by_family:
+        raise UnsupportedModelError(f"{type(model).__name__} has no attention modules. Supported: {supported()}.")
+    return [_make_site(name, family, module, block, alias, denoiser)
+            for family, entries in by_family.values()
+            for name, module, block, alias in family.blocks(entries)]
 
 
 def sites(target) -> list[Site]:

@@ -48,16 +48,13 @@ guidance embedding, and the latents the updates move are FluxPipeline's packed 2
 from __future__ import annotations
 
 import contextlib
-import inspect
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from diffattn.errors import UnsupportedModelError
-from diffattn.pipelines import configure, flow_timestep_kwargs, latent_stats, vae_upcast
+from diffattn.families import RunState, adapter_for
+from diffattn.pipelines import configure
 from diffattn.methods.astar import (
     LOSSES,
     ConceptError,
@@ -75,16 +72,6 @@ from diffattn.methods.astar import (
     rescale_to_norm,
     text_positions,
 )
-
-MMDIT_FAMILIES = ("sd3", "flux")  # joint-attention transformers on flow-matching schedules
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline (SD1.x, SD2.x), StableDiffusionXLPipeline, StableDiffusion3Pipeline and "
-                       "FluxPipeline")
-
-# Settings for the tiny testbed models (diffattn.testbed), chosen on training seeds (never the
-# evaluation seeds; benchmarks/RESULTS.md): tiny-sd3's attention varies far less over the image
-# than SD1.x's, so softmax(100·A) gives almost flat maps and 1000 restores A&E's contrast;
-# tiny-sd keeps A&E's 100.
-TESTBED_OVERRIDES = {"tiny-sd3": {"temperature": 1000.0}, "tiny-sd": {}}
 
 # A&E's refinement thresholds {0: 0.05, 10: 0.5, 20: 0.8} of 50 steps, as fractions of the run
 AE_THRESHOLDS = {0.0: 0.05, 0.2: 0.5, 0.4: 0.8}
@@ -124,7 +111,7 @@ class AStarConfig:
     temperature:        the 100 of softmax(100·A). It sets how peaked the maps are, which depends
                         on how much raw attention varies over the image: the tiny testbed models'
                         attention is flatter than SD's: tiny-sd3 needs 1000, tiny-sd keeps 100
-                        (:data:`TESTBED_OVERRIDES`, chosen on training seeds).
+                        (``diffattn.testbed.defaults.TESTBED_OVERRIDES``, chosen on training seeds).
     smooth_size, smooth_sigma: A&E's Gaussian (3, 0.5); ``smooth_size=0`` turns it off.
     subtoken:           ``"mean"`` or ``"max"`` over the tokens of a multi-token concept.
     center_tokens:      subtract each text token's mean attention over the image before the
@@ -230,78 +217,8 @@ class AStarOutput:
 
 # ----------------------------------------------------------------------------- families
 
-
-def pipeline_family(pipe) -> str:
-    """``"sd"``, ``"sdxl"``, ``"sd3"`` or ``"flux"``; :class:`UnsupportedModelError` for anything else."""
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    if isinstance(pipe, FluxPipeline):
-        return "flux"
-    if isinstance(pipe, StableDiffusionXLPipeline):
-        return "sdxl"
-    if isinstance(pipe, StableDiffusionPipeline):
-        return "sd"
-    if isinstance(pipe, StableDiffusion3Pipeline):
-        return "sd3"
-    raise UnsupportedModelError(
-        f"AStarPipeline supports {SUPPORTED_PIPELINES} (and their subclasses); got {type(pipe).__name__}. "
-        f"Load one of those pipelines (e.g. StableDiffusionPipeline.from_pretrained(...)) and pass it"
-    )
-
-
-def _base_class(family: str):
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    return {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline,
-            "flux": FluxPipeline}[family]
-
-
-def call_defaults(pipe, family: str) -> dict:
-    """Defaults of the stock ``__call__`` (steps, guidance, ...), overlaid with the testbed's."""
-    sig = inspect.signature(_base_class(family).__call__)
-    out = {k: p.default for k, p in sig.parameters.items()
-           if k in ("num_inference_steps", "guidance_scale", "max_sequence_length", "eta")}
-    try:
-        from diffattn.testbed.pipelines import SD3_DEFAULTS, SD_DEFAULTS, ShapesSD3Pipeline, ShapesSDPipeline
-    except ImportError:  # pragma: no cover - testbed always ships with the package
-        return out
-    if isinstance(pipe, ShapesSDPipeline):
-        out.update(SD_DEFAULTS)
-    elif isinstance(pipe, ShapesSD3Pipeline):
-        out.update(SD3_DEFAULTS)
-    return out
-
-
-def unet_site_factor(name: str, n_levels: int) -> int | None:
-    """Downsampling factor of the UNet level a site runs at: ``down_blocks.i`` 2^i,
-    ``mid_block`` 2^(n-1), ``up_blocks.j`` 2^(n-1-j)."""
-    part, _, rest = name.partition(".")
-    if part == "mid_block":
-        return 2 ** (n_levels - 1)
-    if part in ("down_blocks", "up_blocks"):
-        i = int(rest.split(".")[0])
-        return 2 ** i if part == "down_blocks" else 2 ** (n_levels - 1 - i)
-    return None
-
-
-def default_unet_factor(cross_sites, n_levels: int) -> int:
-    """The UNet level whose cross-attention maps A-STAR/A&E use, scaled to the model.
-
-    On SD1.x (latent 64, levels 64/32/16/8) A&E uses 16×16, latent/4, and on SDXL 32×32 =
-    latent/4. Rule: among the levels with at least two cross-attention sites outside the mid
-    block, the factor closest to 4 (log scale), ties to the finer level. SD1.x, SD2, SDXL: 4;
-    the tiny testbed UNet (levels 16/8/4, the 4×4 level only in the mid block): 2 (8×8).
-    """
-    counts: dict[int, int] = {}
-    for s in cross_sites:
-        if not s.name.startswith("mid_block"):
-            f = unet_site_factor(s.name, n_levels)
-            if f is not None:
-                counts[f] = counts.get(f, 0) + 1
-    if not counts:
-        raise UnsupportedModelError("this UNet has no cross-attention outside the mid block; pass AStarConfig(sites=...)")
-    good = [f for f, n in counts.items() if n >= 2] or list(counts)
-    return min(good, key=lambda f: (abs(math.log2(f) - 2), f))
+# Family knowledge (prompt encoding, latents, timesteps, one forward, decoding, the sites that
+# localise concepts) lives in each family's PipelineAdapter (diffattn.families).
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -319,9 +236,14 @@ class AStarPipeline:
     """
 
     def __init__(self, pipe, config: AStarConfig | None = None, **overrides):
-        self.family = pipeline_family(pipe)
+        self.adapter = adapter_for(pipe, method="AStarPipeline")
         self.pipe = pipe
         self.config = configure(config, AStarConfig, overrides, ConceptError, "A-STAR")
+
+    @property
+    def family(self) -> str:
+        """The adapter's name: ``"sd"``, ``"sdxl"``, ``"sd3"`` or ``"flux"``."""
+        return self.adapter.name
 
     @classmethod
     def from_pipe(cls, pipe, config: AStarConfig | None = None, **overrides) -> "AStarPipeline":
@@ -334,70 +256,51 @@ class AStarPipeline:
     # ------------------------------------------------------------------ sites
     def _sites(self):
         """(site selector for the recorder, default map resolution factor or None)."""
-        from diffattn.sites import select, sites
+        from diffattn.sites import sites
 
-        all_sites = sites(self.pipe)
         if self.config.sites is not None:
             return self.config.sites, None
-        if self.family == "sd3":
-            return [s.name for s in all_sites if s.kind == "joint"], None
-        if self.family == "flux":
-            return [s.name for s in all_sites if s.kind in ("joint", "single")], None
-        n_levels = len(self.pipe.unet.config.block_out_channels)
-        cross = select(all_sites, "cross")
-        factor = default_unet_factor(cross, n_levels)
-        return [s.name for s in cross if unet_site_factor(s.name, n_levels) == factor], factor
+        return self.adapter.text_attention_sites(sites(self.pipe))
 
     # ------------------------------------------------------------------ concepts
     def _text_keys(self) -> str:
         """``"clip"`` or ``"t5"``: whose tokens the concepts are (``AStarConfig.text_keys``)."""
         keys = self.config.text_keys
         if keys == "auto":
-            return "t5" if self.family == "flux" else "clip"
-        if keys == "clip" and self.family == "flux":
-            raise ConceptError("text_keys='clip': FLUX's text keys are T5 tokens (CLIP gives only a pooled vector); "
-                               "use 't5' or 'auto'")
-        if keys == "t5" and self.family in ("sd", "sdxl"):
-            raise ConceptError(f"text_keys='t5': this {self.family.upper()} UNet has CLIP text keys only; use 'clip' "
-                               f"or 'auto'")
-        if keys == "t5" and self.family == "sd3" and getattr(self.pipe, "text_encoder_3", None) is None:
-            raise ConceptError("text_keys='t5': this SD3 pipeline was loaded without its T5 encoder (its T5 keys are "
-                               "zeros); load text_encoder_3 or use text_keys='clip'")
+            return self.adapter.default_text_keys
+        if keys not in self.adapter.text_blocks():
+            raise ConceptError(self.adapter.missing_text_block(keys))
         return keys
 
-    def _key_layout(self) -> tuple[object, bool, int]:
-        """(tokenizer, whether it has a start token, position of its first token among the text
-        keys): CLIP's at 0; FLUX's T5 at 0; SD3's T5 after the CLIP block."""
-        if self._text_keys() == "clip":
-            return self.pipe.tokenizer, True, 0
-        if self.family == "flux":
-            return self.pipe.tokenizer_2, False, 0
-        return self.pipe.tokenizer_3, False, int(self.pipe.tokenizer_max_length)  # SD3: [CLIP (77) | T5]
+    def _block(self):
+        """The :class:`~diffattn.families.base.TextBlock` the concepts are located in."""
+        return self.adapter.text_blocks()[self._text_keys()]
 
     def _text_length(self, max_sequence_length: int | None) -> int | None:
         """How many T5 tokens the text keys hold (``max_sequence_length``); CLIP: ``None``,
         the tokenizer's own 77."""
-        if self._text_keys() == "clip":
+        if not self._block().truncated:
             return None
-        return int(max_sequence_length or call_defaults(self.pipe, self.family).get("max_sequence_length", 256))
+        return int(max_sequence_length or self.adapter.call_defaults().get("max_sequence_length", 256))
 
     def _eot(self, prompt: str, max_sequence_length: int | None = None) -> int:
         """Key position of the end token (CLIP's EOT; T5's EOS, after truncation to the text
         keys): the prompt's tokens end before it."""
-        tokenizer, _, offset = self._key_layout()
-        return offset + len(prompt_ids(tokenizer, prompt, self._text_length(max_sequence_length))) - 1
+        block = self._block()
+        return block.offset + len(prompt_ids(block.tokenizer, prompt, self._text_length(max_sequence_length))) - 1
 
     def _positions(self, n_keys: int, eot: int) -> torch.Tensor:
         """Key positions the maps are re-normalised over (``text_tokens``), within the chosen
         block of the ``n_keys`` text keys (SD3 with CLIP: its first 77, not the T5 keys after)."""
-        if self.family == "sd3" and self._text_keys() == "clip":
-            n_keys = int(self.pipe.tokenizer_max_length)
+        block = self._block()
+        if block.span is not None:
+            n_keys = block.offset + block.span
         return text_positions(n_keys, eot, self.config.text_tokens, first=self._first_key())
 
     def _first_key(self) -> int:
         """Key position of the prompt's first token (after CLIP's start token)."""
-        _, start, offset = self._key_layout()
-        return offset + int(start)
+        block = self._block()
+        return block.offset + int(block.start_token)
 
     def _concepts_for(self, prompt: str, concepts, max_sequence_length: int | None = None
                       ) -> tuple[list[list[int]], list[str]]:
@@ -408,16 +311,19 @@ class AStarPipeline:
                 raise ConceptError(f"concepts is a dict without an entry for the prompt {prompt!r}")
             concepts = concepts[prompt]
         elif concepts is None:
-            concepts = default_concepts(prompt)
+            raise ConceptError(f"no concepts given for {prompt!r}: pass concepts=['word', ...] (the subject nouns of "
+                               f"the prompt), token positions, a dict {{prompt: concepts}} or a callable prompt -> "
+                               f"concepts (for shapes-world captions: diffattn.testbed.defaults.default_concepts)")
         if isinstance(concepts, (str, int)):
             concepts = [concepts]
-        tokenizer, start, offset = self._key_layout()
+        block = self._block()
+        offset = block.offset
         try:
-            tokens = concept_token_indices(tokenizer, prompt, concepts, start_token=start,
+            tokens = concept_token_indices(block.tokenizer, prompt, concepts, start_token=block.start_token,
                                            max_length=self._text_length(max_sequence_length))
         except ConceptError as e:
-            if self.family == "sd3" and self._text_keys() == "clip" and "not in the prompt" in str(e):
-                raise ConceptError(f"{e} (SD3: text_keys='t5' finds words past CLIP's 77 tokens)") from None
+            if self._text_keys() == "clip" and "t5" in self.adapter.text_blocks() and "not in the prompt" in str(e):
+                raise ConceptError(f"{e} (text_keys='t5' finds words past CLIP's 77 tokens)") from None
             raise
         labels = []
         for c, g in zip(concepts, tokens):
@@ -426,35 +332,6 @@ class AStarPipeline:
         return [[offset + i for i in g] for g in tokens], labels  # token positions -> key positions
 
     # ------------------------------------------------------------------ encoding
-    def _encode(self, prompts, negative_prompt, n, cfg, height, width, opts):
-        """Conditional / unconditional denoiser keyword tensors per row ({name: [B, ...]})."""
-        pipe, device = self.pipe, self.pipe._execution_device
-        if self.family == "sd":
-            cond, uncond = pipe.encode_prompt(prompts, device, n, cfg, negative_prompt, clip_skip=opts.get("clip_skip"))
-            return {"encoder_hidden_states": cond}, ({"encoder_hidden_states": uncond} if cfg else None)
-        if self.family == "sdxl":
-            cond, uncond, pooled, upooled = pipe.encode_prompt(
-                prompt=prompts, device=device, num_images_per_prompt=n, do_classifier_free_guidance=cfg,
-                negative_prompt=negative_prompt, clip_skip=opts.get("clip_skip"))
-            proj = (pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None
-                    else int(pooled.shape[-1]))
-            ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=cond.dtype,
-                                         text_encoder_projection_dim=proj).to(device)
-            ids = ids.repeat(cond.shape[0], 1)  # [B, 6]
-            c = {"encoder_hidden_states": cond, "text_embeds": pooled, "time_ids": ids}
-            u = {"encoder_hidden_states": uncond, "text_embeds": upooled, "time_ids": ids} if cfg else None
-            return c, u
-        if self.family == "flux":  # guidance-distilled: no unconditional rows
-            cond, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device, num_images_per_prompt=n,
-                                                 max_sequence_length=opts.get("max_sequence_length", 512))
-            return {"encoder_hidden_states": cond, "pooled_projections": pooled}, None
-        cond, uncond, pooled, upooled = pipe.encode_prompt(
-            prompt=prompts, prompt_2=None, prompt_3=None, negative_prompt=negative_prompt,
-            do_classifier_free_guidance=cfg, device=device, num_images_per_prompt=n,
-            max_sequence_length=opts.get("max_sequence_length", 256), clip_skip=opts.get("clip_skip"))
-        c = {"encoder_hidden_states": cond, "pooled_projections": pooled}
-        return c, ({"encoder_hidden_states": uncond, "pooled_projections": upooled} if cfg else None)
-
     @staticmethod
     def _rows(cond, uncond, rows, cfg: bool) -> dict:
         """Denoiser tensors for batch ``rows`` ([uncond; cond] when ``cfg``)."""
@@ -462,45 +339,27 @@ class AStarPipeline:
             return {k: torch.cat([uncond[k][rows], cond[k][rows]]) for k in cond}
         return {k: v[rows] for k, v in cond.items()}
 
-    def _denoise(self, x, t, emb: dict) -> torch.Tensor:
-        """One denoiser forward on (already scaled) latents ``x`` [b, C, h, w] (FLUX: packed [b, N, 4C])."""
-        if self.family == "sd3":
-            return self.pipe.transformer(hidden_states=x, timestep=t.expand(x.shape[0]), return_dict=False, **emb)[0]
-        if self.family == "flux":  # x: packed latents [b, h/2 · w/2, 4C]
-            model, b = self.pipe.transformer, x.shape[0]
-            text = emb["encoder_hidden_states"]
-            g = self._flux_guidance.expand(b) if self._flux_guidance is not None else None
-            return model(hidden_states=x, timestep=t.expand(b).to(x.dtype) / 1000, guidance=g,  # FluxPipeline's order
-                         pooled_projections=emb["pooled_projections"], encoder_hidden_states=text,
-                         txt_ids=torch.zeros(text.shape[1], 3, device=x.device, dtype=text.dtype),
-                         img_ids=self._flux_img_ids, return_dict=False)[0]
-        added = None
-        if self.family == "sdxl":
-            added = {"text_embeds": emb["text_embeds"], "time_ids": emb["time_ids"]}
-        return self.pipe.unet(x, t, encoder_hidden_states=emb["encoder_hidden_states"], added_cond_kwargs=added,
-                              return_dict=False)[0]
-
-    def _scale(self, x, t):
-        if self.family in MMDIT_FAMILIES:
-            return x
-        return self.pipe.scheduler.scale_model_input(x, t)
+    def _denoise(self, run: RunState, x, t, emb: dict) -> torch.Tensor:
+        """One denoiser forward on latents ``x`` [b, C, h, w] (FLUX: packed [b, N, 4C])."""
+        adapter = self.adapter
+        return adapter.predict(run, adapter.scale_model_input(x, t), t, emb, run.extras.get("guidance"))
 
     # ------------------------------------------------------------------ maps
     def _maps_of(self, records, row: int, groups, eot: int, resolution) -> torch.Tensor:
         cfg = self.config
         res = resolution or records[0][2]
         attn = aggregate_attention([(p[row], grid) for _, p, grid in records], res,
-                                   renorm_text=self.family in MMDIT_FAMILIES and cfg.joint_text_norm)  # [h, w, T]
+                                   renorm_text=self.adapter.joint_attention and cfg.joint_text_norm)  # [h, w, T]
         positions = self._positions(attn.shape[-1], eot)
         return concept_maps(attn, groups, positions, temperature=cfg.temperature, smooth_size=cfg.smooth_size,
                             smooth_sigma=cfg.smooth_sigma, subtoken=cfg.subtoken,
                             center_tokens=cfg.center_tokens)  # [C, h, w]
 
-    def _grad_maps(self, rec, z, t, emb, groups, eot, resolution) -> torch.Tensor:
+    def _grad_maps(self, run, rec, z, t, emb, groups, eot, resolution) -> torch.Tensor:
         """Concept maps of one sample's latent ``z`` [1, C, h, w] (FLUX: [1, N, 4C]), differentiable in ``z``."""
         rec.start("grad", early_exit=self.config.early_exit)
         try:
-            self._denoise(self._scale(z, t), t, emb)
+            self._denoise(run, z, t, emb)
         except MapsComplete:
             pass
         finally:
@@ -514,11 +373,11 @@ class AStarPipeline:
         stepped = z.detach() - delta
         return rescale_to_norm(stepped, z.detach()) if self.config.keep_norm else stepped
 
-    def _optimise(self, rec, z, t, emb, groups, eot, resolution, target, step_size, threshold, update):
+    def _optimise(self, run, rec, z, t, emb, groups, eot, resolution, target, step_size, threshold, update):
         """A&E's per-sample step (with refinement when ``threshold`` is set) on ``z`` [1, C, h, w] (FLUX: [1, N, 4C])."""
         cfg = self.config
         z = z.detach().requires_grad_(True)
-        maps = self._grad_maps(rec, z, t, emb, groups, eot, resolution)
+        maps = self._grad_maps(run, rec, z, t, emb, groups, eot, resolution)
         loss, parts = combined_loss(maps, cfg.losses, target, cfg.eps)
         refined = 0
         if threshold is not None and float(attend_excite_loss(maps.detach())) > max(0.0, 1.0 - threshold):
@@ -527,7 +386,7 @@ class AStarPipeline:
             while crit > goal:
                 refined += 1
                 z = z.detach().requires_grad_(True)
-                maps = self._grad_maps(rec, z, t, emb, groups, eot, resolution)
+                maps = self._grad_maps(run, rec, z, t, emb, groups, eot, resolution)
                 loss, _ = combined_loss(maps, cfg.losses, target, cfg.eps)
                 crit = float(attend_excite_loss(maps.detach()))
                 if not loss.requires_grad or float(loss.detach()) == 0:
@@ -536,7 +395,7 @@ class AStarPipeline:
                 if refined >= cfg.max_refinement_steps:
                     break
             z = z.detach().requires_grad_(True)  # A&E: one more forward for the loss of the refined latent
-            maps = self._grad_maps(rec, z, t, emb, groups, eot, resolution)
+            maps = self._grad_maps(run, rec, z, t, emb, groups, eot, resolution)
             loss, parts = combined_loss(maps, cfg.losses, target, cfg.eps)
         if update and loss.requires_grad and float(loss.detach()) != 0:
             z = self._step(z, step_size * torch.autograd.grad(loss, [z])[0])
@@ -550,51 +409,50 @@ class AStarPipeline:
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  height: int | None = None, width: int | None = None, num_images_per_prompt: int = 1,
                  generator=None, latents: torch.Tensor | None = None, output_type: str = "pil",
-                 layout_masks=None, return_attention_maps: bool = False, **kwargs) -> AStarOutput:
+                 layout_masks=None, return_attention_maps: bool = False, callback=None,
+                 progress: bool | None = None, **kwargs) -> AStarOutput:
         """Generate with A-STAR.
 
         prompt:     a prompt or a list of prompts.
         concepts:   the concepts of every prompt: words (``["circle", "square"]``), token
                     positions, lists of positions (one multi-token concept); a callable
                     ``prompt -> concepts`` or a dict ``{prompt: concepts}`` for per-prompt
-                    concepts; ``None``: the objects of a shapes-world caption (testbed).
+                    concepts. Required (``None`` is a :class:`ConceptError`).
         layout_masks: retention targets replacing the previous-step maps (layout guidance):
                     ``[C, H, W]`` (any resolution, values in [0, 1]) for every prompt, or a list
                     of them per prompt.
         return_attention_maps: also return the concept maps averaged over the steps and
                     PNG-ready heat maps (``out.attention_maps[i][label]``).
+        callback:   ``callback(info: dict)`` after every step (``diffattn.families.RunState.report``:
+                    step, timestep, latents, x0 = None, total, stage; ``attention_maps``
+                    ``[B, C, h, w]`` of the step when the maps were computed).
+        progress:   show a tqdm bar (default: follow the pipeline's progress-bar config).
         Other arguments as the wrapped pipeline (``max_sequence_length`` for SD3 and FLUX, ``eta``,
         ``clip_skip``); the defaults are the pipeline's own (the testbed's for testbed models).
         """
-        pipe, cfg, family = self.pipe, self.config, self.family
+        pipe, cfg, adapter = self.pipe, self.config, self.adapter
         unknown = set(kwargs) - {"max_sequence_length", "eta", "clip_skip"}
         if unknown:
             raise ConceptError(f"AStarPipeline does not take {sorted(unknown)}")
-        defaults = call_defaults(pipe, family)
+        defaults = adapter.call_defaults()
         steps = num_inference_steps or defaults.get("num_inference_steps", 50)
         w = guidance_scale if guidance_scale is not None else defaults.get("guidance_scale", 7.5)
         opts = {"max_sequence_length": defaults.get("max_sequence_length", 256), "eta": defaults.get("eta", 0.0)}
         opts.update(kwargs)
-        cfg_on = w > 1.0 and family != "flux"  # FLUX: w is the guidance embedding
-        self._flux_guidance = None
-        if family == "flux" and pipe.transformer.config.guidance_embeds:
-            self._flux_guidance = torch.full([1], float(w), device=pipe._execution_device)
-        if family in ("sd3", "sdxl", "flux"):
-            size = pipe.default_sample_size * pipe.vae_scale_factor
-        else:
-            size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        height, width = height or size, width or size
-        if family == "flux":  # FluxPipeline's latents hold whole 2×2 patches: the image floors to 2·VAE multiples
-            unit = 2 * pipe.vae_scale_factor
-            height, width = height // unit * unit, width // unit * unit
-            if negative_prompt is not None:
-                raise ConceptError("FLUX is guidance-distilled and runs no unconditional branch here, so a "
-                                   "negative_prompt would be ignored: leave it out (guidance_scale sets FLUX's "
-                                   "guidance embedding)")
+        cfg_on = w > 1.0 and not adapter.distilled  # a distilled model takes w as its guidance embedding
+        if progress is None:
+            progress = not getattr(pipe, "_progress_bar_config", {}).get("disable", False)
+        run = RunState(callback=callback, progress=progress, desc="A-STAR",
+                       extras={"guidance": float(w) if adapter.distilled else None})
+        size_h, size_w = adapter.native_size()
+        height, width = adapter.fit_size(height or size_h, width or size_w)
+        if adapter.distilled and negative_prompt is not None:
+            raise ConceptError(f"{type(pipe).__name__} is guidance-distilled and runs no unconditional branch here, so "
+                               f"a negative_prompt would be ignored: leave it out (guidance_scale sets its guidance "
+                               f"embedding)")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ConceptError("AStarPipeline needs at least one prompt")
-        device = pipe._execution_device
 
         # concepts per row (prompts repeated num_images_per_prompt times, as encode_prompt does)
         per_prompt = [self._concepts_for(p, concepts, opts["max_sequence_length"]) for p in prompts]
@@ -602,22 +460,20 @@ class AStarPipeline:
         rows_prompt = [k for k in range(len(prompts)) for _ in range(num_images_per_prompt)]
         B = len(rows_prompt)
 
-        cond, uncond = self._encode(prompts, negative_prompt, num_images_per_prompt, cfg_on, height, width, opts)
-        timesteps, T = self._timesteps(steps, device, height, width)
-        latents = self._latents(B, height, width, cond["encoder_hidden_states"].dtype, device, generator, latents)
-        extra = {}
-        if family not in MMDIT_FAMILIES:
-            extra = pipe.prepare_extra_step_kwargs(generator, opts["eta"])
+        cond, uncond = adapter.encode_prompt(prompts, negative_prompt, num_images_per_prompt=num_images_per_prompt,
+                                             cfg=cfg_on, max_sequence_length=opts["max_sequence_length"],
+                                             clip_skip=opts.get("clip_skip"))
+        timesteps = adapter.timesteps(steps, height, width)
+        T = len(timesteps)
+        latents = adapter.prepare_latents(run, B, height, width, cond["encoder_hidden_states"].dtype, generator, latents)
+        extra = adapter.step_kwargs(generator, opts["eta"])
 
         selector, factor = self._sites()
         resolution = tuple(cfg.resolution) if cfg.resolution is not None else None
         if resolution is None and factor is not None:
             resolution = (-(-latents.shape[-2] // factor), -(-latents.shape[-1] // factor))
-        if resolution is None and family == "sd3":
-            p = pipe.transformer.config.patch_size
-            resolution = (latents.shape[-2] // p, latents.shape[-1] // p)
-        if resolution is None and family == "flux":  # the packed image-token grid
-            resolution = (height // pipe.vae_scale_factor // 2, width // pipe.vae_scale_factor // 2)
+        if resolution is None:  # the image-token grid (SD3 patches, FLUX's packed tokens)
+            resolution = adapter.token_grid(height, width)
         masks = self._layout_targets(layout_masks, per_prompt, rows_prompt, resolution)
 
         step_sizes = cfg.scale_factor * np.sqrt(np.linspace(1.0, 0.5, T))
@@ -641,9 +497,8 @@ class AStarPipeline:
                 return {"uncond": slice(0, B), "cond": slice(B, 2 * B)}
             return {"cond": slice(0, batch)}
 
-        denoiser = pipe.transformer if family in MMDIT_FAMILIES else pipe.unet
-        with attach(pipe, rec) as handle, handle.branches(branches), pipe.progress_bar(total=T) as bar, \
-                _no_weight_grads(denoiser):
+        run.start(T)
+        with attach(pipe, rec, run=run) as handle, handle.branches(branches), _no_weight_grads(adapter.denoiser):
             for i, t in enumerate(timesteps):
                 if i < stop or i in refine:
                     new = []
@@ -651,7 +506,7 @@ class AStarPipeline:
                         for b in range(B):
                             k = rows_prompt[b]
                             emb = self._rows(cond, uncond, slice(b, b + 1), False)
-                            z, info = self._optimise(rec, latents[b : b + 1], t, emb, per_prompt[k][0], eots[k],
+                            z, info = self._optimise(run, rec, latents[b : b + 1], t, emb, per_prompt[k][0], eots[k],
                                                      resolution, targets[b], float(step_sizes[i]), refine.get(i),
                                                      i < stop)
                             history[b].append({"step": i, **info})
@@ -660,13 +515,15 @@ class AStarPipeline:
                 record = want_prev or return_attention_maps
                 rec.start("main" if record else None)
                 x = torch.cat([latents] * 2) if cfg_on else latents
-                noise = self._denoise(self._scale(x, t), t, self._rows(cond, uncond, slice(0, B), cfg_on))
+                noise = self._denoise(run, x, t, self._rows(cond, uncond, slice(0, B), cfg_on))
                 rec.mode = None
+                step_maps = []
                 if record:
                     records, rec.records = rec.records, []
                     for b in range(B):
                         k = rows_prompt[b]
                         m = self._maps_of(records, b, per_prompt[k][0], eots[k], resolution).detach()
+                        step_maps.append(m)
                         if want_prev:
                             targets[b] = binarize(m, cfg.retention_threshold)
                         if return_attention_maps:
@@ -676,7 +533,8 @@ class AStarPipeline:
                     u, c = noise.chunk(2)
                     noise = u + w * (c - u)
                 latents = pipe.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
-                bar.update()
+                run.report(i, t, latents, None, **({"attention_maps": step_maps} if step_maps else {}))
+        run.close()
 
         images = self._decode(latents, output_type, height, width)
         out = AStarOutput(images=images, losses=history)
@@ -691,30 +549,6 @@ class AStarPipeline:
         return out
 
     # ------------------------------------------------------------------ pieces of the loop
-    def _timesteps(self, steps, device, height, width):
-        pipe = self.pipe
-        if self.family in MMDIT_FAMILIES:
-            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import retrieve_timesteps
-
-            p = 2 if self.family == "flux" else pipe.transformer.config.patch_size  # FLUX packs 2×2 latent patches
-            n = (height // pipe.vae_scale_factor // p) * (width // pipe.vae_scale_factor // p)
-            kw = flow_timestep_kwargs(pipe.scheduler.config, steps, n, flux=self.family == "flux")
-            timesteps, steps = retrieve_timesteps(pipe.scheduler, steps, device, **kw)
-        else:
-            from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
-
-            timesteps, steps = retrieve_timesteps(pipe.scheduler, steps, device)
-        return timesteps, len(timesteps)
-
-    def _latents(self, B, height, width, dtype, device, generator, latents):
-        pipe = self.pipe
-        if self.family == "flux":  # packed [B, h/2 · w/2, 4C], and the image tokens' position ids
-            latents, self._flux_img_ids = pipe.prepare_latents(B, pipe.transformer.config.in_channels // 4, height,
-                                                               width, dtype, device, generator, latents)
-            return latents
-        channels = pipe.transformer.config.in_channels if self.family == "sd3" else pipe.unet.config.in_channels
-        return pipe.prepare_latents(B, channels, height, width, dtype, device, generator, latents)
-
     def _layout_targets(self, layout_masks, per_prompt, rows_prompt, resolution):
         """User layout masks -> binary retention targets ``[C, h, w]`` per row (or ``None``)."""
         if layout_masks is None:
@@ -743,32 +577,11 @@ class AStarPipeline:
         return out
 
     def _decode(self, latents, output_type, height: int, width: int):
-        pipe = self.pipe
         if output_type == "latent":
             return latents
-        vae = pipe.vae
-        if self.family == "flux":
-            latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)  # [B, C, h, w]
-        if self.family in MMDIT_FAMILIES:
-            latents = latents / vae.config.scaling_factor + vae.config.shift_factor
-            image = vae.decode(latents, return_dict=False)[0]
-            return pipe.image_processor.postprocess(image, output_type=output_type)
-        with vae_upcast(vae):
-            latents = latents.to(vae.dtype)
-            mean, std = latent_stats(vae, latents) if self.family == "sdxl" else (None, None)
-            if mean is not None:
-                latents = latents * std / vae.config.scaling_factor + mean
-            else:
-                latents = latents / vae.config.scaling_factor
-            image = vae.decode(latents, return_dict=False)[0]
-        denorm = [True] * image.shape[0]
-        if self.family == "sd" and getattr(pipe, "safety_checker", None) is not None:
-            image, nsfw = pipe.run_safety_checker(image, pipe._execution_device, latents.dtype)
-            denorm = [not x for x in nsfw] if nsfw is not None else denorm
-        if self.family == "sdxl" and getattr(pipe, "watermark", None) is not None:
-            image = pipe.watermark.apply_watermark(image)
-        return pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=denorm)
-
+        adapter = self.adapter
+        image = adapter.decode(adapter.unpack(latents, height, width))
+        return adapter.postprocess(image, output_type, self.pipe.vae.dtype)
 
 def _as_step(value, T: int, what: str, key: bool = False) -> int:
     """A step index from an int (index / count) or a float fraction of the ``T`` steps."""
@@ -779,45 +592,6 @@ def _as_step(value, T: int, what: str, key: bool = False) -> int:
     if isinstance(value, float) and (0.0 <= value < 1.0 if key else 0.0 <= value <= 1.0):
         return int(round(value * T))
     raise ConceptError(f"{what}: {value!r} must be a step index (int) or a fraction of the run (float in [0, 1])")
-
-
-def default_concepts(prompt: str) -> list[str]:
-    """The shape nouns of a shapes-world caption, one per object (the testbed's concepts)."""
-    from diffattn.testbed.world import parse_prompt
-
-    try:
-        spec = parse_prompt(prompt)
-    except ValueError:
-        raise ConceptError(
-            f"no concepts given and {prompt!r} is not a shapes-world caption; pass concepts=['word', ...] "
-            f"(the subject nouns of the prompt)"
-        ) from None
-    return [shape for _, shape in spec.objects]
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def maps_row(maps: dict, size: int):
-    """The concept heat maps of one image side by side, labelled, each ``size`` pixels wide."""
-    from PIL import Image, ImageDraw
-
-    label_h = 14
-    row = Image.new("RGB", (size * len(maps), size + label_h), "white")
-    draw = ImageDraw.Draw(row)
-    for i, (label, im) in enumerate(maps.items()):
-        row.paste(im.resize((size, size), Image.BILINEAR), (i * size, label_h))
-        draw.text((i * size + 3, 1), str(label), fill="black")
-    return row
-
-
-def testbed_overrides(pipe) -> dict:
-    """:data:`TESTBED_OVERRIDES` of a testbed pipeline (``{}`` for any other model)."""
-    from diffattn.testbed.pipelines import ShapesSD3Pipeline
-
-    if not is_testbed(pipe):
-        return {}
-    return TESTBED_OVERRIDES["tiny-sd3" if isinstance(pipe, ShapesSD3Pipeline) else "tiny-sd"]
 
 
 @contextlib.contextmanager
@@ -832,63 +606,3 @@ def _no_weight_grads(module):
     finally:
         for p in params:
             p.requires_grad_(True)
-
-
-def is_testbed(pipe) -> bool:
-    """Whether ``pipe`` is one of the tiny testbed pipelines (``diffattn.testbed.load``)."""
-    from diffattn.testbed.pipelines import ShapesSD3Pipeline, ShapesSDPipeline
-
-    return isinstance(pipe, (ShapesSDPipeline, ShapesSD3Pipeline))
-
-
-def generate_builder(pipe, args):
-    """``diffattn generate --method astar --concepts circle,square``: A-STAR beside the baseline.
-
-    ``run(generator, call_kwargs)`` returns ``[A-STAR image]``; it also sets ``run.rows`` to
-    ``[(label, PIL row of concept heat maps)]`` for drawing under the images.
-    """
-    concepts = [c.strip() for c in args.concepts.split(",") if c.strip()] if getattr(args, "concepts", None) else None
-    method = getattr(args, "astar_loss", None) or "astar"
-    kw = dict(testbed_overrides(pipe))
-    presets = {"astar": AStarConfig.astar, "ae": AStarConfig.attend_and_excite,
-               "segregation": AStarConfig.segregation_only, "retention": AStarConfig.retention_only}
-    if method not in presets:
-        raise ConceptError(f"--astar-loss {method!r}: use one of {', '.join(presets)}")
-    astar = AStarPipeline(pipe, presets[method](**kw))
-    astar._concepts_for(args.prompt, concepts if concepts is not None else default_concepts)  # fail before any image
-
-    def run(generator, call_kwargs):
-        out = astar(args.prompt, concepts, generator=generator, return_attention_maps=True, **call_kwargs)
-        size = out.images[0].width * (4 if out.images[0].width <= 128 else 1)
-        run.rows = [(f"{label} concept maps", maps_row(out.attention_maps[0], size))]
-        run.maps = out.attention_maps[0]
-        return out.images
-
-    run.rows = []
-    label = {"astar": "A-STAR", "ae": "Attend-and-Excite"}.get(method, f"A-STAR ({method} only)")
-    return label, run
-
-
-def compose(top, rows: Sequence) -> "object":
-    """``top`` (the side-by-side image) with ``rows`` ``[(label, PIL image)]`` stacked underneath."""
-    from PIL import Image
-
-    height = top.height + sum(r.height for _, r in rows)
-    width = max([top.width] + [r.width for _, r in rows])
-    canvas = Image.new("RGB", (width, height), "white")
-    canvas.paste(top, (0, 0))
-    y = top.height
-    for _, r in rows:
-        canvas.paste(r, (width - r.width, y))  # under the right-most (method) image
-        y += r.height
-    return canvas
-
-
-def _register():
-    """Register ``astar`` in ``diffattn generate`` (``diffattn.generate.METHODS``)."""
-    from diffattn.generate import register_method
-
-    register_method("astar")(generate_builder)
-
-
-_register()

@@ -57,7 +57,6 @@ auxiliary branch runs as its own forward, so it never touches the editor's state
 """
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,28 +64,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from diffattn.controls import Control
-from diffattn.errors import ControlError, DiffattnError, UnsupportedModelError
-from diffattn.pipelines import configure, flow_timestep_kwargs, latent_stats, vae_upcast
+from diffattn.errors import ConfigError, ControlError, EditPromptError, ImageInputError, UnsupportedModelError  # noqa: F401
+from diffattn.families import RunState, adapter_for
+from diffattn.families.base import flow_timestep_kwargs, vae_upcast
+from diffattn.pipelines import configure
 from diffattn.methods.p2p import PromptToPromptReplace
 from diffattn.methods.uniform import MASK_CONVENTIONS, UniformAttention, blend_x0, edit_mask, quantile_schedule
 
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline (SD1.x, SD2.x), StableDiffusionXLPipeline (SDXL), "
-                       "StableDiffusion3Pipeline (SD3, SD3.5) and FluxPipeline (FLUX.1)")
-UNET_FAMILIES = ("sd", "sdxl")  # DDIM inversion of a UNet
-FLOW_FAMILIES = ("sd3", "flux")  # flow-matching inversion of an MMDiT
 CONDITIONINGS = ("source", "empty", "uniform")  # the paper's three; "uniform-source" also accepted
 BLENDS = ("target", "both", "source")
-
-
-class ImageInputError(DiffattnError, ValueError):
-    """The image cannot be inverted as given (mode, size, value range)."""
-
-
-class EditPromptError(DiffattnError, ValueError):
-    """The source / target prompts cannot be edited as asked (empty target, token counts differ)."""
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -294,26 +282,26 @@ class UAMConfig:
 
     def validate(self) -> "UAMConfig":
         if self.mask_convention not in MASK_CONVENTIONS:
-            raise ControlError(f"mask_convention={self.mask_convention!r}: use 'code' (dilate the edit mask, official "
-                               f"code) or 'paper' (dilate the preserve mask, Algorithm 1)")
+            raise ConfigError(f"mask_convention={self.mask_convention!r}: use 'code' (dilate the edit mask, official "
+                              f"code) or 'paper' (dilate the preserve mask, Algorithm 1)")
         if self.blend not in BLENDS:
-            raise ControlError(f"blend={self.blend!r}: use 'target' (P2P path), 'both' (MasaCtrl path) or 'source'")
+            raise ConfigError(f"blend={self.blend!r}: use 'target' (P2P path), 'both' (MasaCtrl path) or 'source'")
         if self.source_inversion not in ("source", "empty"):
-            raise ControlError(f"source_inversion={self.source_inversion!r}: use 'source' or 'empty'")
+            raise ConfigError(f"source_inversion={self.source_inversion!r}: use 'source' or 'empty'")
         if not self.distilled_guidance >= 0.0:
-            raise ControlError(f"distilled_guidance={self.distilled_guidance}: a guidance embedding is >= 0")
+            raise ConfigError(f"distilled_guidance={self.distilled_guidance}: a guidance embedding is >= 0")
         if not 0.0 <= self.quantile <= 1.0:
-            raise ControlError(f"quantile={self.quantile}: a quantile lies in [0, 1]")
+            raise ConfigError(f"quantile={self.quantile}: a quantile lies in [0, 1]")
         if not 0.0 <= self.mask_timestep <= 1000.0:
-            raise ControlError(f"mask_timestep={self.mask_timestep}: T_mask is a model timestep in [0, 1000] "
-                               f"(blending runs while t < T_mask; 0 turns it off)")
+            raise ConfigError(f"mask_timestep={self.mask_timestep}: T_mask is a model timestep in [0, 1000] "
+                              f"(blending runs while t < T_mask; 0 turns it off)")
         if self.dilation < 0:
-            raise ControlError(f"dilation={self.dilation}: a radius is >= 0 (0 = no dilation)")
+            raise ConfigError(f"dilation={self.dilation}: a radius is >= 0 (0 = no dilation)")
         for name in ("cross_replace", "self_replace"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ControlError(f"{name}={getattr(self, name)}: a fraction of the steps in [0, 1]")
+                raise ConfigError(f"{name}={getattr(self, name)}: a fraction of the steps in [0, 1]")
         if self.num_inference_steps is not None and self.num_inference_steps < 1:
-            raise ControlError(f"num_inference_steps={self.num_inference_steps}: at least 1")
+            raise ConfigError(f"num_inference_steps={self.num_inference_steps}: at least 1")
         return self
 
 
@@ -358,64 +346,14 @@ class EditOutput:
 # ----------------------------------------------------------------------------- the pipeline
 
 
-def uam_family(pipe) -> str:
-    """``"sd"``, ``"sdxl"``, ``"sd3"`` or ``"flux"``; :class:`UnsupportedModelError` for anything else."""
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    if isinstance(pipe, FluxPipeline):
-        return "flux"
-
-    if isinstance(pipe, StableDiffusionPipeline):
-        return "sd"
-    if isinstance(pipe, StableDiffusionXLPipeline):
-        return "sdxl"
-    if isinstance(pipe, StableDiffusion3Pipeline):
-        return "sd3"
-    raise UnsupportedModelError(
-        f"UAMPipeline supports {SUPPORTED_PIPELINES} (and their subclasses); got {type(pipe).__name__}. Load one of "
-        f"those pipelines and pass it"
-    )
-
-
-def _call_defaults(pipe, family: str) -> dict:
-    """Defaults of the pipeline's own ``__call__`` (steps, guidance, T5 length), testbed
-    subclasses included."""
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    base = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline,
-            "flux": FluxPipeline}[family]
-    keys = ("num_inference_steps", "guidance_scale", "max_sequence_length")
-    out = {k: p.default for k, p in inspect.signature(base.__call__).parameters.items() if k in keys}
-    try:
-        from diffattn.testbed.pipelines import SD3_DEFAULTS, SD_DEFAULTS, ShapesSD3Pipeline, ShapesSDPipeline
-    except ImportError:  # pragma: no cover
-        return out
-    if isinstance(pipe, ShapesSDPipeline):
-        out.update(SD_DEFAULTS)
-    elif isinstance(pipe, ShapesSD3Pipeline):
-        out.update(SD3_DEFAULTS)
-    return out
-
-
 def _token_count(tokenizer, prompt: str) -> int:
     return len(tokenizer(prompt, truncation=False, add_special_tokens=True).input_ids)
 
 
 def word_swap_tokenizers(pipe) -> list:
-    """The tokenizers whose token positions a word swap must keep: CLIP's, and on SD3 also
-    T5's when its text encoder is loaded (its tokens are keys of the joint attention too), and
-    the second CLIP's of SDXL and SD3 (its states are concatenated with the first's); on FLUX
-    T5's alone."""
-    from diffusers import FluxPipeline
-
-    if isinstance(pipe, FluxPipeline):
-        return [pipe.tokenizer_2]  # FLUX's keys are T5 tokens; CLIP gives only the pooled vector
-    tokenizers = [pipe.tokenizer]
-    if getattr(pipe, "tokenizer_2", None) is not None and getattr(pipe, "text_encoder_2", None) is not None:
-        tokenizers.append(pipe.tokenizer_2)
-    if getattr(pipe, "tokenizer_3", None) is not None and getattr(pipe, "text_encoder_3", None) is not None:
-        tokenizers.append(pipe.tokenizer_3)
-    return tokenizers
+    """The tokenizers whose token counts a word swap must keep: every one the text keys come
+    from (SD: CLIP; SDXL: both CLIPs; SD3: both CLIPs and T5 when loaded; FLUX: T5 alone)."""
+    return adapter_for(pipe, method="UAMPipeline").word_swap_tokenizers()
 
 
 def check_word_swap(tokenizers, source: str, target: str) -> None:
@@ -448,21 +386,25 @@ class UAMPipeline:
     """
 
     def __init__(self, pipe, config: UAMConfig | None = None, *, progress: bool | None = None, **overrides):
-        self.family = uam_family(pipe)
+        self.adapter = adapter_for(pipe, method="UAMPipeline")
         self.pipe = pipe
-        self.config = configure(config, UAMConfig, overrides, ControlError, "UAM")
-        self.defaults = _call_defaults(pipe, self.family)
+        self.config = configure(config, UAMConfig, overrides, ConfigError, "UAM")
+        self.defaults = self.adapter.call_defaults()
         if progress is None:
             progress = not getattr(pipe, "_progress_bar_config", {}).get("disable", False)
         self.progress = bool(progress)
-        unet = self.family in UNET_FAMILIES
-        self.solver = Solver("ddim" if unet else "flow")
-        # what the UNet predicts (SD3 predicts the flow velocity, the solver's own form)
-        self.prediction = pipe.scheduler.config.get("prediction_type", "epsilon") if unet else None
-        if unet and self.prediction not in ("epsilon", "v_prediction"):
+        self.solver = Solver(self.adapter.solver)
+        # what the denoiser predicts (SD3 and FLUX predict the flow velocity, the solver's own form)
+        self.prediction = self.adapter.prediction_type
+        if self.prediction not in ("epsilon", "v_prediction", "flow"):
             raise UnsupportedModelError(f"DDIM inversion supports epsilon and v_prediction UNets; the scheduler says "
                                         f"prediction_type={self.prediction!r}")
-        self._embeds: dict[str, dict] = {}
+        self._embeds: dict[str, dict] = {}  # prompt -> its encoding: the text encoders' output does not change
+
+    @property
+    def family(self) -> str:
+        """The adapter's name: ``"sd"``, ``"sdxl"``, ``"sd3"`` or ``"flux"``."""
+        return self.adapter.name
 
     @classmethod
     def from_pipe(cls, pipe, config: UAMConfig | None = None, **overrides) -> "UAMPipeline":
@@ -474,7 +416,7 @@ class UAMPipeline:
     # ------------------------------------------------------------------ properties
     @property
     def denoiser(self):
-        return self.pipe.unet if self.family in UNET_FAMILIES else self.pipe.transformer
+        return self.adapter.denoiser
 
     @property
     def device(self):
@@ -483,26 +425,19 @@ class UAMPipeline:
     @property
     def image_size(self) -> tuple[int, int]:
         """(height, width) in pixels of the model's native size: its sample size × the VAE factor."""
-        size = self.pipe.default_sample_size if self.family == "flux" else self.denoiser.config.sample_size
-        s = int(size) * int(self.pipe.vae_scale_factor)
-        return s, s
+        return self.adapter.native_size()
 
     @property
     def size_unit(self) -> int:
         """Image sides must be multiples of this many pixels: the VAE factor times the UNet's
         downsampling (2 per level after the first), SD3's patch or FLUX's 2×2 packing."""
-        if self.family in UNET_FAMILIES:
-            down = 2 ** (len(self.denoiser.config.block_out_channels) - 1)
-        else:
-            down = 2 if self.family == "flux" else int(self.denoiser.config.patch_size)
-        return int(self.pipe.vae_scale_factor) * down
+        return self.adapter.size_unit
 
     @property
     def max_side(self) -> int | None:
         """The longest side in pixels the model can embed (SD3's ``pos_embed_max_size`` patches;
         ``None``: no limit)."""
-        patches = getattr(self.denoiser.config, "pos_embed_max_size", None) if self.family == "sd3" else None
-        return None if patches is None else int(patches) * self.size_unit
+        return self.adapter.max_side
 
     def num_steps(self, num_inference_steps: int | None = None) -> int:
         n = num_inference_steps or self.config.num_inference_steps or self.defaults.get("num_inference_steps") or 50
@@ -513,11 +448,10 @@ class UAMPipeline:
     def steps(self, num_inference_steps: int | None = None, latent_hw: tuple[int, int] | None = None) -> list[Step]:
         """The step grid (DDIM for UNets, flow matching for SD3 and FLUX)."""
         n = self.num_steps(num_inference_steps)
-        if self.family in UNET_FAMILIES:
+        if self.adapter.solver == "ddim":
             return ddim_steps(self.pipe.scheduler.config, n)
-        h, w = latent_hw or tuple(s // self.pipe.vae_scale_factor for s in self.image_size)
-        p = 2 if self.family == "flux" else int(self.denoiser.config.patch_size)  # FLUX packs 2×2 latent patches
-        return flow_steps(self.pipe.scheduler.config, n, (h // p) * (w // p), flux=self.family == "flux")
+        hw = latent_hw or tuple(s // self.adapter.vae_factor for s in self.image_size)
+        return flow_steps(self.pipe.scheduler.config, n, self.adapter.image_seq_len(hw), flux=self.adapter.flux_sigmas)
 
     # ------------------------------------------------------------------ images
     def load_image(self, image) -> torch.Tensor:
@@ -567,11 +501,6 @@ class UAMPipeline:
                                   f"{limit} pixels: resize it so that both sides are at most {limit}")
         return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None].clamp(0, 1)  # [1, 3, H, W]
 
-    def _latent_stats(self, like: torch.Tensor):
-        """(mean, std) of a UNet VAE that standardises its latents (:func:`latent_stats`);
-        SD3 and FLUX VAEs use their shift factor instead."""
-        return (None, None) if self.family in FLOW_FAMILIES else latent_stats(self.pipe.vae, like)
-
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """VAE posterior mean of images [B, 3, H, W] in [0, 1] -> latents [B, C, h, w] fp32,
@@ -581,25 +510,13 @@ class UAMPipeline:
         with vae_upcast(vae):
             x = (images * 2 - 1).to(self.device, vae.dtype)  # [-1, 1]
             mean = vae.encode(x).latent_dist.mean.float()  # [B, C, h, w]
-        cfg = vae.config
-        if self.family in FLOW_FAMILIES:
-            return (mean - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
-        mu, sigma = self._latent_stats(mean)
-        if mu is not None:
-            return (mean - mu) * cfg.scaling_factor / sigma
-        return mean * cfg.scaling_factor
+        return self.adapter.to_latents(mean)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents [B, C, h, w] -> images [B, 3, H, W] fp32 in [0, 1] (CPU)."""
         vae = self.pipe.vae
-        cfg = vae.config
-        z = latents.float() / cfg.scaling_factor
-        if self.family in FLOW_FAMILIES:
-            z = z + (cfg.shift_factor or 0.0)
-        mu, sigma = self._latent_stats(z)
-        if mu is not None:
-            z = z * sigma + mu
+        z = self.adapter.from_latents(latents.float())
         with vae_upcast(vae):
             x = vae.decode(z.to(self.device, vae.dtype), return_dict=False)[0].float()
         return ((x + 1) / 2).clamp(0, 1).cpu()
@@ -608,42 +525,14 @@ class UAMPipeline:
     def embed(self, prompt: str) -> dict:
         """Denoiser keyword tensors of one prompt ([1, ...]), cached."""
         if prompt not in self._embeds:
-            pipe = self.pipe
-            if self.family == "sd":
-                cond, _ = pipe.encode_prompt([prompt], self.device, 1, False)
-                emb = {"encoder_hidden_states": cond}
-            elif self.family == "sdxl":
-                cond, _, pooled, _ = pipe.encode_prompt(prompt=[prompt], device=self.device, num_images_per_prompt=1,
-                                                        do_classifier_free_guidance=False)
-                emb = {"encoder_hidden_states": cond, "text_embeds": pooled}  # micro-conditioning: in predict
-            elif self.family == "flux":
-                cond, pooled, _ = pipe.encode_prompt(prompt=[prompt], prompt_2=None, device=self.device,
-                                                     num_images_per_prompt=1,
-                                                     max_sequence_length=self.defaults.get("max_sequence_length", 512))
-                emb = {"encoder_hidden_states": cond, "pooled_projections": pooled}  # text ids: zeros, in predict
-            else:
-                cond, _, pooled, _ = pipe.encode_prompt(
-                    prompt=[prompt], prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
-                    device=self.device, max_sequence_length=self.defaults.get("max_sequence_length", 256))
-                emb = {"encoder_hidden_states": cond, "pooled_projections": pooled}
-            self._embeds[prompt] = emb
+            self._embeds[prompt] = self.adapter.encode_prompt(
+                [prompt], max_sequence_length=self.defaults.get("max_sequence_length"))[0]
         return self._embeds[prompt]
-
-    def _time_ids(self, pooled: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """SDXL's micro-conditioning [1, 6] of an uncropped ``size`` (H, W) image, as the SDXL
-        pipeline builds it (original size, crop (0, 0), target size)."""
-        pipe = self.pipe
-        proj = (int(pooled.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim)
-        return pipe._get_add_time_ids(tuple(size), (0, 0), tuple(size), dtype=pooled.dtype,
-                                      text_encoder_projection_dim=proj).to(self.device)
 
     def null_embed(self) -> dict:
         """The unconditional row of CFG: ``""`` encoded, or zeros where the pipeline does so
         (SDXL's ``force_zeros_for_empty_prompt``)."""
-        emb = self.embed("")
-        if self.family == "sdxl" and self.pipe.config.get("force_zeros_for_empty_prompt", False):
-            emb = {k: torch.zeros_like(v) for k, v in emb.items()}
-        return emb
+        return self.adapter.null_conditioning(self.embed(""))
 
     def embed_batch(self, prompts: Sequence[str]) -> dict:
         """Keyword tensors of several prompts, concatenated on the batch ([B, ...])."""
@@ -655,53 +544,35 @@ class UAMPipeline:
         """ε (UNet) or velocity (SD3, FLUX) of latents z [B, C, h, w] at model timestep t -> fp32.
 
         A v-prediction UNet's output is turned into ε at ᾱ_t, the level the model is told.
-        ``guidance``: FLUX's guidance embedding (``None``: ``distilled_guidance``)."""
-        model = self.denoiser
+        ``guidance``: a distilled model's guidance embedding (``None``: ``distilled_guidance``).
+        FLUX's latents are packed into 2×2 patch tokens (with their position ids) and back
+        with FluxPipeline's own ``_pack_latents`` / ``_unpack_latents``."""
+        adapter, model = self.adapter, self.denoiser
         x = z.to(self.device, model.dtype)
         emb = {k: v.to(self.device) for k, v in emb.items()}
         tt = torch.tensor(t, device=self.device)
-        if self.family == "sd":
-            out = model(x, tt, encoder_hidden_states=emb["encoder_hidden_states"], return_dict=False)[0]
-        elif self.family == "sdxl":
-            size = (z.shape[-2] * self.pipe.vae_scale_factor, z.shape[-1] * self.pipe.vae_scale_factor)
-            time_ids = self._time_ids(emb["text_embeds"], size).repeat(x.shape[0], 1)  # [B, 6]
-            added = {"text_embeds": emb["text_embeds"].to(model.dtype), "time_ids": time_ids.to(model.dtype)}
-            out = model(x, tt, encoder_hidden_states=emb["encoder_hidden_states"].to(model.dtype),
-                        added_cond_kwargs=added, return_dict=False)[0]
-        elif self.family == "flux":
-            out = self._flux_forward(x, tt, emb, self.config.distilled_guidance if guidance is None else guidance)
-        else:
-            out = model(hidden_states=x, timestep=tt.expand(x.shape[0]).to(model.dtype), return_dict=False, **emb)[0]
+        run = RunState()  # this forward's own: FLUX's position ids of this latent grid
+        if adapter.distilled and guidance is None:
+            guidance = self.config.distilled_guidance
+        out = adapter.predict(run, adapter.pack(run, x), tt, emb, guidance)
+        out = adapter.unpack(out, z.shape[-2] * adapter.vae_factor, z.shape[-1] * adapter.vae_factor)
         if self.prediction == "v_prediction":
             alpha_bar = float(self.pipe.scheduler.alphas_cumprod.double()[int(t)])
             return v_to_eps(z.float().to(self.device), out.float(), alpha_bar)
         return out.float()
 
-    def _flux_forward(self, x: torch.Tensor, t: torch.Tensor, emb: dict, guidance: float) -> torch.Tensor:
-        """FLUX's transformer on latents [B, C, h, w]: packed into 2×2 patch tokens and back with
-        FluxPipeline's own ``_pack_latents`` / ``_unpack_latents``, and its position ids."""
-        pipe, model, (B, C, h, w) = self.pipe, self.denoiser, x.shape
-        f = pipe.vae_scale_factor
-        tokens = pipe._pack_latents(x, B, C, h, w)  # [B, (h/2)(w/2), 4C]
-        img_ids = pipe._prepare_latent_image_ids(B, h // 2, w // 2, self.device, model.dtype)  # [(h/2)(w/2), 3]
-        text = emb["encoder_hidden_states"]
-        g = torch.full([B], float(guidance), device=self.device) if model.config.guidance_embeds else None
-        out = model(hidden_states=tokens, timestep=t.expand(B).to(model.dtype) / 1000, guidance=g,  # FluxPipeline's order
-                    pooled_projections=emb["pooled_projections"].to(model.dtype), encoder_hidden_states=text.to(model.dtype),
-                    txt_ids=torch.zeros(text.shape[1], 3, device=self.device, dtype=model.dtype),
-                    img_ids=img_ids, return_dict=False)[0]
-        return pipe._unpack_latents(out, h * f, w * f, f)  # [B, C, h, w]
-
-    def _session(self, *extra: Control):
-        """attach() with the uniform control (acting on batch rows named "aux") and ``extra``."""
+    def _session(self, run: RunState, *extra: Control):
+        """attach() with the uniform control (acting on batch rows named "aux") and ``extra``,
+        serving the loop's ``run`` (its pinned step and step count)."""
         from diffattn.engine import attach
 
         cfg = self.config
         uniform = UniformAttention(sites=cfg.uniform_sites, keys=cfg.uniform_keys, branches=("aux",))
-        return attach(self.pipe, uniform, *extra)
+        return attach(self.pipe, uniform, *extra, run=run)
 
-    def _bar(self, iterable, desc: str):
-        return tqdm(iterable, desc=desc, disable=not self.progress, leave=False, dynamic_ncols=True)
+    def _run(self, steps: int, desc: str, callback) -> RunState:
+        """The state of one loop of ``steps`` steps: progress bar and ``callback`` reports."""
+        return RunState(num_steps=steps, callback=callback, progress=self.progress, desc=desc).start(steps)
 
     def _conditioning(self, conditioning: str, prompts: list[str]) -> tuple[list[str], str]:
         """(prompts the forwards see, branch name of the rows)."""
@@ -719,8 +590,12 @@ class UAMPipeline:
     # ------------------------------------------------------------------ inversion / sampling
     @torch.no_grad()
     def invert_latents(self, z0: torch.Tensor, prompts: Sequence[str], conditioning: str = "source", *,
-                       num_inference_steps: int | None = None, return_trajectory: bool = False) -> Inversion:
-        """Unguided inversion of latents z0 [B, C, h, w] (DDIM ``next_step`` or backward Euler)."""
+                       num_inference_steps: int | None = None, return_trajectory: bool = False,
+                       callback=None) -> Inversion:
+        """Unguided inversion of latents z0 [B, C, h, w] (DDIM ``next_step`` or backward Euler).
+
+        ``callback(info)`` after every step (``RunState.report``: step, timestep, latents, x0,
+        total, stage ``"invert (<conditioning>)"``)."""
         prompts = list(prompts)
         if len(prompts) != z0.shape[0]:
             raise ControlError(f"{z0.shape[0]} latents but {len(prompts)} prompts; give one prompt per image")
@@ -729,32 +604,40 @@ class UAMPipeline:
         emb = self.embed_batch(seen)
         z = z0.float().to(self.device)
         traj = [z] if return_trajectory else None
-        self.pipe._num_timesteps = len(steps)  # what the engine reads as the run's step count
-        with self._session() as handle, handle.branches({branch: slice(0, z.shape[0])}):
-            for i in self._bar(range(len(steps) - 1, -1, -1), f"invert ({conditioning})"):
+        run = self._run(len(steps), f"invert ({conditioning})", callback)
+        with self._session(run) as handle, handle.branches({branch: slice(0, z.shape[0])}):
+            for i in range(len(steps) - 1, -1, -1):
                 s = steps[i]
-                handle.set_step(i)  # step windows count denoising steps: inversion step i mirrors step i
+                run.step = i  # step windows count denoising steps: inversion step i mirrors step i
                 pred = self.predict(z, s.t, emb)
-                z = self.solver.step(z, pred, s.low, s.high)
+                x0 = self.solver.x0(z, pred, s.low)
+                z = self.solver.compose(x0, self.solver.noise(z, pred, s.low), s.high)  # = solver.step
                 if traj is not None:
                     traj.append(z)
+                run.report(i, s.t, z, x0)
+        run.close()
         return Inversion(z, z0, conditioning, prompts, steps, traj)
 
     @torch.no_grad()
     def sample_latents(self, latents: torch.Tensor, prompts: Sequence[str], conditioning: str = "source", *,
-                       num_inference_steps: int | None = None) -> torch.Tensor:
-        """Unguided deterministic sampling from z_T [B, C, h, w] -> z0 (fp32)."""
+                       num_inference_steps: int | None = None, callback=None) -> torch.Tensor:
+        """Unguided deterministic sampling from z_T [B, C, h, w] -> z0 (fp32); ``callback`` as
+        :meth:`invert_latents` (stage ``"reconstruct (<conditioning>)"``)."""
         prompts = list(prompts)
         seen, branch = self._conditioning(conditioning, prompts)
         steps = self.steps(num_inference_steps, tuple(latents.shape[-2:]))
         emb = self.embed_batch(seen)
         z = latents.float().to(self.device)
-        self.pipe._num_timesteps = len(steps)
-        with self._session() as handle, handle.branches({branch: slice(0, z.shape[0])}):
-            for i in self._bar(range(len(steps)), f"reconstruct ({conditioning})"):
+        run = self._run(len(steps), f"reconstruct ({conditioning})", callback)
+        with self._session(run) as handle, handle.branches({branch: slice(0, z.shape[0])}):
+            for i in range(len(steps)):
                 s = steps[i]
-                handle.set_step(i)
-                z = self.solver.step(z, self.predict(z, s.t, emb), s.high, s.low)
+                run.step = i
+                pred = self.predict(z, s.t, emb)
+                x0 = self.solver.x0(z, pred, s.high)
+                z = self.solver.compose(x0, self.solver.noise(z, pred, s.high), s.low)  # = solver.step
+                run.report(i, s.t, z, x0)
+        run.close()
         return z
 
     def _images(self, image) -> torch.Tensor:
@@ -778,31 +661,35 @@ class UAMPipeline:
         return prompts
 
     def invert(self, image, prompt: str | Sequence[str] = "", conditioning: str = "source", *,
-               num_inference_steps: int | None = None, return_trajectory: bool = False) -> Inversion:
+               num_inference_steps: int | None = None, return_trajectory: bool = False, callback=None) -> Inversion:
         """Encode ``image`` (one or a list) with the VAE and invert it, unguided."""
         x = self._images(image)
         return self.invert_latents(self.encode(x), self._prompts(prompt, x.shape[0]), conditioning,
-                                   num_inference_steps=num_inference_steps, return_trajectory=return_trajectory)
+                                   num_inference_steps=num_inference_steps, return_trajectory=return_trajectory,
+                                   callback=callback)
 
     def reconstruct(self, image, prompt: str | Sequence[str] = "", conditioning: str = "uniform", *,
-                    num_inference_steps: int | None = None) -> Reconstruction | list[Reconstruction]:
+                    num_inference_steps: int | None = None, callback=None) -> Reconstruction | list[Reconstruction]:
         """Invert and reconstruct with one conditioning; PSNR / SSIM against the input.
         A list of images gives a list of results."""
-        out = self.reconstruct_all(image, prompt, (conditioning,), num_inference_steps=num_inference_steps)
+        out = self.reconstruct_all(image, prompt, (conditioning,), num_inference_steps=num_inference_steps,
+                                   callback=callback)
         res = [r[conditioning] for r in out]
         return res if isinstance(image, (list, tuple)) else res[0]
 
     def reconstruct_all(self, image, prompt: str | Sequence[str] = "", conditionings: Sequence[str] = CONDITIONINGS,
-                        *, num_inference_steps: int | None = None) -> list[dict[str, Reconstruction]]:
-        """Per image ``{conditioning: Reconstruction}`` (the VAE encodes once)."""
+                        *, num_inference_steps: int | None = None, callback=None) -> list[dict[str, Reconstruction]]:
+        """Per image ``{conditioning: Reconstruction}`` (the VAE encodes once). ``callback``
+        receives the reports of every inversion and reconstruction loop (their ``stage``)."""
         x = self._images(image)
         prompts = self._prompts(prompt, x.shape[0])
         z0 = self.encode(x)
         target = x.permute(0, 2, 3, 1).numpy()  # [B, H, W, 3]
         results: list[dict[str, Reconstruction]] = [{} for _ in range(x.shape[0])]
         for cond in conditionings:
-            inv = self.invert_latents(z0, prompts, cond, num_inference_steps=num_inference_steps)
-            zr = self.sample_latents(inv.latents, prompts, cond, num_inference_steps=num_inference_steps)
+            inv = self.invert_latents(z0, prompts, cond, num_inference_steps=num_inference_steps, callback=callback)
+            zr = self.sample_latents(inv.latents, prompts, cond, num_inference_steps=num_inference_steps,
+                                     callback=callback)
             imgs = self.decode(zr).permute(0, 2, 3, 1).numpy()  # [B, H, W, 3]
             for b in range(x.shape[0]):
                 results[b][cond] = Reconstruction(cond, _pil(imgs[b]), imgs[b], psnr(imgs[b], target[b]),
@@ -821,7 +708,8 @@ class UAMPipeline:
     @torch.no_grad()
     def edit(self, image, source_prompt: str, target_prompt: str, *, uam: bool = True,
              num_inference_steps: int | None = None, guidance_scale: float | None = None,
-             edit_steps: int | None = None, inversions: dict[str, torch.Tensor] | None = None) -> EditOutput:
+             edit_steps: int | None = None, inversions: dict[str, torch.Tensor] | None = None,
+             callback=None) -> EditOutput:
         """Prompt-to-prompt word swap of ``image`` from ``source_prompt`` to ``target_prompt``,
         with UAM's three-branch blending (``uam=True``) or without (the base editor).
 
@@ -830,6 +718,9 @@ class UAMPipeline:
         source prompt, so ``edit_steps=0`` reproduces the source branch.
         inversions: ``EditOutput.inversions`` of an earlier edit of the same image, source
         prompt and steps (the inversions do not depend on the target or the blending).
+        callback:   ``callback(info)`` after every step of the inversions and the edit
+                    (``RunState.report``; stage ``"edit"`` / ``"edit (uam)"``, whose latents are
+                    ``[source, target]`` and x0 their blended predictions; ``mask`` when one was made).
         """
         cfg = self.config
         check_word_swap(word_swap_tokenizers(self.pipe), source_prompt, target_prompt)
@@ -846,24 +737,26 @@ class UAMPipeline:
         src_cond = "source" if cfg.source_inversion == "source" else "empty"
         inv = dict(inversions or {})
         if "source" not in inv:
-            inv["source"] = self.invert_latents(z0, [source_prompt], src_cond, num_inference_steps=n).latents
+            inv["source"] = self.invert_latents(z0, [source_prompt], src_cond, num_inference_steps=n,
+                                                callback=callback).latents
         if uam and "uniform" not in inv:
-            inv["uniform"] = self.invert_latents(z0, [source_prompt], "uniform", num_inference_steps=n).latents
+            inv["uniform"] = self.invert_latents(z0, [source_prompt], "uniform", num_inference_steps=n,
+                                                 callback=callback).latents
         z_src, z_aux = inv["source"], (inv["uniform"] if uam else None)
         e_src, e_tgt, e_null = self.embed(source_prompt), self.embed(target_prompt), self.null_embed()
         e_aux = self.embed(source_prompt if cfg.uniform_prompt is None else cfg.uniform_prompt)
         quantiles = quantile_schedule(n, cfg.quantile)
         cfg_on = w != 1.0
         branch_guidance = None
-        if self.family == "flux":  # guidance-distilled: w is the two branches' guidance embedding, no CFG rows
+        if self.adapter.distilled:  # w is the two branches' guidance embedding, no CFG rows
             branch_guidance, cfg_on = w, False
         z = torch.cat([z_src, z_src])  # [2, C, h, w]: source, target
         masks: list[tuple[int, float, torch.Tensor]] = []
-        self.pipe._num_timesteps = n
-        with self._session(self._p2p(n, hw)) as handle:
-            for i in self._bar(range(n), "edit (uam)" if uam else "edit"):
+        run = self._run(n, "edit (uam)" if uam else "edit", callback)
+        with self._session(run, self._p2p(n, hw)) as handle:
+            for i in range(n):
                 s = steps[i]
-                handle.set_step(i)
+                run.step = i
                 tgt = e_tgt if i >= first_edit else e_src
                 if cfg_on:
                     rows = [e_null, e_null, e_src, tgt]
@@ -890,6 +783,9 @@ class UAMPipeline:
                         masks.append((i, s.t, m[0].cpu()))
                     z_aux = self.solver.step(z_aux, pred_u, s.high, s.low)
                 z = self.solver.compose(x0, noise, s.low)
+                made = bool(masks) and masks[-1][0] == i
+                run.report(i, s.t, z, x0, **({"mask": masks[-1][2]} if made else {}))
+        run.close()
         images = self.decode(z if z_aux is None else torch.cat([z, z_aux])).permute(0, 2, 3, 1).numpy()  # [b, H, W, 3]
         return EditOutput(_pil(images[0]), _pil(images[1]), _pil(images[2]) if uam else None, masks, inv)
 
@@ -898,111 +794,3 @@ def _pil(arr: np.ndarray) -> Image.Image:
     """[H, W, 3] float in [0, 1] -> PIL RGB."""
     return Image.fromarray((np.clip(arr, 0, 1) * 255 + 0.5).astype(np.uint8))
 
-
-# ----------------------------------------------------------------------------- command line
-
-
-def default_caption(pipe, image: Image.Image) -> str:
-    """The testbed oracle's caption of a shapes-world image (the CLI's default source prompt)."""
-    from diffattn.testbed import oracle, world
-
-    parsed = oracle.parse(image)
-    if not parsed.objects:
-        raise EditPromptError("no --prompt given and the testbed oracle finds no object in the image to caption; "
-                              "pass the source prompt with --prompt")
-    objs = tuple((o.color, o.shape if o.shape in world.SHAPES else "circle") for o in parsed.objects[:3])
-    spec = world.PromptSpec(objects=objs, relation=None, styles=parsed.styles)
-    return world.caption(spec)
-
-
-def _source_prompt(args, pipe, image: Image.Image, given: str | None) -> str:
-    if given is not None:
-        return given
-    from diffattn import testbed
-
-    if (args.model or "tiny-sd") in testbed.MODELS:
-        return default_caption(pipe, image)
-    raise EditPromptError("give the source prompt (--prompt / --source): only testbed images can be captioned "
-                          "automatically")
-
-
-def _model_help(p, default: str = "tiny-sd") -> None:
-    """UAM's commands default to the UNet testbed model (the paper's architecture)."""
-    for action in p._actions:
-        if action.dest == "model":
-            action.help = f"{default} (default), tiny-sd3, a diffusers folder or a hub id"
-
-
-def add_invert_arguments(p) -> None:
-    """Arguments of ``diffattn invert``."""
-    _model_help(p)
-    p.add_argument("image", help="RGB image, sides multiples of the model's unit (tiny-sd: 16 px; native 64x64)")
-    p.add_argument("--prompt", default=None, help="source prompt (default on testbed models: the oracle's caption)")
-    p.add_argument("--out", default="result.png", help="PNG: input | source prompt | empty prompt | uniform maps")
-    p.add_argument("--steps", type=int, default=None, help="inversion / reconstruction steps (default: the model's)")
-
-
-def add_edit_arguments(p) -> None:
-    """Arguments of ``diffattn edit``."""
-    _model_help(p)
-    p.add_argument("image", help="RGB image, sides multiples of the model's unit (tiny-sd: 16 px; native 64x64)")
-    p.add_argument("--source", default=None, help="source prompt (default on testbed models: the oracle's caption)")
-    p.add_argument("--target", required=True, help="target prompt: the source with one word swapped")
-    p.add_argument("--out", default="result.png", help="PNG: input | prompt-to-prompt | + UAM | uniform branch")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--guidance", type=float, default=None, help="CFG of the source / target branches")
-    p.add_argument("--mask-convention", default=UAMConfig.mask_convention, choices=list(MASK_CONVENTIONS),
-                   help="code: dilate the edit mask (official code, default); paper: dilate the preserve mask")
-    p.add_argument("--blend", default=UAMConfig.blend, choices=list(BLENDS))
-    p.add_argument("--mask-timestep", type=float, default=UAMConfig.mask_timestep,
-                   help="T_mask: blend while t < this (0..1000)")
-    p.add_argument("--quantile", type=float, default=UAMConfig.quantile,
-                   help="q: the mask threshold's quantile at the last step")
-    p.add_argument("--dilation", type=int, default=UAMConfig.dilation, help="mask dilation radius in latent pixels (0 = none)")
-    p.add_argument("--cross-replace", type=float, default=UAMConfig.cross_replace,
-                   help="fraction of steps with the source's cross maps")
-    p.add_argument("--self-replace", type=float, default=UAMConfig.self_replace,
-                   help="fraction of steps with the source's self maps")
-
-
-def run_invert_cli(args) -> dict[str, Reconstruction]:
-    """``diffattn invert``: reconstructions side by side, one PSNR line per conditioning."""
-    from diffattn.cli import load_model
-    from diffattn.generate import side_by_side
-
-    pipe = load_model(args.model, args.dtype, args.device)
-    uam = UAMPipeline(pipe, progress=True)
-    x = uam.load_image(args.image)  # [1, 3, H, W]
-    image = _pil(x[0].permute(1, 2, 0).numpy())
-    prompt = _source_prompt(args, pipe, image, args.prompt)
-    rec = uam.reconstruct_all(x[0], prompt, num_inference_steps=args.steps)[0]
-    labels = {"source": "source prompt", "empty": "empty prompt", "uniform": "uniform maps"}
-    panels = [image] + [rec[c].image for c in CONDITIONINGS]
-    side_by_side(panels, ["input"] + [labels[c] for c in CONDITIONINGS]).save(args.out)
-    print(f"prompt: {prompt!r}")
-    for c in CONDITIONINGS:
-        print(f"{labels[c]:14s} PSNR {rec[c].psnr:6.2f} dB  SSIM {rec[c].ssim:.4f}")
-    print(f"wrote {args.out}")
-    return rec
-
-
-def run_edit_cli(args) -> dict[str, EditOutput]:
-    """``diffattn edit``: prompt-to-prompt word swap with and without UAM blending."""
-    from diffattn.cli import load_model
-    from diffattn.generate import side_by_side
-
-    pipe = load_model(args.model, args.dtype, args.device)
-    uam = UAMPipeline(pipe, progress=True, mask_convention=args.mask_convention, blend=args.blend,
-                      mask_timestep=args.mask_timestep, quantile=args.quantile, dilation=args.dilation,
-                      cross_replace=args.cross_replace, self_replace=args.self_replace)
-    x = uam.load_image(args.image)
-    image = _pil(x[0].permute(1, 2, 0).numpy())
-    source = _source_prompt(args, pipe, image, args.source)
-    kw = dict(num_inference_steps=args.steps, guidance_scale=args.guidance)
-    with_uam = uam.edit(x[0], source, args.target, uam=True, **kw)
-    base = uam.edit(x[0], source, args.target, uam=False, inversions=with_uam.inversions, **kw)
-    side_by_side([image, base.target, with_uam.target, with_uam.aux],
-                 ["input", "prompt-to-prompt", "p2p + UAM", "uniform branch"]).save(args.out)
-    print(f"{source!r} -> {args.target!r}")
-    print(f"wrote {args.out} (input | prompt-to-prompt | p2p + UAM | uniform branch)")
-    return {"p2p": base, "uam": with_uam}

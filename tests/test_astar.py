@@ -3,8 +3,6 @@ equivalence with diffusers' StableDiffusionAttendAndExcitePipeline, the pipeline
 UNet / SDXL / SD3 models, and bad input."""
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import pytest
 import torch
@@ -335,6 +333,7 @@ def test_one_update_lowers_the_loss(tiny_pipe, layout):
     """Tiny SD3: one A-STAR step on the latent lowers L_seg + L_ret at a fixed seed, with the
     retention target from the maps themselves or from a user layout mask (left / right half)."""
     from diffattn.engine import attach
+    from diffattn.families import RunState
     from diffattn.methods.astar import ConceptRecorder
 
     pipe = tiny_pipe("sd3")
@@ -342,13 +341,14 @@ def test_one_update_lowers_the_loss(tiny_pipe, layout):
     prompt = "a cat and a dog"
     groups, _ = astar._concepts_for(prompt, ["cat", "dog"])
     eot = len(pipe.tokenizer(prompt).input_ids) - 1
-    cond, _ = astar._encode([prompt], None, 1, False, 32, 32, {"max_sequence_length": 8})
+    cond, _ = astar.adapter.encode_prompt([prompt], max_sequence_length=8)
+    run = RunState()
     z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     t = torch.tensor(800.0)
     selector, _ = astar._sites()
     rec = ConceptRecorder(selector)
     with attach(pipe, rec):
-        maps = astar._grad_maps(rec, z, t, cond, groups, eot, (8, 8)).detach()
+        maps = astar._grad_maps(run, rec, z, t, cond, groups, eot, (8, 8)).detach()
         target = binarize(maps)
         if layout:
             halves = torch.zeros(2, 32, 32)  # [C, H, W], any resolution
@@ -357,8 +357,8 @@ def test_one_update_lowers_the_loss(tiny_pipe, layout):
             assert target.shape == (2, 8, 8) and target[0, :, :4].all() and not target[0, :, 4:].any()
         before = combined_loss(maps, astar.config.losses, target)[0].item()
         with torch.enable_grad():
-            z2, _ = astar._optimise(rec, z, t, cond, groups, eot, (8, 8), target, 5.0, None, True)
-        after = combined_loss(astar._grad_maps(rec, z2, t, cond, groups, eot, (8, 8)), astar.config.losses, target)[0].item()
+            z2, _ = astar._optimise(run, rec, z, t, cond, groups, eot, (8, 8), target, 5.0, None, True)
+        after = combined_loss(astar._grad_maps(run, rec, z2, t, cond, groups, eot, (8, 8)), astar.config.losses, target)[0].item()
     assert not torch.equal(z, z2)
     assert after < before
 
@@ -377,6 +377,7 @@ def test_keep_norm_update_stays_on_the_norm_shell(tiny_pipe):
     """keep_norm: the updated latent has the old latent's norm, differs from it, and equals the
     plain update rescaled (same gradient, the same step)."""
     from diffattn.engine import attach
+    from diffattn.families import RunState
     from diffattn.methods.astar import ConceptRecorder
 
     pipe = tiny_pipe("sd3")
@@ -388,10 +389,11 @@ def test_keep_norm_update_stays_on_the_norm_shell(tiny_pipe):
         astar = AStarPipeline(pipe, AStarConfig(losses={"segregation": 1.0}, keep_norm=keep))
         groups, _ = astar._concepts_for(prompt, ["cat", "dog"])
         eot = len(pipe.tokenizer(prompt).input_ids) - 1
-        cond, _ = astar._encode([prompt], None, 1, False, 32, 32, {"max_sequence_length": 8})
+        cond, _ = astar.adapter.encode_prompt([prompt], max_sequence_length=8)
+        run = RunState()
         rec = ConceptRecorder(astar._sites()[0])
         with attach(pipe, rec), torch.enable_grad():
-            stepped[keep], _ = astar._optimise(rec, z, t, cond, groups, eot, (8, 8), None, 50.0, None, True)
+            stepped[keep], _ = astar._optimise(run, rec, z, t, cond, groups, eot, (8, 8), None, 50.0, None, True)
     assert not torch.equal(stepped[False], z)
     assert not torch.allclose(stepped[False].norm(), z.norm())
     assert torch.allclose(stepped[True].norm(), z.norm())
@@ -421,8 +423,13 @@ def test_bad_input(tiny_pipe):
         astar("a red circle", ["square"], **kw)
     with pytest.raises(ConceptError, match="at least one concept"):
         astar("a red circle", [], **kw)
+    with pytest.raises(ConceptError, match="no concepts given.*pass concepts="):
+        astar("a red circle", **kw)  # concepts are required: the library has no testbed default
+    from diffattn.testbed.defaults import default_concepts
+
     with pytest.raises(ConceptError, match="not a shapes-world caption"):
-        astar("a photo of a cat", **kw)  # no concepts and not a testbed caption
+        astar("a photo of a cat", default_concepts, **kw)  # the testbed's concepts need a testbed caption
+    assert astar._concepts_for("a red circle and a blue square", default_concepts)[1] == ["circle", "square"]
     with pytest.raises(UnsupportedModelError, match="AStarPipeline supports"):
         AStarPipeline(tiny_pipe("flux_kontext"))
     with pytest.raises(ConceptError, match="unknown A-STAR option"):
@@ -443,18 +450,24 @@ def test_bad_input(tiny_pipe):
     assert issubclass(ConceptError, DiffattnError)
 
 
-def test_generate_builder_gives_images_and_map_rows(tiny_pipe):
-    from diffattn.pipelines.astar import compose, generate_builder
+def test_registry_method_gives_images_and_maps(tiny_pipe):
+    from diffattn.cli.common import compose, maps_row
+    from diffattn.methods.registry import get_method
 
     pipe = tiny_pipe("sd3")
-    args = argparse.Namespace(prompt="a red circle and a blue square", concepts="circle,square")
-    label, run = generate_builder(pipe, args)
-    images = run(torch.Generator().manual_seed(0), dict(num_inference_steps=2, height=16, width=16,
-                                                        max_sequence_length=8))
-    assert label == "A-STAR" and len(images) == 1
-    (row_label, row), = run.rows
+    prompt = "a red circle and a blue square"
+    run = get_method("astar").build(pipe, concepts="circle,square")
+    run.check(prompt)
+    out = run(prompt, generator=torch.Generator().manual_seed(0), num_inference_steps=2, height=16, width=16,
+              max_sequence_length=8)
+    images = out.images
+    assert run.label == "A-STAR" and len(images) == 1 and list(out.maps[0]) == ["circle", "square"]
+    assert isinstance(run.pipeline, AStarPipeline) and run.control is None
+    row = maps_row(out.maps[0], images[0].width * 4)
     assert row.width == 2 * images[0].width * 4  # two concepts, each as wide as the upscaled image
-    assert compose(images[0], run.rows).height == images[0].height + row.height
+    assert compose(images[0], [("maps", row)]).height == images[0].height + row.height
+    with pytest.raises(ConceptError, match="triangle"):  # checked before any image
+        get_method("astar").build(pipe, concepts="circle,triangle").check(prompt)
 
 
 def test_cli_generate_astar_end_to_end(tmp_path, capsys):
@@ -498,7 +511,7 @@ def test_default_map_resolution_on_real_unet_layouts(layout, want):
     UNets with those block layouts (tiny widths)."""
     from diffusers import UNet2DConditionModel
 
-    from diffattn.pipelines.astar import default_unet_factor
+    from diffattn.families.unet import default_unet_factor
     from diffattn.sites import select, sites
 
     unet = UNet2DConditionModel(sample_size=16, cross_attention_dim=8, attention_head_dim=2, layers_per_block=2,

@@ -184,7 +184,6 @@ class UniformAttention(Control):
         self.keys = _check_keys(keys)
         self.mode = mode
         self._modes: dict[str, str] = {}  # site name -> "replace" | "share"
-        self._collapsed_call: int | None = None  # id of the call whose keys edit_qkv collapsed
 
     # ------------------------------------------------------------------ resolve
     def _site_filter(self, site) -> bool:
@@ -231,15 +230,13 @@ class UniformAttention(Control):
         rows, heads = self._all_rows_heads(call)
         if rows is not None or heads is not None:
             return False
-        engine = getattr(self, "_diffattn_engine", None)
-        others = engine.per_site.get(call.site.name, ()) if engine is not None else ()
+        others = self.engine.per_site.get(call.site.name, ()) if self.engine is not None else ()
         return not any(c is not self and c.is_active(call) for c in others)
 
     def edit_qkv(self, call: AttentionCall) -> None:
-        self._collapsed_call = None
         if not self._fast(call):
             return
-        self._collapsed_call = id(call)  # edit_output of this same call then has nothing to do
+        call.scratch[id(self)] = "collapsed"  # edit_output of this call then has nothing to do
         k, v, index = call.k, call.v, self.key_index(call)  # index read from the layout before it changes
         call.layout = TokenLayout(call.layout.query, segments(("text", 1, None)))
         call.k = torch.zeros(k.shape[:2] + (1, k.shape[-1]), dtype=k.dtype, device=k.device)  # [B, H, 1, D]
@@ -252,8 +249,7 @@ class UniformAttention(Control):
         call.uniform(self.key_index(call), rows=rows, heads=heads)
 
     def edit_output(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
-        if self._collapsed_call == id(call):
-            self._collapsed_call = None
+        if call.scratch.get(id(self)) == "collapsed":
             return out  # the kernel already returned mean(V)
         mode = self._modes[call.site.name]
         if mode == "share" and self.strength == 1.0:

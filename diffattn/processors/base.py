@@ -50,6 +50,12 @@ class DiffattnProcessor:
             return self.plain(q, k, v, bias, parallel_config)
         return run_controls(call, active)
 
+    def forward_info(self):
+        """The family's record of the current denoiser forward (``ForwardContext.info``:
+        latent grid, text length...), ``None`` outside one."""
+        ctx = self.engine.context if self.engine is not None else None
+        return ctx.info if ctx is not None else None
+
     def plain(self, q, k, v, bias=None, parallel_config=None) -> torch.Tensor:
         """The stock attention of this family on ``[B, H, N, D]``: SDPA (UNet, SD3)."""
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=0.0, is_causal=False)

@@ -17,6 +17,8 @@ SD3_DEFAULTS = dict(num_inference_steps=20, guidance_scale=5.0, max_sequence_len
 class ShapesSDPipeline(StableDiffusionPipeline):
     """``StableDiffusionPipeline`` defaulting to the tiny-sd settings."""
 
+    default_call_kwargs = SD_DEFAULTS  # read by diffattn's loops (PipelineAdapter.call_defaults)
+
     def __call__(self, *args, **kwargs):
         for key, value in SD_DEFAULTS.items():
             kwargs.setdefault(key, value)
@@ -25,6 +27,8 @@ class ShapesSDPipeline(StableDiffusionPipeline):
 
 class ShapesSD3Pipeline(StableDiffusion3Pipeline):
     """``StableDiffusion3Pipeline`` defaulting to the tiny-sd3 settings (no T5 tokens)."""
+
+    default_call_kwargs = SD3_DEFAULTS
 
     def __call__(self, *args, **kwargs):
         for key, value in SD3_DEFAULTS.items():

@@ -1,4 +1,7 @@
-"""Wan 2.1 / 2.2 attention: ``WanAttnProcessor`` semantics.
+"""Wan 2.1 / 2.2: ``WanTransformer3DModel`` with ``WanAttnProcessor`` (T2V, I2V; 2.2's two experts).
+
+Everything diffattn knows about the family: detection, site kinds, the processor, the token
+layout and the per-forward record (no diffattn sampling loop uses Wan yet, so no adapter).
 
 ``attn1``: video self-attention with Wan's interleaved RoPE (q/k RMS norm across all heads,
 before the head split). ``attn2``: video queries × text keys; for I2V the stock processor
@@ -9,14 +12,36 @@ Both softmaxes are attention calls: ``part="main"`` (keys ``text``) and ``part="
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-from ..layout import wan_layout
-from .base import DiffattnProcessor
+from ..layout import TokenLayout, _check_grid, segments
+from ..processors.base import DiffattnProcessor
+from .base import Family
 from .flux import dispatch_plain, sdpa_mask
 
 I2V_TEXT_LEN = 512  # diffusers' WanAttnProcessor: "512 is the context length of the text encoder"
+
+
+def wan_layout(n_video: int, n_key: int | None = None, *, grid: tuple[int, int, int] | None, key: str = "video") -> TokenLayout:
+    """Wan ``attn1``: video × video (``key="video"``); ``attn2``: video queries × ``key="text"``
+    keys, or ``key="image"`` for the I2V image branch (a separate softmax in the stock model)."""
+    video = segments(("video", n_video, _check_grid(n_video, grid)))
+    if key == "video":
+        return TokenLayout(video, video)
+    return TokenLayout(video, segments((key, n_key, None)))
+
+
+@dataclass
+class WanInfo:
+    """Per-forward record: the video's token grid (t, h, w) after patching, the text tokens
+    and (I2V) the image tokens at the start of ``encoder_hidden_states``."""
+
+    video_grid: tuple[int, int, int] | None = None
+    text_len: int = 0
+    image_context_len: int = 0
 
 
 def wan_rope(hidden_states: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -61,11 +86,11 @@ class WanProcessor(DiffattnProcessor):
 
         controlled = bool(self.controls)
         if controlled:
-            engine = self.engine
             q = query.transpose(1, 2)  # [B, H, N, D]
 
             def grid():
-                return engine.context.video_grid if engine is not None and engine.context is not None else None
+                info = self.forward_info()
+                return info.video_grid if info is not None else None
 
         hidden_states_img = None
         if encoder_hidden_states_img is not None:
@@ -108,3 +133,28 @@ class WanProcessor(DiffattnProcessor):
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         return hidden_states
+
+
+class WanFamily(Family):
+    name = "wan"
+    description = "WanTransformer3DModel (Wan 2.1/2.2)"
+    mirrored = ("WanAttnProcessor", "WanAttnProcessor2_0")
+    processor = WanProcessor
+
+    def owns(self, model, module) -> bool:
+        try:
+            from diffusers.models.transformers.transformer_wan import WanAttention
+        except ImportError:
+            return False
+        return isinstance(module, WanAttention)
+
+    def kind(self, module) -> str:
+        return "cross" if module.is_cross_attention else "self"  # I2V: image k/v ride on attn2
+
+    def forward_info(self, config, arguments: dict, cache: dict) -> WanInfo:
+        pt, ph, pw = config.patch_size
+        t, h, w = arguments["hidden_states"].shape[-3:]
+        ehs = arguments.get("encoder_hidden_states")
+        img = arguments.get("encoder_hidden_states_image")
+        return WanInfo(video_grid=(t // pt, h // ph, w // pw), text_len=ehs.shape[1] if ehs is not None else 0,
+                       image_context_len=img.shape[1] if img is not None else 0)

@@ -1,0 +1,274 @@
+"""FLUX.1 and FLUX.1 Kontext: ``FluxTransformer2DModel`` with ``FluxAttnProcessor``,
+``[text ‖ image (‖ context)]`` (text first).
+
+Everything diffattn knows about the family: detection, site kinds, the processor, the token
+layout, the per-forward record and the ``FluxPipeline`` adapter.
+
+Double blocks project text with ``add_*_proj`` and concatenate it *before* the image; single
+blocks receive text and image pre-concatenated (the per-forward record carries the text length
+from the denoiser's ``encoder_hidden_states``). Kontext's image stream is ``[target ‖ context
+image]``; the split is read from ``img_ids`` (context tokens have first coordinate 1). RoPE is
+``diffusers.models.embeddings.apply_rotary_emb``. Without an active control the stock
+``dispatch_attention_fn`` runs (honouring ``set_attention_backend``); a mask passed as
+``joint_attention_kwargs={"attention_mask": m}`` is honoured on both paths.
+
+FLUX.1 is guidance-distilled: ``guidance_scale`` feeds the transformer's guidance embedding and
+no unconditional rows run; its latents are packed 2×2 patches ``[B, h/2 · w/2, 4C]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.embeddings import apply_rotary_emb
+
+from ..layout import LayoutError, TokenLayout, _check_grid, segments
+from ..processors.base import DiffattnProcessor
+from .base import Family, PipelineAdapter, RunState, TextBlock
+from .sd3 import flow_timesteps
+
+
+def flux_layout(n_text: int, n_total: int, *, n_context: int = 0, image_grid=None, context_grid=None) -> TokenLayout:
+    """FLUX double and single blocks: ``[text ‖ image]`` (text first); FLUX Kontext:
+    ``[text ‖ image (target) ‖ context]``, the context tokens last (``img_ids[:, 0] == 1``)."""
+    n_image = n_total - n_text - n_context
+    if n_image < 0:
+        raise LayoutError(f"{n_total} tokens cannot hold {n_text} text and {n_context} context tokens")
+    segs = segments(
+        ("text", n_text, None),
+        ("image", n_image, _check_grid(n_image, image_grid)),
+        ("context", n_context, _check_grid(n_context, context_grid)),
+    )
+    return TokenLayout(segs, segs)
+
+
+@dataclass
+class FluxInfo:
+    """Per-forward record: text tokens at the start of the single-stream sequence; the target
+    image's token grid; FLUX Kontext's context-image tokens at the end and their grid."""
+
+    text_len: int = 0
+    image_grid: tuple[int, int] | None = None
+    context_len: int = 0
+    context_grid: tuple[int, int] | None = None
+
+
+def image_ids_split(ids: torch.Tensor) -> tuple[int, tuple[int, int] | None, tuple[int, int] | None]:
+    """(context tokens, target grid, context grid) from FLUX ``img_ids`` ``[N, 3]`` (or ``[B, N, 3]``):
+    FLUX Kontext gives the context image first coordinate 1 and appends it after the target."""
+    ids = ids[0] if ids.dim() == 3 else ids  # [N, 3] (diffusers drops a batch dim too)
+    is_ctx = ids[:, 0] > 0
+    n_ctx = int(is_ctx.sum())
+    if not n_ctx:
+        return 0, _ids_grid(ids), None
+    return n_ctx, _ids_grid(ids[~is_ctx]), _ids_grid(ids[is_ctx])
+
+
+def _ids_grid(ids: torch.Tensor) -> tuple[int, int] | None:
+    """``(h, w)`` of FLUX position ids ``[N, 3]`` (row, column in columns 1 and 2)."""
+    if ids.shape[0] == 0:
+        return None
+    h = int(ids[:, 1].max() - ids[:, 1].min()) + 1
+    w = int(ids[:, 2].max() - ids[:, 2].min()) + 1
+    return (h, w) if h * w == ids.shape[0] else None
+
+
+def _qkv(attn, hidden_states, encoder_hidden_states):
+    """Projections as diffusers' ``_get_qkv_projections`` (fused or not)."""
+    if attn.fused_projections:
+        query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        eq = ek = ev = None
+        if encoder_hidden_states is not None and hasattr(attn, "to_added_qkv"):
+            eq, ek, ev = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
+        return query, key, value, eq, ek, ev
+    query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    eq = ek = ev = None
+    if encoder_hidden_states is not None and attn.added_kv_proj_dim is not None:
+        eq = attn.add_q_proj(encoder_hidden_states)
+        ek = attn.add_k_proj(encoder_hidden_states)
+        ev = attn.add_v_proj(encoder_hidden_states)
+    return query, key, value, eq, ek, ev
+
+
+def sdpa_mask(mask: torch.Tensor | None, batch: int, n_key: int) -> torch.Tensor | None:
+    """A mask as diffusers' native backend passes it to SDPA: ``[B, Nk]`` -> ``[B, 1, 1, Nk]``."""
+    if mask is not None and mask.ndim == 2 and mask.shape[0] == batch and mask.shape[1] == n_key:
+        return mask.unsqueeze(1).unsqueeze(1)
+    return mask
+
+
+def dispatch_plain(proc, q, k, v, bias=None, parallel_config=None):
+    """The stock ``dispatch_attention_fn`` call on ``[B, H, N, D]`` tensors (it takes ``[B, N, H, D]``)."""
+    out = dispatch_attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, dropout_p=0.0,
+                                is_causal=False, backend=proc._attention_backend, parallel_config=parallel_config)
+    return out.transpose(1, 2)  # [B, H, N, D]
+
+
+class FluxProcessor(DiffattnProcessor):
+    family = "flux"
+
+    def plain(self, q, k, v, bias=None, parallel_config=None):
+        return dispatch_plain(self, q, k, v, bias, self._parallel_config)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        query, key, value, eq, ek, ev = _qkv(attn, hidden_states, encoder_hidden_states)
+        query = query.unflatten(-1, (-1, attn.head_dim))  # [B, N, H, D]
+        key = key.unflatten(-1, (-1, attn.head_dim))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if attn.added_kv_proj_dim is not None:
+            eq = eq.unflatten(-1, (-1, attn.head_dim))  # [B, N_txt, H, D]
+            ek = ek.unflatten(-1, (-1, attn.head_dim))
+            ev = ev.unflatten(-1, (-1, attn.head_dim))
+            eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
+            query = torch.cat([eq, query], dim=1)  # [B, N_txt + N_img, H, D]
+            key = torch.cat([ek, key], dim=1)
+            value = torch.cat([ev, value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        if self.controls:
+            n_total = query.shape[1]
+            n_txt = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else None
+
+            def layout():
+                info = self.forward_info()
+                text = n_txt if n_txt is not None else (info.text_len if info is not None else 0)
+                if info is None:
+                    return flux_layout(text, n_total)
+                return flux_layout(text, n_total, n_context=info.context_len, image_grid=info.image_grid,
+                                   context_grid=info.context_grid)
+
+            q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # [B, H, N, D]
+            out = self.attend(q, k, v, layout, bias=sdpa_mask(attention_mask, q.shape[0], k.shape[2]))
+            hidden_states = out.transpose(1, 2)  # [B, N, H, D]
+        else:
+            hidden_states = dispatch_attention_fn(query, key, value, attn_mask=attention_mask,
+                                                  backend=self._attention_backend, parallel_config=self._parallel_config)
+        hidden_states = hidden_states.flatten(2, 3)  # [B, N, H*D]
+        hidden_states = hidden_states.to(query.dtype)
+        if encoder_hidden_states is not None:
+            n_txt = encoder_hidden_states.shape[1]
+            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes([n_txt, hidden_states.shape[1] - n_txt], dim=1)
+            hidden_states = attn.to_out[0](hidden_states.contiguous())
+            hidden_states = attn.to_out[1](hidden_states)
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+            return hidden_states, encoder_hidden_states
+        return hidden_states
+
+
+class FluxFamily(Family):
+    name = "flux"
+    description = "FluxTransformer2DModel (FLUX.1, FLUX.1 Kontext)"
+    mirrored = ("FluxAttnProcessor", "FluxAttnProcessor2_0", "FusedFluxAttnProcessor2_0")
+    processor = FluxProcessor
+    not_batched = frozenset({"img_ids", "txt_ids"})  # position ids: one per sequence, not per row
+
+    def owns(self, model, module) -> bool:
+        try:
+            from diffusers.models.transformers.transformer_flux import FluxAttention
+        except ImportError:  # diffusers < 0.35
+            return False
+        return isinstance(module, FluxAttention)
+
+    def kind(self, module) -> str:
+        return "joint" if getattr(module, "add_q_proj", None) is not None else "single"
+
+    def forward_info(self, config, arguments: dict, cache: dict) -> FluxInfo:
+        ehs = arguments.get("encoder_hidden_states")
+        info = FluxInfo(text_len=ehs.shape[1] if ehs is not None else 0)
+        ids = arguments.get("img_ids")
+        if ids is not None:
+            if cache.get("ids") is not ids:  # pipelines pass the same tensor every step: analyse it once
+                cache["ids"], cache["split"] = ids, image_ids_split(ids)
+            info.context_len, info.image_grid, info.context_grid = cache["split"]
+        return info
+
+    def adapters(self):
+        return (FluxAdapter,)
+
+
+class FluxAdapter(PipelineAdapter):
+    """``FluxPipeline``: T5 text keys (CLIP gives the pooled vector), the guidance embedding in
+    place of CFG, packed 2×2 latents with position ids, FLUX's σ grid and dynamic shift."""
+
+    name = "flux"
+    family = "flux"
+    pipeline_names = ("FluxPipeline",)
+    solver = "flow"
+    distilled = True
+    default_max_sequence_length = 512
+    denoiser_attr = "transformer"
+    joint_attention = True
+    flux_sigmas = True
+
+    @classmethod
+    def pipeline_classes(cls):
+        from diffusers import FluxPipeline
+
+        return (FluxPipeline,)
+
+    @property
+    def patch(self) -> int:
+        return 2  # FluxPipeline packs 2×2 latent patches into one token
+
+    def fit_size(self, height, width):
+        """FluxPipeline's latents hold whole 2×2 patches: the image floors to 2·VAE multiples."""
+        unit = self.size_unit
+        return height // unit * unit, width // unit * unit
+
+    def encode_prompt(self, prompts, negative_prompt=None, *, num_images_per_prompt=1, cfg=False,
+                      max_sequence_length=None, clip_skip=None):
+        cond, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, device=self.device, num_images_per_prompt=num_images_per_prompt,
+            max_sequence_length=self.default_max_sequence_length if max_sequence_length is None else max_sequence_length)
+        return {"encoder_hidden_states": cond, "pooled_projections": pooled}, None  # guidance-distilled: no uncond rows
+
+    def text_blocks(self):
+        return {"t5": TextBlock(self.pipe.tokenizer_2, False, 0, truncated=True)}
+
+    def missing_text_block(self, keys):
+        return (f"text_keys={keys!r}: FLUX's text keys are T5 tokens (CLIP gives only a pooled vector); use 't5' "
+                f"or 'auto'")
+
+    @property
+    def default_text_keys(self) -> str:
+        return "t5"
+
+    def word_swap_tokenizers(self):
+        return [self.pipe.tokenizer_2]  # FLUX's keys are T5 tokens; CLIP gives only the pooled vector
+
+    def text_attention_sites(self, all_sites):
+        return [s.name for s in all_sites if s.kind in ("joint", "single")], None
+
+    def timesteps(self, num_steps, height, width):
+        return flow_timesteps(self, num_steps, height, width)
+
+    def prepare_latents(self, run: RunState, batch, height, width, dtype, generator=None, latents=None):
+        latents, run.image_ids = self.pipe.prepare_latents(batch, self.denoiser.config.in_channels // 4, height, width,
+                                                           dtype, self.device, generator, latents)
+        return latents  # packed [B, h/2 · w/2, 4C]
+
+    def pack(self, run: RunState, z):
+        """[B, C, h, w] -> [B, (h/2)(w/2), 4C] with FluxPipeline's own ``_pack_latents``; sets the
+        image tokens' position ids for that grid."""
+        B, C, h, w = z.shape
+        run.image_ids = self.pipe._prepare_latent_image_ids(B, h // 2, w // 2, self.device, self.denoiser.dtype)
+        return self.pipe._pack_latents(z, B, C, h, w)
+
+    def unpack(self, x, height, width):
+        return self.pipe._unpack_latents(x, height, width, self.vae_factor)  # [B, C, h, w]
+
+    def predict(self, run: RunState, x, t, cond, guidance=None):
+        model, b = self.denoiser, x.shape[0]
+        text = cond["encoder_hidden_states"].to(model.dtype)
+        g = None
+        if model.config.guidance_embeds:
+            g = torch.full([1], float(1.0 if guidance is None else guidance), device=self.device,
+                           dtype=torch.float32).expand(b)
+        return model(hidden_states=x, timestep=t.expand(b).to(x.dtype) / 1000, guidance=g,  # FluxPipeline's order
+                     pooled_projections=cond["pooled_projections"].to(model.dtype), encoder_hidden_states=text,
+                     txt_ids=torch.zeros(text.shape[1], 3, device=x.device, dtype=text.dtype),
+                     img_ids=run.image_ids, return_dict=False)[0]
