@@ -8,7 +8,7 @@ evaluation seed (``diffattn.testbed.evaluate.eval_seeds``; the same seeds for ev
 with: the baseline pipeline, Attend-and-Excite, A-STAR (segregation + retention), and the
 two ablations (segregation only, retention only). Concepts are the shape nouns of each
 caption (repeated shapes take their own occurrence). A-STAR and A&E use the testbed settings
-``diffattn.pipelines.astar.TESTBED_OVERRIDES`` (tiny-sd3: softmax temperature 1000, tuned on
+``diffattn.testbed.defaults.TESTBED_OVERRIDES`` (tiny-sd3: softmax temperature 1000, tuned on
 training seeds; tiny-sd: A&E's 100; ``--paper-defaults`` for A&E's 100 everywhere), otherwise their defaults. Prints a markdown table of the
 all-objects-present rate and the object accuracy with Wilson 95% intervals (plus the
 all-colours-present rate, a direct measure of neglected objects since the tiny models get
@@ -31,7 +31,7 @@ import torch
 
 from diffattn import testbed
 from diffattn.pipelines import AStarConfig, AStarPipeline
-from diffattn.pipelines.astar import default_concepts, testbed_overrides
+from diffattn.testbed.defaults import default_concepts, testbed_overrides
 from diffattn.testbed.evaluate import TRAIN_SEEDS, eval_seeds, evaluate, paired_bootstrap, suite_prompts, wilson_interval
 from diffattn.testbed.world import SIZE, parse_prompt
 

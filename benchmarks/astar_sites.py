@@ -23,8 +23,9 @@ import torch.nn.functional as F
 import diffattn as da
 from diffattn import testbed
 from diffattn.methods.astar import ConceptRecorder, aggregate_attention, concept_maps, text_positions
-from diffattn.pipelines.astar import AStarPipeline, default_concepts
+from diffattn.pipelines.astar import AStarPipeline
 from diffattn.testbed import oracle
+from diffattn.testbed.defaults import default_concepts
 from diffattn.testbed.evaluate import suite_prompts, train_seeds
 
 

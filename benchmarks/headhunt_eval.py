@@ -29,7 +29,8 @@ import torch
 
 import diffattn as da
 from diffattn import testbed
-from diffattn.methods.headhunter import HeadHunter, oracle_fidelity, oracle_style
+from diffattn.methods.headhunter import HeadHunter
+from diffattn.testbed.objectives import oracle_fidelity, oracle_style
 from diffattn.testbed.evaluate import TRAIN_SEEDS, eval_seeds, evaluate, paired_bootstrap, suite_prompts, wilson_interval
 
 

@@ -14,7 +14,8 @@ import torch
 
 import diffattn as da
 from diffattn import testbed
-from diffattn.methods.headhunter import HeadHunter, oracle_fidelity
+from diffattn.methods.headhunter import HeadHunter
+from diffattn.testbed.objectives import oracle_fidelity
 from diffattn.testbed.evaluate import TRAIN_SEEDS, evaluate_suite, suite_prompts
 
 

@@ -35,14 +35,29 @@ _EXPORTS = {
     "HeadHunter": "diffattn.methods.headhunter",
     "clip_score": "diffattn.methods.headhunter",
     "pick_score": "diffattn.methods.headhunter",
-    "make_objective": "diffattn.methods.headhunter",
-    "ObjectiveError": "diffattn.methods.headhunter",
+    "make_objective": "diffattn.methods.objectives",
+    "register_objective": "diffattn.methods.objectives",
+    "objective_names": "diffattn.methods.objectives",
     "PromptToPromptReplace": "diffattn.methods.p2p",
     "DiffattnError": "diffattn.errors",
     "SelectorError": "diffattn.errors",
     "UnsupportedModelError": "diffattn.errors",
     "ControlError": "diffattn.errors",
     "LayoutError": "diffattn.errors",
+    "ConfigError": "diffattn.errors",
+    "ConceptError": "diffattn.errors",
+    "ObjectiveError": "diffattn.errors",
+    "ImageInputError": "diffattn.errors",
+    "EditPromptError": "diffattn.errors",
+    "KernelError": "diffattn.errors",
+    "MethodError": "diffattn.errors",
+    "UnknownMethodError": "diffattn.errors",
+    # the method registry (what the CLI, the app and the node pack offer); `da.methods` is the
+    # subpackage, so the listing is `diffattn.methods.registry.methods()`
+    "Method": "diffattn.methods.registry",
+    "Param": "diffattn.methods.registry",
+    "get_method": "diffattn.methods.registry",
+    "register_method": "diffattn.methods.registry",
 }
 
 

@@ -30,3 +30,57 @@ def test_headhunt_writes_a_preset(tmp_path):
     assert out.exists() and (tmp_path / "h.png").exists()
     preset = json.loads(out.read_text())
     assert [h[0] for h in preset["heads"]] == ["transformer_blocks.1.attn"] and preset["scale"] == 2.5
+
+
+def test_generate_rejects_flags_of_another_method_and_unknown_methods(tmp_path, capsys):
+    import pytest
+
+    out = tmp_path / "never.png"
+    for argv, words in [(["--method", "softpag", "--concepts", "circle"], ["--concepts", "--method astar"]),
+                        (["--heads", "all"], ["--heads", "--method softpag", "--method none"]),
+                        (["--method", "nope"], ["unknown method 'nope'", "softpag", "astar"])]:
+        with pytest.raises(SystemExit) as e:
+            main(["generate", "a red circle", "--out", str(out), *argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and all(w in err for w in words), err
+    assert not out.exists()
+
+
+def test_generate_flags_come_from_the_method_registry():
+    from diffattn.cli import build_parser
+    from diffattn.methods.registry import methods
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["generate"]
+    flags = {s for a in sub._actions for s in a.option_strings}
+    assert {p.cli_flag for m in methods() for p in m.params} <= flags
+    assert {"--heads", "--scale", "--strength", "--concepts", "--astar-loss"} <= flags
+
+
+def test_help_imports_no_pipeline_and_python_m_works():
+    import subprocess
+    import sys
+
+    code = ("import sys; from diffattn.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('diffusers', 'transformers', 'scipy') "
+            "or m.startswith(('diffattn.pipelines', 'diffattn.testbed.evaluate', 'diffattn.methods.headhunter'))))")
+    heavy = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert heavy == "[]"
+    helped = subprocess.run([sys.executable, "-m", "diffattn.cli", "headhunt", "--help"], capture_output=True,
+                            text=True, check=True).stdout
+    assert "torchrun" in helped and "fidelity" in helped and "pickscore" in helped
+
+
+def test_edit_flags_match_uam_config():
+    from diffattn.cli import edit
+    from diffattn.methods.uniform import MASK_CONVENTIONS
+    from diffattn.pipelines.uam import BLENDS, UAMConfig
+
+    assert edit.MASK_CONVENTIONS == tuple(MASK_CONVENTIONS) and edit.BLENDS == tuple(BLENDS)
+    assert all(getattr(UAMConfig, k) == v for k, v in edit.DEFAULTS.items())
+
+
+def test_load_model_stays_importable_from_the_cli():
+    from diffattn.cli import load_model
+    from diffattn.cli.common import load_model as common_load_model
+
+    assert callable(load_model) and callable(common_load_model)

@@ -10,7 +10,8 @@ import torch
 
 import diffattn as da
 from diffattn.errors import ControlError
-from diffattn.methods.headhunter import HeadHunter, oracle_style
+from diffattn.methods.headhunter import HeadHunter
+from diffattn.testbed.objectives import oracle_style
 
 
 def brightness(images, prompts):

@@ -12,7 +12,7 @@ from PIL import Image
 
 import diffattn as da
 from diffattn.controls import Control
-from diffattn.errors import ControlError, LayoutError, SelectorError, UnsupportedModelError
+from diffattn.errors import ConfigError, ControlError, LayoutError, SelectorError, UnsupportedModelError
 from diffattn.methods.uniform import blend_x0, dilate, edit_mask, quantile_schedule
 from diffattn.pipelines import EditPromptError, ImageInputError, UAMPipeline, psnr, ssim
 from diffattn.tiny import output_of
@@ -471,7 +471,7 @@ def test_bad_input_raises_typed_errors(tiny_pipe, testbed_sd):
         uam.edit(img, "a red circle", "a red circle on a dark background")
     with pytest.raises(ControlError, match="conditioning"):
         uam.invert(img, cap, "null-text")
-    with pytest.raises(ControlError, match="mask_convention"):
+    with pytest.raises(ConfigError, match="mask_convention"):  # a bad config value (a ControlError too)
         UAMPipeline(testbed_sd, mask_convention="both")
     with pytest.raises(ControlError, match="unknown UAM option"):
         UAMPipeline(testbed_sd, t_mask=300)
@@ -598,7 +598,7 @@ def test_flux_reconstruction_and_edit(tiny_fresh):
     assert all(e.masks and e.aux is not None for e in edits)
     assert not np.array_equal(np.asarray(edits[0].target), np.asarray(edits[1].target))
     np.testing.assert_array_equal(np.asarray(edits[0].aux), np.asarray(edits[1].aux))  # aux: distilled_guidance
-    with pytest.raises(ControlError, match="distilled_guidance"):
+    with pytest.raises(ConfigError, match="distilled_guidance"):
         UAMPipeline(pipe, distilled_guidance=-1.0)
 
 

@@ -30,13 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from ..controls import AttentionCall, Control
-from ..errors import DiffattnError, LayoutError
+from ..errors import ConceptError, LayoutError  # noqa: F401  (ConceptError: re-exported here)
 
 LOSSES = ("segregation", "retention", "attend_excite")
-
-
-class ConceptError(DiffattnError, ValueError):
-    """A concept is missing from the prompt, or the concept list is empty or malformed."""
 
 
 # ----------------------------------------------------------------------------- concept tokens

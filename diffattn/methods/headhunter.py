@@ -6,14 +6,15 @@ mean objective over fixed prompt–seed pairs when guiding with the heads chosen
 (l, h); the top k join the selection. The search runs PAG (u = 1) as the paper does; the
 preset it writes can then be used at a lower u (SoftPAG).
 
-    hunter = HeadHunter(pipe, oracle_fidelity, prompts, seeds, top_k=3, rounds=2, state_dir="hunt")
+    hunter = HeadHunter(pipe, make_objective("pickscore"), prompts, seeds, top_k=3, rounds=2, state_dir="hunt")
     result = hunter.run()
     result.save_preset("preset.json"); result.save_heatmap("heads.png")
     da.SoftPAG("preset.json", strength=0.5)
 
-Objectives are ``(images, prompts) -> scores`` callables: the testbed oracles
-(:func:`oracle_fidelity`, :func:`oracle_style`) or CLIP-based scorers for real models
-(:func:`clip_score`, :func:`pick_score`; PickScore is the paper's objective).
+Objectives are ``(images, prompts) -> scores`` callables: CLIP-based scorers for real models
+(:func:`clip_score`, :func:`pick_score`; PickScore is the paper's objective), the testbed
+oracles (:mod:`diffattn.testbed.objectives`), or any function; :func:`make_objective` builds
+one by name (:mod:`diffattn.methods.objectives` holds the registry).
 
 Scores per image are cached by (head set, prompt, seed) in ``state_dir`` (JSON), and the
 selection after each round is saved there too, so an interrupted search resumes. The
@@ -58,43 +59,17 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..engine import attach
-from ..errors import ControlError, DiffattnError
+from ..errors import ControlError, ObjectiveError  # noqa: F401  (ObjectiveError: re-exported here)
 from ..sites import sites
+from .objectives import make_objective, objective_names, register_objective  # noqa: F401  (re-exported)
 from .softpag import PERTURBABLE_KINDS, SoftPAG, model_id
 
 Head = tuple[str, int]
 
 
-class ObjectiveError(DiffattnError, ValueError):
-    """A search objective was named or configured wrongly (unknown name, a scorer model that
-    cannot be loaded or has no safetensors weights)."""
-
-
 # ---------------------------------------------------------------------------- objectives
-
-
-def oracle_fidelity(images, prompts) -> list[float]:
-    """Testbed objective: fraction of the prompt's objects present with the right colour and
-    shape, minus a quarter per extra object (so noise blobs do not pay)."""
-    from ..testbed import oracle
-
-    out = []
-    for im, p in zip(images, prompts):
-        s = oracle.score(im, p)
-        out.append(s.object_accuracy - 0.25 * min(s.extra_objects, 2))
-    return out
-
-
-def oracle_style(style: str, wanted: bool = True) -> Callable:
-    """Testbed objective: 1 when the image shows ``style`` ("dark" or "outline") as wanted."""
-    from ..testbed import oracle
-
-    def objective(images, prompts):
-        return [float(oracle.parse(im).styles[style] == wanted) for im in images]
-
-    objective.__name__ = f"oracle_style_{style}"
-    objective.name = f"oracle_style({style!r}, wanted={wanted})"
-    return objective
+# Named objectives (make_objective, register_objective) live in .objectives (torch-free, so
+# frontends can list them); the testbed's oracle objectives in diffattn.testbed.objectives.
 
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
@@ -253,25 +228,6 @@ def pick_score(model: str = DEFAULT_PICKSCORE_MODEL, *, processor: str | None = 
     its CLIP-H processor)."""
     return ImageTextObjective(model, kind="pickscore", processor=processor, template=template,
                               batch_size=batch_size, device=device, dtype=dtype)
-
-
-OBJECTIVES = ("fidelity", "dark", "outline", "clip", "pickscore")
-
-
-def make_objective(name: str, *, clip_model: str | None = None, clip_processor: str | None = None,
-                   template: str | None = None, dtype=None) -> Callable:
-    """An objective by name (the CLI's ``--objective``): ``fidelity``, ``dark``, ``outline``
-    (testbed oracles), ``clip`` or ``pickscore`` (with ``clip_model``; defaults to the public
-    CLIP-L / PickScore_v1 models)."""
-    if name == "fidelity":
-        return oracle_fidelity
-    if name in ("dark", "outline"):
-        return oracle_style(name)
-    if name == "clip":
-        return clip_score(clip_model or DEFAULT_CLIP_MODEL, processor=clip_processor, template=template, dtype=dtype)
-    if name == "pickscore":
-        return pick_score(clip_model or DEFAULT_PICKSCORE_MODEL, processor=clip_processor, template=template, dtype=dtype)
-    raise ObjectiveError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
 
 
 # ---------------------------------------------------------------------------- distribution

@@ -296,23 +296,3 @@ def load_preset(path: str) -> dict:
     if not isinstance(preset, dict) or "heads" not in preset:
         raise ControlError(f"{path} is not a SoftPAG preset (expected keys 'model', 'heads', 'scale')")
     return preset
-
-
-def _generate_builder(pipe, args):
-    """``diffattn generate --method softpag``: the guided image beside the baseline."""
-    heads = args.heads
-    if heads == "mid":
-        heads = middle_layer(pipe)
-    elif heads.endswith(".json"):
-        heads = load_preset(heads)
-    scale = args.scale if args.scale is not None or is_preset(heads) else 2.0
-    control = SoftPAG(heads, strength=args.strength, scale=scale)  # None: the preset's values
-
-    def run(generator, call_kwargs):
-        from ..engine import attach
-
-        with attach(pipe, control):
-            return pipe(args.prompt, generator=generator, **call_kwargs).images
-
-    strength = "preset" if args.strength is None and control.preset is not None else f"{control.strength:g}"
-    return f"softpag s={control.scale:g} u={strength}", run

@@ -87,6 +87,9 @@ def load(name: str = DEFAULT_MODEL, **kwargs):
 def __getattr__(name):  # lazy submodules: `testbed.oracle`, `testbed.evaluate`...
     import importlib
 
-    if name in {"world", "oracle", "evaluate", "models", "train", "pipelines"}:
+    if name in {"world", "oracle", "evaluate", "models", "train", "pipelines", "defaults"}:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(name)
+
+
+from . import objectives  # noqa: E402,F401  (registers the oracle objectives: fidelity, dark, outline)

@@ -33,7 +33,6 @@ style: ``oracle_features``), ``vendi_pixels`` 16x16 downsampled pixels.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -127,14 +126,15 @@ SUITE_SPECS: dict[str, tuple[PromptSpec, ...]] = _build_suites()
 SUITES: dict[str, tuple[str, ...]] = {name: tuple(caption(s) for s in specs) for name, specs in SUITE_SPECS.items()}
 
 
-def _check_suite(name: str) -> None:
+def check_suite(name: str) -> None:
+    """A :class:`~diffattn.errors.DiffattnError` listing the suites unless ``name`` is one."""
     if name not in SUITES:
         raise DiffattnError(f"unknown suite {name!r}; choose one of {list(SUITES)} (or 'all' on the command line)")
 
 
 def suite_specs(name: str) -> list[PromptSpec]:
     """The fixed prompt specs of a suite (what each prompt asks for)."""
-    _check_suite(name)
+    check_suite(name)
     return list(SUITE_SPECS[name])
 
 
@@ -144,7 +144,7 @@ _suite_specs = suite_specs  # older name
 def suite_prompts(name: str) -> list[str]:
     """The fixed prompt list of a suite: ``single`` (12 prompts), ``two``, ``relation``,
     ``three``, ``style`` (32 each)."""
-    _check_suite(name)
+    check_suite(name)
     return list(SUITES[name])
 
 
@@ -425,61 +425,3 @@ def evaluate_suite(pipe, suite: str, n_seeds: int = 64, *, seed_offset: int = 0,
     """``evaluate`` on a suite's prompts with ``eval_seeds(n_seeds)``: n_seeds images, cycling
     through the prompts (use a multiple of the suite length for equal images per prompt)."""
     return evaluate(pipe, suite_prompts(suite), eval_seeds(n_seeds, seed_offset), **kwargs)
-
-
-def evaluate_suites(pipe, suites="all", n_seeds: int = 64, **kwargs) -> dict[str, EvalReport]:
-    """``evaluate_suite`` for several suites ("all", a name, "a,b" or a list)."""
-    names = list(SUITES) if suites == "all" else suites.split(",") if isinstance(suites, str) else list(suites)
-    for n in names:
-        _check_suite(n)
-    return {n: evaluate_suite(pipe, n, n_seeds, **kwargs) for n in names}
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def add_eval_arguments(parser) -> None:
-    """Arguments of ``diffattn eval`` (the model arguments come from the CLI)."""
-    parser.add_argument("--suite", default="all", help=f"{', '.join(SUITES)}, a comma list, or all (default)")
-    parser.add_argument("--seeds", type=int, default=64, help="images per suite, one evaluation seed each (default 64)")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
-    parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the pipeline's)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--out", default=None, help="write the full report (metrics and every image's score) as JSON")
-    parser.add_argument("--grid", default=None,
-                        help="write a grid PNG of the images (suffixed by the suite name when several)")
-    parser.add_argument("--grid-images", type=int, default=32, help="images per grid, in generation order (default 32)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def run_eval_cli(args) -> dict[str, EvalReport]:
-    """``diffattn eval``: evaluate a model (default: the testbed's tiny-sd3) on suites, print a
-    Markdown table per suite, optionally write JSON and image grids."""
-    from ..cli import load_model
-
-    pipe = load_model(getattr(args, "model", None), getattr(args, "dtype", "float32"), getattr(args, "device", "cpu"))
-    kw = {}
-    if args.steps is not None:
-        kw["num_inference_steps"] = args.steps
-    if args.guidance is not None:
-        kw["guidance_scale"] = args.guidance
-    names = list(SUITES) if args.suite == "all" else args.suite.split(",")
-    for n in names:
-        _check_suite(n)
-    reports = {}
-    for name in names:
-        report = evaluate_suite(pipe, name, args.seeds, batch_size=args.batch_size, progress=not args.no_progress,
-                                return_images=bool(args.grid), **kw)
-        print(report.to_markdown(name), flush=True)
-        reports[name] = report
-        if args.grid:
-            path = args.grid
-            if len(names) > 1:
-                stem, dot, ext = args.grid.rpartition(".")
-                path = f"{stem}-{name}.{ext}" if dot else f"{args.grid}-{name}.png"
-            report.save_grid(path, limit=getattr(args, "grid_images", None))
-    if args.out:
-        with open(args.out, "w") as f:
-            model = getattr(args, "model", None) or "tiny-sd3"
-            json.dump({"model": model, **{n: r.as_dict() for n, r in reports.items()}}, f, indent=1)
-    return reports

@@ -154,7 +154,3 @@ def build_sd3(vae: AutoencoderKL, seed: int = 0) -> StableDiffusion3Pipeline:
         text_encoder_3=None,
         tokenizer_3=None,
     )
-
-
-def count_parameters(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,295 @@
+"""The method registry: one record per method, read by every frontend.
+
+The CLI builds ``diffattn generate --method NAME`` and its flags from these records; a Gradio
+tab or a ComfyUI node is generated from the same :class:`Param` list (type, default, help,
+choices, range). Importing this module is cheap (no torch): a record's factory imports its
+method only when it is built.
+
+    from diffattn.methods.registry import get_method, methods
+    m = get_method("softpag")
+    [p.name for p in m.params]                     # ['heads', 'scale', 'strength']
+    run = m.build(pipe, heads="mid", scale=3.0)    # checks the values, builds the control
+    out = run("a red circle", generator=torch.Generator().manual_seed(0))
+    out.images[0]
+
+A method's factory is ``factory(pipe, **params) -> MethodRun`` (``params``: every parameter,
+defaults filled in, checked). :class:`MethodRun` is what a frontend runs: ``run(prompt,
+generator=..., **call_kwargs) -> MethodOutput`` (images, optional per-image attention maps),
+``run.check(prompt)`` to reject a prompt before any image is made, and ``run.control`` /
+``run.pipeline`` for frontends that drive the sampling themselves.
+
+New methods register a :class:`Method` with :func:`register_method`; the factory may be a
+``"module:function"`` string, imported at the first build.
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import MethodError, UnknownMethodError
+
+KINDS = ("control", "pipeline")  # a Control attached to the stock pipeline | a pipeline of its own loop
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a method, as a frontend shows it.
+
+    name:    the keyword of ``Method.build`` (a Python identifier).
+    type:    ``str``, ``int``, ``float`` or ``bool``: the type of a frontend's field (a text
+             box, a number, a checkbox); a factory may accept richer Python values too (A-STAR's
+             ``concepts`` also takes a list or a callable).
+    default: the value when not given; ``None``: the method decides (e.g. a preset's value).
+    help:    one line for the flag's / field's help.
+    choices: the allowed values (a dropdown), or ``None``.
+    range:   ``(low, high)`` bounds of a number (either may be ``None``), or ``None``.
+    flag:    the CLI flag; default ``--`` + name with ``-`` for ``_``.
+    """
+
+    name: str
+    type: type = str
+    default: Any = None
+    help: str = ""
+    choices: tuple | None = None
+    range: tuple | None = None
+    flag: str | None = None
+
+    @property
+    def cli_flag(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    def check(self, value, method: str = "") -> Any:
+        """``value`` converted to :attr:`type` when it is a plain value of another (``"2"`` for a
+        float), and checked against :attr:`choices` and :attr:`range`; ``None`` passes (the
+        method's default). A value out of bounds is a :class:`MethodError` naming the parameter."""
+        if value is None:
+            return None
+        where = f"{method} {self.name}" if method else self.name
+        if self.type in (int, float) and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            try:
+                value = self.type(value)
+            except ValueError:
+                raise MethodError(f"{where}={value!r}: expected a number ({self.type.__name__})") from None
+        elif self.type is bool and isinstance(value, str):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise MethodError(f"{where}={value!r}: expected true or false")
+            value = value.lower() in ("true", "1", "yes")
+        if self.choices is not None and value not in self.choices:
+            raise MethodError(f"{where}={value!r}: choose one of {', '.join(map(str, self.choices))}")
+        if self.range is not None and isinstance(value, (int, float)):
+            lo, hi = self.range
+            if (lo is not None and value < lo) or (hi is not None and value > hi):
+                raise MethodError(f"{where}={value!r}: must lie in [{'' if lo is None else lo}, "
+                                  f"{'' if hi is None else hi}]")
+        return value
+
+
+@dataclass
+class MethodOutput:
+    """What a method run returns: ``images`` (PIL), optionally ``maps`` (per image, a dict
+    ``label -> PIL heat map``, e.g. A-STAR's concept maps) and ``info`` (method-specific)."""
+
+    images: list
+    maps: list[dict] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class MethodRun:
+    """A built method, ready to run: ``run(prompt, generator=None, **call_kwargs)``.
+
+    label:    a short label for the result (``"softpag s=2 u=1"``, ``"A-STAR"``).
+    fn:       ``fn(prompt, generator=..., **call_kwargs) -> MethodOutput``; the call keywords
+              are the pipeline's (``num_inference_steps``, ``guidance_scale``, ``height``...).
+    checker:  ``checker(prompt)`` raises before any image is made if the prompt cannot be used.
+    control:  the :class:`~diffattn.controls.Control` of a ``"control"`` method (to attach
+              in a frontend's own sampling), else ``None``.
+    pipeline: the pipeline object of a ``"pipeline"`` method (e.g. an ``AStarPipeline``).
+    """
+
+    label: str
+    fn: Callable
+    checker: Callable | None = None
+    control: Any = None
+    pipeline: Any = None
+
+    def check(self, prompt) -> None:
+        if self.checker is not None:
+            self.checker(prompt)
+
+    def __call__(self, prompt, generator=None, **call_kwargs) -> MethodOutput:
+        return self.fn(prompt, generator=generator, **call_kwargs)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method.
+
+    name:     the registry key and ``--method`` value (``"softpag"``).
+    label:    a display name (``"SoftPAG"``).
+    summary:  one line for a frontend's help text.
+    kind:     ``"control"`` (a Control on the stock pipeline) or ``"pipeline"`` (its own loop,
+              in ``diffattn.pipelines``).
+    params:   the :class:`Param` s ``build`` takes.
+    factory:  ``factory(pipe, **params) -> MethodRun``, or ``"module:function"``.
+    paper:    the citation.
+    """
+
+    name: str
+    label: str
+    summary: str
+    kind: str
+    params: tuple = ()
+    factory: Callable | str | None = None
+    paper: str = ""
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise MethodError(f"{self.name} has no parameter {name!r}; its parameters: {self._names()}")
+
+    def _names(self) -> str:
+        return ", ".join(p.name for p in self.params) or "none"
+
+    def defaults(self) -> dict:
+        """``{name: default}`` of every parameter."""
+        return {p.name: p.default for p in self.params}
+
+    def resolve(self, **params) -> dict:
+        """Every parameter's value: the given ones checked, the others at their defaults.
+        A name the method does not have is a :class:`MethodError` listing its parameters."""
+        names = {p.name for p in self.params}
+        unknown = sorted(set(params) - names)
+        if unknown:
+            raise MethodError(f"{self.name} has no parameter(s) {unknown}; its parameters: {self._names()}")
+        return {p.name: p.check(params.get(p.name, p.default), self.name) for p in self.params}
+
+    def build(self, pipe, **params) -> MethodRun:
+        """The method built on ``pipe`` with ``params`` (checked; see :meth:`resolve`)."""
+        values = self.resolve(**params)
+        factory = self.factory
+        if isinstance(factory, str):
+            module, _, attr = factory.partition(":")
+            factory = getattr(importlib.import_module(module), attr)
+        if factory is None:
+            raise MethodError(f"method {self.name!r} has no factory")
+        return factory(pipe, **values)
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method, *, replace: bool = False) -> Method:
+    """Add ``method`` to the registry (a name taken by another record is a :class:`MethodError`
+    unless ``replace=True``); returns it."""
+    if not isinstance(method, Method):
+        raise MethodError(f"register_method takes a Method record, got {type(method).__name__}")
+    if method.kind not in KINDS:
+        raise MethodError(f"method {method.name!r}: kind {method.kind!r} is not one of {KINDS}")
+    names = [p.name for p in method.params]
+    if len(set(names)) != len(names):
+        raise MethodError(f"method {method.name!r} declares a parameter twice: {names}")
+    if method.name in _METHODS and _METHODS[method.name] != method and not replace:
+        raise MethodError(f"method {method.name!r} is registered already; pass replace=True to override it")
+    _METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    """The record of ``name``; an unknown name is an :class:`UnknownMethodError` listing the known ones."""
+    if name not in _METHODS:
+        raise UnknownMethodError(f"unknown method {name!r}; known methods: {', '.join(_METHODS) or 'none'}")
+    return _METHODS[name]
+
+
+def methods() -> tuple[Method, ...]:
+    """Every registered method, in registration order."""
+    return tuple(_METHODS.values())
+
+
+# ----------------------------------------------------------------------------- built-in methods
+# Their factories import the method modules (torch) only when built.
+
+
+def _softpag(pipe, *, heads="mid", scale=None, strength=None) -> MethodRun:
+    from ..engine import attach
+    from .softpag import SoftPAG, is_preset, load_preset, middle_layer
+
+    if heads == "mid":
+        heads = middle_layer(pipe)
+    elif isinstance(heads, str) and heads.endswith(".json"):
+        heads = load_preset(heads)
+    scale = scale if scale is not None or is_preset(heads) else 2.0
+    control = SoftPAG(heads, strength=strength, scale=scale)  # None: the preset's values
+
+    def run(prompt, generator=None, **call_kwargs):
+        with attach(pipe, control):
+            return MethodOutput(pipe(prompt, generator=generator, **call_kwargs).images)
+
+    u = "preset" if strength is None and control.preset is not None else f"{control.strength:g}"
+    return MethodRun(f"softpag s={control.scale:g} u={u}", run, control=control)
+
+
+ASTAR_LOSSES = {"astar": "astar", "ae": "attend_and_excite", "segregation": "segregation_only",
+                "retention": "retention_only"}  # --astar-loss -> AStarConfig preset
+
+
+def split_concepts(concepts):
+    """A comma-separated string of concept words as a list (``"circle, square"`` -> two);
+    anything else (a list, a dict, a callable, ``None``) as given."""
+    if isinstance(concepts, str):
+        return [c.strip() for c in concepts.split(",") if c.strip()]
+    return concepts
+
+
+def _astar(pipe, *, concepts=None, loss="astar", temperature=None) -> MethodRun:
+    from ..pipelines.astar import AStarConfig, AStarPipeline
+
+    overrides = {} if temperature is None else {"temperature": float(temperature)}
+    astar = AStarPipeline(pipe, getattr(AStarConfig, ASTAR_LOSSES[loss])(**overrides))
+    concepts = split_concepts(concepts)
+
+    def check(prompt):
+        astar._concepts_for(prompt, concepts)  # raises ConceptError (missing concepts, words not in the prompt)
+
+    def run(prompt, generator=None, **call_kwargs):
+        out = astar(prompt, concepts, generator=generator, return_attention_maps=True, **call_kwargs)
+        return MethodOutput(out.images, maps=list(out.attention_maps), info={"losses": out.losses})
+
+    label = {"astar": "A-STAR", "ae": "Attend-and-Excite"}.get(loss, f"A-STAR ({loss} only)")
+    return MethodRun(label, run, checker=check, pipeline=astar)
+
+
+register_method(Method(
+    name="softpag", label="SoftPAG",
+    summary="perturbed-attention guidance on chosen heads, interpolating their maps toward uniform by u",
+    kind="control",
+    params=(
+        Param("heads", str, "mid", "heads: mid (the middle layer), all, or a HeadHunter preset JSON"),
+        Param("scale", float, None, "guidance scale (default 2, or the preset's)", range=(0.0, None)),
+        Param("strength", float, None, "strength u in [0, 1] (default 1, or the preset's per-head u)",
+              range=(0.0, 1.0)),
+    ),
+    factory=_softpag,
+    paper="Ahn et al., Fine-Grained Perturbation Guidance via Attention Head Selection (arXiv 2506.10978)",
+))
+
+register_method(Method(
+    name="astar", label="A-STAR",
+    summary="test-time attention segregation and retention (A-STAR), or Attend-and-Excite",
+    kind="pipeline",
+    params=(
+        Param("concepts", str, None, "comma-separated concept words of the prompt (e.g. circle,square)"),
+        Param("loss", str, "astar", "astar: A-STAR (segregation + retention); ae: Attend-and-Excite; or one "
+                                    "A-STAR loss alone", choices=tuple(ASTAR_LOSSES), flag="--astar-loss"),
+        Param("temperature", float, None, "the T of softmax(T·A) over text tokens (default 100; testbed "
+                                          "tiny-sd3: 1000)", range=(0.0, None), flag="--astar-temperature"),
+    ),
+    factory=_astar,
+    paper="Agarwal et al., A-STAR: Test-time Attention Segregation and Retention (ICCV 2023); Chefer et al., "
+          "Attend-and-Excite (SIGGRAPH 2023)",
+))
