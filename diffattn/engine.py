@@ -25,16 +25,24 @@ PNDM), when the timestep rises (timesteps fall within a run). A pipeline passing
 (``attach(..., run=RunState)``, or ``handle.set_step(i)``) pins it (custom loops such as
 inversion, whose timesteps rise); its ``num_steps`` is the run's length when set.
 
-Branches: ``{"uncond": rows, "cond": rows}`` when the pipeline runs classifier-free guidance
-in one batch (SD, SDXL, SD3: ``pipe.do_classifier_free_guidance`` and an even batch); the
-name of the pipeline's ``cache_context("cond" | "uncond")`` when it runs them as separate
-forwards (Wan, FLUX true CFG); ``{"cond": all rows}`` otherwise; plus the guidance wrapper's
-extra branches. ``handle.branches({...})`` overrides the layout (custom pipelines).
+Branches, decided per denoiser call from what the pipeline passes, in this order:
+``handle.branches({...})`` when the caller names the rows (custom loops); the family's
+auxiliary forward, recognised from its arguments (SD3's skip-layer guidance forward,
+``skip_layers=[...]``: ``{"skip": all rows}``); the name of the pipeline's
+``cache_context("cond" | "uncond")`` when it runs CFG as separate forwards (Wan, FLUX true
+CFG); for a pipeline, a second unnamed call of one denoiser in one step is
+``{"unidentified": all rows}`` with a one-time warning naming the pipeline (it gets no extra
+guidance branch: the engine will not guess); the step's first call is
+``{"uncond": first half, "cond": second half}`` when the pipeline's own CFG flag
+(``pipe.do_classifier_free_guidance``) is on and the batch is even (SD, SDXL, SD3), else
+``{"cond": all rows}``. The guidance wrapper adds its extra branches to calls with ``cond``
+rows only.
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -49,6 +57,7 @@ from .processors import DiffattnProcessor
 from .sites import denoisers, select, sites
 
 HOOK_NAME = "diffattn.engine"
+UNIDENTIFIED = "unidentified"  # the branch of a call the engine cannot place (module docstring)
 
 
 @dataclass
@@ -191,6 +200,8 @@ class Engine:
         self._last_t: float | None = None
         self.run = run if run is not None else RunState()  # the pipeline call's state (pinned step, step count)
         self._branch_override = None
+        self._last_main: tuple | None = None  # (denoiser, step) of the last guided forward
+        self._warned_unidentified = False
         self._saved: list = []  # (model, original processors dict)
         self._hooked: list = []  # models carrying our hook
         self._block_hooks: list = []  # (module, hook name, model)
@@ -317,7 +328,8 @@ class Engine:
         batch = hidden.shape[0]
         step = self._track_step(args.get("timestep"), cache_context)
         name = getattr(cache_context, "name", None)
-        return ForwardContext(step=step, branches=self._branches(batch, name), family=family.name,
+        branches = self._branches(batch, name, family.auxiliary_branch(args), hook.denoiser, step.index)
+        return ForwardContext(step=step, branches=branches, family=family.name,
                               denoiser=hook.denoiser, batch=batch, cache_name=name,
                               info=family.forward_info(hook.config, args, hook.family_cache),
                               text=args.get("encoder_hidden_states"),
@@ -344,9 +356,12 @@ class Engine:
             self._index = self.run.step
         elif self._last_t is None or sched_index is None:
             self._index = 0  # first forward of a run
+            self._last_main = None
         elif t is not None and t != self._last_t:
             rose = t > self._last_t and sched_index is _MISSING
             self._index = 0 if rose else self._index + 1
+            if rose:
+                self._last_main = None
         self._last_t = t
         num_steps = self.run.num_steps
         if num_steps is None and cache_context is not None:
@@ -365,6 +380,7 @@ class Engine:
         """Start counting steps from 0 at the next forward."""
         self._last_t = None
         self._index = 0
+        self._last_main = None
 
     # ------------------------------------------------------------------ branches
     def cfg_in_batch(self, batch: int) -> bool:
@@ -373,15 +389,36 @@ class Engine:
             return False
         return bool(getattr(self.pipeline, "do_classifier_free_guidance", False))
 
-    def _branches(self, batch: int, cache_name: str | None) -> dict[str, slice]:
+    def _branches(self, batch: int, cache_name: str | None, auxiliary: str | None = None,
+                  denoiser: str | None = None, step: int = 0) -> dict[str, slice]:
+        """What the rows of a denoiser call are (the rule in the module docstring)."""
         if self._branch_override is not None:
             got = self._branch_override(batch) if callable(self._branch_override) else self._branch_override
             return dict(got)
+        if auxiliary is not None:  # a forward beside the guided one (SD3 skip-layer guidance)
+            return {auxiliary: slice(0, batch)}
         if cache_name in ("cond", "uncond"):
             return {cache_name: slice(0, batch)}
+        if self.pipeline is not None:
+            key = (denoiser, step)
+            if self._last_main == key:  # a second unnamed forward in one step: not the guided one
+                self._warn_unidentified()
+                return {UNIDENTIFIED: slice(0, batch)}
+            self._last_main = key
         if self.cfg_in_batch(batch):
             return {"uncond": slice(0, batch // 2), "cond": slice(batch // 2, batch)}
         return {"cond": slice(0, batch)}
+
+    def _warn_unidentified(self) -> None:
+        if not self._warned_unidentified:
+            self._warned_unidentified = True
+            warnings.warn(
+                f"{type(self.pipeline).__name__} called its denoiser more than once in one step without naming the "
+                f"calls (cache_context('cond' | 'uncond')) or a form diffattn recognises; the later calls are branch "
+                f"{UNIDENTIFIED!r}: they get no extra guidance branch and controls limited to 'cond' skip them. Name "
+                f"the rows yourself with handle.branches(...) if that is not what you want",
+                stacklevel=3,
+            )
 
     def pipeline_cfg_scale(self, denoiser: str | None = None) -> float:
         """The CFG scale w the pipeline applies to the cond prediction (1 without CFG)."""

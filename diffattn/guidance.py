@@ -7,8 +7,13 @@ extra branch appended, runs as ONE batch (or one forward per branch with ``seque
 and the extra predictions are folded back into what the pipeline receives, with
 Δ = Σ_b s_b·(ε_cond - ε_b) (Ahn et al. 2024, PAG Eq. 11):
 
-* pipeline batches [uncond, cond] (SD, SDXL, SD3 with CFG):  return ``[uncond, cond + Δ/w]``;
-  the pipeline's ε_u + w(ε_c' - ε_u) is then ε_u + w(ε_c - ε_u) + Δ  (:func:`fold_guidance`);
+* pipeline batches [uncond, cond] (SD, SDXL, SD3 with CFG, w ≠ 1): return
+  ``[uncond - Δ/(w-1), cond]``; the pipeline's ε_u' + w(ε_c - ε_u') is then
+  ε_u + w(ε_c - ε_u) + Δ (:func:`fold_into_uncond`). The conditional prediction reaches the
+  pipeline untouched, so what it computes from ε_c alone is exact too: ``guidance_rescale``'s
+  std(ε_c) (Lin et al. 2024, Eq. 15-16, as diffusers' PAG pipelines take it) and SD3
+  skip-layer guidance's (ε_c - ε_skip). With w = 1 the fold goes into cond
+  (``cond + Δ``, :func:`fold_guidance`);
 * no CFG (w = 1, guidance-distilled FLUX, a bare denoiser):   return ``cond + Δ``;
 * CFG as separate forwards, cond first (Wan, FLUX ``true_cfg_scale``): the cond forward
   returns ``cond + Δ`` and the uncond forward of the same step returns ``uncond + Δ``; CFG's
@@ -57,6 +62,15 @@ def fold_guidance(cond: torch.Tensor, extras: list[torch.Tensor], scales: list[f
         if s != 0.0:
             out = out + (s / cfg_scale) * (cond - extra)
     return out
+
+
+def fold_into_uncond(uncond: torch.Tensor, delta: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    """``ε_u - Δ/(w - 1)``: the uncond prediction to hand back, with ε_c untouched, when the
+    pipeline applies CFG with scale w ≠ 1 in one batch:
+    ε_u' + w(ε_c - ε_u') = ε_u + w(ε_c - ε_u) - (1 - w)·Δ/(w - 1) = ε_u + w(ε_c - ε_u) + Δ."""
+    if cfg_scale == 1.0:
+        raise ControlError("CFG scale w = 1 leaves the uncond prediction without weight; fold into cond instead")
+    return uncond - delta / (cfg_scale - 1.0)
 
 
 def shift_guidance(pred: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -169,8 +183,15 @@ class GuidanceWrapper:
             ctx.branches = saved
         s = [s for _, s in active]
         c_pred = base[cond]
-        if "uncond" in saved:  # [uncond, cond] in this batch: the pipeline applies w to cond
-            folded = fold_guidance(c_pred, extras, s, self.w(ctx))
+        uncond = saved.get("uncond")
+        w = self.w(ctx) if uncond is not None else 1.0
+        if uncond is not None and w != 1.0:  # [uncond, cond] in this batch: Δ rides on uncond
+            delta = guidance_delta(c_pred, extras, s)
+            pred = base.clone()
+            pred[uncond] = fold_into_uncond(base[uncond], delta, w)
+            return _with_sample(out, pred)
+        if uncond is not None:  # w = 1: ε_u + (ε_c' - ε_u) = ε_c'
+            folded = fold_guidance(c_pred, extras, s, w)
         else:
             delta = guidance_delta(c_pred, extras, s)
             folded = shift_guidance(c_pred, delta)

@@ -132,8 +132,13 @@ def test_batched_cfg_fold_at_the_denoiser(tiny_pipe):
             with h.branches({"perturbed": slice(0, 1)}):
                 pert = model(**{k: (v[1:] if torch.is_tensor(v) and v.dim() else v) for k, v in kw.items()})[0]
         stock = model(**kw)[0]
-    torch.testing.assert_close(guided[:1], stock[:1], atol=1e-5, rtol=0)
-    torch.testing.assert_close(guided[1:], stock[1:] + (s / w) * (stock[1:] - pert), atol=1e-5, rtol=0)
+    # Δ rides on the uncond row (ε_u - Δ/(w-1)) and ε_c reaches the pipeline untouched ...
+    delta = s * (stock[1:] - pert)
+    torch.testing.assert_close(guided[1:], stock[1:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(guided[:1], stock[:1] - delta / (w - 1), atol=1e-5, rtol=0)
+    # ... so the pipeline's CFG gives ε_u + w(ε_c - ε_u) + Δ
+    cfg = guided[:1] + w * (guided[1:] - guided[:1])
+    torch.testing.assert_close(cfg, stock[:1] + w * (stock[1:] - stock[:1]) + delta, atol=1e-4, rtol=0)
 
 
 def test_two_call_cfg_shifts_both_branches(tiny_pipe):

@@ -113,6 +113,12 @@ class Family:
         (e.g. FLUX's analysis of ``img_ids``, which pipelines pass unchanged every step)."""
         return None
 
+    def auxiliary_branch(self, arguments: dict) -> str | None:
+        """The branch name of a forward a pipeline runs *beside* its guided one in the same
+        step, recognised from its arguments (SD3's skip-layer forward: ``"skip"``), else
+        ``None``. Such a forward gets no extra guidance branch (``diffattn.guidance``)."""
+        return None
+
     def adapters(self) -> tuple[type["PipelineAdapter"], ...]:
         """Pipeline adapters of this family, most specific first."""
         return ()

@@ -116,6 +116,11 @@ class SD3Family(Family):
     def kind(self, module) -> str:
         return "joint" if getattr(module, "add_q_proj", None) is not None else "self"  # SD3.5 dual blocks: image-only attn2
 
+    def auxiliary_branch(self, arguments: dict) -> str | None:
+        """StableDiffusion3Pipeline's skip-layer guidance forward (``skip_layers=[...]``, the
+        conditional rows only) is the ``"skip"`` branch."""
+        return "skip" if arguments.get("skip_layers") is not None else None
+
     def forward_info(self, config, arguments: dict, cache: dict) -> LatentInfo:
         hidden = arguments["hidden_states"]
         return LatentInfo(tuple(hidden.shape[-2:]), int(config.patch_size))
