@@ -560,6 +560,24 @@ def attach(target, *controls: Control, cfg_scale: float | Callable | None = None
 attach.__doc__ = attach.__doc__.replace("{supported}", "every registered family (diffattn.families)")
 
 
+def is_attached(target) -> bool:
+    """Whether diffattn is attached to ``target`` (a pipeline or a denoiser) right now."""
+    return any(HookRegistry.check_if_exists_or_initialize(model).get_hook(HOOK_NAME) is not None
+               for _, model in denoisers(target))
+
+
+def refuse_if_attached(target, loop: str) -> None:
+    """``ControlError`` when controls are attached to ``target`` while a diffattn loop that
+    runs its own guidance (``loop``) is about to attach its own: their extra branches would be
+    folded with the loop's CFG, which the engine cannot read from the pipeline."""
+    if is_attached(target):
+        raise ControlError(
+            f"{loop} runs its own sampling loop and its own guidance; controls attached to this pipeline with "
+            f"da.attach would act inside it with a CFG scale the engine cannot know. Detach them (leave the `with "
+            f"da.attach(...)` block) before calling {loop}"
+        )
+
+
 def _safe_uninstall(engine: Engine) -> None:
     with contextlib.suppress(Exception):
         engine.uninstall()

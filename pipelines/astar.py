@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from diffattn.engine import refuse_if_attached
 from diffattn.families import RunState, adapter_for
 from diffattn.pipelines import configure
 from diffattn.methods.astar import (
@@ -431,6 +432,7 @@ class AStarPipeline:
         ``clip_skip``); the defaults are the pipeline's own (the testbed's for testbed models).
         """
         pipe, cfg, adapter = self.pipe, self.config, self.adapter
+        refuse_if_attached(pipe, "AStarPipeline")
         unknown = set(kwargs) - {"max_sequence_length", "eta", "clip_skip"}
         if unknown:
             raise ConceptError(f"AStarPipeline does not take {sorted(unknown)}")

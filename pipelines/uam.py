@@ -564,8 +564,9 @@ class UAMPipeline:
     def _session(self, run: RunState, *extra: Control):
         """attach() with the uniform control (acting on batch rows named "aux") and ``extra``,
         serving the loop's ``run`` (its pinned step and step count)."""
-        from diffattn.engine import attach
+        from diffattn.engine import attach, refuse_if_attached
 
+        refuse_if_attached(self.pipe, "UAMPipeline")
         cfg = self.config
         uniform = UniformAttention(sites=cfg.uniform_sites, keys=cfg.uniform_keys, branches=("aux",))
         return attach(self.pipe, uniform, *extra, run=run)

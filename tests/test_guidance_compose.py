@@ -157,3 +157,18 @@ def test_an_unnamed_second_call_in_a_step_gets_no_extra_branch(tiny_pipe):
     finally:
         pipe.scheduler._step_index = None
     assert seen.layouts == [{"cond": (0, 1), "perturbed": (1, 2)}, {"unidentified": (0, 1)}, {"unidentified": (0, 1)}]
+
+
+def test_diffattn_loops_refuse_controls_attached_around_them(tiny_pipe):
+    """A-STAR and UAM run their own CFG: a SoftPAG attached around them would be folded with a
+    scale the engine cannot read, so they refuse, naming the fix; the pipeline is untouched."""
+    from diffattn.pipelines import AStarPipeline, UAMPipeline
+
+    pipe = tiny_pipe("sd15")
+    uam = UAMPipeline(pipe, progress=False)
+    with da.attach(pipe, da.SoftPAG("all", scale=2.0)):
+        with pytest.raises(da.ControlError, match="AStarPipeline runs its own sampling loop.*Detach them"):
+            AStarPipeline(pipe)("a cat and a dog", ["cat", "dog"], num_inference_steps=1)
+        with pytest.raises(da.ControlError, match="UAMPipeline runs its own sampling loop"):
+            uam.invert(torch.full((3, 32, 32), 0.5), "a cat", num_inference_steps=1)
+    assert not any(type(p).__module__.startswith("diffattn") for p in pipe.unet.attn_processors.values())
