@@ -34,10 +34,12 @@ import fnmatch
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-
-import torch.nn as nn
+from typing import TYPE_CHECKING
 
 from .errors import SelectorError, UnsupportedModelError
+
+if TYPE_CHECKING:  # torch is imported when a model is addressed, so `import diffattn` (and the CLI's --help) stays cheap
+    import torch.nn as nn
 
 KINDS = ("self", "cross", "joint", "single")
 DENOISER_ATTRS = ("unet", "transformer", "transformer_2")  # pipeline attributes searched, in order
@@ -106,6 +108,8 @@ def denoisers(target) -> list[tuple[str | None, nn.Module]]:
     A pipeline gives its ``unet`` or ``transformer`` (and ``transformer_2`` when set, Wan 2.2);
     a bare model gives ``[(None, model)]``.
     """
+    import torch.nn as nn
+
     target = _unwrap(target)
     if isinstance(target, nn.Module) and hasattr(target, "attn_processors"):
         return [(None, target)]
