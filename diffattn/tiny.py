@@ -552,6 +552,21 @@ def _family(name: str) -> str:
     return key
 
 
+def tiny_sd3_transformer_and_inputs():
+    """A 2-block SD3 transformer (2 heads of 8) and one batch of 2: 16 image + 6 text tokens."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                  caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=64).eval()
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g),
+                  encoder_hidden_states=torch.randn(2, 6, 32, generator=g),
+                  pooled_projections=torch.randn(2, 32, generator=g), timestep=torch.tensor([500.0, 500.0]))
+    return model, inputs
+
+
 def tiny_pipeline(family: str, seed: int = 0, **kw):
     """Build the tiny pipeline of ``family`` (one of :data:`FAMILIES`); ``kw`` go to its builder."""
     return _BUILDERS[_family(family)](seed, **kw)

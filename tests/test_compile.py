@@ -14,6 +14,7 @@ from torch._dynamo.utils import counters
 
 import diffattn as da
 from diffattn.tiny import output_of, tiny_call_kwargs, tiny_pipeline
+from diffattn.tiny import tiny_sd3_transformer_and_inputs
 
 HOST_BREAK = "torch.compiler.disable"  # the engine's per-forward bookkeeping (_EngineHook.enter)
 
@@ -113,21 +114,6 @@ class BlendAndTap(da.Control):
 
     def on_taps(self, call, probs):
         self.maps.append(probs[0])
-
-
-def tiny_sd3_transformer_and_inputs():
-    """A 2-block SD3 transformer (2 heads of 8) and one batch of 2: 16 image + 6 text tokens."""
-    from diffusers import SD3Transformer2DModel
-
-    torch.manual_seed(0)
-    model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
-                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
-                                  caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=64).eval()
-    g = torch.Generator().manual_seed(1)
-    inputs = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g),
-                  encoder_hidden_states=torch.randn(2, 6, 32, generator=g),
-                  pooled_projections=torch.randn(2, 32, generator=g), timestep=torch.tensor([500.0, 500.0]))
-    return model, inputs
 
 
 def test_processor_with_blend_and_lse_tap_compiles_fullgraph_on_the_reference(fresh_dynamo):

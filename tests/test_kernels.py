@@ -533,21 +533,6 @@ def test_triton_compiled_kernels_and_gradients_match_eager():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def _tiny_sd3_transformer_and_inputs():
-    """A 2-block SD3 transformer (2 heads of 8) and one batch of 2: 16 image + 6 text tokens."""
-    from diffusers import SD3Transformer2DModel
-
-    torch.manual_seed(0)
-    model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
-                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
-                                  caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=64).eval()
-    g = torch.Generator().manual_seed(1)
-    inputs = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g),
-                  encoder_hidden_states=torch.randn(2, 6, 32, generator=g),
-                  pooled_projections=torch.randn(2, 32, generator=g), timestep=torch.tensor([500.0, 500.0]))
-    return model, inputs
-
-
 @needs_triton
 def test_triton_processor_compiles_fullgraph_through_custom_ops():
     """``torch.compile(fullgraph=True)`` over the SD3 blocks with a control that sets a head blend
@@ -570,7 +555,9 @@ def test_triton_processor_compiles_fullgraph_through_custom_ops():
         def on_taps(self, call, probs):
             self.maps.append(probs[0])
 
-    model, inputs = _tiny_sd3_transformer_and_inputs()
+    from diffattn.tiny import tiny_sd3_transformer_and_inputs
+
+    model, inputs = tiny_sd3_transformer_and_inputs()
     model, inputs = model.to(TRITON_DEVICE), {n: t.to(TRITON_DEVICE) for n, t in inputs.items()}
     ctrl = BlendAndTap(torch.tensor([0.25, 0.75], device=TRITON_DEVICE))
     targets = []
