@@ -343,7 +343,7 @@ class AStarPipeline:
     def _denoise(self, run: RunState, x, t, emb: dict) -> torch.Tensor:
         """One denoiser forward on latents ``x`` [b, C, h, w] (FLUX: packed [b, N, 4C])."""
         adapter = self.adapter
-        return adapter.predict(run, adapter.scale_model_input(x, t), t, emb, run.extras.get("guidance"))
+        return adapter.predict(run, adapter.scale_model_input(x, t), t, emb, run.guidance)
 
     # ------------------------------------------------------------------ maps
     def _maps_of(self, records, row: int, groups, eot: int, resolution) -> torch.Tensor:
@@ -445,7 +445,7 @@ class AStarPipeline:
         if progress is None:
             progress = not getattr(pipe, "_progress_bar_config", {}).get("disable", False)
         run = RunState(callback=callback, progress=progress, desc="A-STAR",
-                       extras={"guidance": float(w) if adapter.distilled else None})
+                       guidance=float(w) if adapter.distilled else None)
         size_h, size_w = adapter.native_size()
         height, width = adapter.fit_size(height or size_h, width or size_w)
         if adapter.distilled and negative_prompt is not None:

@@ -27,7 +27,7 @@ class RunState:
     step:       the pinned step index (loops whose timesteps the engine cannot follow, such as
                 inversion, whose timesteps rise); ``None``: the engine counts steps itself.
     image_ids:  FLUX: position ids of the packed image tokens (from ``prepare_latents``).
-    guidance:   FLUX: the guidance embedding value ``[1]`` (``None`` without one).
+    guidance:   a guidance-distilled model's embedding value (FLUX's ``guidance_scale``), or ``None``.
     callback:   ``callback(info: dict)`` after every step (k-diffusion style), see :meth:`report`.
     progress:   show a tqdm bar (one consumer of the same reports).
     """
@@ -35,7 +35,7 @@ class RunState:
     num_steps: int | None = None
     step: int | None = None
     image_ids: torch.Tensor | None = None
-    guidance: torch.Tensor | None = None
+    guidance: float | None = None
     callback: Callable[[dict], None] | None = None
     progress: bool = False
     desc: str = ""
