@@ -42,38 +42,53 @@ def _bpe_segments(word_symbols: list[str], ranks: dict[tuple[str, str], int]) ->
     return symbols
 
 
-def clip_vocab_and_merges(words: Iterable[str] = ()) -> tuple[dict[str, int], list[tuple[str, str]]]:
+def clip_vocab_and_merges(words: Iterable[str] = (), extra_words: Iterable[str] = ()) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """A CLIP BPE vocabulary and merge list in which every word of ``words`` is one token.
 
     Merges are appended word by word: each word is first segmented with the merges made so
     far, then its segments are merged left to right. New merges rank after old ones, so
     earlier words keep their single-token encoding.
+
+    ``extra_words`` are added the same way after BOS and EOS: a vocabulary grown from an
+    older one (world v2 from v1) keeps every id of the older one, BOS and EOS included, and
+    EOS is then not the top id (CLIP text models with the configured ``eos_token_id`` pool at
+    the first EOS, so that is fine).
     """
     symbols = list(string.ascii_lowercase) + list(string.digits) + list(",.;:!?'-")
     vocab_tokens = symbols + [c + "</w>" for c in symbols]
     merges: list[tuple[str, str]] = []
     ranks: dict[tuple[str, str], int] = {}
-    for word in words:
-        word = word.lower()
-        chars = list(word[:-1]) + [word[-1] + "</w>"]
-        segments = _bpe_segments(chars, ranks)
-        while len(segments) > 1:
-            pair = (segments[0], segments[1])
-            if pair not in ranks:
-                ranks[pair] = len(merges)
-                merges.append(pair)
-                vocab_tokens.append(pair[0] + pair[1])
-            segments = [pair[0] + pair[1]] + segments[2:]
+
+    def add(ws, tokens):
+        for word in ws:
+            word = word.lower()
+            chars = list(word[:-1]) + [word[-1] + "</w>"]
+            segments = _bpe_segments(chars, ranks)
+            while len(segments) > 1:
+                pair = (segments[0], segments[1])
+                if pair not in ranks:
+                    ranks[pair] = len(merges)
+                    merges.append(pair)
+                    tokens.append(pair[0] + pair[1])
+                segments = [pair[0] + pair[1]] + segments[2:]
+
+    add(words, vocab_tokens)
     vocab_tokens = list(dict.fromkeys(vocab_tokens))
     vocab = {tok: i for i, tok in enumerate(vocab_tokens)}
     vocab[BOS] = len(vocab)
     vocab[EOS] = len(vocab)  # EOS last: CLIP text models pool at argmax(ids) on legacy configs
+    extra: list[str] = []
+    add(extra_words, extra)
+    for tok in extra:
+        vocab.setdefault(tok, len(vocab))
     return vocab, merges
 
 
-def clip_tokenizer(words: Iterable[str] | None = None, model_max_length: int = 77) -> CLIPTokenizer:
-    """An offline ``CLIPTokenizer``; each word in ``words`` encodes as one token."""
-    vocab, merges = clip_vocab_and_merges(words or ())
+def clip_tokenizer(words: Iterable[str] | None = None, model_max_length: int = 77,
+                   extra_words: Iterable[str] = ()) -> CLIPTokenizer:
+    """An offline ``CLIPTokenizer``; each word in ``words`` and ``extra_words`` encodes as one
+    token (``extra_words`` get ids after BOS and EOS: see ``clip_vocab_and_merges``)."""
+    vocab, merges = clip_vocab_and_merges(words or (), extra_words)
     with tempfile.TemporaryDirectory() as tmp:
         vocab_file = os.path.join(tmp, "vocab.json")
         merges_file = os.path.join(tmp, "merges.txt")

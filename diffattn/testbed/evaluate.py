@@ -126,6 +126,108 @@ SUITE_SPECS: dict[str, tuple[PromptSpec, ...]] = _build_suites()
 SUITES: dict[str, tuple[str, ...]] = {name: tuple(caption(s) for s in specs) for name, specs in SUITE_SPECS.items()}
 
 
+# v2 suites (world v2: markings, graded aesthetics, partial captions), beside the v1 suites
+# above, which stay as they are. Prompts are v2 captions (``world.parse_prompt_v2``), graded by
+# ``oracle.score_v2``; seeds are the same ``eval_seeds``.
+from . import world as _w  # noqa: E402
+
+_MARKED = ("dot", "stripes", "half", "none")  # cycled over subjects: every marking, each shape and colour
+
+
+class SubjectGroup(NamedTuple):
+    """IR-Diffusion: reference prompts (one subject each) and the scene that must show those
+    subjects, their identities (colour, shape and marking) taken from the references."""
+
+    references: tuple[_w.PromptSpecV2, ...]
+    scene: _w.PromptSpecV2
+
+
+def _ir_groups(named: bool) -> tuple[SubjectGroup, ...]:
+    """32 two-subject groups over the v1 pairs; subject markings cycle over every marking. The
+    scene names colour and shape only (the marking is the references' identity); references
+    name the marking (``named``) or leave it to the reference image."""
+    out = []
+    for k, pair in enumerate(_pairs()):
+        marks = (_MARKED[k % 4], _MARKED[(k + 1 + k // 4) % 4])
+        refs = tuple(_w.PromptSpecV2(objects=(_w.ObjectSpec(s, c, m if named else None),)) for (c, s), m in zip(pair, marks))
+        scene = _w.PromptSpecV2(objects=tuple(_w.ObjectSpec(s, c) for c, s in pair),
+                                relation=RELATIONS[k % 4] if k % 2 else None)
+        out.append(SubjectGroup(refs, scene))
+    return tuple(out)
+
+
+def _aesthetic_content(k: int) -> tuple[_w.ObjectSpec, ...]:
+    """Content of aesthetic prompt k: a single object (even k) or a v1 pair (odd k), markings open."""
+    objs = (OBJECTS[k % 12],) if k % 2 == 0 else _pairs()[k]
+    return tuple(_w.ObjectSpec(s, c) for c, s in objs)
+
+
+def _underspecified() -> tuple[_w.PromptSpecV2, ...]:
+    """32 prompts whose open attributes have known priors (``world.P_MARKINGS``, uniform
+    colours): 12 colour + shape (marking open), 12 marking + shape (colour open), 8 shape-only
+    layouts (colours and markings open)."""
+    out = [_w.PromptSpecV2(objects=(_w.ObjectSpec(s, c),)) for c, s in OBJECTS]
+    out += [_w.PromptSpecV2(objects=(_w.ObjectSpec(s, None, m),)) for m in ("none", "dot", "stripes", "half") for s in SHAPES]
+    O = _w.ObjectSpec
+    out += [_w.PromptSpecV2(objects=(O(s),)) for s in SHAPES]
+    out += [_w.PromptSpecV2(objects=(O("circle"), O("square"))), _w.PromptSpecV2(objects=(O("square"), O("triangle"))),
+            _w.PromptSpecV2(objects=(O("triangle"), O("circle")), relation="left of"),
+            _w.PromptSpecV2(objects=(O("circle"), O("circle"))),
+            _w.PromptSpecV2(objects=(O("circle"), O("square"), O("triangle")))]
+    return tuple(out)
+
+
+def _build_suites_v2() -> dict[str, tuple[_w.PromptSpecV2, ...]]:
+    styles = _w.STYLES_V2
+    return {
+        # v1 suites as v2 prompts: the same captions, read with unnamed styles open
+        **{f"v1_{name}": tuple(_w.parse_prompt_v2(p) for p in prompts) for name, prompts in SUITES.items()},
+        # every marking x colour x shape, fully named (48)
+        "marked": tuple(_w.PromptSpecV2(objects=(_w.ObjectSpec(s, c, m),)) for m in _w.MARKINGS for c, s in OBJECTS),
+        # IR-Diffusion: the scenes of the subject groups (references in IR_SUITES)
+        "ir_scene": tuple(g.scene for g in _ir_groups(True)),
+        # VMix: one named aesthetic per prompt (dark, outline, shadow, light, centred cycling), markings open
+        "aesthetic_one": tuple(_w.PromptSpecV2(objects=_aesthetic_content(k), styles={styles[k % 5]: True})
+                               for k in range(32)),
+        # VMix: every aesthetic named (the "all positive labels" input)
+        "aesthetic_all": tuple(_w.PromptSpecV2(objects=_aesthetic_content(k), styles={s: True for s in styles})
+                               for k in range(32)),
+        # VMix: the same content with no aesthetic named (uncaptioned: the model's choice, the base rates)
+        "aesthetic_none": tuple(_w.PromptSpecV2(objects=_aesthetic_content(k)) for k in range(32)),
+        # repulsion: under-specified prompts, each a group over seeds with a known mode set
+        "underspecified": _underspecified(),
+    }
+
+
+SUITE_SPECS_V2: dict[str, tuple[_w.PromptSpecV2, ...]] = _build_suites_v2()
+SUITES_V2: dict[str, tuple[str, ...]] = {n: tuple(_w.caption_v2(s) for s in specs) for n, specs in SUITE_SPECS_V2.items()}
+# IR-Diffusion subject groups: references naming the marking ("ir_named") or leaving it open ("ir_open")
+IR_SUITES: dict[str, tuple[SubjectGroup, ...]] = {"ir_named": _ir_groups(True), "ir_open": _ir_groups(False)}
+
+
+def suite_specs_v2(name: str) -> list[_w.PromptSpecV2]:
+    """The fixed v2 prompt specs of a v2 suite (``SUITES_V2``)."""
+    if name not in SUITE_SPECS_V2:
+        raise DiffattnError(f"unknown v2 suite {name!r}; choose one of {list(SUITE_SPECS_V2)}")
+    return list(SUITE_SPECS_V2[name])
+
+
+def suite_prompts_v2(name: str) -> list[str]:
+    """The fixed v2 captions of a v2 suite."""
+    return [_w.caption_v2(s) for s in suite_specs_v2(name)]
+
+
+def open_modes(spec: _w.PromptSpecV2) -> list[tuple[tuple[str, str], ...]]:
+    """Every mode an under-specified prompt allows: per object the (colour, marking) pairs its
+    open attributes can take (named ones fixed), as the product over objects. The world's
+    priors: colours uniform, markings ``world.P_MARKINGS``."""
+    import itertools
+
+    per = [[(c, m) for c in ([o.color] if o.color else list(COLORS)) for m in ([o.marking] if o.marking else _w.MARKINGS)]
+           for o in spec.objects]
+    return list(itertools.product(*per))
+
+
 def check_suite(name: str) -> None:
     """A :class:`~diffattn.errors.DiffattnError` listing the suites unless ``name`` is one."""
     if name not in SUITES:

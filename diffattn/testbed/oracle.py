@@ -644,3 +644,254 @@ def oracle_accuracy(n: int = 300, strength: float = 1.0, seed: int = 0, **pertur
                 d = s.parsed.objects[j]
                 stats["centre_error"].append(float(np.hypot(d.cx - o.cx, d.cy - o.cy)))
     return {k: float(np.mean(v)) if v else float("nan") for k, v in stats.items()}
+
+
+# ============================================================================= oracle v2
+#
+# ``parse_v2(image)`` reads what ``parse`` reads, unchanged (the same objects, colours, shapes,
+# centres, background and outline: it runs the same steps), and adds:
+#
+# - **Markings**, per object. A marking is the fill's hue with its whiteness removed and 70%
+#   of its chroma (``world.shade_color``), so on a fill pixel the shade fraction b shows twice:
+#   in the whiteness (min of RGB) falling from the palette colour's to 0, b_w = 1 - w / w0, and
+#   in the chroma falling to 70%, b_c = (1 - c / c0) / (1 - SHADE). The two agree (within
+#   MARKING_AGREEMENT) on fill, marking and their anti-aliased mixes, and disagree on a fill
+#   mixed with black (an outline seam), the dark backdrop or anything lighter, so only the
+#   agreeing fill pixels are read. Their shade fractions are compared with each marking's
+#   template drawn at the detected object (``world.marking_region`` clipped to the shape's
+#   interior, the outline's 2 px removed when the image has outlines, anti-aliased 4x4); the
+#   template of least total absolute difference names the marking when its mean difference is
+#   at most MARKING_MAX_ERROR, it beats the runner-up by MARKING_MARGIN (in pixels of
+#   difference) and at least MARKING_MIN_PIXELS pixels were read; otherwise the marking is
+#   "unreadable" (ragged, blurred, drifted or too small to tell), never a guess.
+# - **Aesthetics**, image-level measures with documented calls (``GRADED_ON`` = 0.25):
+#   ``light``: the backdrop's luminance fitted as b0 + b1 (1 - 2y/64) on backdrop pixels away
+#   from objects and shadows; strength b1 / LIGHT_AMPLITUDE. ``shadow``: the backdrop's
+#   darkening 1 - L / (b0 + b1 (1 - 2y/64)) regressed on the predicted shadow (the detected
+#   shapes offset by SHADOW_OFFSET and blurred by SHADOW_BLUR) over backdrop pixels it covers;
+#   strength = slope / SHADOW_DARKEN. ``centring``: px from the frame centre of the detected
+#   objects' mean centre (called centred within ``world.CENTRE_TOLERANCE``). A call is None
+#   ("unreadable") when its measure cannot be taken: no objects, a background that is not
+#   plain ("other"), too few backdrop pixels, or a backdrop that the fit does not explain
+#   (residual above AESTHETIC_MAX_RESIDUAL).
+
+from . import world as _world  # noqa: E402
+
+MARKING_AGREEMENT = 0.3  # |b_w - b_c| at most this: a pixel of fill, marking or their mix
+MARKING_MAX_ERROR = 0.2  # mean |shade - template| over the read pixels of the named marking
+MARKING_MARGIN = 2.0  # the runner-up's total difference exceeds the best's by this many pixels
+MARKING_MIN_PIXELS = 4  # fewer readable fill pixels: unreadable
+AESTHETIC_MAX_RESIDUAL = 6.0  # 0-255: backdrop luminance RMS residual above this: light and shadow unreadable
+BACKDROP_MAX_CHROMA = 20.0  # backdrop pixels (for light and shadow) are this grey, and 1 px off every object
+SHADOW_MIN_COVER = 4.0  # summed predicted shadow over readable backdrop pixels below this: shadow unreadable
+UNREADABLE = "unreadable"
+
+_PALETTE_WHITE = _PALETTE.min(-1)  # [4] whiteness of each palette colour
+
+
+@dataclass
+class DetectedObjectV2(DetectedObject):
+    marking: str = UNREADABLE  # world.MARKINGS or "unreadable"
+    marking_error: dict[str, float] = field(default_factory=dict)  # mean |shade - template| per marking
+    marking_pixels: int = 0  # fill pixels read for the marking
+
+
+@dataclass
+class ParsedV2(Parsed):
+    shadow: float = float("nan")  # measured drop-shadow strength (1: the world's full shadow)
+    light: float = float("nan")  # measured lighting-gradient strength (1: the world's full gradient)
+    centring: float = float("nan")  # px of the objects' mean centre from the frame centre
+    calls: dict[str, bool | None] = field(default_factory=dict)  # dark, outline, shadow, light, centred; None: unreadable
+    backdrop_residual: float = float("nan")  # RMS (0-255) of the backdrop fit
+
+    @property
+    def styles_v2(self) -> dict[str, bool | None]:
+        return dict(self.calls)
+
+
+def _marking_templates(obj: DetectedObject, outline: bool) -> dict[str, np.ndarray]:
+    """Per marking, the predicted shade fraction [64, 64] of the detected object's interior."""
+    if obj.shape not in SHAPES:
+        return {}
+    so = _world.SceneObject(shape=obj.shape, color=obj.color, cx=obj.cx, cy=obj.cy, size=obj.size)
+    interior, _ = _world._shape_masks(so, outline)
+    s = _world.SUPERSAMPLE
+    ys = (np.arange(SIZE * s)[:, None] + 0.5) / s
+    xs = (np.arange(SIZE * s)[None, :] + 0.5) / s
+    cover = _world._box_down(interior.astype(np.float32))  # [64, 64]
+    safe = np.maximum(cover, 1e-6)
+    return {m: _world._box_down((_world.marking_region(m, obj.shape, obj.cx, obj.cy, obj.size, xs, ys) & interior)
+                                .astype(np.float32)) / safe for m in _world.MARKINGS}
+
+
+def _read_marking(arr: np.ndarray, comp: _Component, obj: DetectedObject, outline: bool) -> tuple[str, dict, int]:
+    ci = COLOR_NAMES.index(comp.color)
+    w0, c0 = float(_PALETTE_WHITE[ci]), float(_PALETTE_CHROMA[ci])
+    white = arr.min(-1)
+    chroma = arr.max(-1) - white
+    b_w = np.clip(1 - white / w0, 0, 1)
+    b_c = np.clip((1 - chroma / c0) / (1 - _world.SHADE), 0, 1)
+    readable = comp.fill & (np.abs(b_w - b_c) <= MARKING_AGREEMENT)
+    templates = _marking_templates(obj, outline)
+    n = int(readable.sum())
+    if not templates or n < MARKING_MIN_PIXELS:
+        return UNREADABLE, {}, n
+    b = ((b_w + b_c) / 2)[readable]
+    totals = {m: float(np.abs(b - t[readable]).sum()) for m, t in templates.items()}
+    errors = {m: v / n for m, v in totals.items()}
+    order = sorted(totals, key=totals.get)
+    best, second = order[0], order[1]
+    if errors[best] > MARKING_MAX_ERROR or totals[second] - totals[best] < MARKING_MARGIN:
+        return UNREADABLE, errors, n
+    return best, errors, n
+
+
+def _shift_blur(mask: np.ndarray) -> np.ndarray:
+    shifted = ndimage.shift(mask.astype(np.float64), (_world.SHADOW_OFFSET, _world.SHADOW_OFFSET), order=1, cval=0.0)
+    return np.clip(ndimage.gaussian_filter(shifted, _world.SHADOW_BLUR, mode="constant"), 0, 1)
+
+
+def _predicted_shadow(objects: list[DetectedObject], blobs: list[np.ndarray]) -> np.ndarray:
+    """The darkening [64, 64] the world's drop shadow (strength 1) of the detected objects
+    casts: ``world.shadow_field`` of their shapes, centres and sizes; a blob's own extent,
+    offset and blurred."""
+    shaped = [_world.SceneObject(o.shape, o.color, o.cx, o.cy, o.size) for o in objects if o.shape in SHAPES]
+    field_ = _world.shadow_field(_world.Scene(objects=tuple(shaped))) if shaped else np.zeros((SIZE, SIZE))
+    for m in blobs:
+        field_ = np.maximum(field_, _shift_blur(m))
+    return field_
+
+
+def _aesthetics(arr: np.ndarray, extents: list[np.ndarray], shadow_t: np.ndarray, background: str):
+    """(shadow, light, residual): measured strengths (NaN: unreadable) and the fit's RMS.
+    ``extents``: every coloured component; ``shadow_t``: the predicted shadow at strength 1."""
+    nan = float("nan")
+    if background == "other":
+        return nan, nan, nan
+    eight = np.ones((3, 3), dtype=bool)
+    union = np.logical_or.reduce(extents) if extents else np.zeros(arr.shape[:2], dtype=bool)
+    near = ndimage.binary_dilation(union, structure=eight)
+    _, chroma = _hue_chroma(arr)
+    backdrop = ~near & (chroma < BACKDROP_MAX_CHROMA)
+    lum = arr.mean(-1)
+    g = np.broadcast_to(_world.light_field()[:, None] / _world.LIGHT_AMPLITUDE, lum.shape)  # 1 at top, -1 at bottom
+    free = backdrop & (shadow_t < 0.01)
+    if free.sum() < 64:
+        return nan, nan, nan
+    a = np.stack([np.ones(free.sum()), g[free]], 1)
+    (b0, b1), *_ = np.linalg.lstsq(a, lum[free], rcond=None)
+    base = b0 + b1 * g
+    resid = float(np.sqrt(np.mean((lum[free] - base[free]) ** 2)))
+    if resid > AESTHETIC_MAX_RESIDUAL:
+        return nan, nan, resid
+    light = float(b1 / _world.LIGHT_AMPLITUDE)
+    cover = backdrop & (shadow_t >= 0.05)
+    if shadow_t[cover].sum() < SHADOW_MIN_COVER:
+        return nan, light, resid
+    dark = 1 - lum[cover] / np.maximum(base[cover], 1.0)
+    t = shadow_t[cover]
+    shadow = float((dark * t).sum() / (t * t).sum() / _world.SHADOW_DARKEN)
+    return shadow, light, resid
+
+
+def parse_v2(image) -> ParsedV2:
+    """``parse`` plus each object's marking and the image's aesthetics (module notes above).
+    Objects, background and outline are exactly those of ``parse(image)``."""
+    arr = _denoise(to_array(image))
+    background, tone, drift = _background(arr)
+    arr = np.clip(arr - drift, 0, 255)
+    color_idx, alpha, outline_px, weak = _pixel_classes(arr, tone)
+    comps = _merge_fringes(_components(color_idx, outline_px, weak))
+    comps.sort(key=lambda c: (COLOR_NAMES.index(c.color), -int(c.extent.sum())))
+    kept = [(c, o) for c in comps if (o := _as_object(c, alpha)) is not None]
+    share = _outline_share([c.extent for c, _ in kept], outline_px)
+    outline = bool(kept) and share >= OUTLINE_RING_SHARE
+    objects = []
+    for c, o in kept:
+        marking, errors, n = _read_marking(arr, c, o, outline)
+        objects.append(DetectedObjectV2(**asdict(o), marking=marking, marking_error=errors, marking_pixels=n))
+    blobs = [c.extent for c, o in kept if o.shape not in SHAPES]
+    shadow_t = _predicted_shadow([o for _, o in kept], blobs)
+    shadow, light, resid = _aesthetics(arr, [c.extent for c in comps], shadow_t, background)
+    cent = float(np.hypot(np.mean([o.cx for o in objects]) - SIZE / 2, np.mean([o.cy for o in objects]) - SIZE / 2)) \
+        if objects else float("nan")
+    calls = {
+        "dark": None if background == "other" else background == "dark",
+        "outline": outline,
+        "shadow": None if np.isnan(shadow) else bool(shadow >= _world.GRADED_ON),
+        "light": None if np.isnan(light) else bool(light >= _world.GRADED_ON),
+        "centred": None if np.isnan(cent) else bool(cent <= _world.CENTRE_TOLERANCE),
+    }
+    return ParsedV2(objects=objects, background=background, outline=outline, drift=tuple(float(d) for d in drift),
+                    outline_share=share, shadow=shadow, light=light, centring=cent, calls=calls,
+                    backdrop_residual=resid)
+
+
+# ----------------------------------------------------------------------------- v2 scoring
+
+
+def _match_cost_v2(want, obj: DetectedObject) -> float:
+    """Cost of explaining a requested v2 object (world.ObjectSpec) by a detected one: the
+    wrong shape 2, a wrong named colour 1, a wrong named marking 0.5 (unspecified attributes
+    cost nothing); confidence breaks ties."""
+    cost = 2.0 * (obj.shape != want.shape)
+    cost += 1.0 * (want.color is not None and obj.color != want.color)
+    cost += 0.5 * (want.marking is not None and getattr(obj, "marking", None) != want.marking)
+    return cost + 0.01 * (1.0 - obj.confidence)
+
+
+def match_v2(spec, parsed: ParsedV2) -> list[int | None]:
+    """One-to-one matching of a v2 prompt's objects to detected ones (index or None each),
+    minimising ``_match_cost_v2``; pairs sharing nothing named (cost >= 3) are not matched."""
+    n_req, n_det = len(spec.objects), len(parsed.objects)
+    if n_det == 0:
+        return [None] * n_req
+    cost = np.array([[_match_cost_v2(w, o) for o in parsed.objects] for w in spec.objects])  # [n_req, n_det]
+    rows, cols = linear_sum_assignment(cost)
+    out: list[int | None] = [None] * n_req
+    for r, c in zip(rows, cols):
+        if cost[r, c] < 3.0:
+            out[r] = int(c)
+    return out
+
+
+@dataclass
+class ScoreV2:
+    prompt: str
+    found: list[bool]  # per requested object: a matched object with its shape and every named colour and marking
+    relation_ok: bool | None  # None without a relation
+    style_ok: dict[str, bool | None]  # per named style: shown (None: unreadable)
+    mode: tuple  # per requested object, (colour, marking) detected where the prompt leaves them open (else None)
+    extra_objects: int = 0
+    matched: list[int | None] = field(default_factory=list)
+    parsed: ParsedV2 | None = None
+
+    @property
+    def correct(self) -> bool:
+        """Every object found, the relation (if any) held, every named style shown, nothing extra."""
+        return (all(self.found) and self.relation_ok in (None, True) and all(v is True for v in self.style_ok.values())
+                and self.extra_objects == 0)
+
+
+def score_v2(image, prompt: str, parsed: ParsedV2 | None = None) -> ScoreV2:
+    """Grade an image against a v2 prompt (``world.parse_prompt_v2``): named attributes are
+    checked, open ones are reported in ``mode`` (the image's choice), unnamed styles are not
+    graded (``parsed.calls`` has them)."""
+    spec = _world.parse_prompt_v2(prompt)
+    parsed = parsed if parsed is not None else parse_v2(image)
+    matched = match_v2(spec, parsed)
+    objs = [parsed.objects[j] if j is not None else None for j in matched]
+    found = [o is not None and _match_cost_v2(w, o) < 0.5 for o, w in zip(objs, spec.objects)]
+    relation_ok = None
+    if spec.relation is not None:
+        a, b = objs
+        relation_ok = bool(all(found) and relation_holds(a.centre, b.centre, spec.relation))
+    mode = tuple(
+        (None if w.color is not None else (o.color if o is not None else None),
+         None if w.marking is not None else (o.marking if o is not None else None))
+        for o, w in zip(objs, spec.objects)
+    )
+    style_ok = {k: parsed.calls.get(k) for k, on in spec.styles.items() if on}
+    extra = len(parsed.objects) - sum(j is not None for j in matched)
+    return ScoreV2(prompt=prompt, found=found, relation_ok=relation_ok, style_ok=style_ok, mode=mode,
+                   extra_objects=extra, matched=matched, parsed=parsed)
