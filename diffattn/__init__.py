@@ -31,6 +31,7 @@ _EXPORTS = {
     "StepState": "diffattn.controls",
     "UniformKeys": "diffattn.controls",
     "SoftPAG": "diffattn.methods.softpag",
+    "SoftPAGGuidance": "diffattn.guiders",
     "UniformAttention": "diffattn.methods.uniform",
     "HeadHunter": "diffattn.methods.headhunter",
     "clip_score": "diffattn.methods.headhunter",
