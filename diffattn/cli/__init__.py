@@ -15,7 +15,7 @@ from __future__ import annotations
 
 # One module per command, each with ``register(subparsers)`` adding its parser, its arguments
 # and ``func``. Building the parser imports no torch: the commands import it when they run.
-COMMANDS = ("sites", "generate", "headhunt", "eval", "invert", "edit")
+COMMANDS = ("sites", "generate", "headhunt", "eval", "invert", "edit", "app")
 
 
 def load_model(name: str | None, dtype: str = "float32", device: str = "cpu"):
@@ -25,27 +25,84 @@ def load_model(name: str | None, dtype: str = "float32", device: str = "cpu"):
     return _load(name, dtype, device)
 
 
+def _parser_class():
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        """A parser whose errors are one line naming the flag and the fix (exit status 2)."""
+
+        def error(self, message):
+            self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    return Parser
+
+
+EXIT_STATUSES = """exit statuses:
+  0  done
+  1  an internal error (a bug: the traceback is shown; please report it)
+  2  bad input: an argument, a file or a model that cannot be used (one line says what to fix; --debug
+     shows the traceback)
+  130  interrupted (Ctrl-C)"""
+
+
 def build_parser():
     import argparse
     import importlib
 
-    parser = argparse.ArgumentParser(prog="diffattn", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    cls = _parser_class()
+    parser = cls(prog="diffattn", description=__doc__, epilog=EXIT_STATUSES,
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback (also after "
+                                                              "the command: diffattn generate ... --debug)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=cls)
     for name in COMMANDS:
         importlib.import_module(f".{name}", __name__).register(sub)
     return parser
 
 
+def _quiet_libraries() -> None:
+    """No advisory warnings of transformers / diffusers on every command (the torchvision notice,
+    the loading bars); their errors still show."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def main(argv=None):
     """Run a command. Bad input (a :class:`~diffattn.errors.DiffattnError`) prints its message,
-    which says what to fix, and exits with status 2 instead of a traceback."""
+    which says what to fix, on one line and exits with status 2 instead of a traceback
+    (``--debug``: the traceback)."""
     import sys
 
     from ..errors import DiffattnError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    head = argv[: argv.index("--")] if "--" in argv else argv
+    debug = "--debug" in head
+    if debug:  # accepted anywhere before `--`, so it can be added at the end of a command line
+        i = argv.index("--debug")
+        argv = argv[:i] + argv[i + 1:]
     args = build_parser().parse_args(argv)
+    _quiet_libraries()
     try:
         return args.func(args)
     except DiffattnError as e:
-        print(f"diffattn {args.command}: error: {e.args[0] if e.args else e}", file=sys.stderr)  # KeyError quotes str(e)
+        if debug:
+            raise
+        text = " ".join(str(e.args[0] if e.args else e).split())  # KeyError quotes str(e); one line
+        print(f"diffattn {args.command}: error: {text}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"diffattn {args.command}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as e:
+        if debug or not (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"):  # torch's OOM
+            raise
+        print(f"diffattn {args.command}: error: out of memory; lower --size, --batch-size or the image size "
+              f"(--debug shows where)", file=sys.stderr)
+        raise SystemExit(1) from None

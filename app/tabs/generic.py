@@ -1,0 +1,66 @@
+"""The tab of a registry method without a tab of its own, built from its ``Param`` list:
+a string with choices is a dropdown, a bounded number a slider, another number a number box,
+a bool a checkbox, any other string a text box; baseline | method in the gallery and the
+method's maps (``MethodOutput.maps``) under it. Endpoint ``/<method name>``."""
+from __future__ import annotations
+
+from ..core import TabSpec
+from ..serving import endpoint
+from ..widgets import Progress, call_kwargs, generator, model_name, pick_seed, results, standard_inputs
+
+
+def param_component(p):
+    import gradio as gr
+
+    label = p.name.replace("_", " ")
+    if p.choices is not None:
+        return gr.Dropdown(list(p.choices), value=p.default, label=label, info=p.help)
+    if p.type is bool:
+        return gr.Checkbox(bool(p.default), label=label, info=p.help)
+    if p.type in (int, float):
+        lo, hi = p.range or (None, None)
+        if lo is not None and hi is not None:
+            return gr.Slider(lo, hi, value=p.default if p.default is not None else lo, step=1 if p.type is int else
+                             (hi - lo) / 100, label=label, info=p.help)
+        return gr.Number(p.default, label=label, info=p.help, precision=0 if p.type is int else None,
+                         minimum=lo, maximum=hi)
+    return gr.Textbox("" if p.default is None else str(p.default), label=label, info=p.help)
+
+
+def generic_tab(method) -> TabSpec:
+    """A :class:`TabSpec` for ``method`` (a registry ``Method``)."""
+
+    def build(ctx):
+        import gradio as gr
+
+        with gr.Row():
+            with gr.Column():
+                std = standard_inputs(ctx)
+                if method.summary:
+                    gr.Markdown(method.summary)
+                fields = [param_component(p) for p in method.params]
+                go = gr.Button("Generate", variant="primary", elem_id=f"{method.name}-generate")
+            with gr.Column():
+                gallery, maps, info = results(f"baseline | {method.label}")
+
+        @endpoint
+        def run(model, prompt, seed, randomize, steps, guidance, images, *values, progress=gr.Progress()):
+            from diffattn.testbed.defaults import method_defaults
+
+            seed = pick_seed(seed, randomize)
+            kw = call_kwargs(ctx, steps, guidance, images)
+            given = {p.name: v for p, v in zip(method.params, values) if v not in (None, "")}
+            with ctx.pool.acquire(model_name(ctx, model)) as pipe:
+                built = method.build(pipe, **{**method_defaults(method.name, pipe), **given})
+                built.check(prompt)
+                bar = Progress(progress, loops=2)
+                base = pipe(prompt, generator=generator(seed, pipe), callback_on_step_end=bar.diffusers("baseline"),
+                            **kw).images
+                out = built(prompt, generator=generator(seed, pipe), **kw)
+            pairs = [x for b, c in zip(base, out.images) for x in ((b, "baseline"), (c, built.label))]
+            heat = [(im, f"{built.label}: {k}") for m in out.maps for k, im in m.items()]
+            return pairs, heat, f"seed **{seed}** · {built.label}", seed
+
+        go.click(run, std.inputs() + fields, [gallery, maps, info, std.seed], api_name=method.name)
+
+    return TabSpec(method.name, method.label, build, methods=(method.name,), endpoints=(method.name,), order=90)

@@ -1,0 +1,120 @@
+"""What the tabs share: the standard inputs (model, prompt, seed, Advanced: steps, guidance,
+images), the result views (gallery, attention maps, info), seeds, call keywords and progress."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+DEFAULT_PROMPT = "a red circle left of a blue square"
+MAX_SEED = 2**31 - 1
+
+
+@dataclass
+class Standard:
+    """The standard components of a tab (``inputs()`` in the order :func:`run_args` reads)."""
+
+    model: object
+    prompt: object
+    seed: object
+    randomize: object
+    steps: object
+    guidance: object
+    images: object
+
+    def inputs(self) -> list:
+        return [self.model, self.prompt, self.seed, self.randomize, self.steps, self.guidance, self.images]
+
+
+def standard_inputs(ctx, *, default_model: str | None = None, prompt: str = DEFAULT_PROMPT, steps: int = 8,
+                    guidance: float | None = None, batch: bool = True, prompt_label: str = "prompt") -> Standard:
+    """Model picker, prompt, and an Advanced accordion with seed (+ randomise), steps, guidance
+    (empty: the model's default) and images per prompt."""
+    import gradio as gr
+
+    model = ctx.model_picker(default_model)
+    text = gr.Textbox(prompt, label=prompt_label, elem_classes=["prompt"])
+    with gr.Accordion("Advanced", open=False):
+        with gr.Row():
+            seed = gr.Number(0, label="seed", precision=0, minimum=0, maximum=MAX_SEED)
+            randomize = gr.Checkbox(False, label="randomise seed")
+        with gr.Row():
+            n_steps = gr.Slider(1, ctx.limits.max_steps, value=min(steps, ctx.limits.max_steps), step=1, label="steps")
+            cfg = gr.Number(guidance, label="guidance (CFG; empty: the model's default)", minimum=0)
+            images = gr.Slider(1, ctx.limits.max_batch, value=1, step=1, label="images per prompt",
+                               visible=batch)
+    return Standard(model, text, seed, randomize, n_steps, cfg, images)
+
+
+def results(label: str = "baseline | controlled", maps: bool = True):
+    """Gallery, optional attention-maps gallery, info text."""
+    import gradio as gr
+
+    gallery = gr.Gallery(label=label, columns=4, height="auto", format="png", elem_classes=["result"],
+                         object_fit="contain")
+    maps_view = gr.Gallery(label="attention maps", columns=6, height="auto", format="png") if maps else None
+    info = gr.Markdown()
+    return gallery, maps_view, info
+
+
+def pick_seed(seed, randomize) -> int:
+    if randomize:
+        return random.randint(0, MAX_SEED)
+    seed = int(seed or 0)
+    if not 0 <= seed <= MAX_SEED:
+        from .serving import AppInputError
+
+        raise AppInputError(f"seed={seed}: use 0..{MAX_SEED}")
+    return seed
+
+
+def generator(seed: int, pipe=None):
+    import torch
+
+    device = getattr(pipe, "_execution_device", None) or "cpu"
+    return torch.Generator(device).manual_seed(int(seed))
+
+
+def call_kwargs(ctx, steps, guidance, images=None) -> dict:
+    """Pipeline call keywords, each checked against the server's limits."""
+    kw = {}
+    n = ctx.limits.steps(steps)
+    if n is not None:
+        kw["num_inference_steps"] = n
+    if guidance is not None and guidance != "":
+        kw["guidance_scale"] = float(guidance)
+    if images is not None:
+        kw["num_images_per_prompt"] = ctx.limits.batch(images)
+    return kw
+
+
+def model_name(ctx, model) -> str:
+    return (model or "").strip() or ctx.default_model
+
+
+class Progress:
+    """Reports to a ``gr.Progress`` from a diffattn loop's ``callback(info)`` and from a stock
+    diffusers pipeline's ``callback_on_step_end``, over ``loops`` loops in a row."""
+
+    def __init__(self, progress, loops: int = 1):
+        self.progress, self.loops, self.done = progress, max(1, loops), 0
+
+    def _show(self, step: int, total: int, desc: str):
+        if self.progress is None or not total:
+            return
+        frac = (self.done + (step + 1) / total) / self.loops
+        try:
+            self.progress(min(frac, 1.0), desc=desc)
+        except Exception:  # progress is cosmetic; never fail a run over it
+            pass
+        if step + 1 >= total:
+            self.done += 1
+
+    def callback(self, info: dict) -> None:
+        self._show(int(info["step"]), int(info.get("total") or 0), str(info.get("stage") or "sampling"))
+
+    def diffusers(self, desc: str = "sampling"):
+        def on_step_end(pipe, i, t, kwargs):
+            self._show(int(i), int(getattr(pipe, "num_timesteps", 0) or 0), desc)
+            return kwargs
+
+        return on_step_end
