@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import models
-from .world import caption, render, sample_training_scene
+from .world import caption, render, sample_training_scene, sample_training_scene_v2
 
 CAPTION_DROPOUT = 0.1
 
@@ -127,6 +127,12 @@ def lr_at(step: int, base: float, warmup: int, total: int, schedule: str = "cosi
 # ----------------------------------------------------------------------------- stages
 
 
+def _scene_sampler(args):
+    """The training scenes of ``--world``: v1 (the shipped models') or v2 (markings, partial
+    captions, graded aesthetics: ``world.sample_training_scene_v2``)."""
+    return sample_training_scene_v2 if getattr(args, "world", 1) == 2 else sample_training_scene
+
+
 def train_vae(args):
     """Autoencoder on random 32x32 crops of rendered scenes (fully convolutional, so the
     crops train the same weights 4x cheaper than whole images)."""
@@ -137,7 +143,8 @@ def train_vae(args):
 
     def loss_at(step):
         rng = np.random.default_rng([args.seed, step])
-        scenes = [sample_training_scene(rng) for _ in range(args.batch)]
+        sample = _scene_sampler(args)
+        scenes = [sample(rng) for _ in range(args.batch)]
         x = images_to_tensor([render(s) for s in scenes])  # [B, 3, 64, 64]
         ys, xs = rng.integers(0, 33, size=2)
         x = x[:, :, ys : ys + 32, xs : xs + 32]  # [B, 3, 32, 32] crop
@@ -196,7 +203,8 @@ def train_decoder(args):
 
     def loss_at(step):
         rng = np.random.default_rng([args.seed, 7, step])
-        x = images_to_tensor([render(sample_training_scene(rng)) for _ in range(args.batch)])  # [B, 3, 64, 64]
+        sample = _scene_sampler(args)
+        x = images_to_tensor([render(sample(rng)) for _ in range(args.batch)])  # [B, 3, 64, 64]
         gen = torch.Generator().manual_seed(args.seed * 7919 + step)
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample(generator=gen)  # [B, 4, 16, 16]
@@ -398,6 +406,8 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", help="torch device of the data and denoiser stages (e.g. cuda)")
     p.add_argument("--n", type=int, default=40000, help="scenes to encode (data stage)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--world", type=int, default=1, choices=[1, 2],
+                   help="vae / decoder stages: train on world v1 (the shipped models) or v2 scenes")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--prediction", default="epsilon", choices=["epsilon", "v_prediction"], help="tiny-sd: what the UNet predicts")
