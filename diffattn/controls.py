@@ -503,4 +503,13 @@ class Control:
         return 0.0
 
     def __repr__(self):
-        return f"{type(self).__name__}(sites={self.sites!r}, heads={self.heads!r}, steps={self.steps!r}, branches={self.branches!r})"
+        def show(value):  # a callable selector by name: a bound method of self would recurse into this repr
+            if callable(value) and not isinstance(value, type):
+                if getattr(value, "__self__", None) is self:
+                    return f"<self.{getattr(value, '__name__', '?')}>"
+                name = getattr(value, "__qualname__", None) or type(value).__name__
+                return name if name.startswith("<") else f"<{name}>"
+            return repr(value)
+
+        return (f"{type(self).__name__}(sites={show(self.sites)}, heads={show(self.heads)}, steps={self.steps!r}, "
+                f"branches={self.branches!r})")

@@ -18,6 +18,10 @@ error                       category      raised for
 :class:`KernelError`        ValueError    bad input to an attention kernel
 :class:`MethodError`        ValueError    a method record or its parameters
 :class:`UnknownMethodError` KeyError      a method name the registry does not know
+:class:`UsageError`         ValueError    a command-line / call argument out of range or of the wrong form
+:class:`LimitError`         ValueError    a size or step count above the configured limit (names the flag)
+:class:`PathError`          OSError       an input that is missing / unreadable, an output that cannot be written
+:class:`ModelLoadError`     OSError       a model name, folder or checkpoint that cannot be loaded
 ==========================  ============  ===============================================
 
 The old import paths (``diffattn.methods.astar.ConceptError``,
@@ -89,3 +93,23 @@ class UnknownMethodError(MethodError, KeyError):
 
     def __str__(self):  # KeyError would repr() the message; keep it readable
         return str(self.args[0]) if self.args else ""
+
+
+class UsageError(DiffattnError, ValueError):
+    """An argument out of its range or of the wrong form (``--steps 0``, ``--guidance nan``, a seed
+    beyond 64 bits, a flag that does not apply to the chosen method)."""
+
+
+class LimitError(UsageError):
+    """A size or a step count above the configured limit; the message names the limit and the
+    flag / environment variable that raises it (``--max-side``, ``DIFFATTN_MAX_SIDE``...)."""
+
+
+class PathError(DiffattnError, OSError):
+    """An input file that does not exist or cannot be read, or an output path that cannot be
+    written (missing directory, no permission, unknown extension), found before any work."""
+
+
+class ModelLoadError(DiffattnError, OSError):
+    """A model that cannot be loaded: an unknown name (the message lists the known ones), a folder
+    that is not a diffusers pipeline, a malformed ``testbed.json``, a truncated or pickle checkpoint."""

@@ -3,7 +3,22 @@ from __future__ import annotations
 
 import json
 
-from .common import add_model_arguments, call_kwargs, load_model
+from .common import (
+    GUIDANCE,
+    JSON_EXTS,
+    STEPS,
+    add_limit_arguments,
+    add_model_arguments,
+    call_kwargs,
+    check_call_args,
+    check_distinct,
+    check_model_args,
+    check_output,
+    int_arg,
+    load_for,
+)
+
+MAX_SEEDS = 100_000  # evaluation seeds per suite
 
 SUITE_NAMES = "single, two, relation, three, style"  # diffattn.testbed.evaluate.SUITES (not imported for --help)
 
@@ -12,27 +27,43 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="evaluate a model on the testbed prompt suites")
     add_model_arguments(p)
     p.add_argument("--suite", default="all", help=f"{SUITE_NAMES}, a comma list, or all (default)")
-    p.add_argument("--seeds", type=int, default=64, help="images per suite, one evaluation seed each (default 64)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the pipeline's)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seeds", type=int_arg(1, MAX_SEEDS, "--seeds (images per suite)"), default=64,
+                   help="images per suite, one evaluation seed each (default 64)")
+    p.add_argument("--steps", type=STEPS, default=None, help="denoising steps, >= 1 (default: the pipeline's)")
+    p.add_argument("--guidance", type=GUIDANCE, default=None, help="CFG scale, >= 0 (default: the pipeline's)")
+    p.add_argument("--batch-size", type=int_arg(1, 4096, "--batch-size"), default=16)
     p.add_argument("--out", default=None, help="write the full report (metrics and every image's score) as JSON")
     p.add_argument("--grid", default=None, help="write a grid PNG of the images (suffixed by the suite name when several)")
-    p.add_argument("--grid-images", type=int, default=32, help="images per grid, in generation order (default 32)")
+    p.add_argument("--grid-images", type=int_arg(1, None, "--grid-images"), default=None,
+                   help="images per grid, in generation order (default 32; needs --grid)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_limit_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> dict:
     """Evaluate a model (default: the testbed's tiny-sd3) on suites, print a Markdown table per
     suite, optionally write JSON and image grids."""
+    from ..errors import UsageError
     from ..testbed.evaluate import SUITES, check_suite, evaluate_suite
 
-    pipe = load_model(args.model, args.dtype, args.device)
-    kw = call_kwargs(args)
-    names = list(SUITES) if args.suite == "all" else args.suite.split(",")
+    names = list(SUITES) if args.suite.strip() == "all" else [n.strip() for n in args.suite.split(",") if n.strip()]
+    if not names:
+        raise UsageError(f"--suite {args.suite!r} names no suite; choose from {', '.join(SUITES)} or all")
     for n in names:
         check_suite(n)
+    if args.grid_images is not None and not args.grid:
+        raise UsageError("--grid-images applies only with --grid (the grid PNG to write)")
+    grid_images = 32 if args.grid_images is None else args.grid_images
+    check_output(args.out, "--out", JSON_EXTS)
+    grids = [_grid_path(args.grid, n, len(names)) for n in names] if args.grid else []
+    for g in grids:
+        check_output(g, "--grid")
+    check_distinct(("--out", args.out), *(("--grid", g) for g in grids))
+    check_call_args(args)
+    check_model_args(args)
+    pipe = load_for(args)
+    kw = call_kwargs(args)
     reports = {}
     for name in names:
         report = evaluate_suite(pipe, name, args.seeds, batch_size=args.batch_size, progress=not args.no_progress,
@@ -40,12 +71,16 @@ def run(args) -> dict:
         print(report.to_markdown(name), flush=True)
         reports[name] = report
         if args.grid:
-            path = args.grid
-            if len(names) > 1:
-                stem, dot, ext = args.grid.rpartition(".")
-                path = f"{stem}-{name}.{ext}" if dot else f"{args.grid}-{name}.png"
-            report.save_grid(path, limit=args.grid_images)
+            report.save_grid(_grid_path(args.grid, name, len(names)), limit=grid_images)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"model": args.model or "tiny-sd3", **{n: r.as_dict() for n, r in reports.items()}}, f, indent=1)
     return reports
+
+
+def _grid_path(grid: str, suite: str, n_suites: int) -> str:
+    """The grid PNG of ``suite``: ``grid`` itself, or suffixed by the suite name when several."""
+    if n_suites == 1:
+        return grid
+    stem, dot, ext = grid.rpartition(".")
+    return f"{stem}-{suite}.{ext}" if dot else f"{grid}-{suite}.png"

@@ -11,15 +11,57 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_model_arguments, call_kwargs, compose, load_model, maps_row, side_by_side
+from .common import (
+    GUIDANCE,
+    SEED,
+    SIZE,
+    STEPS,
+    add_limit_arguments,
+    add_model_arguments,
+    call_kwargs,
+    check_call_args,
+    check_model_args,
+    check_output,
+    check_size_for,
+    check_text,
+    compose,
+    load_for,
+    maps_row,
+    nonempty,
+    side_by_side,
+)
 
 _DEST = "method_param__"  # namespace prefix of the method flags' dests
+_HELP_EXTRA = {("softpag", "heads"): "; or a site selector, optionally :HEADS (transformer_blocks.2-3, m0, "
+                                     "transformer_blocks.2:0,3)"}
 
 
-def _flag_type(param):
-    if param.type is bool:
-        return lambda s: param.check(s)
-    return param.type
+def _flag_type(param, method: str):
+    """The argparse type of a method flag: the value converted and checked against the
+    parameter's choices and range (and finite, for numbers) while the command line is read."""
+
+    def parse(text):
+        import math
+
+        from ..errors import DiffattnError
+
+        value = text
+        if param.type is float:
+            try:
+                value = float(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+            if not math.isfinite(value):
+                raise argparse.ArgumentTypeError(f"{text!r} is not finite: give a finite number")
+        elif param.type is str and not text.strip():
+            raise argparse.ArgumentTypeError("the value is empty")
+        try:
+            return param.check(value, method)
+        except DiffattnError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = param.type.__name__
+    return parse
 
 
 def add_method_arguments(p: argparse.ArgumentParser) -> dict[str, list[tuple[str, str]]]:
@@ -35,10 +77,11 @@ def add_method_arguments(p: argparse.ArgumentParser) -> dict[str, list[tuple[str
             dest = _DEST + param.cli_flag.lstrip("-").replace("-", "_")
             if dest not in owners:
                 group = group or p.add_argument_group(f"--method {m.name} ({m.label})", m.summary)
-                group.add_argument(param.cli_flag, dest=dest, type=_flag_type(param), default=argparse.SUPPRESS,
+                group.add_argument(param.cli_flag, dest=dest, type=_flag_type(param, m.name), default=argparse.SUPPRESS,
                                    metavar=None if param.choices else param.name.upper(),
                                    choices=list(param.choices) if param.choices else None,
-                                   help=param.help + (f" (default {param.default})" if param.default is not None else ""))
+                                   help=param.help + _HELP_EXTRA.get((m.name, param.name), "")
+                                   + (f" (default {param.default})" if param.default is not None else ""))
                 owners[dest] = []
             owners[dest].append((m.name, param.name))
     return owners
@@ -50,13 +93,16 @@ def register(subparsers) -> None:
     names = ", ".join(m.name for m in methods())
     p = subparsers.add_parser("generate", help="generate an image, optionally with a method beside the baseline")
     add_model_arguments(p)
-    p.add_argument("prompt")
-    p.add_argument("--out", default="result.png", help="PNG to write")
+    p.add_argument("prompt", type=nonempty("the prompt"))
+    p.add_argument("--out", default="result.png", help="image to write (.png, .jpg, .webp...)")
     p.add_argument("--method", default="none", help=f"none (baseline only) or a method: {names}")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
-    p.add_argument("--size", type=int, default=None, help="height = width in pixels (default: the model's)")
+    p.add_argument("--seed", type=SEED, default=0, help="random seed, 0 to 2**64 - 1 (default 0)")
+    p.add_argument("--steps", type=STEPS, default=None, help="denoising steps, >= 1 (default: the model's)")
+    p.add_argument("--guidance", type=GUIDANCE, default=None, help="CFG scale, >= 0 (default: the model's)")
+    p.add_argument("--size", type=SIZE, default=None,
+                   help="height = width in pixels, a multiple of the model's unit (tiny-sd3: 8; default: the model's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_limit_arguments(p)
     p.set_defaults(func=run, method_flags=add_method_arguments(p))
 
 
@@ -82,23 +128,75 @@ def method_params(args) -> dict:
     return params
 
 
+def heads_flag(pipe, heads):
+    """``--heads``: ``mid``, ``all``, a preset JSON, or a site selector (the README's grammar:
+    ``transformer_blocks.2-4``, ``m0``, ``joint``...) optionally followed by ``:HEADS``
+    (``transformer_blocks.2:0,3``) -> the SoftPAG ``heads`` argument."""
+    from ..errors import SelectorError
+    from ..methods.softpag import PERTURBABLE_KINDS
+    from ..sites import select
+
+    if not isinstance(heads, str) or heads in ("mid", "all") or heads.lower().endswith(".json"):
+        return heads
+    selector, _, which = heads.partition(":")
+    chosen = select(pipe, selector.strip())  # SelectorError lists the sites when nothing matches
+    usable = [s for s in chosen if s.kind in PERTURBABLE_KINDS]
+    if not usable:
+        kinds = sorted({s.kind for s in chosen})
+        raise SelectorError(f"--heads {heads!r} selects only {'/'.join(kinds)} attention; SoftPAG perturbs self, joint "
+                            f"or single-stream attention (e.g. --heads self, or a site of `diffattn sites`)")
+    from ..sites import select_heads
+
+    which = which.strip() or "all"
+    for s in usable:
+        select_heads(s, which)  # a head that does not exist: SelectorError with the valid range
+    return {s.name: which for s in usable}
+
+
+def precheck_params(method, params: dict) -> None:
+    """What can be checked of the method's parameters before the model loads (a preset file)."""
+    heads = params.get("heads")
+    if method is not None and method.name == "softpag" and isinstance(heads, str) and heads.lower().endswith(".json"):
+        from .common import check_input_file
+
+        check_input_file(heads, "--heads")
+        from ..methods.softpag import load_preset
+
+        load_preset(heads)  # ControlError: not JSON, not a preset, no heads
+
+
 def run(args):
     import torch
 
-    from ..methods.registry import get_method
+    from ..methods.registry import get_method, split_concepts
     from ..testbed.defaults import method_defaults
 
-    params = method_params(args)  # checks the flags before the model is loaded
+    # everything that can be checked is checked before the model loads
+    params = method_params(args)  # a flag of another method, an unknown method
     method = None if args.method == "none" else get_method(args.method)
-    pipe = load_model(args.model, args.dtype, args.device)
+    check_output(args.out, "--out")
+    check_call_args(args)
+    precheck_params(method, params)
+    check_model_args(args)
+    pipe = load_for(args)
+    # ... and what needs the model before anything is generated
+    check_size_for(pipe, args)
+    check_text(pipe, args.prompt, "the prompt")
+    if "heads" in params:
+        params["heads"] = heads_flag(pipe, params["heads"])
+    if method is not None and method.name == "astar" and params.get("concepts"):
+        for word in split_concepts(params["concepts"]):
+            check_text(pipe, word, "the concept")
     kw = call_kwargs(args)
     built = None
     if method is not None:
         built = method.build(pipe, **{**method_defaults(method.name, pipe), **params})
         built.check(args.prompt)  # the method's input is checked before any image is made
+    pipe.set_progress_bar_config(disable=args.no_progress, leave=False, desc="baseline")
     images = pipe(args.prompt, generator=torch.Generator(args.device).manual_seed(args.seed), **kw).images
     labels, rows = ["baseline"], []
     if built is not None:
+        pipe.set_progress_bar_config(disable=args.no_progress, leave=False, desc=built.label)
         out = built(args.prompt, generator=torch.Generator(args.device).manual_seed(args.seed), **kw)
         images += out.images
         labels.append(built.label)

@@ -1,7 +1,7 @@
 """``diffattn sites``: list the attention sites of a model."""
 from __future__ import annotations
 
-from .common import add_model_arguments, load_model
+from .common import add_model_arguments, check_model_args, load_for
 
 
 def register(subparsers) -> None:
@@ -13,5 +13,6 @@ def register(subparsers) -> None:
 def run(args):
     from ..sites import format_sites, sites
 
-    pipe = load_model(args.model, args.dtype, args.device)
+    check_model_args(args)
+    pipe = load_for(args)
     print(format_sites(sites(pipe)))

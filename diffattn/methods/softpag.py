@@ -81,6 +81,7 @@ class SoftPAG(Control):
             heads = [tuple(h) if strength is None else tuple(h[:2]) for h in heads["heads"]]
         else:
             self.preset = None
+        _check_heads_spec(heads)
         strength = 1.0 if strength is None else strength
         scale = 3.0 if scale is None else scale
         if not math.isfinite(float(scale)) or float(scale) < 0:
@@ -95,6 +96,22 @@ class SoftPAG(Control):
         self.sequential = sequential
         self.u: dict[str, torch.Tensor] = {}
         self._u_on_device: dict[tuple, torch.Tensor] = {}
+
+    def __repr__(self):
+        parts = [f"heads={_show_heads(self.head_spec)}", f"strength={self.strength:g}", f"scale={self.scale:g}"]
+        if self.target != "identity":
+            parts.append(f"target={self.target!r}")
+        if self.semantics != "joint":
+            parts.append(f"semantics={self.semantics!r}")
+        if self.steps is not None:
+            parts.append(f"steps={self.steps!r}")
+        if self.schedule is not None:
+            parts.append(f"schedule={getattr(self.schedule, '__qualname__', type(self.schedule).__name__)}")
+        if self.sequential:
+            parts.append("sequential=True")
+        if self.preset is not None:
+            parts.append(f"preset={self.preset.get('model')!r}")
+        return f"SoftPAG({', '.join(parts)})"
 
     # ------------------------------------------------------------------ resolve
     def _site_filter(self, site) -> bool:
@@ -203,7 +220,60 @@ def _image_rows(call: AttentionCall) -> slice:
     return slice(min(s.start for s in segs), max(s.stop for s in segs))
 
 
+def _show_heads(spec) -> str:
+    """A short repr of a ``heads`` argument (a long preset list is cut)."""
+    if isinstance(spec, (list, tuple)) and len(spec) > 4:
+        return f"[{', '.join(map(repr, spec[:3]))}, ... ({len(spec)} heads)]"
+    return repr(spec)
+
+
+_HEADS_FORMS = ("heads are 'all', a mapping {site name: head list | 'all' | {head: u}}, a list of (site, head) or "
+                "(site, head, u), or a HeadHunter preset (dict or .json path)")
+
+
+def _check_heads_spec(spec) -> None:
+    """The form of a ``heads`` argument, at construction (sites are resolved at attach): an empty
+    or unreadable spec would perturb nothing and guide nothing, silently."""
+    if spec is None:
+        raise ControlError(f"heads=None selects no head; {_HEADS_FORMS}")
+    if isinstance(spec, str):
+        if spec != "all":
+            raise ControlError(f"heads={spec!r}: {_HEADS_FORMS} (site selectors: pick sites with da.select and pass "
+                               f"{{site.name: 'all'}})")
+        return
+    if isinstance(spec, Mapping):
+        if not spec:
+            raise ControlError(f"heads={{}} selects no head; {_HEADS_FORMS}")
+        for name, heads in spec.items():
+            if not isinstance(name, str):
+                raise ControlError(f"heads: the key {name!r} is not a site name (a string); {_HEADS_FORMS}")
+            if heads is None or (not isinstance(heads, (str, int)) and hasattr(heads, "__len__") and len(heads) == 0):
+                raise ControlError(f"heads: site {name!r} is given no head ({heads!r}); list its heads or 'all'")
+        return
+    try:
+        items = list(spec)
+    except TypeError:
+        raise ControlError(f"heads={spec!r}: {_HEADS_FORMS}") from None
+    if not items:
+        raise ControlError(f"heads={spec!r} selects no head; {_HEADS_FORMS}")
+    for item in items:
+        if isinstance(item, str) or not hasattr(item, "__len__") or len(item) not in (2, 3) \
+                or not isinstance(item[0], str):
+            raise ControlError(f"head entries are (site, head) or (site, head, u); got {item!r}")
+        if isinstance(item[1], bool) or not hasattr(item[1], "__index__") and not (isinstance(item[1], str) and item[1].isdigit()):
+            raise ControlError(f"head entry {item!r}: the head index must be an integer")
+        if len(item) == 3:
+            try:
+                _check_u(item[2], f"u of {item[0]} head {item[1]}")
+            except (TypeError, ValueError) as e:
+                if isinstance(e, ControlError):
+                    raise
+                raise ControlError(f"head entry {item!r}: u must be a number in [0, 1]") from None
+
+
 def _check_u(u: float, what: str) -> None:
+    if isinstance(u, bool) or not isinstance(u, (int, float)) and not hasattr(u, "__float__"):
+        raise ControlError(f"{what} u must be a number in [0, 1]; got {u!r}")
     if not 0.0 <= float(u) <= 1.0:
         raise ControlError(f"{what} u must lie in [0, 1] (0 = no perturbation, 1 = PAG); got {u}")
 
@@ -290,9 +360,31 @@ def is_preset(heads) -> bool:
 
 
 def load_preset(path: str) -> dict:
-    """A HeadHunter preset (JSON): {"model", "heads": [[site, head, u], ...], "scale"}."""
-    with open(path) as f:
-        preset = json.load(f)
+    """A HeadHunter preset (JSON): {"model", "heads": [[site, head, u], ...], "scale"}.
+
+    A file that is missing, not JSON, not a preset, or selects no head is a :class:`ControlError`
+    saying which."""
+    try:
+        with open(path) as f:
+            preset = json.load(f)
+    except FileNotFoundError:
+        raise ControlError(f"preset {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ControlError(f"preset {path} cannot be read: {e}") from None
+    except json.JSONDecodeError as e:
+        raise ControlError(f"preset {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
+                           f"write it with `diffattn headhunt --out` or HeadHunter's save_preset") from None
     if not isinstance(preset, dict) or "heads" not in preset:
         raise ControlError(f"{path} is not a SoftPAG preset (expected keys 'model', 'heads', 'scale')")
+    if not isinstance(preset["heads"], list) or not preset["heads"]:
+        raise ControlError(f"preset {path} selects no head (\"heads\": {preset['heads']!r}); run the search again "
+                           f"with --top-k >= 1")
+    scale = preset.get("scale")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale) or scale < 0):
+        raise ControlError(f"preset {path}: scale {scale!r} is not a finite number >= 0")
+    try:
+        _check_heads_spec([tuple(h) if isinstance(h, list) else h for h in preset["heads"]])
+    except ControlError as e:
+        raise ControlError(f"preset {path}: {e}") from None
     return preset

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import DiffattnError
+from ..errors import ModelLoadError
 
 MODELS = ("tiny-sd", "tiny-sd3")
 DEFAULT_MODEL = "tiny-sd3"
@@ -27,10 +27,10 @@ def assets_dir() -> Path:
 
 def model_path(name: str) -> Path:
     if name not in MODELS:
-        raise DiffattnError(f"unknown testbed model {name!r}; the testbed ships {list(MODELS)}")
+        raise ModelLoadError(f"unknown testbed model {name!r}; the testbed ships {list(MODELS)}")
     path = assets_dir() / name
     if not (path / "model_index.json").exists():
-        raise DiffattnError(
+        raise ModelLoadError(
             f"testbed model {name!r} not found at {path}; train and export it with "
             f"`python -m diffattn.testbed.train` (see the README) or set DIFFATTN_ASSETS"
         )
@@ -47,9 +47,14 @@ def testbed_kind(path) -> str | None:
         return None
     import json
 
-    kind = json.loads(marker.read_text()).get("model")
+    try:
+        record = json.loads(marker.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ModelLoadError(f"{marker} is not readable JSON ({e}); it should read {{\"model\": \"tiny-sd3\"}} "
+                             f"(one of {list(MODELS)}), as `python -m diffattn.testbed.train export` writes it") from None
+    kind = record.get("model") if isinstance(record, dict) else None
     if kind not in MODELS:
-        raise DiffattnError(f"{marker} names {kind!r}; expected one of {list(MODELS)}")
+        raise ModelLoadError(f"{marker} names {kind!r}; expected {{\"model\": one of {list(MODELS)}}}")
     return kind
 
 
@@ -61,6 +66,11 @@ def load(name: str = DEFAULT_MODEL, **kwargs):
     ``StableDiffusionPipeline``, ``tiny-sd3`` a ``StableDiffusion3Pipeline`` (subclasses
     whose call defaults suit the tiny models: steps, guidance, and no T5 padding tokens for
     SD3). Extra keyword arguments go to ``from_pretrained``.
+
+    Weights load from safetensors only (``use_safetensors=True``); pass ``use_safetensors=None``
+    (diffusers' default: safetensors where present, else pickle) to accept a ``.bin`` checkpoint you
+    trust. A folder that cannot be loaded (missing or
+    truncated weights, a malformed config) is a :class:`~diffattn.errors.ModelLoadError`.
     """
     from .pipelines import ShapesSD3Pipeline, ShapesSDPipeline
 
@@ -70,7 +80,7 @@ def load(name: str = DEFAULT_MODEL, **kwargs):
         path = Path(name)
         kind = testbed_kind(path)
         if kind is None:
-            raise DiffattnError(
+            raise ModelLoadError(
                 f"{name!r} is neither a testbed model name {list(MODELS)} nor a folder "
                 f"exported by `python -m diffattn.testbed.train export` (no {MARKER})"
             )
@@ -79,9 +89,23 @@ def load(name: str = DEFAULT_MODEL, **kwargs):
     if name == "tiny-sd3":  # components the tiny SD3 does not have
         for absent in ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor"):
             kwargs.setdefault(absent, None)
-    pipe = cls.from_pretrained(str(path), local_files_only=True, **kwargs)
+    kwargs.setdefault("use_safetensors", True)
+    try:
+        pipe = cls.from_pretrained(str(path), local_files_only=True, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:  # diffusers: OSError for missing / truncated weights
+        raise ModelLoadError(load_failure(path, e, kwargs["use_safetensors"])) from e
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def load_failure(path, error: BaseException, use_safetensors: bool | None = True) -> str:
+    """One line on why the pipeline folder ``path`` did not load (for :class:`ModelLoadError`)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    hint = ""
+    if use_safetensors is True and ("safetensors" in text or ".bin" in text) and "no file named" in text.lower():
+        hint = (" (diffattn loads safetensors weights only; for a pickle .bin checkpoint you trust, pass "
+                "--allow-pickle / use_safetensors=None)")
+    return f"cannot load the pipeline at {path}: {text}{hint}"
 
 
 def __getattr__(name):  # lazy submodules: `testbed.oracle`, `testbed.evaluate`...
