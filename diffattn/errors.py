@@ -113,3 +113,8 @@ class PathError(DiffattnError, OSError):
 class ModelLoadError(DiffattnError, OSError):
     """A model that cannot be loaded: an unknown name (the message lists the known ones), a folder
     that is not a diffusers pipeline, a malformed ``testbed.json``, a truncated or pickle checkpoint."""
+
+
+class WorkflowError(DiffattnError, ValueError):
+    """A workflow file (``diffattn run``) is malformed: an unknown control, a bad parameter,
+    a missing model or prompt. The message names the node and the field."""
