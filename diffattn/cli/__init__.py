@@ -71,6 +71,32 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
+class _QuietLoading:
+    """While a command runs: no loading bars or info / warning logs of diffusers and transformers
+    (restored afterwards, for callers of :func:`main` in a longer process). Imports them only
+    when a command runs, never for ``--help``."""
+
+    def __enter__(self):
+        self.saved = []
+        for name in ("diffusers", "transformers"):
+            try:
+                log = __import__(f"{name}.utils.logging", fromlist=["logging"])
+            except Exception:  # not installed / failed: nothing to quiet
+                continue
+            self.saved.append((log, log.get_verbosity(), log.is_progress_bar_enabled()))
+            # diffusers logs a load failure at error level before raising it: the command reports it once
+            log.set_verbosity(50 if name == "diffusers" else 40)  # CRITICAL / ERROR
+            log.disable_progress_bar()
+        return self
+
+    def __exit__(self, *exc):
+        for log, verbosity, bars in self.saved:
+            log.set_verbosity(verbosity)
+            if bars:
+                log.enable_progress_bar()
+        return False
+
+
 def main(argv=None):
     """Run a command. Bad input (a :class:`~diffattn.errors.DiffattnError`) prints its message,
     which says what to fix, on one line and exits with status 2 instead of a traceback
@@ -88,7 +114,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
-        return args.func(args)
+        with _QuietLoading():
+            return args.func(args)
     except DiffattnError as e:
         if debug:
             raise

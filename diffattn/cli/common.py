@@ -31,7 +31,7 @@ def int_arg(lo: int | None = None, hi: int | None = None, what: str = "a whole n
         except (TypeError, ValueError):
             raise argparse.ArgumentTypeError(f"{text!r} is not {what} (an integer)") from None
         if (lo is not None and value < lo) or (hi is not None and value > hi):
-            raise argparse.ArgumentTypeError(f"{value} is out of range: {what} must lie in [{_b(lo)}, {_b(hi)}]")
+            raise argparse.ArgumentTypeError(f"{value} is out of range: {what} {_bounds(lo, hi)}")
         return value
 
     parse.__name__ = "int"
@@ -49,23 +49,30 @@ def float_arg(lo: float | None = None, hi: float | None = None, what: str = "a n
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{text!r} is not finite: {what} must be a finite number")
         if (lo is not None and value < lo) or (hi is not None and value > hi):
-            raise argparse.ArgumentTypeError(f"{value:g} is out of range: {what} must lie in [{_b(lo)}, {_b(hi)}]")
+            raise argparse.ArgumentTypeError(f"{value:g} is out of range: {what} {_bounds(lo, hi)}")
         return value
 
     parse.__name__ = "float"
     return parse
 
 
-def _b(x) -> str:
-    return "" if x is None else f"{x:g}" if isinstance(x, float) else str(x)
+def _bounds(lo, hi) -> str:
+    def b(x):
+        return f"{x:g}" if isinstance(x, float) else str(x)
+
+    if hi is None:
+        return f"must be at least {b(lo)}"
+    if lo is None:
+        return f"must be at most {b(hi)}"
+    return f"must lie in [{b(lo)}, {b(hi)}]"
 
 
-STEPS = int_arg(1, None, "the number of denoising steps (at least 1)")
+STEPS = int_arg(1, None, "the number of denoising steps")
 SEED = int_arg(0, SEED_MAX, "the seed (0 to 2**64 - 1)")
 GUIDANCE = float_arg(0.0, None, "the CFG scale (>= 0; <= 1 turns CFG off)")
 SIZE = int_arg(1, None, "the image side in pixels")
 COUNT = int_arg(1, None, "a count (at least 1)")
-FRACTION = float_arg(0.0, 1.0, "a fraction in [0, 1]")
+FRACTION = float_arg(0.0, 1.0, "the value (a fraction)")
 
 
 def nonempty(what: str):
