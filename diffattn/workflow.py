@@ -240,7 +240,7 @@ register_control_node(ControlNode(
         replace(_sp.param("scale"), default=2.0, help="guidance scale s of the perturbed branch"),
         Param("preset", str, "", "a HeadHunter preset JSON file (replaces heads when given)"),
     ),
-    build=lambda sites, translate=None, **v: _build_softpag(sites, translate=translate, **v),
+    build=lambda site_list, translate=None, **v: _build_softpag(site_list, translate=translate, **v),
     kinds=PERTURBABLE, guidance=True,
 ))
 
@@ -254,7 +254,7 @@ register_control_node(ControlNode(
         Param("mode", str, "auto", "auto: replace on cross sites, share on joint sites", choices=("auto", "replace",
                                                                                                    "share")),
     ),
-    build=lambda sites, translate=None, **v: _build_uniform(sites, sites_selector=v["sites"], strength=v["strength"],
+    build=lambda site_list, translate=None, **v: _build_uniform(site_list, sites_selector=v["sites"], strength=v["strength"],
                                                             mode=v["mode"]),
     kinds=("cross", "joint", "single"),
 ))
