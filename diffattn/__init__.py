@@ -53,6 +53,10 @@ _EXPORTS = {
     "KernelError": "diffattn.errors",
     "MethodError": "diffattn.errors",
     "UnknownMethodError": "diffattn.errors",
+    "UsageError": "diffattn.errors",
+    "LimitError": "diffattn.errors",
+    "PathError": "diffattn.errors",
+    "ModelLoadError": "diffattn.errors",
     # the method registry (what the CLI, the app and the node pack offer); `da.methods` is the
     # subpackage, so the listing is `diffattn.methods.registry.methods()`
     "Method": "diffattn.methods.registry",

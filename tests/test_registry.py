@@ -99,7 +99,8 @@ def test_every_error_lives_in_diffattn_errors_with_its_category():
     categories = {"SelectorError": KeyError, "UnsupportedModelError": TypeError, "ControlError": ValueError,
                   "ConfigError": ValueError, "LayoutError": ValueError, "ConceptError": ValueError,
                   "ObjectiveError": ValueError, "ImageInputError": ValueError, "EditPromptError": ValueError,
-                  "KernelError": ValueError, "MethodError": ValueError, "UnknownMethodError": KeyError}
+                  "KernelError": ValueError, "MethodError": ValueError, "UnknownMethodError": KeyError,
+                  "UsageError": ValueError, "LimitError": ValueError, "PathError": OSError, "ModelLoadError": OSError}
     for name, category in categories.items():
         cls = getattr(errors, name)
         assert issubclass(cls, DiffattnError) and issubclass(cls, category), name

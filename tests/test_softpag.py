@@ -81,11 +81,11 @@ def test_zero_strength_or_no_heads_reproduces_unguided(family, tiny_pipe, tiny_i
     stock = output_of(pipe(**tiny_inputs(family)))
     with da.attach(pipe, SoftPAG("all", strength=0.0, scale=5.0)):
         zero = output_of(pipe(**tiny_inputs(family)))
-    with da.attach(pipe, SoftPAG({}, scale=5.0)):
-        empty = output_of(pipe(**tiny_inputs(family)))
+    with pytest.raises(ControlError, match="selects no head"):  # no heads: refused, not a silent no-op
+        SoftPAG({}, scale=5.0)
     with da.attach(pipe, SoftPAG("all", strength=1.0, scale=5.0)):
         guided = output_of(pipe(**tiny_inputs(family)))
-    assert torch.equal(zero, stock) and torch.equal(empty, stock)
+    assert torch.equal(zero, stock)
     assert (guided - stock).abs().max() > 1e-4  # guidance does something
 
 
