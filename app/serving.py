@@ -244,7 +244,11 @@ class PipelinePool:
         try:
             yield pipe
         finally:
-            if is_attached(pipe):  # never hand a controlled copy on (attach's `with` detaches; this is a guard)
+            try:
+                attached = is_attached(pipe)
+            except Exception:  # not a pipeline diffattn knows: nothing can be attached to it
+                attached = False
+            if attached:  # never hand a controlled copy on (attach's `with` detaches; this is a guard)
                 log.error("a request left controls attached to %s; replacing that copy", name)
                 try:
                     pipe = self.loader(name)

@@ -38,9 +38,10 @@ def standard_inputs(ctx, *, default_model: str | None = None, prompt: str = DEFA
             seed = gr.Number(0, label="seed", precision=0, minimum=0, maximum=MAX_SEED)
             randomize = gr.Checkbox(False, label="randomise seed")
         with gr.Row():
-            n_steps = gr.Slider(1, ctx.limits.max_steps, value=min(steps, ctx.limits.max_steps), step=1, label="steps")
+            n_steps = gr.Number(min(steps, ctx.limits.max_steps), label=f"steps (at most {ctx.limits.max_steps})",
+                                precision=0)
             cfg = gr.Number(guidance, label="guidance (CFG; empty: the model's default)", minimum=0)
-            images = gr.Slider(1, ctx.limits.max_batch, value=1, step=1, label="images per prompt",
+            images = gr.Number(1, label=f"images per prompt (at most {ctx.limits.max_batch})", precision=0,
                                visible=batch)
     return Standard(model, text, seed, randomize, n_steps, cfg, images)
 

@@ -26,15 +26,15 @@ def build(ctx):
             candidates = gr.Textbox("transformer_blocks.2-3", label="candidate sites (selector; 'all': every head)",
                                     info=f"at most {lim.max_candidates} heads")
             with gr.Row():
-                seeds = gr.Slider(1, lim.max_seeds, value=2, step=1, label="prompt-seed pairs")
+                seeds = gr.Number(2, label=f"prompt-seed pairs (at most {lim.max_seeds})", precision=0)
                 top_k = gr.Slider(1, 4, value=2, step=1, label="top k")
-                rounds = gr.Slider(1, lim.max_rounds, value=1, step=1, label="rounds")
+                rounds = gr.Number(1, label=f"rounds (at most {lim.max_rounds})", precision=0)
             with gr.Accordion("Advanced", open=False):
                 with gr.Row():
                     scale = gr.Slider(0, 10, value=2.0, step=0.1, label="scale s")
                     strength = gr.Slider(0, 1, value=1.0, step=0.05, label="u written into the preset")
                 with gr.Row():
-                    steps = gr.Slider(1, lim.max_steps, value=min(8, lim.max_steps), step=1, label="steps")
+                    steps = gr.Number(min(8, lim.max_steps), label=f"steps (at most {lim.max_steps})", precision=0)
                     guidance = gr.Number(0.0, label="CFG of the search's images (the paper: 0)", minimum=0)
             go = gr.Button("Search", variant="primary", elem_id="headhunt-run")
         with gr.Column():

@@ -53,7 +53,7 @@ def build(ctx):
                                 elem_classes=["prompt"], elem_id="uam-source")
             target = gr.Textbox("", label="target prompt (the source with one word swapped)", elem_id="uam-target")
             with gr.Accordion("Advanced", open=False):
-                steps = gr.Slider(1, lim.max_steps, value=min(10, lim.max_steps), step=1, label="steps")
+                steps = gr.Number(min(10, lim.max_steps), label=f"steps (at most {lim.max_steps})", precision=0)
                 guidance = gr.Number(None, label="CFG of the edit's branches (empty: the model's default)", minimum=0)
                 with gr.Row():
                     blend = gr.Dropdown(list(BLENDS), value=DEFAULTS["blend"], label="blend")

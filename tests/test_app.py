@@ -1,0 +1,356 @@
+"""The Gradio app (diffattn.app) through ``gradio_client``, against a real server launched here
+on a free local port: every endpoint returns images of the right size on the testbed models,
+invalid input comes back as the library's (or the limit's) one-line message, two concurrent
+requests equal their runs alone, and the server binds 127.0.0.1 unless told otherwise."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+gradio_client = pytest.importorskip("gradio_client")
+pytest.importorskip("gradio")
+
+PROMPT = "a red circle left of a blue square"
+STEPS = 4
+SIZE = (64, 64)  # both testbed models' native size
+
+
+@pytest.fixture(scope="module")
+def server():
+    """The app on a free port, two pipeline copies per model, tight upload limits."""
+    from diffattn.app.core import AppContext
+    from diffattn.app.launcher import launch
+    from diffattn.app.serving import Limits, PipelinePool
+
+    ctx = AppContext(pool=PipelinePool(2), limits=Limits(max_upload_mb=0.05, max_side=256, max_steps=20, max_batch=2))
+    demo, url = launch(ctx, port=0, block=False, quiet=True)
+    client = gradio_client.Client(url, verbose=False)
+    yield ctx, demo, url, client
+    client.close() if hasattr(client, "close") else None
+    demo.close()
+
+
+def _softpag(client, seed=0, **kw):
+    args = dict(model="tiny-sd3", prompt=PROMPT, seed=seed, randomize=False, steps=STEPS, guidance=None, images=1,
+                heads="mid", preset=None, strength=1.0, scale=2.0, target="identity", semantics="joint",
+                preset_values=True)
+    args.update(kw)
+    return client.predict(*args.values(), api_name="/softpag")
+
+
+def _astar(client, seed=0, concepts=("circle", "square"), prompt=PROMPT):
+    return client.predict("tiny-sd3", prompt, seed, False, STEPS, None, 1, list(concepts), "astar", None,
+                          api_name="/astar")
+
+
+def _image(item) -> Image.Image:
+    path = item["image"] if isinstance(item, dict) else item
+    path = path["path"] if isinstance(path, dict) else path
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def _pixels(gallery) -> list[np.ndarray]:
+    return [np.asarray(_image(x)) for x in gallery]
+
+
+def _error(fn, *args, **kwargs) -> str:
+    with pytest.raises(Exception) as info:  # gradio_client.exceptions.AppError
+        fn(*args, **kwargs)
+    return str(info.value)
+
+
+def test_every_tab_has_named_endpoints(server):
+    from diffattn.app.core import all_tabs
+
+    *_, client = server
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    expected = {"/" + e for spec in all_tabs() for e in spec.endpoints}
+    assert {"/softpag", "/softpag_heads", "/headhunt", "/astar", "/uam_sample", "/uam_reconstruct", "/uam_edit"} <= expected
+    assert expected <= set(api)
+
+
+def test_softpag_endpoint(server):
+    *_, client = server
+    gallery, heatmap, info, seed = _softpag(client, images=2)
+    assert [g["caption"] for g in gallery] == ["baseline", "SoftPAG s=2"] * 2
+    assert all(_image(g).size == SIZE for g in gallery)
+    assert seed == 0 and "SoftPAG" in info
+    base, ctrl = _pixels(gallery)[:2]
+    assert not np.array_equal(base, ctrl)  # the guidance changed the image
+    assert Image.open(heatmap).size[0] > 0
+
+
+def test_softpag_shipped_preset_and_heads_view(server):
+    from diffattn.app.tabs.softpag import shipped_presets
+
+    *_, client = server
+    presets = shipped_presets()
+    assert "preset:tiny-sd3-fidelity-nocfg" in presets
+    gallery, *_ = _softpag(client, heads="preset:tiny-sd3-fidelity-nocfg", guidance=0)
+    assert all(_image(g).size == SIZE for g in gallery)
+    # a selector with heads: the heat map marks exactly those heads (6 layers x 4 heads on tiny-sd3)
+    hm = client.predict("tiny-sd3", "transformer_blocks.2:0,3", None, 1.0, 2.0, "identity", "joint", True,
+                        api_name="/softpag_heads")
+    assert Image.open(hm).size[1] == 16 + 6 * 20
+
+
+def test_softpag_bad_input_messages(server, tmp_path):
+    *_, client = server
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"model": "tiny-sd3", "heads": [["transformer_blocks.99.attn", 0, 1.0]], "scale": 2}))
+    msg = _error(_softpag, client, preset=gradio_client.handle_file(str(bad)))
+    assert "no attention site named 'transformer_blocks.99.attn'" in msg  # the library's SelectorError
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    assert "not valid JSON" in _error(_softpag, client, preset=gradio_client.handle_file(str(broken)))
+    assert "no site" in _error(_softpag, client, heads="nonsense_blocks.3")
+    assert "no shipped preset" in _error(_softpag, client, heads="preset:../../etc/passwd")
+    assert "limit of 20 steps" in _error(_softpag, client, steps=21)
+    assert "limit of 2 images" in _error(_softpag, client, images=3)
+    # a slider's own bounds: Gradio's one-line message
+    assert "greater than maximum value 1" in _error(_softpag, client, strength=1.5, heads="all")
+    assert "Traceback" not in msg
+
+
+def test_unknown_model_is_refused_clearly(server):
+    *_, client = server
+    msg = _error(_softpag, client, model="nobody/no-such-model")
+    assert "nobody/no-such-model" in msg and ("offline" in msg.lower() or "cached" in msg)  # the loader's message
+    assert "not a testbed model" in _error(_softpag, client, model="no such thing")
+
+
+def test_astar_endpoint(server):
+    *_, client = server
+    gallery, maps, info, _ = _astar(client)
+    assert [g["caption"] for g in gallery] == ["baseline", "A-STAR"]
+    assert all(_image(g).size == SIZE for g in gallery)
+    assert [m["caption"] for m in maps] == ["baseline: circle", "baseline: square", "A-STAR: circle", "A-STAR: square"]
+    assert all(_image(m).size == SIZE for m in maps)
+    words = client.predict("a green star below a purple heart", api_name="/astar_concepts")
+    assert "star" in json.dumps(words) and "heart" in json.dumps(words)
+
+
+def test_astar_concept_missing_from_prompt(server):
+    *_, client = server
+    msg = _error(_astar, client, concepts=("hexagon",))
+    assert "concept 'hexagon' is not in the prompt" in msg  # the library's ConceptError, one line
+    assert "\n" not in msg.strip()
+
+
+def test_uam_endpoints(server):
+    *_, client = server
+    sample, caption = client.predict(3, api_name="/uam_sample")
+    assert Image.open(sample).size == SIZE and caption
+    gallery, mask, table, psnr = client.predict("tiny-sd", gradio_client.handle_file(sample), caption, STEPS,
+                                                api_name="/uam_reconstruct")
+    assert [g["caption"].split(" ·")[0] for g in gallery] == ["input", "source prompt", "empty prompt",
+                                                              "uniform maps (UAM)"]
+    assert all(_image(g).size == SIZE for g in gallery)
+    assert set(psnr) == {"source", "empty", "uniform"} and all(v > 15 for v in psnr.values())
+    assert "PSNR" in table
+    words = caption.split()
+    colour = words[1]
+    target = caption.replace(colour, "green" if colour != "green" else "red", 1)
+    gallery, mask, info, _ = client.predict("tiny-sd", gradio_client.handle_file(sample), caption, target, STEPS, None,
+                                            "target", "code", 1000, 0.5, 1, api_name="/uam_edit")
+    assert [g["caption"] for g in gallery] == ["input", "prompt-to-prompt", "p2p + UAM", "uniform branch"]
+    assert all(_image(g).size == SIZE for g in gallery)
+    assert Image.open(mask).size == SIZE
+
+
+def test_uam_upload_limits(server, tmp_path):
+    *_, client = server
+    rng = np.random.default_rng(0)
+    big = tmp_path / "big.png"  # ~190 KB of noise: over the fixture's 0.05 MB
+    Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(big)
+    msg = _error(client.predict, "tiny-sd", gradio_client.handle_file(str(big)), "", STEPS, api_name="/uam_reconstruct")
+    assert "limit is 0.05 MB" in msg
+    wide = tmp_path / "wide.png"  # small file, sides over the fixture's 256 px
+    Image.new("RGB", (320, 64), "white").save(wide)
+    msg = _error(client.predict, "tiny-sd", gradio_client.handle_file(str(wide)), "", STEPS, api_name="/uam_reconstruct")
+    assert "sides up to 256 pixels" in msg
+    odd = tmp_path / "odd.png"  # the library's own check: sides multiples of its unit
+    Image.new("RGB", (70, 64), "white").save(odd)
+    msg = _error(client.predict, "tiny-sd", gradio_client.handle_file(str(odd)), "a red circle", STEPS,
+                 api_name="/uam_reconstruct")
+    assert "multiples of 16 pixels" in msg
+    text = tmp_path / "not-an-image.png"
+    text.write_text("hello")
+    msg = _error(client.predict, "tiny-sd", gradio_client.handle_file(str(text)), "", STEPS,
+                 api_name="/uam_reconstruct")
+    assert "cannot read" in msg or "image" in msg.lower()
+
+
+def test_headhunt_endpoint(server):
+    from diffattn.methods.softpag import SoftPAG
+
+    *_, client = server
+    heatmap, preset, info = client.predict("tiny-sd3", "fidelity", "a red circle and a blue square",
+                                           "transformer_blocks.2", 2, 1, 1, 2.0, 0.5, STEPS, 0.0, api_name="/headhunt")
+    assert Image.open(heatmap).size == (4 * 24, 6 * 24)  # layers x heads of tiny-sd3
+    with open(preset) as f:
+        data = json.load(f)
+    assert data["model"] == "tiny-sd3" and len(data["heads"]) == 1 and data["heads"][0][2] == 0.5
+    SoftPAG(data)  # the preset loads as SoftPAG heads
+    assert "selected" in info
+    msg = _error(client.predict, "tiny-sd3", "fidelity", "a red circle", "all", 9, 1, 1, 2.0, 1.0, STEPS, 0.0,
+                 api_name="/headhunt")
+    assert "limit of 8" in msg
+
+
+def test_concurrent_requests_equal_their_runs_alone(server):
+    """SoftPAG and A-STAR at the same time on the same model (two pipeline copies) give exactly
+    what each gives alone: no control leaks from one request into the other."""
+    *_, client = server
+    alone_pag = _pixels(_softpag(client, seed=5)[0])
+    alone_astar = _pixels(_astar(client, seed=5)[0])
+    alone_maps = _pixels(_astar(client, seed=5)[1])
+    for _ in range(2):
+        jobs = [client.submit(*_softpag_args(seed=5), api_name="/softpag"),
+                client.submit("tiny-sd3", PROMPT, 5, False, STEPS, None, 1, ["circle", "square"], "astar", None,
+                              api_name="/astar")]
+        pag, astar = [j.result(timeout=120) for j in jobs]
+        for a, b in zip(_pixels(pag[0]), alone_pag):
+            np.testing.assert_array_equal(a, b)
+        for a, b in zip(_pixels(astar[0]), alone_astar):
+            np.testing.assert_array_equal(a, b)
+        for a, b in zip(_pixels(astar[1]), alone_maps):
+            np.testing.assert_array_equal(a, b)
+
+
+def _softpag_args(seed=0):
+    return ["tiny-sd3", PROMPT, seed, False, STEPS, None, 1, "mid", None, 1.0, 2.0, "identity", "joint", True]
+
+
+def test_pool_gives_each_concurrent_request_its_own_copy():
+    """Two threads holding slots of one model hold different pipeline objects; a third waits."""
+    from diffattn.app.serving import PipelinePool
+
+    pool = PipelinePool(2, loader=lambda name: {"name": name, "weights": [1, 2, 3]})
+    ex = ThreadPoolExecutor(1)
+
+    def third():
+        with pool.acquire("m") as c:
+            return c
+
+    try:
+        with pool.acquire("m") as a, pool.acquire("m") as b:
+            assert a is not b and a == b
+            waiting = ex.submit(third)
+            time.sleep(0.2)
+            assert not waiting.done()  # both copies are lent: the third request waits
+        assert waiting.result(timeout=5) in (a, b)
+    finally:
+        ex.shutdown(wait=False, cancel_futures=True)
+
+
+def test_tab_registry_takes_a_new_method_without_core_edits():
+    """A registry method without a tab gets a generic one; a TabSpec adds a tab and its endpoint."""
+    from diffattn.app import core
+    from diffattn.app.serving import PipelinePool
+    from diffattn.app.tabs.generic import generic_tab
+    from diffattn.methods.registry import Method, Param
+
+    fake = Method(name="fakemethod", label="Fake", summary="a test method", kind="control",
+                  params=(Param("amount", float, 0.5, "how much", range=(0.0, 1.0)),
+                          Param("mode", str, "a", "which", choices=("a", "b"))))
+    core.register_tab(generic_tab(fake))
+    try:
+        demo = core.build_app(core.AppContext(pool=PipelinePool(1)))
+        names = {getattr(fn, "api_name", None) for fn in demo.fns.values()}
+        assert {"fakemethod", "softpag", "astar", "uam_edit", "headhunt"} <= names
+    finally:
+        core._TABS.pop("fakemethod")
+
+
+def test_no_pickle_in_the_app():
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "app"
+    for path in root.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                assert not any(a.name in ("pickle", "dill", "cloudpickle") for a in node.names), path
+            if isinstance(node, ast.ImportFrom):
+                assert node.module not in ("pickle", "dill", "cloudpickle"), path
+            if isinstance(node, ast.Attribute) and node.attr == "load":
+                assert getattr(node.value, "id", "") not in ("torch", "pickle"), path
+
+
+# ----------------------------------------------------------------------------- binding and start-up
+
+
+def test_cli_defaults_bind_localhost_without_share():
+    from diffattn.cli import build_parser
+
+    args = build_parser().parse_args(["app"])
+    assert args.host == "127.0.0.1" and args.share is False and args.slots == 1
+
+
+def _outside_address() -> str | None:
+    """A non-loopback address of this machine, if it has one."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))  # no packet is sent
+            addr = s.getsockname()[0]
+    except OSError:
+        return None
+    return None if addr.startswith("127.") else addr
+
+
+def test_server_binds_localhost_unless_told(server):
+    _, demo, url, _ = server
+    assert demo.server_name == "127.0.0.1" and url.startswith("http://127.0.0.1:")
+    port = demo.server_port
+    with socket.create_connection(("127.0.0.1", port), timeout=5):
+        pass
+    outside = _outside_address()
+    if outside is None:
+        pytest.skip("this machine has no non-loopback address to check the refusal on")
+    with pytest.raises(OSError):
+        socket.create_connection((outside, port), timeout=2).close()
+
+
+def test_app_starts_in_a_few_seconds(tmp_path):
+    """``python -m diffattn.app`` on the testbed model (preloaded) answers HTTP within seconds."""
+    from diffattn.app.launcher import free_port
+
+    port = free_port()
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "diffattn.app", "--port", str(port)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        elapsed = None
+        while time.perf_counter() - t0 < 90:
+            if proc.poll() is not None:
+                pytest.fail(f"the app exited: {proc.stdout.read()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as r:
+                    if r.status == 200:
+                        elapsed = time.perf_counter() - t0
+                        break
+            except OSError:
+                time.sleep(0.2)
+        assert elapsed is not None, "the app did not answer within 90 s"
+        print(f"\napp start-up (process start to first HTTP 200, tiny-sd3 preloaded): {elapsed:.1f} s")
+        assert elapsed < 45  # a few seconds idle; generous on the shared 2-core box
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
