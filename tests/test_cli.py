@@ -84,3 +84,58 @@ def test_load_model_stays_importable_from_the_cli():
     from diffattn.cli.common import load_model as common_load_model
 
     assert callable(load_model) and callable(common_load_model)
+
+
+def test_help_imports_no_torch():
+    """`diffattn --help` / `diffattn sites --help` stay well under a second: building the parser
+    (and `import diffattn`) imports no torch; `da.sites` is still the function."""
+    import subprocess
+    import sys
+
+    code = ("import sys, diffattn; from diffattn.cli import build_parser; build_parser(); "
+            "print('torch' in sys.modules, callable(diffattn.sites))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "True"]
+    helped = subprocess.run([sys.executable, "-m", "diffattn.cli", "sites", "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0 and "--model" in helped.stdout
+
+
+def test_generate_shows_a_denoising_progress_bar(tmp_path, capsys):
+    main(["generate", "a red circle", "--steps", "2", "--out", str(tmp_path / "a.png")])
+    assert "baseline" in capsys.readouterr().err  # the tqdm bar, labelled
+    main(["generate", "a red circle", "--steps", "2", "--out", str(tmp_path / "b.png"), "--no-progress"])
+    assert "baseline" not in capsys.readouterr().err
+
+
+def test_heads_takes_the_selector_syntax(tmp_path, capsys):
+    from diffattn.cli.common import load_model
+    from diffattn.cli.generate import heads_flag
+
+    pipe = load_model(None)
+    assert heads_flag(pipe, "transformer_blocks.1-2") == {"transformer_blocks.1.attn": "all",
+                                                          "transformer_blocks.2.attn": "all"}
+    assert heads_flag(pipe, "transformer_blocks.1:0,3") == {"transformer_blocks.1.attn": "0,3"}
+    assert heads_flag(pipe, "mid") == "mid" and heads_flag(pipe, "all") == "all"
+    out = tmp_path / "r.png"
+    main(["generate", "a red circle", "--method", "softpag", "--heads", "transformer_blocks.1:0,3", "--steps", "1",
+          "--out", str(out), "--no-progress"])
+    assert out.exists()
+
+
+def test_invert_converts_grayscale_and_rgba(tmp_path, capsys):
+    from diffattn.testbed import world
+
+    image = world.render(world.sample_scene(3))
+    for mode in ("L", "RGBA"):
+        src = tmp_path / f"in-{mode}.png"
+        image.convert(mode).save(src)
+        out = tmp_path / f"out-{mode}.png"
+        main(["invert", str(src), "--steps", "1", "--out", str(out), "--prompt", "a red circle"])
+        assert Image.open(out).width == 4 * 64 * 4 and "PSNR" in capsys.readouterr().out
+
+
+def test_console_script_prints_no_return_value(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["diffattn", "sites"])
+    assert main() is None  # `sys.exit(main())` of the console script would print a returned object

@@ -105,6 +105,7 @@ def main(argv=None):
 
     from ..errors import DiffattnError
 
+    from_python = argv is not None  # the console script does sys.exit(main()): a result would be printed
     argv = list(sys.argv[1:] if argv is None else argv)
     head = argv[: argv.index("--")] if "--" in argv else argv
     debug = "--debug" in head
@@ -115,7 +116,8 @@ def main(argv=None):
     _quiet_libraries()
     try:
         with _QuietLoading():
-            return args.func(args)
+            result = args.func(args)
+        return result if from_python else None
     except DiffattnError as e:
         if debug:
             raise

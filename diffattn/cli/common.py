@@ -455,17 +455,89 @@ def side_by_side(images: list, labels: list[str], scale: int = 4):
     return canvas
 
 
-def maps_row(maps: dict, size: int):
-    """The heat maps of one image (``{label: PIL}``) side by side, labelled, each ``size`` pixels wide."""
+def maps_row(maps: dict, size: int, colorbar: bool = True):
+    """The heat maps of one image (``{label: PIL}``) side by side, labelled, each ``size`` pixels
+    wide, with a colour bar (A-STAR's maps are each scaled to their own min..max)."""
     from PIL import Image, ImageDraw
 
     label_h = 14
-    row = Image.new("RGB", (size * len(maps), size + label_h), "white")
+    bar_w = 74 if colorbar else 0
+    row = Image.new("RGB", (size * len(maps) + bar_w, size + label_h), "white")
     draw = ImageDraw.Draw(row)
     for i, (label, im) in enumerate(maps.items()):
         row.paste(im.resize((size, size), Image.BILINEAR), (i * size, label_h))
         draw.text((i * size + 3, 1), str(label), fill="black")
+    if colorbar:
+        x = size * len(maps) + 4
+        row.paste(colorbar_image(size - 2), (x, label_h + 1))
+        draw.text((x + 14, label_h), "max", fill="black")
+        draw.text((x + 14, label_h + size - 12), "min", fill="black")
+        draw.text((x + 14, label_h + size // 2 - 6), "(per map)", fill="gray")
     return row
+
+
+def colorbar_image(height: int, width: int = 10):
+    """A vertical colour bar of A-STAR's heat-map colours, high at the top."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from ..methods.astar import colorize
+
+    ramp = torch.linspace(1, 0, max(2, height))[:, None].expand(-1, width)
+    return Image.fromarray(np.ascontiguousarray(colorize(ramp, vmax=1.0).numpy()))
+
+
+def head_heatmap(result, title: str = "", cell: int = 18):
+    """HeadHunter's per-head scores of round 1 as a labelled chart: one row per site (its name),
+    one column per head (its index), a colour bar with the score range, the selected heads framed."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    scores = result.rounds[0] if result.rounds else {}
+    names = list(result.layout)
+    heads = max(result.layout.values()) if result.layout else 1
+    grid = np.full((len(names), heads), np.nan)
+    for key, value in scores.items():
+        site, head = key.rsplit(":", 1)
+        if site in names:
+            grid[names.index(site), int(head)] = value
+    finite = grid[np.isfinite(grid)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    t = (grid - lo) / (hi - lo + 1e-12)
+
+    def color(v):  # blue (low) -> red (high), as HeadHuntResult.heatmap
+        return (int(255 * v), 60, int(255 * (1 - v)))
+
+    left = 8 + 6 * max((len(n) for n in names), default=4)
+    top, bar = 30, 70
+    w, h = left + heads * cell + bar, top + len(names) * cell + 26
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    d.text((4, 2), title or "HeadHunter: score per head, round 1 (framed: selected)", fill="black")
+    for j in range(heads):
+        d.text((left + j * cell + cell // 2 - 3, top - 13), str(j), fill="black")
+    for i, name in enumerate(names):
+        y = top + i * cell
+        d.text((4, y + cell // 2 - 6), name, fill="black")
+        for j in range(heads):
+            x = left + j * cell
+            box = (x, y, x + cell - 1, y + cell - 1)
+            if np.isnan(grid[i, j]):
+                d.rectangle(box, fill="white", outline=(220, 220, 220))
+            else:
+                d.rectangle(box, fill=color(float(t[i, j])))
+    for site, head in result.selected:
+        if site in names:
+            x, y = left + head * cell, top + names.index(site) * cell
+            d.rectangle((x, y, x + cell - 1, y + cell - 1), outline="black", width=2)
+    d.text((left, top + len(names) * cell + 6), "head", fill="black")
+    bx, bh = left + heads * cell + 10, len(names) * cell
+    for k in range(bh):
+        d.line((bx, top + k, bx + 10, top + k), fill=color(1 - k / max(1, bh - 1)))
+    d.text((bx + 14, top - 2), f"{hi:.3g}", fill="black")
+    d.text((bx + 14, top + bh - 12), f"{lo:.3g}", fill="black")
+    return img
 
 
 def compose(top, rows):

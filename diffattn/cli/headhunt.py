@@ -160,5 +160,9 @@ def run(args):
         result.save_preset(args.out, strength=args.strength)
         print(f"selected heads {result.selected}; preset written to {args.out}")
         if args.heatmap:
-            result.save_heatmap(args.heatmap)
+            from .common import head_heatmap
+
+            head_heatmap(result, f"HeadHunter ({args.objective}): score per head, round 1; framed: selected"
+                         ).save(args.heatmap)
+            print(f"heat map written to {args.heatmap}")
     state.wait_for_everyone()

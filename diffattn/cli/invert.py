@@ -94,7 +94,7 @@ def run(args) -> dict:
     rec = uam.reconstruct_all(x[0], prompt, num_inference_steps=args.steps)[0]
     labels = {"source": "source prompt", "empty": "empty prompt", "uniform": "uniform maps"}
     panels = [image] + [rec[c].image for c in CONDITIONINGS]
-    side_by_side(panels, ["input"] + [f"{labels[c]} {rec[c].psnr:.1f} dB" for c in CONDITIONINGS]).save(args.out)
+    side_by_side(panels, ["input"] + [f"{labels[c]}: PSNR {rec[c].psnr:.1f} dB" for c in CONDITIONINGS]).save(args.out)
     print(f"prompt: {prompt!r}")
     for c in CONDITIONINGS:
         print(f"{labels[c]:14s} PSNR {rec[c].psnr:6.2f} dB  SSIM {rec[c].ssim:.4f}")
