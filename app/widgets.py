@@ -46,14 +46,15 @@ def standard_inputs(ctx, *, default_model: str | None = None, prompt: str = DEFA
     return Standard(model, text, seed, randomize, n_steps, cfg, images)
 
 
-def results(label: str = "baseline | controlled", maps: bool = True):
-    """Gallery, optional attention-maps gallery, info text."""
+def results(name: str, label: str = "baseline | controlled", maps: bool = True):
+    """Gallery (``#<name>-gallery``), optional attention-maps gallery (``#<name>-maps``), info text."""
     import gradio as gr
 
     gallery = gr.Gallery(label=label, columns=4, height="auto", format="png", elem_classes=["result"],
-                         object_fit="contain")
-    maps_view = gr.Gallery(label="attention maps", columns=6, height="auto", format="png") if maps else None
-    info = gr.Markdown()
+                         object_fit="contain", elem_id=f"{name}-gallery")
+    maps_view = gr.Gallery(label="attention maps", columns=6, height="auto", format="png", elem_classes=["result"],
+                           elem_id=f"{name}-maps") if maps else None
+    info = gr.Markdown(elem_id=f"{name}-info")
     return gallery, maps_view, info
 
 

@@ -49,7 +49,7 @@ def build(ctx):
                                         minimum=0)
             go = gr.Button("Generate", variant="primary", elem_id="astar-generate")
         with gr.Column():
-            gallery, maps, info = results("baseline | A-STAR")
+            gallery, maps, info = results("astar", "baseline | A-STAR")
 
     def words(prompt):
         return gr.Dropdown(choices=prompt_words(prompt), value=default_words(prompt))

@@ -41,7 +41,7 @@ def generic_tab(method) -> TabSpec:
                 fields = [param_component(p) for p in method.params]
                 go = gr.Button("Generate", variant="primary", elem_id=f"{method.name}-generate")
             with gr.Column():
-                gallery, maps, info = results(f"baseline | {method.label}")
+                gallery, maps, info = results(method.name, f"baseline | {method.label}")
 
         @endpoint
         def run(model, prompt, seed, randomize, steps, guidance, images, *values, progress=gr.Progress()):

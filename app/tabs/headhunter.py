@@ -6,7 +6,7 @@ from ..core import TabSpec, register_tab
 from ..serving import endpoint
 from ..widgets import model_name
 
-DEFAULT_PROMPTS = "a red circle and a blue square\na green triangle above a yellow star"
+DEFAULT_PROMPTS = "a red circle and a blue square\na green triangle above a yellow circle"
 
 
 def build(ctx):
@@ -38,7 +38,8 @@ def build(ctx):
                     guidance = gr.Number(0.0, label="CFG of the search's images (the paper: 0)", minimum=0)
             go = gr.Button("Search", variant="primary", elem_id="headhunt-run")
         with gr.Column():
-            heatmap = gr.Image(label="per-head objective (round 1; selected heads framed)", type="pil", format="png")
+            heatmap = gr.Image(label="per-head objective (round 1; selected heads framed)", type="pil", format="png",
+                               elem_id="headhunt-heatmap")
             preset = gr.File(label="preset JSON")
             info = gr.Markdown()
 

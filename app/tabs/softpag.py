@@ -121,8 +121,8 @@ def build(ctx):
                 go = gr.Button("Generate", variant="primary", elem_id="softpag-generate")
                 show = gr.Button("Show heads")
         with gr.Column():
-            gallery, _, info = results("baseline | SoftPAG", maps=False)
-            heatmap = gr.Image(label="heads (u per head)", type="pil", format="png")
+            gallery, _, info = results("softpag", "baseline | SoftPAG", maps=False)
+            heatmap = gr.Image(label="heads (u per head)", type="pil", format="png", elem_id="softpag-heads")
 
     control_inputs = [heads, preset, strength, scale, target, semantics, preset_values]
 

@@ -44,7 +44,7 @@ def build(ctx):
             model = ctx.model_picker(UAM_MODEL)
             image = gr.Image(label=f"image (sides multiples of the model's unit; tiny-sd: 16 px, native 64x64; "
                                    f"at most {lim.max_upload_mb:g} MB, {lim.max_side} px)",
-                             type="filepath", sources=["upload", "clipboard"], image_mode=None, format="png",
+                             type="filepath", sources=["upload", "clipboard"], image_mode=None, format="png", height=220,
                              elem_id="uam-image")
             with gr.Row():
                 sample_seed = gr.Number(0, label="sample seed", precision=0, minimum=0)
@@ -68,7 +68,7 @@ def build(ctx):
                 edit = gr.Button("Edit", variant="primary", elem_id="uam-edit")
         with gr.Column():
             gallery = gr.Gallery(label="input | reconstructions / edits", columns=4, height="auto", format="png",
-                                 elem_classes=["result"], object_fit="contain")
+                                 elem_classes=["result"], object_fit="contain", elem_id="uam-gallery")
             mask = gr.Image(label="blend mask (white: edited)", type="pil", format="png")
             info = gr.Markdown()
             psnr = gr.JSON(visible=False)  # the API's {conditioning: PSNR}
