@@ -139,3 +139,12 @@ def test_console_script_prints_no_return_value(monkeypatch, capsys):
 
     monkeypatch.setattr(sys, "argv", ["diffattn", "sites"])
     assert main() is None  # `sys.exit(main())` of the console script would print a returned object
+
+
+def test_eval_grid_has_the_prompts_under_the_images(tmp_path, capsys):
+    grid = tmp_path / "grid.png"
+    main(["eval", "--suite", "single", "--seeds", "2", "--steps", "1", "--grid", str(grid), "--no-progress"])
+    img = Image.open(grid)
+    assert img.width == 2 * 128 and img.height > 128  # two 2x images, captions underneath
+    below = img.crop((0, 128, 128, img.height)).convert("L")
+    assert below.getextrema()[0] < 128  # dark text pixels under the image

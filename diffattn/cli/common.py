@@ -349,9 +349,9 @@ def load_model(name: str | None, dtype: str = "float32", device: str = "cpu", *,
 
     check_model(name)
     name = name or testbed.DEFAULT_MODEL
-    # fp32 is every loader's default; naming it only when it differs keeps clear of the
-    # `torch_dtype` -> `dtype` rename across diffusers versions
-    dtype_kwargs = {} if dtype == "float32" else {"torch_dtype": getattr(torch, dtype)}
+    # fp32 is every loader's default: named only when it differs, under the keyword this diffusers
+    # takes (`dtype` since the rename; `torch_dtype` before it, now a FutureWarning on every load)
+    dtype_kwargs = {} if dtype == "float32" else {_dtype_keyword(): getattr(torch, dtype)}
     safe = {"use_safetensors": None if allow_pickle else True}
     if name in testbed.MODELS or testbed.testbed_kind(name):
         pipe = testbed.load(name, **dtype_kwargs, **safe)
@@ -372,6 +372,15 @@ def load_model(name: str | None, dtype: str = "float32", device: str = "cpu", *,
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
         raise ModelLoadError(testbed.load_failure(name, e, safe["use_safetensors"])) from e
     return _to(pipe, device)
+
+
+def _dtype_keyword() -> str:
+    try:
+        from diffusers.utils import deprecation_utils
+
+        return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+    except ImportError:
+        return "torch_dtype"
 
 
 def _to(pipe, device):

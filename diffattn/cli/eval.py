@@ -71,7 +71,7 @@ def run(args) -> dict:
         print(report.to_markdown(name), flush=True)
         reports[name] = report
         if args.grid:
-            report.save_grid(_grid_path(args.grid, name, len(names)), limit=grid_images)
+            captioned_grid(report, limit=grid_images).save(_grid_path(args.grid, name, len(names)))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"model": args.model or "tiny-sd3", **{n: r.as_dict() for n, r in reports.items()}}, f, indent=1)
@@ -84,3 +84,31 @@ def _grid_path(grid: str, suite: str, n_suites: int) -> str:
         return grid
     stem, dot, ext = grid.rpartition(".")
     return f"{stem}-{suite}.{ext}" if dot else f"{grid}-{suite}.png"
+
+
+def captioned_grid(report, limit: int | None = 32, ncols: int = 8, scale: int = 2):
+    """The report's images in generation order, each with its prompt and the oracle's verdict
+    (objects found / asked) written underneath."""
+    import textwrap
+
+    from PIL import Image, ImageDraw
+
+    from ..testbed import oracle
+
+    images = [oracle.to_pil(im) for im in report.images[:limit]]
+    scores = report.scores[: len(images)]
+    w, h = images[0].width * scale, images[0].height * scale
+    chars = max(8, w // 6)  # PIL's default font: ~6 px a character
+    captions = [textwrap.wrap(s.prompt, chars) + [f"found {sum(s.found)}/{s.requested}"] for s in scores]
+    text_h = 11 * max(len(c) for c in captions) + 4
+    cols = min(ncols, len(images))
+    rows = -(-len(images) // cols)
+    grid = Image.new("RGB", (cols * w, rows * (h + text_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (im, caption) in enumerate(zip(images, captions)):
+        x, y = (i % cols) * w, (i // cols) * (h + text_h)
+        grid.paste(im.resize((w, h), Image.NEAREST), (x, y))
+        for j, line in enumerate(caption):
+            last = j == len(caption) - 1
+            draw.text((x + 2, y + h + 2 + 11 * j), line, fill="gray" if last else "black")
+    return grid
