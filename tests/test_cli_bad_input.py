@@ -60,7 +60,13 @@ CASES = [
     (["generate", P, "--model", "{d}/badmarker"], ["testbed.json", "not readable JSON"]),
     (["generate", P, "--model", "{d}/truncated"], ["cannot load the pipeline", "truncated"]),
     (["generate", P, "--model", "{d}/pickle"], ["safetensors", "--allow-pickle"]),
+    (["generate", P, "--model", "someorg/not-cached"], ["cannot load the pipeline", "someorg/not-cached"]),  # offline
+    (["generate", P, "--model", "./nothing"], ["unknown model './nothing'"]),
     (["generate", P, "--device", "banana"], ["--device", "not a device"]),
+    (["generate", P, "--seed", "1.5"], ["--seed", "'1.5'"]),
+    (["generate", P, "--size", "64.0"], ["--size", "'64.0'"]),
+    (["generate", P, "--guidance", "1e400"], ["--guidance", "finite"]),
+    (["generate"], ["required", "prompt"]),
     (["generate", P, "--dtype", "float8"], ["--dtype", "invalid choice"]),
     # generate: outputs
     (["generate", P, "--out", "{d}/nodir/x.png"], ["--out", "does not exist", "mkdir"]),

@@ -101,8 +101,11 @@ def load(name: str = DEFAULT_MODEL, **kwargs):
 def load_failure(path, error: BaseException, use_safetensors: bool | None = True) -> str:
     """One line on why the pipeline folder ``path`` did not load (for :class:`ModelLoadError`)."""
     text = " ".join(str(error).split()) or type(error).__name__
+    text = text.replace("Please check out the root cause in the stacktrace above.", "(--debug shows the cause)")
     hint = ""
-    if use_safetensors is True and ("safetensors" in text or ".bin" in text) and "no file named" in text.lower():
+    if "outgoing traffic has been disabled" in text or "not fully cached" in text:
+        hint = f" (download it first, e.g. `hf download {path}`, or allow downloads: unset HF_HUB_OFFLINE)"
+    elif use_safetensors is True and ("safetensors" in text or ".bin" in text) and "no file named" in text.lower():
         hint = (" (diffattn loads safetensors weights only; for a pickle .bin checkpoint you trust, pass "
                 "--allow-pickle / use_safetensors=None)")
     return f"cannot load the pipeline at {path}: {text}{hint}"
