@@ -464,13 +464,16 @@ def side_by_side(images: list, labels: list[str], scale: int = 4):
     return canvas
 
 
+COLORBAR_WIDTH = 74  # pixels right of a row of maps: the bar and its labels
+
+
 def maps_row(maps: dict, size: int, colorbar: bool = True):
     """The heat maps of one image (``{label: PIL}``) side by side, labelled, each ``size`` pixels
     wide, with a colour bar (A-STAR's maps are each scaled to their own min..max)."""
     from PIL import Image, ImageDraw
 
     label_h = 14
-    bar_w = 74 if colorbar else 0
+    bar_w = COLORBAR_WIDTH if colorbar else 0
     row = Image.new("RGB", (size * len(maps) + bar_w, size + label_h), "white")
     draw = ImageDraw.Draw(row)
     for i, (label, im) in enumerate(maps.items()):

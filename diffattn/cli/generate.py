@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 from .common import (
+    COLORBAR_WIDTH,
     GUIDANCE,
     SEED,
     SIZE,
@@ -202,7 +203,8 @@ def run(args):
         labels.append(built.label)
         if out.maps:  # e.g. A-STAR's concept maps, under the method's image
             size = out.images[0].width * (4 if out.images[0].width <= 128 else 1)
-            rows = [(f"{built.label} maps", maps_row(out.maps[0], size))]
+            fit = (size * len(images) - COLORBAR_WIDTH) // len(out.maps[0])  # maps + colour bar within the panels
+            rows = [(f"{built.label} maps", maps_row(out.maps[0], max(32, min(size, fit))))]
     result = side_by_side(images, labels) if len(images) > 1 else images[0]
     if rows:
         result = compose(result, rows)
