@@ -107,6 +107,7 @@ CASES = [
     (["invert", "{d}/text.png", "--out", "{out}.png"], ["not an image file"]),
     (["invert", "{d}/truncated.png", "--out", "{out}.png"], ["damaged or truncated"]),
     (["invert", "{d}/big.png", "--out", "{out}.png"], ["4000x4000", "limit of 256", "--max-side"]),
+    (["invert", "{d}/huge.png", "--out", "{out}.png"], ["10000x10000", "limit of 256"]),
     (["invert", "{d}/odd.png", "--out", "{out}.png"], ["70x70", "multiples of 16", "64x64"]),
     (["invert", "{d}/img.png", "--out", "{d}/img.png"], ["same file"]),
     (["invert", "{d}/img.png", "--out", "{out}.png", "--steps", "0"], ["--steps"]),
@@ -140,6 +141,7 @@ def inputs(tmp_path_factory):
     d = tmp_path_factory.mktemp("inputs")
     Image.new("RGB", (64, 64), "white").save(d / "img.png")
     Image.new("RGB", (4000, 4000), "white").save(d / "big.png")  # small file, huge image
+    Image.new("1", (10000, 10000)).save(d / "huge.png")  # past PIL's decompression-bomb warning
     Image.new("RGB", (70, 70), "white").save(d / "odd.png")
     (d / "truncated.png").write_bytes((d / "img.png").read_bytes()[:70])
     (d / "text.png").write_text("not an image")

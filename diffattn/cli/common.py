@@ -233,9 +233,13 @@ def open_image(args, path: str, what: str = "image"):
     header, before the pixels are decoded)."""
     from PIL import Image, UnidentifiedImageError
 
+    import warnings
+
     p = check_input_file(path, what)
     try:
-        im = Image.open(p)
+        with warnings.catch_warnings():  # a huge image is refused below by --max-side, not warned about
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(p)
     except UnidentifiedImageError:
         raise PathError(f"{what} {path} is not an image file PIL can read (PNG, JPEG, WebP, BMP, TIFF...)") from None
     except Image.DecompressionBombError:
