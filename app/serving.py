@@ -195,6 +195,9 @@ class _Model:
         for p in copies:
             self.free.put(p)
         self.copies = copies
+        self.busy = 0   # copies lent right now
+        self.peak = 0   # most copies lent at once (how concurrent its requests ran)
+        self.lock = threading.Lock()
 
 
 class PipelinePool:
@@ -241,9 +244,14 @@ class PipelinePool:
 
         m = self.model(name)
         pipe = m.free.get()
+        with m.lock:
+            m.busy += 1
+            m.peak = max(m.peak, m.busy)
         try:
             yield pipe
         finally:
+            with m.lock:
+                m.busy -= 1
             try:
                 attached = is_attached(pipe)
             except Exception:  # not a pipeline diffattn knows: nothing can be attached to it

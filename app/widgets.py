@@ -40,10 +40,35 @@ def standard_inputs(ctx, *, default_model: str | None = None, prompt: str = DEFA
         with gr.Row():
             n_steps = gr.Number(min(steps, ctx.limits.max_steps), label=f"steps (at most {ctx.limits.max_steps})",
                                 precision=0)
-            cfg = gr.Number(guidance, label="guidance (CFG; empty: the model's default)", minimum=0)
+            cfg = optional_number(guidance, "guidance (CFG; empty: the model's default)")
             images = gr.Number(1, label=f"images per prompt (at most {ctx.limits.max_batch})", precision=0,
                                visible=batch)
     return Standard(model, text, seed, randomize, n_steps, cfg, images)
+
+
+def optional_number(value=None, label: str = "", **kw):
+    """A number that may be left empty (the method's default): a text box, as a ``gr.Number``
+    left empty reads as 0 in the browser. Read it with :func:`number_or_none`."""
+    import gradio as gr
+
+    return gr.Textbox("" if value is None else str(value), label=label, placeholder="default", **kw)
+
+
+def number_or_none(value, what: str) -> float | None:
+    """An optional number from a text box or an API call (``None``, ``""``, a number or its text)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        from .serving import AppInputError
+
+        raise AppInputError(f"{what}={value!r}: expected a number, or empty for the default") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        from .serving import AppInputError
+
+        raise AppInputError(f"{what}={value!r}: expected a finite number")
+    return number
 
 
 def results(name: str, label: str = "baseline | controlled", maps: bool = True):
@@ -82,8 +107,13 @@ def call_kwargs(ctx, steps, guidance, images=None) -> dict:
     n = ctx.limits.steps(steps)
     if n is not None:
         kw["num_inference_steps"] = n
-    if guidance is not None and guidance != "":
-        kw["guidance_scale"] = float(guidance)
+    w = number_or_none(guidance, "guidance")
+    if w is not None:
+        if w < 0:
+            from .serving import AppInputError
+
+            raise AppInputError(f"guidance={w:g}: a CFG scale is >= 0")
+        kw["guidance_scale"] = w
     if images is not None:
         kw["num_images_per_prompt"] = ctx.limits.batch(images)
     return kw

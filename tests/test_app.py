@@ -141,6 +141,17 @@ def test_astar_endpoint(server):
     assert "square" in json.dumps(words) and "heart" in json.dumps(words)
 
 
+def test_optional_numbers_empty_means_default(server):
+    """Guidance and temperature left empty (as the browser sends them) take the defaults; text is refused."""
+    *_, client = server
+    empty = client.predict("tiny-sd3", PROMPT, 0, False, STEPS, "", 1, ["circle"], "astar", "", api_name="/astar")
+    given = client.predict("tiny-sd3", PROMPT, 0, False, STEPS, None, 1, ["circle"], "astar", None, api_name="/astar")
+    for a, b in zip(_pixels(empty[1]), _pixels(given[1])):
+        np.testing.assert_array_equal(a, b)
+    assert "temperature='hot': expected a number" in _error(
+        client.predict, "tiny-sd3", PROMPT, 0, False, STEPS, "", 1, ["circle"], "astar", "hot", api_name="/astar")
+
+
 def test_astar_concept_missing_from_prompt(server):
     *_, client = server
     msg = _error(_astar, client, concepts=("hexagon",))
@@ -212,14 +223,17 @@ def test_headhunt_endpoint(server):
 def test_concurrent_requests_equal_their_runs_alone(server):
     """SoftPAG and A-STAR at the same time on the same model (two pipeline copies) give exactly
     what each gives alone: no control leaks from one request into the other."""
-    *_, client = server
-    alone_pag = _pixels(_softpag(client, seed=5)[0])
-    alone_astar = _pixels(_astar(client, seed=5)[0])
-    alone_maps = _pixels(_astar(client, seed=5)[1])
+    ctx, _, _, client = server
+    steps = 12  # long enough that the two runs overlap
+    alone_pag = _pixels(client.predict(*_softpag_args(seed=5, steps=steps), api_name="/softpag")[0])
+    astar_args = ["tiny-sd3", PROMPT, 5, False, steps, None, 1, ["circle", "square"], "astar", None]
+    alone = client.predict(*astar_args, api_name="/astar")
+    alone_astar, alone_maps = _pixels(alone[0]), _pixels(alone[1])
+    model = ctx.pool.model("tiny-sd3")
+    model.peak = 0
     for _ in range(2):
-        jobs = [client.submit(*_softpag_args(seed=5), api_name="/softpag"),
-                client.submit("tiny-sd3", PROMPT, 5, False, STEPS, None, 1, ["circle", "square"], "astar", None,
-                              api_name="/astar")]
+        jobs = [client.submit(*_softpag_args(seed=5, steps=steps), api_name="/softpag"),
+                client.submit(*astar_args, api_name="/astar")]
         pag, astar = [j.result(timeout=120) for j in jobs]
         for a, b in zip(_pixels(pag[0]), alone_pag):
             np.testing.assert_array_equal(a, b)
@@ -227,10 +241,11 @@ def test_concurrent_requests_equal_their_runs_alone(server):
             np.testing.assert_array_equal(a, b)
         for a, b in zip(_pixels(astar[1]), alone_maps):
             np.testing.assert_array_equal(a, b)
+    assert model.peak == 2  # the two requests did run at the same time, on the two copies
 
 
-def _softpag_args(seed=0):
-    return ["tiny-sd3", PROMPT, seed, False, STEPS, None, 1, "mid", None, 1.0, 2.0, "identity", "joint", True]
+def _softpag_args(seed=0, steps=STEPS):
+    return ["tiny-sd3", PROMPT, seed, False, steps, None, 1, "mid", None, 1.0, 2.0, "identity", "joint", True]
 
 
 def test_pool_gives_each_concurrent_request_its_own_copy():

@@ -8,7 +8,8 @@ import re
 
 from ..core import TabSpec, register_tab
 from ..serving import endpoint
-from ..widgets import DEFAULT_PROMPT, Progress, call_kwargs, generator, model_name, pick_seed, results, standard_inputs
+from ..widgets import (DEFAULT_PROMPT, Progress, call_kwargs, generator, model_name, number_or_none, optional_number,
+                       pick_seed, results, standard_inputs)
 
 STOP = {"a", "an", "the", "and", "of", "on", "in", "with", "to", "left", "right", "above", "below", "next", "is"}
 
@@ -45,8 +46,7 @@ def build(ctx):
             with gr.Row():
                 loss = gr.Radio(list(method.param("loss").choices), value=method.param("loss").default, label="loss",
                                 info=method.param("loss").help)
-                temperature = gr.Number(None, label="temperature (empty: the method's / testbed's default)",
-                                        minimum=0)
+                temperature = optional_number(None, "temperature (empty: the method's / testbed's default)")
             go = gr.Button("Generate", variant="primary", elem_id="astar-generate")
         with gr.Column():
             gallery, maps, info = results("astar", "baseline | A-STAR")
@@ -68,8 +68,9 @@ def build(ctx):
             params = method_defaults("astar", pipe)
             if chosen:
                 params["concepts"] = chosen
-            if temperature not in (None, ""):
-                params["temperature"] = float(temperature)
+            t = number_or_none(temperature, "temperature")
+            if t is not None:
+                params["temperature"] = t
             params["loss"] = loss or "astar"
             built = method.build(pipe, **params)
             built.check(prompt)  # ConceptError before any image (a word not in the prompt...)

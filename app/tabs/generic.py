@@ -22,6 +22,10 @@ def param_component(p):
         if lo is not None and hi is not None:
             return gr.Slider(lo, hi, value=p.default if p.default is not None else lo, step=1 if p.type is int else
                              (hi - lo) / 100, label=label, info=p.help)
+        if p.default is None:  # "the method decides": an empty box (a gr.Number would read 0)
+            from ..widgets import optional_number
+
+            return optional_number(None, label, info=p.help)
         return gr.Number(p.default, label=label, info=p.help, precision=0 if p.type is int else None,
                          minimum=lo, maximum=hi)
     return gr.Textbox("" if p.default is None else str(p.default), label=label, info=p.help)

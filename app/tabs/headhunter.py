@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..core import TabSpec, register_tab
 from ..serving import endpoint
-from ..widgets import model_name
+from ..widgets import model_name, number_or_none
 
 DEFAULT_PROMPTS = "a red circle and a blue square\na green triangle above a yellow circle"
 
@@ -61,8 +61,9 @@ def build(ctx):
         n_seeds = lim.count(seeds, lim.max_seeds, "prompt-seed pairs")
         n_rounds = lim.count(rounds, lim.max_rounds, "rounds")
         kw = {"num_inference_steps": lim.steps(steps) or 8}
-        if guidance is not None and guidance != "":
-            kw["guidance_scale"] = float(guidance)
+        w = number_or_none(guidance, "guidance")
+        if w is not None:
+            kw["guidance_scale"] = w
         fn = make_objective(objective)
         with ctx.pool.acquire(model_name(ctx, model)) as pipe:
             from diffattn.methods.softpag import PERTURBABLE_KINDS

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ..core import TabSpec, register_tab
 from ..serving import AppInputError, endpoint, read_image
-from ..widgets import Progress, model_name
+from ..widgets import Progress, model_name, number_or_none, optional_number
 
 UAM_MODEL = "tiny-sd"  # as the CLI's invert / edit: the UNet testbed model (the paper's architecture)
 LABELS = {"source": "source prompt", "empty": "empty prompt", "uniform": "uniform maps (UAM)"}
@@ -54,7 +54,7 @@ def build(ctx):
             target = gr.Textbox("", label="target prompt (the source with one word swapped)", elem_id="uam-target")
             with gr.Accordion("Advanced", open=False):
                 steps = gr.Number(min(10, lim.max_steps), label=f"steps (at most {lim.max_steps})", precision=0)
-                guidance = gr.Number(None, label="CFG of the edit's branches (empty: the model's default)", minimum=0)
+                guidance = optional_number(None, "CFG of the edit's branches (empty: the model's default)")
                 with gr.Row():
                     blend = gr.Dropdown(list(BLENDS), value=DEFAULTS["blend"], label="blend")
                     convention = gr.Dropdown(list(MASK_CONVENTIONS), value=DEFAULTS["mask_convention"],
@@ -108,7 +108,7 @@ def build(ctx):
         if picture is None:
             raise AppInputError("upload an image first (or take a testbed sample)")
         n = lim.steps(steps)
-        w = None if guidance in (None, "") else float(guidance)
+        w = number_or_none(guidance, "guidance")
         with ctx.pool.acquire(model_name(ctx, model)) as pipe:
             uam = UAMPipeline(pipe, progress=False, mask_convention=convention, blend=blend,
                               mask_timestep=float(mask_t), quantile=float(quantile), dilation=int(dilation))
