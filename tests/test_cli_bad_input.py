@@ -48,6 +48,8 @@ CASES = [
     (["generate", P, "--method", "softpag", "--heads", "{d}/bad.json"], ["not valid JSON"]),
     (["generate", P, "--method", "softpag", "--heads", "{d}/empty.json"], ["selects no head", "--top-k"]),
     (["generate", P, "--method", "softpag", "--heads", "{d}/notpreset.json"], ["not a SoftPAG preset"]),
+    (["generate", P, "--method", "softpag", "--heads", "{d}/other.json"], ["made for 'other/model'", "tiny-sd3"]),
+    (["generate", P, "--method", "softpag", "--heads", "{d}/badhead.json"], ["head(s) [9]"]),
     (["generate", P, "--method", "softpag", "--heads", "transformer_blocks.9"], ["transformer_blocks.9", "names no site"]),
     (["generate", P, "--method", "softpag", "--heads", "transformer_blocks.1:7"], ["head(s) [7]", "0-3"]),
     (["generate", P, "--method", "astar", "--concepts", "🔴"], ["concept", "🔴"]),
@@ -148,6 +150,8 @@ def inputs(tmp_path_factory):
     (d / "bad.json").write_text("{not json")
     (d / "empty.json").write_text(json.dumps({"model": "tiny-sd3", "heads": [], "scale": 2}))  # headhunt --top-k 0 once wrote this
     (d / "notpreset.json").write_text(json.dumps({"layers": [1, 2]}))
+    (d / "other.json").write_text(json.dumps({"model": "other/model", "heads": [["transformer_blocks.1.attn", 0, 1.0]]}))
+    (d / "badhead.json").write_text(json.dumps({"model": "tiny-sd3", "heads": [["transformer_blocks.1.attn", 9, 1.0]]}))
     (d / "notpipe").mkdir()
     (d / "badmarker").mkdir()
     (d / "badmarker" / "model_index.json").write_text("{}")

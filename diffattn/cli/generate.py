@@ -193,6 +193,11 @@ def run(args):
     if method is not None:
         built = method.build(pipe, **{**method_defaults(method.name, pipe), **params})
         built.check(args.prompt)  # the method's input is checked before any image is made
+        if built.control is not None:  # its sites / heads / preset model resolve on this model, before any image
+            from ..engine import attach
+
+            with attach(pipe, built.control):
+                pass
     pipe.set_progress_bar_config(disable=args.no_progress, leave=False, desc="baseline")
     images = pipe(args.prompt, generator=torch.Generator(args.device).manual_seed(args.seed), **kw).images
     labels, rows = ["baseline"], []
