@@ -57,6 +57,7 @@ _EXPORTS = {
     "LimitError": "diffattn.errors",
     "PathError": "diffattn.errors",
     "ModelLoadError": "diffattn.errors",
+    "WorkflowError": "diffattn.errors",
     # the method registry (what the CLI, the app and the node pack offer); `da.methods` is the
     # subpackage, so the listing is `diffattn.methods.registry.methods()`
     "Method": "diffattn.methods.registry",

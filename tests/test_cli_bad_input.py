@@ -55,6 +55,9 @@ CASES = [
     (["generate", P, "--method", "astar", "--concepts", "🔴"], ["concept", "🔴"]),
     (["generate", P, "--method", "astar", "--concepts", "square"], ["square", "not in the prompt"]),
     (["generate", P, "--method", "astar", "--astar-loss", "x"], ["--astar-loss", "choose one of"]),
+    (["generate", P, "--method", "astar", "--astar-text-keys", "bert"], ["--astar-text-keys", "choose one of"]),
+    (["generate", P, "--method", "softpag", "--target", "blur"], ["--target", "choose one of"]),
+    (["generate", P, "--method", "softpag", "--astar-center-tokens", "true"], ["--astar-center-tokens", "--method astar"]),
     # generate: models and devices
     (["generate", P, "--model", "tiny-sdx"], ["unknown model 'tiny-sdx'", "tiny-sd3", "tiny-sd"]),
     (["generate", P, "--model", "{d}/notpipe"], ["not a diffusers pipeline folder", "model_index.json"]),

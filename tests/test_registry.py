@@ -15,10 +15,13 @@ def test_builtin_methods_are_registered_with_their_parameters():
     assert names[:2] == ["softpag", "astar"]
     softpag, astar = get_method("softpag"), get_method("astar")
     assert softpag.kind == "control" and astar.kind == "pipeline"
-    assert [p.name for p in softpag.params] == ["heads", "scale", "strength"]
+    assert [p.name for p in softpag.params] == ["heads", "scale", "strength", "target", "semantics"]
+    assert [p.name for p in astar.params] == ["concepts", "loss", "temperature", "text_keys", "center_tokens"]
+    assert astar.param("text_keys").cli_flag == "--astar-text-keys" and astar.param("center_tokens").type is bool
     assert astar.param("loss").choices == ("astar", "ae", "segregation", "retention")
     assert astar.param("loss").cli_flag == "--astar-loss" and softpag.param("heads").cli_flag == "--heads"
-    assert softpag.defaults() == {"heads": "mid", "scale": None, "strength": None}
+    assert softpag.defaults() == {"heads": "mid", "scale": None, "strength": None, "target": "identity",
+                                  "semantics": "joint"}
     assert da.get_method is get_method and da.Param is Param and da.Method is Method
 
 
@@ -33,7 +36,11 @@ def test_unknown_names_and_bad_values_are_method_errors():
         softpag.resolve(strength=1.5)
     with pytest.raises(MethodError, match="loss='nope': choose one of astar, ae"):
         astar.resolve(loss="nope")
-    assert softpag.resolve(scale="3") == {"heads": "mid", "scale": 3.0, "strength": None}
+    assert softpag.resolve(scale="3") == {"heads": "mid", "scale": 3.0, "strength": None, "target": "identity",
+                                          "semantics": "joint"}
+    with pytest.raises(MethodError, match="center_tokens='maybe': expected true or false"):
+        astar.resolve(center_tokens="maybe")
+    assert astar.resolve(center_tokens="true")["center_tokens"] is True
     assert isinstance(MethodError("x"), ValueError)
 
 
@@ -100,7 +107,8 @@ def test_every_error_lives_in_diffattn_errors_with_its_category():
                   "ConfigError": ValueError, "LayoutError": ValueError, "ConceptError": ValueError,
                   "ObjectiveError": ValueError, "ImageInputError": ValueError, "EditPromptError": ValueError,
                   "KernelError": ValueError, "MethodError": ValueError, "UnknownMethodError": KeyError,
-                  "UsageError": ValueError, "LimitError": ValueError, "PathError": OSError, "ModelLoadError": OSError}
+                  "UsageError": ValueError, "LimitError": ValueError, "PathError": OSError, "ModelLoadError": OSError,
+                  "WorkflowError": ValueError}
     for name, category in categories.items():
         cls = getattr(errors, name)
         assert issubclass(cls, DiffattnError) and issubclass(cls, category), name

@@ -215,7 +215,7 @@ def methods() -> tuple[Method, ...]:
 # Their factories import the method modules (torch) only when built.
 
 
-def _softpag(pipe, *, heads="mid", scale=None, strength=None) -> MethodRun:
+def _softpag(pipe, *, heads="mid", scale=None, strength=None, target="identity", semantics="joint") -> MethodRun:
     from ..engine import attach
     from .softpag import SoftPAG, is_preset, load_preset, middle_layer
 
@@ -224,7 +224,7 @@ def _softpag(pipe, *, heads="mid", scale=None, strength=None) -> MethodRun:
     elif isinstance(heads, str) and heads.endswith(".json"):
         heads = load_preset(heads)
     scale = scale if scale is not None or is_preset(heads) else 2.0
-    control = SoftPAG(heads, strength=strength, scale=scale)  # None: the preset's values
+    control = SoftPAG(heads, strength=strength, scale=scale, target=target, semantics=semantics)  # None: the preset's
 
     def run(prompt, generator=None, **call_kwargs):
         with attach(pipe, control):
@@ -246,10 +246,12 @@ def split_concepts(concepts):
     return concepts
 
 
-def _astar(pipe, *, concepts=None, loss="astar", temperature=None) -> MethodRun:
+def _astar(pipe, *, concepts=None, loss="astar", temperature=None, text_keys="auto", center_tokens=False) -> MethodRun:
     from ..pipelines.astar import AStarConfig, AStarPipeline
 
-    overrides = {} if temperature is None else {"temperature": float(temperature)}
+    overrides = {"text_keys": text_keys, "center_tokens": bool(center_tokens)}
+    if temperature is not None:
+        overrides["temperature"] = float(temperature)
     astar = AStarPipeline(pipe, getattr(AStarConfig, ASTAR_LOSSES[loss])(**overrides))
     concepts = split_concepts(concepts)
 
@@ -273,6 +275,11 @@ register_method(Method(
         Param("scale", float, None, "guidance scale (default 2, or the preset's)", range=(0.0, None)),
         Param("strength", float, None, "strength u in [0, 1] (default 1, or the preset's per-head u)",
               range=(0.0, 1.0)),
+        Param("target", str, "identity", "the map the chosen heads move toward: identity (PAG), uniform or "
+                                         "meanquery (SEG as sigma -> inf)", choices=("identity", "uniform", "meanquery")),
+        Param("semantics", str, "joint", "joint-attention semantics of the perturbation: joint (the paper's "
+                                         "code), image, image-self (diffusers' SD3 PAG)",
+              choices=("joint", "image", "image-self")),
     ),
     factory=_softpag,
     paper="Ahn et al., Fine-Grained Perturbation Guidance via Attention Head Selection (arXiv 2506.10978)",
@@ -288,6 +295,10 @@ register_method(Method(
                                     "A-STAR loss alone", choices=tuple(ASTAR_LOSSES), flag="--astar-loss"),
         Param("temperature", float, None, "the T of softmax(T·A) over text tokens (default 100; testbed "
                                           "tiny-sd3: 1000)", range=(0.0, None), flag="--astar-temperature"),
+        Param("text_keys", str, "auto", "whose tokens the concepts are: auto, clip or t5 (SD3: T5 finds words past "
+                                        "CLIP's 77 tokens)", choices=("auto", "clip", "t5"), flag="--astar-text-keys"),
+        Param("center_tokens", bool, False, "subtract each token's mean attention over the image first (when one "
+                                            "token saturates the maps): true or false", flag="--astar-center-tokens"),
     ),
     factory=_astar,
     paper="Agarwal et al., A-STAR: Test-time Attention Segregation and Retention (ICCV 2023); Chefer et al., "
