@@ -211,15 +211,17 @@ def get_control_node(name: str, where: str = "") -> ControlNode:
     return CONTROL_NODES[name]
 
 
-def _build_softpag(sites, *, heads="mid", strength=1.0, scale=2.0, preset="", translate=None):
+def _build_softpag(sites, *, heads="mid", strength=1.0, scale=2.0, preset="", target="identity", semantics="joint",
+                   translate=None):
     from .methods.softpag import SoftPAG, load_preset
 
     if preset:
         data = load_preset(preset)
         entries = [(site, int(h), float(rest[0]) * strength if rest else strength)
                    for site, h, *rest in translate_preset(data, sites, translate)]
-        return SoftPAG(entries, scale=scale)
-    return SoftPAG(parse_heads(heads, sites, strength), strength=strength, scale=scale)
+        return SoftPAG(entries, scale=scale, target=target, semantics=semantics)
+    return SoftPAG(parse_heads(heads, sites, strength), strength=strength, scale=scale, target=target,
+                   semantics=semantics)
 
 
 def _build_uniform(sites, *, sites_selector="auto", strength=1.0, mode="auto"):
@@ -239,6 +241,8 @@ register_control_node(ControlNode(
                                                          "multiplies the preset's per-head u"),
         replace(_sp.param("scale"), default=2.0, help="guidance scale s of the perturbed branch"),
         Param("preset", str, "", "a HeadHunter preset JSON file (replaces heads when given)"),
+        _sp.param("target"),
+        _sp.param("semantics"),
     ),
     build=lambda site_list, translate=None, **v: _build_softpag(site_list, translate=translate, **v),
     kinds=PERTURBABLE, guidance=True,

@@ -451,7 +451,7 @@ def test_bad_input(tiny_pipe):
 
 
 def test_registry_method_gives_images_and_maps(tiny_pipe):
-    from diffattn.cli.common import compose, maps_row
+    from diffattn.cli.common import COLORBAR_WIDTH, compose, maps_row
     from diffattn.methods.registry import get_method
 
     pipe = tiny_pipe("sd3")
@@ -464,7 +464,7 @@ def test_registry_method_gives_images_and_maps(tiny_pipe):
     assert run.label == "A-STAR" and len(images) == 1 and list(out.maps[0]) == ["circle", "square"]
     assert isinstance(run.pipeline, AStarPipeline) and run.control is None
     row = maps_row(out.maps[0], images[0].width * 4)
-    assert row.width == 2 * images[0].width * 4  # two concepts, each as wide as the upscaled image
+    assert row.width == 2 * images[0].width * 4 + COLORBAR_WIDTH  # two concepts as wide as the upscaled image, a bar
     assert compose(images[0], [("maps", row)]).height == images[0].height + row.height
     with pytest.raises(ConceptError, match="triangle"):  # checked before any image
         get_method("astar").build(pipe, concepts="circle,triangle").check(prompt)

@@ -267,7 +267,7 @@ def test_classic_node_contracts():
                         tuple(x for x in p.range if x is not None)
         assert node_id in N.NODE_DISPLAY_NAME_MAPPINGS
     sp = N.NODE_CLASS_MAPPINGS["DiffattnSoftPAG"].INPUT_TYPES()["required"]
-    assert set(sp) == {"model", "heads", "strength", "scale", "preset"}
+    assert set(sp) == {"model", "heads", "strength", "scale", "preset", "target", "semantics"}
 
 
 def _fake_io():

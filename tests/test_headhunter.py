@@ -281,6 +281,7 @@ def test_two_processes_find_what_one_process_finds(tiny_clip, tmp_path):
 
     def run(n):
         out = tmp_path / f"n{n}"
+        out.mkdir()  # the CLI checks --out's directory before the search
         launcher = [] if n == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr",
                                       "127.0.0.1", "--master_port", str(_free_port())]
         cmd = [sys.executable, *launcher, *args, "--state-dir", str(out / "state"), "--out", str(out / "preset.json"),

@@ -426,7 +426,7 @@ def test_cli_invert_and_edit(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:  # bad input: its message, no traceback, status 2
         main(["edit", str(path), "--target", " ", "--steps", "4", "--out", str(tmp_path / "bad.png")])
     assert exit_info.value.code == 2
-    assert "target prompt is empty" in capsys.readouterr().err
+    assert "--target is empty: write some words" in capsys.readouterr().err  # refused at the argument, before loading
 
 
 # ----------------------------------------------------------------------------- bad input
