@@ -83,3 +83,27 @@ def test_repr_of_the_method_records():
 
     for m in methods():
         assert m.name in repr(m)
+
+
+def test_public_constructors_refuse_values_that_would_do_nothing_or_explode(tiny_pipe):
+    """The boundary checks of the Python API (the CLI's are in test_cli_bad_input.py)."""
+    import math
+
+    import pytest
+
+    import diffattn as da
+
+    pipe = tiny_pipe("sd3")
+
+    def objective(images, prompts):
+        return [0.0] * len(images)
+
+    for kw, words in ((dict(top_k=0), "top_k=0"), (dict(top_k=-1), "top_k=-1"), (dict(rounds=0), "rounds=0"),
+                      (dict(batch_size=0), "batch_size=0"), (dict(scale=math.nan), "scale=nan"),
+                      (dict(strength=1.5), "strength=1.5"),
+                      (dict(candidates=[]), "no candidate heads")):
+        with pytest.raises(da.ControlError, match=words):
+            da.HeadHunter(pipe, objective, ["a red circle"], [0], **kw)
+    for sites in ([], (), "", None):
+        with pytest.raises(da.ControlError, match="selects no site"):
+            da.UniformAttention(sites)

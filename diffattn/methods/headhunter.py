@@ -49,6 +49,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -339,6 +340,12 @@ def _key(heads: Sequence[Head]) -> str:
     return "|".join(f"{s}:{h}" for s, h in sorted(heads)) or "none"
 
 
+def _check_count(name: str, value, what: str) -> None:
+    """``value`` is an integer >= 1 (``what`` says what it counts), else a ControlError."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ControlError(f"{name}={value!r}: the number of {what}, an integer >= 1")
+
+
 class HeadHunter:
     """Greedy head search (see the module docstring).
 
@@ -365,6 +372,13 @@ class HeadHunter:
             raise ControlError("HeadHunter needs at least one prompt and one seed")
         if not callable(objective):
             raise ObjectiveError(f"the objective must be a callable (images, prompts) -> scores, got {objective!r}")
+        _check_count("top_k", top_k, "heads to select per round")
+        _check_count("rounds", rounds, "search rounds")
+        _check_count("batch_size", batch_size, "images per denoiser batch")
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale >= 0):
+            raise ControlError(f"scale={scale!r}: the guidance scale s of the search is a finite number >= 0")
+        if not (isinstance(strength, (int, float)) and 0.0 <= strength <= 1.0):
+            raise ControlError(f"strength={strength!r}: u lies in [0, 1] (1 = PAG)")
         self.pipe, self.objective = pipe, objective
         self.model = model_id(getattr(pipe, "transformer", None) or pipe.unet)  # what presets and settings record
         if isinstance(objective, ImageTextObjective) and objective.device is None and hasattr(pipe, "device"):
@@ -378,6 +392,8 @@ class HeadHunter:
             if site not in self.layout or not 0 <= head < self.layout[site]:
                 raise ControlError(f"candidate head ({site!r}, {head}) does not exist; sites: {list(self.layout)[:8]} ...")
         self.candidates = [tuple(c) for c in candidates]
+        if not self.candidates:
+            raise ControlError("no candidate heads: give candidates='all' or a non-empty list of (site, head)")
         self.top_k, self.rounds, self.stop_without_gain = top_k, rounds, stop_without_gain
         self.scale, self.strength, self.semantics = scale, strength, semantics
         self.batch_size, self.progress, self.call_kwargs = batch_size, progress, call_kwargs

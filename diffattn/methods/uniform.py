@@ -178,6 +178,9 @@ class UniformAttention(Control):
         if mode not in MODES:
             raise ControlError(f"mode={mode!r}: use 'auto', 'replace' (uniform map over the keys) or 'share' "
                                f"(segment-uniform: keep the keys' share)")
+        if sites is None or (isinstance(sites, (list, tuple, set, dict, str)) and not sites):
+            raise ControlError(f"sites={sites!r} selects no site, so the control would do nothing; use 'auto' or a "
+                               f"selector naming cross / joint / single-stream sites")
         super().__init__(sites=self._site_filter, heads=heads, steps=steps, branches=branches)
         self.site_spec = sites
         self.strength = _check_strength(strength)
