@@ -35,6 +35,7 @@ it patches. The shared heads language is :func:`parse_heads`.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -226,7 +227,12 @@ def _build_softpag(sites, *, heads="mid", strength=1.0, scale=2.0, preset="", ta
 
 def _build_uniform(sites, *, sites_selector="auto", strength=1.0, mode="auto"):
     from .methods.uniform import UniformAttention
+    from .sites import select
 
+    if isinstance(sites_selector, str) and sites_selector.strip() != "auto":
+        # resolved here, against this model's sites, so a selector naming nothing is refused
+        # where the caller can name the control and its field (not later, at attach)
+        select(sites, sites_selector)
     return UniformAttention(sites_selector, strength=strength, mode=mode)
 
 
@@ -268,6 +274,7 @@ register_control_node(ControlNode(
 
 SAMPLING_FIELDS = {"prompt": str, "negative_prompt": str, "seed": int, "steps": int, "guidance": float,
                    "height": int, "width": int}
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits (as the CLI's --seed)
 
 
 @dataclass
@@ -361,23 +368,45 @@ def load_workflow(source) -> Workflow:
     for k, v in sampling.items():
         if k not in SAMPLING_FIELDS:
             raise WorkflowError(f"{where}: sampling field {k!r} is unknown; fields: {', '.join(SAMPLING_FIELDS)}")
-        t = SAMPLING_FIELDS[k]
-        ok = isinstance(v, str) if t is str else (isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                  and (t is float or float(v).is_integer()))
-        if not ok:
-            raise WorkflowError(f"{where}: sampling field {k!r}: expected {t.__name__}, got {v!r}")
-        if t is not str and (v < 0 or (k in ("steps", "height", "width") and v < 1)):
-            raise WorkflowError(f"{where}: sampling field {k!r}: {v!r} is out of range")
-        checked[k] = t(v)
-    if not checked.get("prompt"):
-        raise WorkflowError(f"{where}: sampling field 'prompt' is missing")
+        checked[k] = _sampling_value(where, k, v)
+    if not checked.get("prompt", "").strip():
+        raise WorkflowError(f"{where}: sampling field 'prompt' is "
+                            f"{'missing' if 'prompt' not in checked else 'empty: write some words'}")
     return Workflow(model.strip(), resolved, checked, where)
 
 
-def run_workflow(workflow, load_model: Callable[[str], Any], *, generator_device: str = "cpu"):
+def _sampling_value(where: str, k: str, v):
+    """One sampling field checked: its type, finite (JSON reads ``NaN`` / ``Infinity``), whole
+    where it must be, and in range (``seed`` 0 to 2**64 - 1; ``steps`` / ``height`` / ``width``
+    at least 1; ``guidance`` at least 0)."""
+    t = SAMPLING_FIELDS[k]
+    at = f"{where}: sampling field {k!r}"
+    if t is str:
+        if not isinstance(v, str):
+            raise WorkflowError(f"{at}: expected str (text), got {v!r}")
+        return v
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise WorkflowError(f"{at}: expected {t.__name__}, got {v!r}")
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            raise WorkflowError(f"{at}: {v!r} is not finite; give a finite number")
+        if t is int and not v.is_integer():
+            raise WorkflowError(f"{at}: expected int (a whole number), got {v!r}")
+    lo, hi = {"seed": (0, SEED_MAX), "guidance": (0, None)}.get(k, (1, None))
+    if v < lo or (hi is not None and v > hi):
+        bounds = "0 to 2**64 - 1" if k == "seed" else f"at least {lo}"
+        raise WorkflowError(f"{at}: {v!r} is out of range ({k} must be {bounds})")
+    return t(v)
+
+
+def run_workflow(workflow, load_model: Callable[[str], Any], *, generator_device: str = "cpu",
+                 check: Callable[[Any, "Workflow"], None] | None = None):
     """Run a workflow: ``load_model(name) -> pipeline`` (a frontend passes its loader in), the
     controls attached with ``diffattn.attach``, one pipeline call. Returns the pipeline output.
-    A model the loader cannot load is a :class:`WorkflowError` naming the ``model`` field."""
+    A model the loader cannot load is a :class:`WorkflowError` naming the ``model`` field.
+    ``check(pipe, workflow)``, when given, runs once the model is loaded and the controls are
+    built and attached, before anything is sampled (a frontend's checks of the sizes and the
+    prompt against the model)."""
     import torch
 
     from .engine import attach
@@ -393,4 +422,6 @@ def run_workflow(workflow, load_model: Callable[[str], Any], *, generator_device
     s = wf.sampling
     generator = torch.Generator(generator_device).manual_seed(int(s.get("seed", 0)))
     with attach(pipe, *controls):
+        if check is not None:
+            check(pipe, wf)
         return pipe(s["prompt"], generator=generator, **wf.call_kwargs())

@@ -574,3 +574,201 @@ def test_step_and_branches_from_extra_options():
     assert isinstance(st, StepState) and st.index == 1 and st.num_steps == 3 and st.sigma == 2.0
     assert A.branches_from(e, 4) == {"uncond": slice(0, 2), "cond": slice(2, 4)}
     assert A.branches_from(e, 4, "perturbed") == {"perturbed": slice(0, 4)}
+
+
+# ----------------------------------------------------------------------------- reviewed defects
+
+
+def test_readme_heads_language_through_the_node_class(comfy_hooks):
+    """The README's ``m0: 0,3; u1: 1=0.5`` (and ComfyUI block names before a ``:``) through the
+    real node class: ``;`` stays the item separator, only the selector part is translated."""
+    from diffattn.comfy.adapter import comfy_selector
+
+    dm = TinyComfyUNet(heads=4, dim_head=4)
+    cls = N.NODE_CLASS_MAPPINGS["DiffattnSoftPAG"]
+    node = cls.diffattn_node
+    cases = {
+        "m0: 0,3; u1: 1=0.5": {"middle_block.1.transformer_blocks.0.attn1": [1, 0, 0, 1],
+                               "output_blocks.1.1.transformer_blocks.0.attn1": [0, 0.5, 0, 0]},
+        "m0: 0; u1: 1": {"middle_block.1.transformer_blocks.0.attn1": [1, 0, 0, 0],
+                         "output_blocks.1.1.transformer_blocks.0.attn1": [0, 1, 0, 0]},
+        "input 3: 0,3": {"input_blocks.3.1.transformer_blocks.0.attn1": [1, 0, 0, 1]},
+        "middle 0: 2; output 2: 1=0.25": {"middle_block.1.transformer_blocks.0.attn1": [0, 0, 1, 0],
+                                          "output_blocks.2.1.transformer_blocks.0.attn1": [0, 0.25, 0, 0]},
+    }
+    assert comfy_selector("input 4: 0,3; u1: 1=0.5") == "input_blocks.4: 0,3; u1: 1=0.5"
+    for heads, want in cases.items():
+        (patched,) = cls().patch(FakePatcher(dm), heads=heads, strength=1.0, scale=2.0, preset="")
+        assert len(patched.post_cfg) == 1, heads
+        _, control = N.build_engine(node, FakePatcher(dm), node.resolve(
+            {"heads": heads, "strength": 1.0, "scale": 2.0, "preset": ""}))
+        assert {k: v.tolist() for k, v in control.u.items()} == want, heads
+
+
+class _DiTBlock(torch.nn.Module):
+    def __init__(self, heads=4, head_dim=4):
+        super().__init__()
+        self.x_block = torch.nn.Module()
+        self.x_block.attn = torch.nn.Module()
+        self.x_block.attn.num_heads = heads
+        self.x_block.attn.qkv = torch.nn.Linear(heads * head_dim, 3 * heads * head_dim)
+
+
+class TinyComfyDiT(torch.nn.Module):
+    """The parts of a ComfyUI SD3 ``MMDiT`` (``joint_blocks``) or FLUX (``double_blocks`` +
+    ``single_blocks``) the pack reads: block lists whose attention names its heads."""
+
+    def __init__(self, kind="sd3", n=6, n_single=2):
+        super().__init__()
+        if kind == "sd3":
+            self.joint_blocks = torch.nn.ModuleList(_DiTBlock() for _ in range(n))
+        else:
+            self.double_blocks = torch.nn.ModuleList(_DiTBlock() for _ in range(n))
+            self.single_blocks = torch.nn.ModuleList(_DiTBlock() for _ in range(n_single))
+
+
+def test_dit_refuses_semantics_that_need_the_text_split(comfy_hooks):
+    """ComfyUI's DiT attention call carries no text length: SoftPAG semantics image / image-self
+    would silently act as joint there, so the node refuses them (naming the fix); joint works."""
+    from diffattn.errors import ControlError
+
+    cls = N.NODE_CLASS_MAPPINGS["DiffattnSoftPAG"]
+    for kind in ("sd3", "flux"):
+        for semantics in ("image", "image-self"):
+            with pytest.raises(ControlError, match=r"semantics='image.*'joint'"):
+                cls().patch(FakePatcher(TinyComfyDiT(kind)), heads="all", strength=1.0, scale=2.0, preset="",
+                            semantics=semantics)
+        (patched,) = cls().patch(FakePatcher(TinyComfyDiT(kind)), heads="all", strength=1.0, scale=2.0, preset="",
+                                 semantics="joint")
+        assert len(patched.post_cfg) == 1
+    # on a UNet the semantics have no text to split either way: accepted
+    (patched,) = cls().patch(FakePatcher(TinyComfyUNet()), heads="mid", strength=1.0, scale=2.0, preset="",
+                             semantics="image")
+    assert len(patched.post_cfg) == 1
+    uni = N.NODE_CLASS_MAPPINGS["DiffattnUniformAttention"]
+    with pytest.raises(ControlError, match="UniformAttention"):
+        uni().patch(FakePatcher(TinyComfyDiT()), sites="auto", strength=1.0, mode="auto")
+
+
+def test_dit_preset_maps_to_comfy_blocks(comfy_hooks):
+    """A HeadHunter preset made on a DiT (the shipped tiny-sd3 one: ``transformer_blocks.N.attn``)
+    loads in ComfyUI: SD3 ``joint_blocks.N``, FLUX ``double_blocks.N`` / ``single_blocks.N``."""
+    import json
+    from pathlib import Path
+
+    preset = Path(__file__).resolve().parents[1] / "assets" / "presets" / "tiny-sd3-fidelity.json"
+    entries = json.loads(preset.read_text())["heads"]
+    cls = N.NODE_CLASS_MAPPINGS["DiffattnSoftPAG"]
+    node = cls.diffattn_node
+    (patched,) = cls().patch(FakePatcher(TinyComfyDiT("sd3")), heads="mid", strength=1.0, scale=2.0,
+                             preset=str(preset))
+    assert len(patched.post_cfg) == 1
+    _, control = N.build_engine(node, FakePatcher(TinyComfyDiT("sd3")), node.resolve(
+        {"preset": str(preset), "strength": 0.5}))
+    want = {}
+    for site, head, u in entries:
+        want.setdefault(site.replace("transformer_blocks", "joint_blocks").removesuffix(".attn"), {})[head] = u * 0.5
+    got = {name: {h: float(x) for h, x in enumerate(v) if x} for name, v in control.u.items()}
+    assert got == want
+    flux = TinyComfyDiT("flux")
+    tr = N._preset_translator(A.comfy_sites(flux), flux)
+    assert tr("transformer_blocks.3.attn") == "double_blocks.3"
+    assert tr("single_transformer_blocks.1.attn") == "single_blocks.1"
+    assert tr("single_transformer_blocks.7.attn") is None and tr("transformer_blocks.3.attn.to_q") is None
+    (patched,) = cls().patch(FakePatcher(flux), heads="mid", strength=1.0, scale=2.0, preset=str(preset))
+    assert len(patched.post_cfg) == 1
+
+
+def test_branches_from_multi_cond_batches():
+    """Every row of each kind, also with several conds per kind ([0, 0, 1], [0, 1, 0]); a batch that
+    does not split into the chunks is refused."""
+    from diffattn.errors import ControlError
+
+    e = {"cond_or_uncond": [0, 0, 1]}
+    assert A.branches_from(e, 6) == {"cond": slice(0, 4), "uncond": slice(4, 6)}
+    assert A.batch_order(e, 6) is None
+    e = {"cond_or_uncond": [0, 1, 0]}
+    assert A.branches_from(e, 6) == {"cond": slice(0, 4), "uncond": slice(4, 6)}
+    assert A.batch_order(e, 6) == [0, 1, 4, 5, 2, 3]
+    assert A.batch_order(e, 6, "perturbed") is None
+    with pytest.raises(ControlError, match="not a multiple of 2"):
+        A.branches_from({"cond_or_uncond": [0, 1]}, 5)
+    # through a replace patch: a control on the cond rows acts on rows 0, 1 (cond), not 2 (uncond)
+    torch.manual_seed(0)
+    h, d, n = 2, 4, 5
+    site = _site("x", "cross", h, d)
+    csite = A.ComfySite(site, "attn2", ("input", 1, 0))
+    engine = A.ComfyEngine([csite], [UniformAttention("x", strength=1.0, branches="cond")]).attach()
+    patch = A.replace_patch(engine, csite)
+    q, k, v = (torch.randn(3, n, h * d) for _ in range(3))
+    out = patch(q, k, v, {"n_heads": h, "cond_or_uncond": [0, 1, 0]})
+    uniform = v.mean(1, keepdim=True).expand(-1, n, -1)
+    plain = comfy_optimized_attention(q, k, v, h)
+    for row, kind in enumerate(("cond", "uncond", "cond")):
+        assert torch.allclose(out[row], (uniform if kind == "cond" else plain)[row], atol=1e-6), row
+    with pytest.raises(ControlError):
+        patch(q[:2], k[:2], v[:2], {"n_heads": h, "cond_or_uncond": [0, 1, 0]})
+
+
+@pytest.mark.parametrize("skip_reshape", [False, True])
+@pytest.mark.parametrize("u", [0.5, {0: 0.3, 1: 1.0}])
+def test_softpag_dit_override_equals_diffusers_joint_processor(tiny_pipe, u, skip_reshape):
+    """SoftPAG's perturbed joint attention through the DiT ``optimized_attention_override`` (ComfyUI's
+    ``[txt, img]`` order, ``skip_reshape`` both ways) equals diffattn's SD3 joint processor (fp32)."""
+    from diffattn import attach
+
+    pipe = tiny_pipe("sd3")
+    tr = pipe.transformer
+    name = "transformer_blocks.0.attn"  # the last block is context_pre_only (no text output)
+    module = tr.get_submodule(name)
+    heads = {name: u} if isinstance(u, dict) else {name: "all"}
+    strength = 1.0 if isinstance(u, dict) else u
+    seen, hook = _capture(module)
+    g = torch.Generator().manual_seed(0)
+    cfg = tr.config
+    sample = torch.randn(2, cfg.in_channels, 8, 8, generator=g)
+    ctx = torch.randn(2, 7, cfg.joint_attention_dim, generator=g)
+    pooled = torch.randn(2, cfg.pooled_projection_dim, generator=g)
+    try:
+        with torch.no_grad(), attach(tr, SoftPAG(heads, strength=strength, scale=2.0)) as handle, \
+                handle.branches(lambda batch: {"perturbed": slice(0, batch)}):
+            tr(sample, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=torch.tensor([500.0, 500.0]))
+    finally:
+        hook.remove()
+    x, c = seen["x"], seen["ctx"]
+    ref_img, ref_txt = seen["out"]
+    b, n_img, n_txt, hn = x.shape[0], x.shape[1], c.shape[1], module.heads
+    dh = module.to_q.out_features // hn
+
+    def heads_of(t):
+        return t.view(b, -1, hn, dh).transpose(1, 2)
+
+    def norm(f, t):  # the processor's optional q/k norms
+        return t if f is None else f(t)
+
+    with torch.no_grad():
+        q, k, v = heads_of(module.to_q(x)), heads_of(module.to_k(x)), heads_of(module.to_v(x))
+        q, k = norm(module.norm_q, q), norm(module.norm_k, k)
+        cq, ck, cv = heads_of(module.add_q_proj(c)), heads_of(module.add_k_proj(c)), heads_of(module.add_v_proj(c))
+        cq, ck = norm(module.norm_added_q, cq), norm(module.norm_added_k, ck)
+        q, k, v = (torch.cat([t_txt, t_img], dim=2) for t_txt, t_img in ((cq, q), (ck, k), (cv, v)))  # ComfyUI: [txt, img]
+        if not skip_reshape:
+            q, k, v = A.from_heads(q), A.from_heads(k), A.from_heads(v)
+        site = _site("joint_blocks.0", "joint", hn, dh)
+        csite = A.ComfySite(site, dit_key=("double", 0))
+        spec = {site.name: u} if isinstance(u, dict) else {site.name: "all"}
+        engine = A.ComfyEngine([csite], [SoftPAG(spec, strength=strength, scale=2.0)]).attach()
+        override = A.attention_override(engine, branch="perturbed")
+        opts = {"optimized_attention_override": override, "block_type": "double", "block_index": 0}
+        out = wrap_attn(comfy_optimized_attention)(q, k, v, hn, skip_reshape=skip_reshape,
+                                                   skip_output_reshape=skip_reshape, transformer_options=opts)
+        plain = comfy_optimized_attention(q, k, v, hn, skip_reshape=skip_reshape, skip_output_reshape=skip_reshape)
+        assert not torch.allclose(out, plain, atol=1e-4)  # the perturbation did act
+        if skip_reshape:
+            assert out.shape == (b, hn, n_txt + n_img, dh)
+            out = A.from_heads(out)
+        txt, img = out[:, :n_txt], out[:, n_txt:]
+        img = module.to_out[1](module.to_out[0](img))
+        txt = module.to_add_out(txt)
+    assert torch.allclose(img, ref_img, atol=1e-5), (img - ref_img).abs().max()
+    assert torch.allclose(txt, ref_txt, atol=1e-5), (txt - ref_txt).abs().max()

@@ -72,6 +72,15 @@ def _wf(**over):
     (_wf(sampling={"prompt": "x", "stepz": 2}), ["'stepz'", "unknown"]),
     (_wf(controls={"node": "SoftPAG"}), ["'controls'", "list"]),
     (_wf(extra=1), ["'extra'"]),
+    (_wf(sampling={"prompt": "x", "guidance": float("nan")}), ["'guidance'", "not finite"]),
+    (_wf(sampling={"prompt": "x", "guidance": float("inf")}), ["'guidance'", "not finite"]),
+    (_wf(sampling={"prompt": "x", "steps": float("inf")}), ["'steps'", "not finite"]),
+    (_wf(sampling={"prompt": "x", "seed": 2**70}), ["'seed'", "2**64 - 1"]),
+    (_wf(sampling={"prompt": "x", "seed": 10**400}), ["'seed'", "out of range"]),
+    (_wf(sampling={"prompt": "x", "seed": -1}), ["'seed'", "out of range"]),
+    (_wf(sampling={"prompt": "x", "height": 0}), ["'height'", "at least 1"]),
+    (_wf(sampling={"prompt": "x", "guidance": -1}), ["'guidance'", "at least 0"]),
+    (_wf(sampling={"prompt": "   "}), ["'prompt'", "empty"]),
 ])
 def test_malformed_workflow_names_the_node_and_field(workflow, words):
     with pytest.raises(WorkflowError) as e:
@@ -94,6 +103,26 @@ def test_selector_matching_nothing_names_the_node(testbed_pipe):
     wf = load_workflow(_wf(controls=[{"node": "SoftPAG", "heads": "transformer_blocks.9"}]))
     with pytest.raises(WorkflowError, match=r"controls\[0\] \(SoftPAG\) field 'heads'"):
         run_workflow(wf, lambda name: testbed_pipe)
+
+
+def test_nan_in_the_json_text_is_refused():
+    """JSON readers take NaN / Infinity: the workflow's numbers must still be finite."""
+    text = '{"model": "tiny-sd3", "sampling": {"prompt": "x", "guidance": NaN}}'
+    with pytest.raises(WorkflowError, match="'guidance': nan is not finite"):
+        load_workflow(text)
+
+
+def test_uniform_sites_matching_nothing_names_the_node_and_field(testbed_pipe):
+    """A UniformAttention ``sites`` selector resolves while the controls are built, so the error
+    names the control and its field (not only at attach)."""
+    wf = load_workflow(_wf(controls=[{"node": "UniformAttention", "sites": "transformer_blocks.9"}]))
+    with pytest.raises(WorkflowError, match=r"controls\[0\] \(UniformAttention\) field 'sites'.*names no site"):
+        run_workflow(wf, lambda name: testbed_pipe)
+    from diffattn.sites import sites
+
+    (ctl,) = load_workflow(_wf(controls=[{"node": "UniformAttention", "sites": "transformer_blocks.1"}])) \
+        .build_controls(sites(testbed_pipe))
+    assert isinstance(ctl, UniformAttention)
 
 
 def test_unloadable_model_names_the_model_field():
@@ -127,6 +156,15 @@ def test_cli_run(tmp_path, capsys):
     assert out.is_file() and "wrote" in capsys.readouterr().out
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(_wf(controls=[{"node": "Nope"}])))
+    fresh = tmp_path / "never.png"  # not the --out written above: "no file written" can be checked
     with pytest.raises(SystemExit) as e:
-        main(["run", str(bad), "--out", str(out)])
+        main(["run", str(bad), "--out", str(fresh)])
     assert e.value.code == 2 and "'node'" in capsys.readouterr().err
+    assert not fresh.exists()
+    # the model-dependent checks come before anything is sampled
+    bad.write_text(json.dumps(_wf(sampling={"prompt": "a red circle", "steps": 2, "height": 50})))
+    with pytest.raises(SystemExit) as e:
+        main(["run", str(bad), "--out", str(fresh)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "'height'" in err and "multiples of 8" in err and "Traceback" not in err
+    assert not fresh.exists()

@@ -170,23 +170,31 @@ def comfy_sites(diffusion_model) -> list[ComfySite]:
     return found
 
 
-_BLOCK_NAME = re.compile(r"^(input|middle|output)[ _.:]?(\d+)(?:\.(\d+))?$")
+_BLOCK_NAME = re.compile(r"(?<![\w.])(input|middle|output)[ _.]?(\d+)(?:\.(\d+))?(?![\w.-])")
+
+
+def _block_path(m: re.Match) -> str:
+    part, bid, t = m.groups()
+    path = "middle_block" if part == "middle" else f"{part}_blocks.{bid}"
+    return path if t is None else f"{path}.**.transformer_blocks.{t}"
 
 
 def comfy_selector(text: str) -> str:
-    """ComfyUI block names in a selector (``input 4``, ``middle 0``, ``output 3.1``) as site
-    paths (``input_blocks.4``, ``middle_block``, ``output_blocks.3.*.transformer_blocks.1``);
-    other items unchanged."""
-    items = []
-    for item in re.split(r"[;,]\s*(?=[a-z])", text):
-        m = _BLOCK_NAME.match(item.strip())
-        if m is None:
-            items.append(item)
-            continue
-        part, bid, t = m.groups()
-        path = "middle_block" if part == "middle" else f"{part}_blocks.{bid}"
-        items.append(path if t is None else f"{path}.**.transformer_blocks.{t}")
-    return ", ".join(items)
+    """ComfyUI block names in a selector or a heads text (``input 4``, ``middle 0``,
+    ``output 3.1``) as site paths (``input_blocks.4``, ``middle_block``,
+    ``output_blocks.3.**.transformer_blocks.1``); everything else unchanged.
+
+    Only the selector part of each ``;``-separated item is translated (what comes before
+    its ``:``; the heads after it are left alone), and every separator is kept, so the heads
+    language passes through: ``"input 4: 0,3; u1: 1=0.5"`` ->
+    ``"input_blocks.4: 0,3; u1: 1=0.5"``. A JSON object is returned as it is."""
+    if text.lstrip().startswith("{"):
+        return text
+    out = []
+    for item in re.split(r"(;)", text):
+        selector, sep, heads = item.partition(":")
+        out.append(_BLOCK_NAME.sub(_block_path, selector) + sep + heads)
+    return "".join(out)
 
 
 class ComfyEngine:
@@ -239,19 +247,26 @@ def comfy_layout(site: Site, n_q: int, n_k: int, text_tokens: int | None = None,
 
 def comfy_attention(controls, site: Site, q, k, v, heads: int, *, mask=None, skip_reshape: bool = False,
                     skip_output_reshape: bool | None = None, branches: dict | None = None,
-                    step: StepState | None = None, text_tokens: int | None = None, scale: float | None = None):
+                    step: StepState | None = None, text_tokens: int | None = None, scale: float | None = None,
+                    order: list[int] | None = None):
     """Attention in ComfyUI's convention through diffattn controls.
 
     q, k, v: ``[B, N, H·D]`` (or ``[B, H, N, D]`` with ``skip_reshape``); ``heads``: H;
     ``mask``: ComfyUI's attention mask; ``branches``: ``{name: rows}`` (default every row is
     ``cond``; SoftPAG's perturbed pass passes ``{"perturbed": slice(0, B)}``). Returns
     ``[B, Nq, H·D]``, or ``[B, H, Nq, D]`` with ``skip_output_reshape`` (default: the input's
-    form).
+    form); ``order``: the batch rows in the order ``branches`` refers to (:func:`batch_order`),
+    the output coming back in the input's order.
     """
     if skip_output_reshape is None:
         skip_output_reshape = skip_reshape
     if not skip_reshape:
         q, k, v = to_heads(q, heads), to_heads(k, heads), to_heads(v, heads)
+    if order is not None:
+        idx = torch.as_tensor(order, device=q.device)
+        q, k, v = q[idx], k[idx], v[idx]
+        if mask is not None and mask.ndim >= 3 and mask.shape[0] == len(order) > 1:
+            mask = mask[idx]
     n_q, n_k = q.shape[2], k.shape[2]
     call = AttentionCall(site, lambda: comfy_layout(site, n_q, n_k, text_tokens), q, k, v,
                          step if step is not None else StepState(), branches, scale=scale)
@@ -261,6 +276,8 @@ def comfy_attention(controls, site: Site, q, k, v, heads: int, *, mask=None, ski
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=call.spec.bias, scale=scale)
     else:
         out = run_controls(call, active)
+    if order is not None:
+        out = out[torch.argsort(idx)]
     return out if skip_output_reshape else from_heads(out)
 
 
@@ -277,21 +294,57 @@ def step_from(extra_options: dict) -> StepState:
     return StepState(index=index, sigma=sigma, num_steps=total)
 
 
-def branches_from(extra_options: dict, batch: int, forced: str | None = None) -> dict:
-    """``{branch: rows}`` from ComfyUI's ``cond_or_uncond`` (0 = cond, 1 = uncond; the batch
-    is split into equal chunks in that order); ``forced`` names every row one branch."""
-    if forced is not None:
-        return {forced: slice(0, batch)}
+def _chunk_kinds(extra_options: dict, batch: int):
+    """``(chunk size, [branch of each chunk])`` of ComfyUI's ``cond_or_uncond`` (0 = cond,
+    1 = uncond; the batch is ``len(cond_or_uncond)`` equal chunks in that order), or ``None``
+    when the call carries none. A batch that does not split evenly is a ControlError."""
+    from ..errors import ControlError
+
     cou = extra_options.get("cond_or_uncond")
     if not cou:
+        return None
+    if batch % len(cou):
+        raise ControlError(f"ComfyUI's cond_or_uncond {list(cou)} names {len(cou)} chunks, but the attention call "
+                           f"has {batch} batch rows (not a multiple of {len(cou)}): cannot tell which rows are "
+                           f"cond and which uncond")
+    return batch // len(cou), ["cond" if c == 0 else "uncond" for c in cou]
+
+
+def batch_order(extra_options: dict, batch: int, forced: str | None = None) -> list[int] | None:
+    """The row order that puts all rows of each branch together (branches in the order they
+    first appear in ``cond_or_uncond``), or ``None`` when they are together already (e.g.
+    ``[0, 1]``, ``[0, 0, 1]``); ``[0, 1, 0]`` needs ``[cond rows..., uncond rows...]``.
+    :func:`comfy_attention` runs the controls on the batch in this order and restores
+    ComfyUI's order after."""
+    if forced is not None:
+        return None
+    found = _chunk_kinds(extra_options, batch)
+    if found is None:
+        return None
+    chunk, kinds = found
+    names = list(dict.fromkeys(kinds))
+    order = [i * chunk + r for name in names for i, k in enumerate(kinds) if k == name for r in range(chunk)]
+    return None if order == list(range(batch)) else order
+
+
+def branches_from(extra_options: dict, batch: int, forced: str | None = None) -> dict:
+    """``{branch: rows}`` from ComfyUI's ``cond_or_uncond`` (0 = cond, 1 = uncond; the batch
+    is split into equal chunks in that order): every row of each kind, as one slice of the
+    batch in :func:`batch_order` (ComfyUI's own order when the kinds are contiguous, e.g.
+    ``[0, 0, 1]`` -> cond rows 0..2c, uncond 2c..3c); ``forced`` names every row one branch.
+    A batch not divisible into the chunks is a :class:`~diffattn.errors.ControlError`."""
+    if forced is not None:
+        return {forced: slice(0, batch)}
+    found = _chunk_kinds(extra_options, batch)
+    if found is None:
         return {"cond": slice(0, batch)}
-    chunk = batch // len(cou)
+    chunk, kinds = found
     out: dict = {}
-    for i, c in enumerate(cou):
-        name = "cond" if c == 0 else "uncond"
-        if name in out:  # two chunks of one kind: keep the first contiguous run
-            continue
-        out[name] = slice(i * chunk, (i + 1) * chunk)
+    start = 0
+    for name in dict.fromkeys(kinds):
+        n = chunk * kinds.count(name)
+        out[name] = slice(start, start + n)
+        start += n
     return out
 
 
@@ -305,6 +358,7 @@ def replace_patch(engine: ComfyEngine, csite: ComfySite, *, branch: str | None =
         heads = int(extra_options.get("n_heads", site.heads))
         return comfy_attention(controls, site, q, k, v, heads, mask=mask,
                                branches=branches_from(extra_options, q.shape[0], branch),
+                               order=batch_order(extra_options, q.shape[0], branch),
                                step=step_from(extra_options))
 
     patch.diffattn_site = site.name
@@ -328,7 +382,8 @@ def attention_override(engine: ComfyEngine, *, branch: str | None = None, previo
         return comfy_attention(engine.per_site[csite.site.name], csite.site, q, k, v, heads, mask=mask,
                                skip_reshape=kwargs.get("skip_reshape", False),
                                skip_output_reshape=kwargs.get("skip_output_reshape", False),
-                               branches=branches_from(to, q.shape[0], branch), step=step_from(to),
+                               branches=branches_from(to, q.shape[0], branch),
+                               order=batch_order(to, q.shape[0], branch), step=step_from(to),
                                scale=kwargs.get("scale"))
 
     return override

@@ -104,12 +104,22 @@ def build_engine(node: ControlNode, model, values: dict):
     return ComfyEngine(csites, [control]).attach(), control
 
 
+DIT_BLOCKS = {  # diffusers DiT block list -> the ComfyUI block lists it may be, by model kind
+    "transformer_blocks": ("joint_blocks", "double_blocks"),  # SD3 (MMDiT) / FLUX double-stream
+    "single_transformer_blocks": ("single_blocks",),  # FLUX single-stream
+}
+
+
 def _preset_translator(csites, dm=None):
-    """Preset site names (diffusers UNet paths) -> ComfyUI site names, by the standard UNet
-    layout both share: diffusers ``down_blocks.L.attentions.A`` is ComfyUI input block
-    ``1 + sum_{l<L}(res_l + 1) + A``, ``up_blocks.L.attentions.A`` output block
-    ``sum_{l<L}(res'_l + 1) + A`` (``res``: ComfyUI's ``num_res_blocks`` per level), and
-    ``mid_block.attentions.0`` the middle block. ComfyUI names pass unchanged."""
+    """Preset site names (diffusers paths) -> ComfyUI site names.
+
+    UNet presets by the standard UNet layout both share: diffusers ``down_blocks.L.attentions.A``
+    is ComfyUI input block ``1 + sum_{l<L}(res_l + 1) + A``, ``up_blocks.L.attentions.A``
+    output block ``sum_{l<L}(res'_l + 1) + A`` (``res``: ComfyUI's ``num_res_blocks`` per
+    level), and ``mid_block.attentions.0`` the middle block. DiT presets by block index:
+    ``transformer_blocks.i.attn`` is ComfyUI's ``joint_blocks.i`` on SD3 and
+    ``double_blocks.i`` on FLUX (whichever the model has), ``single_transformer_blocks.i.attn``
+    FLUX's ``single_blocks.i``. ComfyUI names pass unchanged."""
     names = {c.site.name for c in csites}
     res = list(getattr(dm, "num_res_blocks", None) or [])
 
@@ -117,6 +127,11 @@ def _preset_translator(csites, dm=None):
         if name in names:
             return name
         comps = name.split(".")
+        if len(comps) >= 2 and comps[0] in DIT_BLOCKS and comps[1].isdigit() and comps[2:] in ([], ["attn"]):
+            for block in DIT_BLOCKS[comps[0]]:
+                if f"{block}.{comps[1]}" in names:
+                    return f"{block}.{comps[1]}"
+            return None
         if not ("attentions" in comps and "transformer_blocks" in comps and res):
             return None
         a = int(comps[comps.index("attentions") + 1])
@@ -139,12 +154,33 @@ def _preset_translator(csites, dm=None):
     return translate
 
 
+def _refuse_on_dit(node: ControlNode, control, dit) -> None:
+    """What ComfyUI's DiT attention call cannot serve: it carries no text length, so a joint
+    call cannot be split into its text and image tokens. A control that needs that split
+    (UniformAttention's segment-uniform maps, SoftPAG's ``semantics`` ``image`` /
+    ``image-self``) is refused rather than silently acting on the whole joint sequence."""
+    from ..errors import ControlError
+
+    if not dit:
+        return
+    where = f"the ComfyUI DiT site(s) {', '.join(c.site.name for c in dit[:3])}{'...' if len(dit) > 3 else ''}"
+    if node.name == "UniformAttention":
+        raise ControlError(f"UniformAttention on {where} needs the text length of each joint call, which ComfyUI's "
+                           f"attention call does not carry; use it on UNet models (cross attention) for now")
+    semantics = getattr(control, "semantics", "joint")
+    if semantics != "joint":
+        raise ControlError(f"{node.name} semantics={semantics!r} on {where} needs the text/image split of each joint "
+                           f"call, which ComfyUI's attention call does not carry; set semantics to 'joint' (the default) "
+                           f"on DiT models")
+
+
 def patch_model(node: ControlNode, model, **values):
     """Clone ``model`` (a ComfyUI ``ModelPatcher``) and install ``node``'s control. Returns the clone."""
     values = node.resolve(values, node.name)
     m = model.clone()
     engine, control = build_engine(node, m, values)
     active = engine.active_sites()
+    _refuse_on_dit(node, control, [c for c in active if c.dit_key is not None])
     if node.guidance:
         _install_guidance(m, engine, control, active)
     else:
@@ -153,7 +189,6 @@ def patch_model(node: ControlNode, model, **values):
 
 
 def _install_attention(m, engine, active, node):
-    from ..errors import ControlError
     from .adapter import attention_override, replace_patch
 
     unet = [c for c in active if c.patch_key is not None]
@@ -162,10 +197,6 @@ def _install_attention(m, engine, active, node):
         setter = m.set_model_attn1_replace if c.attn == "attn1" else m.set_model_attn2_replace
         setter(replace_patch(engine, c), *c.patch_key)
     if dit:
-        if node.name == "UniformAttention":
-            raise ControlError("UniformAttention on ComfyUI DiT models needs the text length of each joint call, "
-                               "which ComfyUI's attention call does not carry; use it on UNet models (cross "
-                               "attention) for now")
         to = m.model_options.setdefault("transformer_options", {})
         to["optimized_attention_override"] = attention_override(engine, previous=to.get("optimized_attention_override"))
 
