@@ -56,14 +56,17 @@ class AppContext:
     limits: Limits = field(default_factory=Limits)
     default_model: str = "tiny-sd3"
     models: tuple = ("tiny-sd3", "tiny-sd")  # the model picker's choices (any other name may be typed)
-    lock_models: bool = False                # only ``models`` may be loaded
+    lock_models: bool = False                # only ``models`` may be loaded (the pool's ``allowed`` enforces it;
+                                             # ``diffattn app`` locks by default off loopback)
 
     def model_picker(self, default: str | None = None):
         import gradio as gr
 
         choices = list(dict.fromkeys([default or self.default_model, *self.models]))
+        info = ("one of this server's models (--models)" if self.lock_models
+                else "a testbed model, a local diffusers folder or a Hub id")
         return gr.Dropdown(choices, value=choices[0], label="model", allow_custom_value=not self.lock_models,
-                           info="a testbed model, a local diffusers folder or a Hub id")
+                           info=info)
 
 
 def all_tabs() -> list[TabSpec]:
@@ -81,7 +84,8 @@ def build_app(ctx: AppContext):
     """The ``gr.Blocks`` app: one tab per :class:`TabSpec`, queued (the pool's slots per model)."""
     import gradio as gr
 
-    with gr.Blocks(title="diffattn", analytics_enabled=False) as demo:
+    # delete_cache: Gradio's copies of uploads and results older than an hour go, checked hourly
+    with gr.Blocks(title="diffattn", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         gr.Markdown("## diffattn: attention control for diffusers\nEach tab shows the baseline beside the "
                     "controlled result of the same seed. Every button is also an API endpoint (see *Use via API*).")
         with gr.Tabs():

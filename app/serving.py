@@ -30,12 +30,47 @@ from dataclasses import dataclass
 log = logging.getLogger("diffattn.app")
 
 
-class AppInputError(ValueError):
-    """Input the app refuses (over a limit, an unreadable upload, a model it may not load)."""
+from diffattn.errors import DiffattnError, LimitError, ModelLoadError, UsageError  # noqa: F401  (re-exported)
 
 
-class ModelLoadError(AppInputError):
-    """A model that cannot be loaded (offline and not cached, no such folder...)."""
+class AppInputError(UsageError):
+    """Input the app refuses (a bad value, an unreadable upload): a
+    :class:`~diffattn.errors.UsageError`, so a :class:`~diffattn.errors.DiffattnError` (and a
+    ``ValueError``). Over a limit: :class:`AppLimitError`; a model that cannot (or may not) be
+    loaded: :class:`diffattn.errors.ModelLoadError`, re-exported here."""
+
+
+class AppLimitError(AppInputError, LimitError):
+    """A request over one of the server's limits (the message names the flag that sets it)."""
+
+
+def whole(value, what: str) -> int:
+    """``value`` as an int, refusing what is not a whole number (``2.7``, ``"two"``, ``True``)
+    instead of truncating it."""
+    if isinstance(value, bool):
+        raise AppInputError(f"{what}={value!r}: expected a whole number")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if value.is_integer():
+            return int(value)
+        raise AppInputError(f"{what}={value!r}: expected a whole number")
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                number = float(text)
+            except ValueError:
+                number = None
+            if number is not None and number.is_integer():
+                return int(number)
+        raise AppInputError(f"{what}={value!r}: expected a whole number")
+    try:
+        return whole(float(value), what)  # a numpy number
+    except (TypeError, ValueError):
+        raise AppInputError(f"{what}={value!r}: expected a whole number") from None
 
 
 @dataclass(frozen=True)
@@ -50,37 +85,48 @@ class Limits:
     max_candidates: int = 24      # HeadHunter: candidate heads of a search
     max_rounds: int = 2           # HeadHunter: rounds of a search
 
+    def __post_init__(self):
+        import math
+
+        size = self.max_upload_mb
+        if isinstance(size, bool) or not isinstance(size, (int, float)) or not math.isfinite(size) or size <= 0:
+            raise UsageError(f"--max-upload-mb {size!r}: a finite number of megabytes above 0")
+        for name in ("max_side", "max_steps", "max_batch", "max_seeds", "max_candidates", "max_rounds"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UsageError(f"{name}={value!r}: a whole number of at least 1 (--{name.replace('_', '-')})")
+
     def steps(self, n) -> int | None:
         if n is None or n == "":
             return None
-        n = int(n)
+        n = whole(n, "steps")
         if n < 1:
             raise AppInputError(f"steps={n}: at least 1")
         if n > self.max_steps:
-            raise AppInputError(f"steps={n} is over this server's limit of {self.max_steps} steps (--max-steps)")
+            raise AppLimitError(f"steps={n} is over this server's limit of {self.max_steps} steps (--max-steps)")
         return n
 
     def batch(self, n) -> int:
-        n = int(n or 1)
+        n = 1 if n is None or n == "" else whole(n, "images")
         if n < 1:
             raise AppInputError(f"images={n}: at least 1")
         if n > self.max_batch:
-            raise AppInputError(f"images={n} is over this server's limit of {self.max_batch} images per request "
+            raise AppLimitError(f"images={n} is over this server's limit of {self.max_batch} images per request "
                                 f"(--max-batch)")
         return n
 
     def upload(self, path: str, what: str = "upload") -> None:
         size = os.path.getsize(path)
         if size > self.max_upload_mb * 2**20:
-            raise AppInputError(f"the {what} is {size / 2**20:.1f} MB; this server's limit is {self.max_upload_mb:g} MB "
+            raise AppLimitError(f"the {what} is {size / 2**20:.1f} MB; this server's limit is {self.max_upload_mb:g} MB "
                                 f"(--max-upload-mb)")
 
-    def count(self, n: int, limit: int, what: str) -> int:
-        n = int(n)
+    def count(self, n, limit: int, what: str) -> int:
+        n = whole(n, what)
         if n < 1:
             raise AppInputError(f"{what}={n}: at least 1")
         if n > limit:
-            raise AppInputError(f"{what}={n} is over this server's limit of {limit}")
+            raise AppLimitError(f"{what}={n} is over this server's limit of {limit}")
         return n
 
 
@@ -117,15 +163,23 @@ def read_image(upload, limits: Limits):
             with Image.open(path) as f:
                 w, h = f.size  # header only
                 if max(w, h) > limits.max_side:
-                    raise AppInputError(f"the uploaded image is {w}x{h} pixels; this server takes sides up to "
+                    raise AppLimitError(f"the uploaded image is {w}x{h} pixels; this server takes sides up to "
                                         f"{limits.max_side} pixels (--max-side)")
                 f.load()
                 im = f.copy()
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
-            raise AppInputError(f"cannot read the upload as an image: {str(e).splitlines()[0]}") from None
+        except DiffattnError:
+            raise
+        except UnidentifiedImageError:  # PIL's message names the server's temp path: not shown
+            raise AppInputError("cannot read the upload as an image: it is no image format PIL can decode "
+                                "(PNG, JPEG, WebP...)") from None
+        except Image.DecompressionBombError:
+            raise AppLimitError(f"the uploaded image has too many pixels to decode safely; this server takes sides "
+                                f"up to {limits.max_side} pixels (--max-side)") from None
+        except OSError:
+            raise AppInputError("cannot read the upload as an image: the file is damaged or truncated") from None
     w, h = im.size
     if max(w, h) > limits.max_side:
-        raise AppInputError(f"the image is {w}x{h} pixels; this server takes sides up to {limits.max_side} pixels "
+        raise AppLimitError(f"the image is {w}x{h} pixels; this server takes sides up to {limits.max_side} pixels "
                             f"(--max-side)")
     buf = io.BytesIO()
     im.convert("RGB").save(buf, format="PNG")
@@ -165,7 +219,6 @@ def load_pipeline(name: str, dtype: str = "float32", device: str = "cpu"):
     model is neither a testbed model, a local diffusers folder nor available from the Hub."""
     from diffattn import testbed
     from diffattn.cli.common import load_model
-    from diffattn.errors import DiffattnError
 
     local = os.path.isdir(name)
     if name not in testbed.MODELS and not local and not _HUB_ID.match(name):
@@ -197,74 +250,151 @@ class _Model:
         self.copies = copies
         self.busy = 0   # copies lent right now
         self.peak = 0   # most copies lent at once (how concurrent its requests ran)
+        self.users = 0  # requests holding or waiting for a copy (guarded by the pool's lock): never evicted then
         self.lock = threading.Lock()
+
+
+DEFAULT_MAX_MODELS = 3  # --max-models: models held in memory at once
 
 
 class PipelinePool:
     """Per model, ``slots`` private copies of its pipeline; :meth:`acquire` lends one.
 
-    loader:  ``loader(name) -> pipeline`` (default :func:`load_pipeline`).
-    allowed: if given, the only model names requests may load (others are refused).
+    loader:     ``loader(name) -> pipeline`` (default :func:`load_pipeline`).
+    allowed:    if given, the only model names requests may load (others are refused, the
+                message lists them).
+    max_models: the most models held at once; loading one more evicts the least recently used
+                model that no request holds (all busy: the request is refused), so requests
+                naming model after model cannot fill the server's memory.
     """
 
-    def __init__(self, slots: int = 1, *, loader=None, allowed=None, dtype: str = "float32", device: str = "cpu"):
-        if slots < 1:
-            raise ValueError(f"slots={slots}: at least 1")
+    def __init__(self, slots: int = 1, *, loader=None, allowed=None, dtype: str = "float32", device: str = "cpu",
+                 max_models: int | None = DEFAULT_MAX_MODELS):
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+            raise UsageError(f"--slots {slots!r}: at least 1 pipeline copy per model")
+        if max_models is not None and (isinstance(max_models, bool) or not isinstance(max_models, int)
+                                       or max_models < 1):
+            raise UsageError(f"--max-models {max_models!r}: at least 1 model")
         self.slots = int(slots)
         self.loader = loader or (lambda name: load_pipeline(name, dtype, device))
         self.allowed = tuple(allowed) if allowed else None
-        self._models: dict[str, _Model] = {}
+        self.max_models = max_models
+        self._models: dict[str, _Model] = {}  # least recently used first
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
+        self._pending: set[str] = set()  # names being loaded (they count against max_models)
+        self.evicted: list[str] = []     # the models evicted so far, in order (logs, tests)
 
     def loaded(self) -> list[str]:
         return list(self._models)
 
-    def model(self, name: str) -> _Model:
-        """The model's copies, loading it (once) on first use."""
+    def _check_allowed(self, name: str) -> None:
         if self.allowed is not None and name not in self.allowed:
-            raise ModelLoadError(f"model {name!r} is not served here; this server serves {', '.join(self.allowed)}")
-        with self._lock:
-            if name in self._models:
-                return self._models[name]
-            lock = self._loading.setdefault(name, threading.Lock())
-        with lock:  # one load per model; other models load meanwhile
-            if name not in self._models:
-                pipe = self.loader(name)
-                # every copy from the pristine pipeline, before any request attaches anything
-                copies = [pipe] + [copy.deepcopy(pipe) for _ in range(self.slots - 1)]
+            raise ModelLoadError(f"model {name!r} is not served here: this server loads only its listed models "
+                                 f"({', '.join(self.allowed)}; set with --models, the default with --model)")
+
+    def _idle(self, but: str | None = None) -> list[_Model]:
+        """Under ``self._lock``: the models no request holds, least recently used first."""
+        return [m for m in self._models.values() if m.users == 0 and m.busy == 0 and m.name != but]
+
+    def _check_room(self, name: str) -> None:
+        """Under ``self._lock``, before loading ``name``: refuse when ``max_models`` are held and
+        every one is in use (nothing could be evicted)."""
+        if self.max_models is not None and len(self._models) + len(self._pending) >= self.max_models \
+                and not self._idle():
+            raise AppLimitError(f"model {name!r}: this server holds {self.max_models} model(s) at once and all are "
+                                f"in use; try again in a moment (--max-models)")
+
+    def _evict(self, keep: str) -> None:
+        """Under ``self._lock``, after loading ``keep``: drop least recently used idle models
+        until at most ``max_models`` are held (after the load, so a failed load evicts nothing)."""
+        if self.max_models is None:
+            return
+        while len(self._models) > self.max_models:
+            idle = self._idle(but=keep)
+            if not idle:  # they became busy meanwhile: over by one until the next load
+                log.warning("holding %d models (--max-models %d): all others are in use", len(self._models),
+                            self.max_models)
+                return
+            victim = idle[0]
+            del self._models[victim.name]
+            self.evicted.append(victim.name)
+            victim.copies.clear()
+            while not victim.free.empty():
+                victim.free.get_nowait()
+            log.info("evicted model %s (least recently used) after loading %s", victim.name, keep)
+            import gc
+
+            gc.collect()
+
+    def _get(self, name: str, reserve: bool) -> _Model:
+        self._check_allowed(name)
+        while True:
+            with self._lock:
+                m = self._models.get(name)
+                if m is not None:
+                    self._models[name] = self._models.pop(name)  # most recently used now
+                    if reserve:
+                        m.users += 1
+                    return m
+                lock = self._loading.setdefault(name, threading.Lock())
+            with lock:  # one load per model; other models load meanwhile
                 with self._lock:
-                    self._models[name] = _Model(name, copies)
-        return self._models[name]
+                    if name in self._models:
+                        continue  # loaded by another request meanwhile
+                    self._check_room(name)
+                    self._pending.add(name)
+                try:
+                    pipe = self.loader(name)
+                    # every copy from the pristine pipeline, before any request attaches anything
+                    copies = [pipe] + [copy.deepcopy(pipe) for _ in range(self.slots - 1)]
+                finally:
+                    with self._lock:
+                        self._pending.discard(name)
+                with self._lock:
+                    m = self._models[name] = _Model(name, copies)
+                    if reserve:
+                        m.users += 1
+                    self._evict(keep=name)
+                    return m
+
+    def model(self, name: str) -> _Model:
+        """The model's copies, loading it (once) on first use (evicting the least recently used
+        idle model when ``max_models`` are held)."""
+        return self._get(name, reserve=False)
 
     @contextmanager
     def acquire(self, name: str):
         """A pipeline copy of ``name`` for one request (waits while all are busy)."""
         from diffattn.engine import is_attached
 
-        m = self.model(name)
-        pipe = m.free.get()
-        with m.lock:
-            m.busy += 1
-            m.peak = max(m.peak, m.busy)
+        m = self._get(name, reserve=True)
         try:
-            yield pipe
-        finally:
+            pipe = m.free.get()
             with m.lock:
-                m.busy -= 1
+                m.busy += 1
+                m.peak = max(m.peak, m.busy)
             try:
-                attached = is_attached(pipe)
-            except Exception:  # not a pipeline diffattn knows: nothing can be attached to it
-                attached = False
-            if attached:  # never hand a controlled copy on (attach's `with` detaches; this is a guard)
-                log.error("a request left controls attached to %s; replacing that copy", name)
+                yield pipe
+            finally:
+                with m.lock:
+                    m.busy -= 1
                 try:
-                    pipe = self.loader(name)
-                except Exception:  # pragma: no cover
-                    log.exception("reloading %s failed; the pool of %s shrinks by one", name, name)
-                    pipe = None
-            if pipe is not None:
-                m.free.put(pipe)
+                    attached = is_attached(pipe)
+                except Exception:  # not a pipeline diffattn knows: nothing can be attached to it
+                    attached = False
+                if attached:  # never hand a controlled copy on (attach's `with` detaches; this is a guard)
+                    log.error("a request left controls attached to %s; replacing that copy", name)
+                    try:
+                        pipe = self.loader(name)
+                    except Exception:  # pragma: no cover
+                        log.exception("reloading %s failed; the pool of %s shrinks by one", name, name)
+                        pipe = None
+                if pipe is not None:
+                    m.free.put(pipe)
+        finally:
+            with self._lock:
+                m.users -= 1
 
 
 # ----------------------------------------------------------------------------- errors
@@ -280,15 +410,13 @@ def endpoint(fn):
     message, anything else logged with its traceback and shown as one line."""
     import gradio as gr
 
-    from diffattn.errors import DiffattnError
-
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except gr.Error:
             raise
-        except (DiffattnError, AppInputError) as e:
+        except DiffattnError as e:
             raise gr.Error(one_line(e), print_exception=False) from None
         except Exception as e:
             log.exception("error in %s", fn.__name__)

@@ -71,6 +71,38 @@ def number_or_none(value, what: str) -> float | None:
     return number
 
 
+def image_upload(**kw):
+    """A ``gr.Image`` upload (``type="filepath"``) whose undecodable uploads are refused with one
+    line: Gradio opens an uploaded image itself before the event's function runs, and its own
+    error names the server's temp path and the component's internals."""
+    import functools
+
+    import gradio as gr
+
+    component = gr.Image(type="filepath", **kw)
+    preprocess = component.preprocess
+
+    @functools.wraps(preprocess)
+    def guarded(payload):
+        try:
+            return preprocess(payload)
+        except gr.Error:
+            raise
+        except Exception as e:
+            from PIL import Image, UnidentifiedImageError
+
+            if isinstance(e, UnidentifiedImageError):
+                why = "it is no image format PIL can decode (PNG, JPEG, WebP...)"
+            elif isinstance(e, Image.DecompressionBombError):
+                why = "it has too many pixels to decode safely"
+            else:
+                why = "the file is damaged or truncated"
+            raise gr.Error(f"cannot read the upload as an image: {why}", print_exception=False) from None
+
+    component.preprocess = guarded
+    return component
+
+
 def results(name: str, label: str = "baseline | controlled", maps: bool = True):
     """Gallery (``#<name>-gallery``), optional attention-maps gallery (``#<name>-maps``), info text."""
     import gradio as gr
@@ -86,10 +118,10 @@ def results(name: str, label: str = "baseline | controlled", maps: bool = True):
 def pick_seed(seed, randomize) -> int:
     if randomize:
         return random.randint(0, MAX_SEED)
-    seed = int(seed or 0)
-    if not 0 <= seed <= MAX_SEED:
-        from .serving import AppInputError
+    from .serving import AppInputError, whole
 
+    seed = 0 if seed is None or seed == "" else whole(seed, "seed")
+    if not 0 <= seed <= MAX_SEED:
         raise AppInputError(f"seed={seed}: use 0..{MAX_SEED}")
     return seed
 

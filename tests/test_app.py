@@ -48,9 +48,9 @@ def _softpag(client, seed=0, **kw):
     return client.predict(*args.values(), api_name="/softpag")
 
 
-def _astar(client, seed=0, concepts=("circle", "square"), prompt=PROMPT):
-    return client.predict("tiny-sd3", prompt, seed, False, STEPS, None, 1, list(concepts), "astar", None,
-                          api_name="/astar")
+def _astar(client, seed=0, concepts=("circle", "square"), prompt=PROMPT, text_keys="auto", center_tokens=False):
+    return client.predict("tiny-sd3", prompt, seed, False, STEPS, None, 1, list(concepts), "astar", None, text_keys,
+                          center_tokens, api_name="/astar")
 
 
 def _image(item) -> Image.Image:
@@ -109,18 +109,23 @@ def test_softpag_bad_input_messages(server, tmp_path):
     *_, client = server
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"model": "tiny-sd3", "heads": [["transformer_blocks.99.attn", 0, 1.0]], "scale": 2}))
-    msg = _error(_softpag, client, preset=gradio_client.handle_file(str(bad)))
-    assert "no attention site named 'transformer_blocks.99.attn'" in msg  # the library's SelectorError
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
-    assert "not valid JSON" in _error(_softpag, client, preset=gradio_client.handle_file(str(broken)))
-    assert "no site" in _error(_softpag, client, heads="nonsense_blocks.3")
-    assert "no shipped preset" in _error(_softpag, client, heads="preset:../../etc/passwd")
-    assert "limit of 20 steps" in _error(_softpag, client, steps=21)
-    assert "limit of 2 images" in _error(_softpag, client, images=3)
-    # a slider's own bounds: Gradio's one-line message
-    assert "greater than maximum value 1" in _error(_softpag, client, strength=1.5, heads="all")
-    assert "Traceback" not in msg
+    cases = [  # (inputs, what the one-line message says)
+        ({"preset": gradio_client.handle_file(str(bad))}, "no attention site named 'transformer_blocks.99.attn'"),
+        ({"preset": gradio_client.handle_file(str(broken))}, "not valid JSON"),
+        ({"heads": "nonsense_blocks.3"}, "no site"),
+        ({"heads": "preset:../../etc/passwd"}, "no shipped preset"),
+        ({"steps": 21}, "limit of 20 steps"),
+        ({"images": 3}, "limit of 2 images"),
+        ({"target": "blur"}, "not in the list of choices"),  # the dropdown's choices: the registry's
+        # a slider's own bounds: Gradio's one-line message
+        ({"strength": 1.5, "heads": "all"}, "greater than maximum value 1"),
+    ]
+    for inputs, words in cases:
+        msg = _error(_softpag, client, **inputs)
+        assert words in msg, (inputs, msg)
+        assert "Traceback" not in msg and "internal error" not in msg and "\n" not in msg.strip(), (inputs, msg)
 
 
 def test_unknown_model_is_refused_clearly(server):
@@ -144,12 +149,15 @@ def test_astar_endpoint(server):
 def test_optional_numbers_empty_means_default(server):
     """Guidance and temperature left empty (as the browser sends them) take the defaults; text is refused."""
     *_, client = server
-    empty = client.predict("tiny-sd3", PROMPT, 0, False, STEPS, "", 1, ["circle"], "astar", "", api_name="/astar")
-    given = client.predict("tiny-sd3", PROMPT, 0, False, STEPS, None, 1, ["circle"], "astar", None, api_name="/astar")
+    empty = client.predict("tiny-sd3", PROMPT, 0, False, STEPS, "", 1, ["circle"], "astar", "", "auto", False,
+                           api_name="/astar")
+    given = client.predict("tiny-sd3", PROMPT, 0, False, STEPS, None, 1, ["circle"], "astar", None, "auto", False,
+                           api_name="/astar")
     for a, b in zip(_pixels(empty[1]), _pixels(given[1])):
         np.testing.assert_array_equal(a, b)
     assert "temperature='hot': expected a number" in _error(
-        client.predict, "tiny-sd3", PROMPT, 0, False, STEPS, "", 1, ["circle"], "astar", "hot", api_name="/astar")
+        client.predict, "tiny-sd3", PROMPT, 0, False, STEPS, "", 1, ["circle"], "astar", "hot", "auto", False,
+        api_name="/astar")
 
 
 def test_astar_concept_missing_from_prompt(server):
@@ -200,7 +208,8 @@ def test_uam_upload_limits(server, tmp_path):
     text.write_text("hello")
     msg = _error(client.predict, "tiny-sd", gradio_client.handle_file(str(text)), "", STEPS,
                  api_name="/uam_reconstruct")
-    assert "cannot read" in msg or "image" in msg.lower()
+    assert msg == ("cannot read the upload as an image: it is no image format PIL can decode (PNG, JPEG, WebP...)"), msg
+    assert not msg.startswith("internal error") and str(tmp_path) not in msg  # no server path either
 
 
 def test_headhunt_endpoint(server):
@@ -226,7 +235,7 @@ def test_concurrent_requests_equal_their_runs_alone(server):
     ctx, _, _, client = server
     steps = 12  # long enough that the two runs overlap
     alone_pag = _pixels(client.predict(*_softpag_args(seed=5, steps=steps), api_name="/softpag")[0])
-    astar_args = ["tiny-sd3", PROMPT, 5, False, steps, None, 1, ["circle", "square"], "astar", None]
+    astar_args = ["tiny-sd3", PROMPT, 5, False, steps, None, 1, ["circle", "square"], "astar", None, "auto", False]
     alone = client.predict(*astar_args, api_name="/astar")
     alone_astar, alone_maps = _pixels(alone[0]), _pixels(alone[1])
     model = ctx.pool.model("tiny-sd3")
@@ -287,6 +296,215 @@ def test_tab_registry_takes_a_new_method_without_core_edits():
         assert {"fakemethod", "softpag", "astar", "uam_edit", "headhunt"} <= names
     finally:
         core._TABS.pop("fakemethod")
+
+
+def _endpoint_params(client, name: str) -> dict:
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    return {p["parameter_name"]: p for p in api["/" + name]["parameters"]}
+
+
+@pytest.mark.parametrize("method_name,endpoint_name", [("softpag", "softpag"), ("astar", "astar")])
+def test_every_registry_param_is_an_input_of_its_tab(server, method_name, endpoint_name):
+    """The tab's endpoint takes every Param of the method's registry record, with its choices."""
+    from diffattn.methods.registry import get_method
+
+    *_, client = server
+    inputs = _endpoint_params(client, endpoint_name)
+    method = get_method(method_name)
+    missing = [p.name for p in method.params if p.name not in inputs]
+    assert not missing, f"/{endpoint_name} lacks the registry params {missing}; its inputs: {list(inputs)}"
+    for p in method.params:
+        if p.choices is not None:  # a dropdown / radio of exactly the registry's choices
+            shown = json.dumps(inputs[p.name]["type"])
+            assert all(json.dumps(c) in shown for c in p.choices), (p.name, shown)
+        if p.default is not None and inputs[p.name].get("parameter_has_default"):
+            assert inputs[p.name]["parameter_default"] == p.default, (p.name, inputs[p.name])
+
+
+def test_astar_text_keys_and_center_tokens_reach_the_method(server):
+    *_, client = server
+    plain = _pixels(_astar(client)[0])
+    centred = _pixels(_astar(client, center_tokens=True)[0])
+    assert np.array_equal(plain[0], centred[0])  # the baseline does not update latents
+    assert not np.array_equal(plain[1], centred[1])  # centring changes A-STAR's loss, so its image
+    msg = _error(_astar, client, text_keys="bert")
+    assert "not in the list of choices" in msg and "Traceback" not in msg
+
+
+def test_generic_tab_runs_a_registered_method():
+    """A method registered without a tab of its own is served by the generic tab: ``/<name>``
+    returns baseline | method pixel-equal to the pipeline and ``method.build(...)`` run directly."""
+    import torch
+
+    from diffattn import testbed
+    from diffattn.app.core import AppContext, all_tabs
+    from diffattn.app.launcher import launch
+    from diffattn.app.serving import PipelinePool
+    from diffattn.methods import registry
+
+    name = "softpag_generic_test"
+    base = registry.get_method("softpag")
+    method = registry.register_method(
+        registry.Method(name=name, label="SoftPAG (generic)", summary="SoftPAG through the generic tab",
+                        kind=base.kind, params=base.params, factory=base.factory), replace=True)
+    demo = None
+    try:
+        spec = {s.name: s for s in all_tabs()}[name]
+        assert spec.endpoints == (name,)
+        demo, url = launch(AppContext(pool=PipelinePool(1)), port=0, block=False, quiet=True)
+        client = gradio_client.Client(url, verbose=False)
+        inputs = _endpoint_params(client, name)
+        assert [p.name for p in method.params] == list(inputs)[7:]  # the standard inputs, then the Params
+        values = {"heads": "mid", "scale": "3", "strength": 0.5, "target": "identity", "semantics": "joint"}
+        gallery, maps, info, seed = client.predict("tiny-sd3", PROMPT, 7, False, STEPS, "", 1,
+                                                   *[values[p.name] for p in method.params], api_name="/" + name)
+        assert seed == 7 and [g["caption"] for g in gallery] == ["baseline", "softpag s=3 u=0.5"], gallery
+        served = _pixels(gallery)
+
+        pipe = testbed.load("tiny-sd3")
+        pipe.set_progress_bar_config(disable=True)
+        direct_base = pipe(PROMPT, generator=torch.Generator().manual_seed(7), num_inference_steps=STEPS).images[0]
+        run = method.build(pipe, heads="mid", scale=3.0, strength=0.5, target="identity", semantics="joint")
+        direct = run(PROMPT, generator=torch.Generator().manual_seed(7), num_inference_steps=STEPS).images[0]
+        np.testing.assert_array_equal(served[0], np.asarray(direct_base.convert("RGB")))
+        np.testing.assert_array_equal(served[1], np.asarray(direct.convert("RGB")))
+        assert not np.array_equal(served[0], served[1])  # the method did something
+        # the registry's checks reach the generic tab's caller as one line
+        msg = _error(client.predict, "tiny-sd3", PROMPT, 7, False, STEPS, "", 1,
+                     *[{**values, "scale": "-1"}[p.name] for p in method.params], api_name="/" + name)
+        assert "scale=-1.0: must lie in [0.0, ]" in msg and not msg.startswith("internal error"), msg
+    finally:
+        registry._METHODS.pop(name, None)
+        if demo is not None:
+            demo.close()
+    assert name not in {s.name for s in all_tabs()}
+
+
+# ----------------------------------------------------------------------------- model lock, model cap, limits
+
+
+def _args(*argv):
+    from diffattn.cli import build_parser
+
+    return build_parser().parse_args(["app", *argv])
+
+
+def test_models_are_locked_off_loopback():
+    """Off loopback (or with --share) only --models and the default may load; 127.0.0.1 keeps any name."""
+    from diffattn.app.launcher import make_context
+    from diffattn.errors import DiffattnError, ModelLoadError
+
+    loaded = []
+    for argv, lock in [((), False), (("--host", "localhost"), False), (("--host", "0.0.0.0"), True),
+                       (("--host", "192.168.1.5"), True), (("--share",), True),
+                       (("--host", "0.0.0.0", "--no-lock-models"), False), (("--lock-models",), True)]:
+        ctx = make_context(_args(*argv, "--models", "tiny-sd"))
+        assert ctx.lock_models is lock, argv
+        assert ctx.pool.allowed == (("tiny-sd3", "tiny-sd") if lock else None), argv
+    ctx = make_context(_args("--host", "0.0.0.0", "--model", "tiny-sd", "--models", "tiny-sd3"))
+    ctx.pool.loader = lambda name: loaded.append(name) or {"name": name}
+    with ctx.pool.acquire("tiny-sd3") as pipe:  # a listed model and the default load
+        assert pipe == {"name": "tiny-sd3"}
+    ctx.pool.model("tiny-sd")
+    with pytest.raises(ModelLoadError) as e:
+        ctx.pool.model("someone/any-model")
+    assert isinstance(e.value, DiffattnError)
+    assert str(e.value) == ("model 'someone/any-model' is not served here: this server loads only its listed models "
+                            "(tiny-sd, tiny-sd3; set with --models, the default with --model)")
+    assert loaded == ["tiny-sd3", "tiny-sd"]  # the refused name never reached the loader
+    open_ctx = make_context(_args())
+    open_ctx.pool.loader = lambda name: {"name": name}
+    assert open_ctx.pool.model("someone/any-model").copies == [{"name": "someone/any-model"}]
+
+
+def test_locked_model_picker_takes_no_custom_name():
+    from diffattn.app.core import AppContext
+    from diffattn.app.serving import PipelinePool
+
+    ctx = AppContext(pool=PipelinePool(1, allowed=("tiny-sd3",)), models=("tiny-sd3",), lock_models=True)
+    with __import__("gradio").Blocks():
+        picker = ctx.model_picker()
+    assert picker.allow_custom_value is False and picker.choices == [("tiny-sd3", "tiny-sd3")]
+
+
+def test_pool_caps_the_models_it_holds():
+    """max_models: loading one more evicts the least recently used idle model; a model in use is
+    never evicted (all in use: the request is refused); a failed load evicts nothing."""
+    from diffattn.app.serving import AppLimitError, PipelinePool
+    from diffattn.errors import ModelLoadError
+
+    def loader(name):
+        if name == "broken":
+            raise ModelLoadError("cannot load model 'broken'")
+        return {"name": name}
+
+    pool = PipelinePool(1, loader=loader, max_models=2)
+    pool.model("a")
+    pool.model("b")
+    with pool.acquire("a"):  # a: the most recently used now
+        pass
+    pool.model("c")
+    assert pool.loaded() == ["a", "c"] and pool.evicted == ["b"]
+    with pytest.raises(ModelLoadError):
+        pool.model("broken")
+    assert pool.loaded() == ["a", "c"]  # a failed load evicted nothing
+    with pool.acquire("a"), pool.acquire("c"):
+        with pytest.raises(AppLimitError) as e:
+            pool.model("d")  # both held by requests: nothing can go
+        assert "holds 2 model(s) at once and all are in use" in str(e.value) and "--max-models" in str(e.value)
+    with pool.acquire("c"):
+        pool.model("d")  # a is idle: it goes, c (in use) stays
+    assert pool.loaded() == ["c", "d"] and pool.evicted == ["b", "a"]
+    for _ in range(10):  # requests naming model after model never hold more than the cap
+        for name in ("x", "y", "z"):
+            with pool.acquire(name):
+                assert len(pool.loaded()) <= 2
+
+
+def test_limits_refuse_non_integers_and_bad_settings():
+    from diffattn.app.serving import AppInputError, Limits
+    from diffattn.errors import DiffattnError, LimitError, UsageError
+
+    lim = Limits(max_steps=20, max_batch=2)
+    assert lim.steps(3) == 3 and lim.steps(3.0) == 3 and lim.steps("3") == 3 and lim.steps("") is None
+    for bad in (2.7, "2.7", "two", True):
+        with pytest.raises(AppInputError, match="expected a whole number"):
+            lim.steps(bad)
+    with pytest.raises(AppInputError, match="expected a whole number"):
+        lim.batch(1.5)
+    with pytest.raises(AppInputError, match="expected a whole number"):
+        lim.count(2.7, 8, "rounds")
+    with pytest.raises(LimitError, match="--max-steps"):
+        lim.steps(21)
+    assert issubclass(AppInputError, DiffattnError)
+    for kw in ({"max_upload_mb": float("nan")}, {"max_upload_mb": 0}, {"max_steps": 0}, {"max_side": 0},
+               {"max_batch": -1}):
+        with pytest.raises(UsageError):
+            Limits(**kw)
+    with pytest.raises(UsageError, match="--slots"):
+        __import__("diffattn.app.serving", fromlist=["x"]).PipelinePool(0)
+
+
+def test_pick_seed_refuses_fractions():
+    from diffattn.app.serving import AppInputError
+    from diffattn.app.widgets import pick_seed
+
+    assert pick_seed(5, False) == 5 and pick_seed(5.0, False) == 5 and pick_seed(None, False) == 0
+    with pytest.raises(AppInputError, match="seed=2.7: expected a whole number"):
+        pick_seed(2.7, False)
+
+
+def test_headhunt_presets_do_not_pile_up(tmp_path, monkeypatch):
+    """Each search writes its preset to a file of its own; files older than the TTL are removed."""
+    from diffattn.app.tabs import headhunter
+
+    monkeypatch.setattr(headhunter, "_preset_dir", tmp_path)
+    first = headhunter.write_preset({"heads": [1]})
+    second = headhunter.write_preset({"heads": [2]})
+    assert first != second and json.loads(first.read_text()) == {"heads": [1]}
+    os.utime(first, (time.time() - 2 * headhunter.PRESET_TTL_S,) * 2)
+    third = headhunter.write_preset({"heads": [3]})
+    assert sorted(tmp_path.iterdir()) == sorted([second, third])
 
 
 def test_no_pickle_in_the_app():

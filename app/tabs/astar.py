@@ -47,6 +47,11 @@ def build(ctx):
                 loss = gr.Radio(list(method.param("loss").choices), value=method.param("loss").default, label="loss",
                                 info=method.param("loss").help)
                 temperature = optional_number(None, "temperature (empty: the method's / testbed's default)")
+            with gr.Row():
+                keys = method.param("text_keys")
+                text_keys = gr.Radio(list(keys.choices), value=keys.default, label="text keys", info=keys.help)
+                centre = method.param("center_tokens")
+                center_tokens = gr.Checkbox(bool(centre.default), label="center tokens", info=centre.help)
             go = gr.Button("Generate", variant="primary", elem_id="astar-generate")
         with gr.Column():
             gallery, maps, info = results("astar", "baseline | A-STAR")
@@ -55,8 +60,8 @@ def build(ctx):
         return gr.Dropdown(choices=prompt_words(prompt), value=default_words(prompt))
 
     @endpoint
-    def run(model, prompt, seed, randomize, steps, guidance, images, concepts, loss, temperature,
-            progress=gr.Progress()):
+    def run(model, prompt, seed, randomize, steps, guidance, images, concepts, loss, temperature, text_keys=None,
+            center_tokens=None, progress=gr.Progress()):
         from diffattn.methods.registry import split_concepts
         from diffattn.pipelines.astar import AStarConfig, AStarPipeline
         from diffattn.testbed.defaults import method_defaults
@@ -71,10 +76,15 @@ def build(ctx):
             t = number_or_none(temperature, "temperature")
             if t is not None:
                 params["temperature"] = t
-            params["loss"] = loss or "astar"
-            built = method.build(pipe, **params)
+            params["loss"] = loss or method.param("loss").default
+            params["text_keys"] = text_keys or method.param("text_keys").default
+            params["center_tokens"] = method.param("center_tokens").default if center_tokens is None else center_tokens
+            built = method.build(pipe, **params)  # the registry checks every value (choices, ranges, types)
             built.check(prompt)  # ConceptError before any image (a word not in the prompt...)
-            overrides = {} if params.get("temperature") is None else {"temperature": float(params["temperature"])}
+            cfg = built.pipeline.config  # the checked values: the baseline locates the same tokens
+            overrides = {"text_keys": cfg.text_keys, "center_tokens": cfg.center_tokens}
+            if params.get("temperature") is not None:
+                overrides["temperature"] = float(params["temperature"])
             baseline = AStarPipeline(pipe, AStarConfig.astar(max_iter_to_alter=0, **overrides))
             bar = Progress(progress, loops=2)
             base = baseline(prompt, params["concepts"], generator=generator(seed, pipe), return_attention_maps=True,
@@ -88,7 +98,7 @@ def build(ctx):
         return pairs, heat, f"seed **{seed}** · {built.label} · concepts {concept_names}", seed
 
     std.prompt.change(words, std.prompt, concepts, api_name="astar_concepts")
-    go.click(run, std.inputs() + [concepts, loss, temperature], [gallery, maps, info, std.seed], api_name="astar")
+    go.click(run, std.inputs() + [concepts, loss, temperature, text_keys, center_tokens], [gallery, maps, info, std.seed], api_name="astar")
 
 
 register_tab(TabSpec("astar", "A-STAR", build, methods=("astar",), endpoints=("astar", "astar_concepts"), order=30))

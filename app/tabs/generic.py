@@ -4,9 +4,14 @@ a bool a checkbox, any other string a text box; baseline | method in the gallery
 method's maps (``MethodOutput.maps``) under it. Endpoint ``/<method name>``."""
 from __future__ import annotations
 
+import inspect
+
 from ..core import TabSpec
 from ..serving import endpoint
 from ..widgets import Progress, call_kwargs, generator, model_name, pick_seed, results, standard_inputs
+
+
+STANDARD = ("model", "prompt", "seed", "randomize", "steps", "guidance", "images")  # standard_inputs().inputs()
 
 
 def param_component(p):
@@ -19,13 +24,13 @@ def param_component(p):
         return gr.Checkbox(bool(p.default), label=label, info=p.help)
     if p.type in (int, float):
         lo, hi = p.range or (None, None)
-        if lo is not None and hi is not None:
-            return gr.Slider(lo, hi, value=p.default if p.default is not None else lo, step=1 if p.type is int else
-                             (hi - lo) / 100, label=label, info=p.help)
-        if p.default is None:  # "the method decides": an empty box (a gr.Number would read 0)
+        if p.default is None:  # "the method decides": an empty box (a slider or gr.Number would send a value)
             from ..widgets import optional_number
 
             return optional_number(None, label, info=p.help)
+        if lo is not None and hi is not None:
+            return gr.Slider(lo, hi, value=p.default, step=1 if p.type is int else (hi - lo) / 100, label=label,
+                             info=p.help)
         return gr.Number(p.default, label=label, info=p.help, precision=0 if p.type is int else None,
                          minimum=lo, maximum=hi)
     return gr.Textbox("" if p.default is None else str(p.default), label=label, info=p.help)
@@ -47,9 +52,14 @@ def generic_tab(method) -> TabSpec:
             with gr.Column():
                 gallery, maps, info = results(method.name, f"baseline | {method.label}")
 
-        @endpoint
-        def run(model, prompt, seed, randomize, steps, guidance, images, *values, progress=gr.Progress()):
+        n = len(STANDARD) + len(method.params)
+
+        def run(*args):
             from diffattn.testbed.defaults import method_defaults
+
+            model, prompt, seed, randomize, steps, guidance, images = args[:len(STANDARD)]
+            values = args[len(STANDARD):n]
+            progress = args[n] if len(args) > n else None
 
             seed = pick_seed(seed, randomize)
             kw = call_kwargs(ctx, steps, guidance, images)
@@ -65,6 +75,13 @@ def generic_tab(method) -> TabSpec:
             heat = [(im, f"{built.label}: {k}") for m in out.maps for k, im in m.items()]
             return pairs, heat, f"seed **{seed}** · {built.label}", seed
 
-        go.click(run, std.inputs() + fields, [gallery, maps, info, std.seed], api_name=method.name)
+        # the endpoint's inputs are named after the method's Params (/<name>'s API shows them, a
+        # client may pass them by name); Gradio passes the progress tracker last
+        fn = endpoint(run)
+        P = inspect.Parameter
+        fn.__signature__ = inspect.Signature(
+            [P(name, P.POSITIONAL_OR_KEYWORD) for name in (*STANDARD, *(p.name for p in method.params))]
+            + [P("progress", P.POSITIONAL_OR_KEYWORD, default=gr.Progress())])
+        go.click(fn, std.inputs() + fields, [gallery, maps, info, std.seed], api_name=method.name)
 
     return TabSpec(method.name, method.label, build, methods=(method.name,), endpoints=(method.name,), order=90)

@@ -3,10 +3,48 @@ preset JSON to download (usable in the SoftPAG tab). Endpoint ``/headhunt``."""
 from __future__ import annotations
 
 from ..core import TabSpec, register_tab
-from ..serving import endpoint
+from ..serving import endpoint, whole
 from ..widgets import model_name, number_or_none
 
 DEFAULT_PROMPTS = "a red circle and a blue square\na green triangle above a yellow circle"
+PRESET_TTL_S = 3600  # a written preset is removed this long after (Gradio serves its own copy of it)
+
+_preset_dir = None
+
+
+def preset_dir():
+    """The folder of this process's preset files (made once, removed at exit)."""
+    global _preset_dir
+    if _preset_dir is None:
+        import atexit
+        import shutil
+        import tempfile
+        from pathlib import Path
+
+        _preset_dir = Path(tempfile.mkdtemp(prefix="diffattn-headhunt-"))
+        atexit.register(shutil.rmtree, _preset_dir, ignore_errors=True)
+    return _preset_dir
+
+
+def write_preset(preset: dict, ttl_s: float = PRESET_TTL_S):
+    """``preset`` as a JSON file of its own (a name per request, so concurrent searches never share
+    one) in :func:`preset_dir`; files written more than ``ttl_s`` seconds ago are removed first, so
+    the folder does not grow with every request."""
+    import json
+    import time
+    import uuid
+
+    folder = preset_dir()
+    now = time.time()
+    for old in folder.glob("headhunt-preset-*.json"):
+        try:
+            if now - old.stat().st_mtime > ttl_s:
+                old.unlink()
+        except OSError:  # removed meanwhile
+            pass
+    path = folder / f"headhunt-preset-{uuid.uuid4().hex[:12]}.json"
+    path.write_text(json.dumps(preset, indent=1))
+    return path
 
 
 def build(ctx):
@@ -46,9 +84,6 @@ def build(ctx):
     @endpoint
     def run(model, objective, prompts, candidates, seeds, top_k, rounds, scale, strength, steps, guidance,
             progress=gr.Progress(track_tqdm=True)):
-        import json
-        import tempfile
-
         from diffattn.methods.headhunter import HeadHunter, make_objective
         from diffattn.sites import select
         from diffattn.testbed.evaluate import TRAIN_SEEDS
@@ -76,16 +111,15 @@ def build(ctx):
             count = (sum(s.heads for s in sites(pipe) if s.kind in PERTURBABLE_KINDS) if cands == "all"
                      else len(cands))
             lim.count(count, lim.max_candidates, "candidate heads")
-            hunt = HeadHunter(pipe, fn, lines, list(TRAIN_SEEDS)[:n_seeds], candidates=cands, top_k=int(top_k),
+            hunt = HeadHunter(pipe, fn, lines, list(TRAIN_SEEDS)[:n_seeds], candidates=cands, top_k=whole(top_k, "top k"),
                               rounds=n_rounds, scale=float(scale), strength=float(strength), progress=True,
                               distributed=False, batch_size=max(1, n_seeds), **kw)
             result = hunt.run()
-        with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="headhunt-preset-", delete=False) as f:
-            json.dump(result.preset(), f, indent=1)
+        path = write_preset(result.preset())
         picked = ", ".join(f"{s}:{h}" for s, h in result.selected) or "none"
         text = (f"selected **{picked}** · baseline objective {result.baseline:.4f} · best "
                 f"{max(result.rounds[0].values()):.4f} · {len(result.rounds[0])} candidates, {n_seeds} pairs")
-        return result.heatmap(0), f.name, text
+        return result.heatmap(0), str(path), text
 
     go.click(run, [model, objective, prompts, candidates, seeds, top_k, rounds, scale, strength, steps, guidance],
              [heatmap, preset, info], api_name="headhunt")

@@ -8,8 +8,6 @@ from ..core import TabSpec, register_tab
 from ..serving import AppInputError, endpoint
 from ..widgets import Progress, call_kwargs, generator, model_name, pick_seed, results, standard_inputs
 
-TARGETS = ("identity", "uniform", "meanquery")
-SEMANTICS = ("joint", "image", "image-self")
 PRESET = "preset:"
 
 
@@ -62,8 +60,13 @@ def build_control(pipe, heads, preset_upload, strength, scale, target, semantics
 
     spec = heads_spec(pipe, heads, preset_upload, limits)
     own = bool(preset_values) and is_preset(spec)
+    from diffattn.methods.registry import get_method
+
+    method = get_method("softpag")
+    given = {k: v for k, v in (("target", target), ("semantics", semantics)) if v}
+    values = method.resolve(**given)  # the registry's choices and defaults
     return SoftPAG(spec, strength=None if own else float(strength), scale=None if own else float(scale),
-                   target=target or "identity", semantics=semantics or "joint")
+                   target=values["target"], semantics=values["semantics"])
 
 
 def heads_heatmap(pipe, control, cell: int = 20):
@@ -115,8 +118,9 @@ def build(ctx):
                 scale = gr.Slider(0, 10, value=2.0, step=0.1, label="scale s", info=method.param("scale").help)
             preset_values = gr.Checkbox(True, label="a preset's own u and s (uncheck to use the sliders)")
             with gr.Row():
-                target = gr.Dropdown(list(TARGETS), value="identity", label="target")
-                semantics = gr.Dropdown(list(SEMANTICS), value="joint", label="semantics")
+                tp, sp = method.param("target"), method.param("semantics")
+                target = gr.Dropdown(list(tp.choices), value=tp.default, label="target", info=tp.help)
+                semantics = gr.Dropdown(list(sp.choices), value=sp.default, label="semantics", info=sp.help)
             with gr.Row():
                 go = gr.Button("Generate", variant="primary", elem_id="softpag-generate")
                 show = gr.Button("Show heads")

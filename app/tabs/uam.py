@@ -6,8 +6,8 @@ Endpoints: ``/uam_sample``, ``/uam_reconstruct``, ``/uam_edit``."""
 from __future__ import annotations
 
 from ..core import TabSpec, register_tab
-from ..serving import AppInputError, endpoint, read_image
-from ..widgets import Progress, model_name, number_or_none, optional_number
+from ..serving import AppInputError, endpoint, read_image, whole
+from ..widgets import Progress, image_upload, model_name, number_or_none, optional_number
 
 UAM_MODEL = "tiny-sd"  # as the CLI's invert / edit: the UNet testbed model (the paper's architecture)
 LABELS = {"source": "source prompt", "empty": "empty prompt", "uniform": "uniform maps (UAM)"}
@@ -42,10 +42,10 @@ def build(ctx):
     with gr.Row():
         with gr.Column():
             model = ctx.model_picker(UAM_MODEL)
-            image = gr.Image(label=f"image (sides multiples of the model's unit; tiny-sd: 16 px, native 64x64; "
-                                   f"at most {lim.max_upload_mb:g} MB, {lim.max_side} px)",
-                             type="filepath", sources=["upload", "clipboard"], image_mode=None, format="png", height=220,
-                             elem_id="uam-image")
+            image = image_upload(label=f"image (sides multiples of the model's unit; tiny-sd: 16 px, native 64x64; "
+                                       f"at most {lim.max_upload_mb:g} MB, {lim.max_side} px)",
+                                 sources=["upload", "clipboard"], image_mode=None, format="png", height=220,
+                                 elem_id="uam-image")
             with gr.Row():
                 sample_seed = gr.Number(0, label="sample seed", precision=0, minimum=0)
                 sample = gr.Button("Testbed sample image", elem_id="uam-sample")
@@ -77,7 +77,7 @@ def build(ctx):
     def make_sample(seed):
         from diffattn.testbed import world
 
-        scene = world.sample_scene(int(seed or 0), n_objects=2, background="light", outline=False)
+        scene = world.sample_scene(0 if seed is None or seed == "" else whole(seed, "sample seed"), n_objects=2, background="light", outline=False)
         return world.render(scene), world.caption(scene)
 
     @endpoint
@@ -111,7 +111,7 @@ def build(ctx):
         w = number_or_none(guidance, "guidance")
         with ctx.pool.acquire(model_name(ctx, model)) as pipe:
             uam = UAMPipeline(pipe, progress=False, mask_convention=convention, blend=blend,
-                              mask_timestep=float(mask_t), quantile=float(quantile), dilation=int(dilation))
+                              mask_timestep=float(mask_t), quantile=float(quantile), dilation=whole(dilation, "dilation"))
             uam.load_image(picture)
             text = _source_prompt(pipe, picture, prompt)
             bar = Progress(progress, loops=5)
