@@ -152,16 +152,21 @@ def check_size_for(pipe, args) -> None:
     """``--size`` against what the loaded model can generate (a multiple of its unit, within its
     position embedding), before anything is generated."""
     size = getattr(args, "size", None)
-    if size is None:
-        return
+    if size is not None:
+        check_side_for(pipe, args, size, f"--size {size}")
+
+
+def check_side_for(pipe, args, side: int, what: str) -> None:
+    """One image side (``what`` names it in the message) against the loaded model's unit and
+    position embedding."""
     unit, cap = size_unit(pipe)
-    if size % unit or size < unit:
-        lo = max(unit, size // unit * unit)
+    if side % unit or side < unit:
+        lo = max(unit, side // unit * unit)
         hint = f"{lo}" + (f" or {lo + unit}" if lo + unit <= limit(args, "max_side") else "")
-        raise UsageError(f"--size {size}: {model_label(args)} generates sides that are multiples of {unit} pixels; "
+        raise UsageError(f"{what}: {model_label(args)} generates sides that are multiples of {unit} pixels; "
                          f"use e.g. {hint}")
-    if cap is not None and size > cap:
-        raise LimitError(f"--size {size}: the position embedding of {model_label(args)} covers sides up to {cap} pixels")
+    if cap is not None and side > cap:
+        raise LimitError(f"{what}: the position embedding of {model_label(args)} covers sides up to {cap} pixels")
 
 
 def size_unit(pipe) -> tuple[int, int | None]:

@@ -39,23 +39,12 @@ def check_limits(args, wf) -> None:
 
 def check_for_model(args, pipe, wf) -> None:
     """``height`` / ``width`` against what ``pipe`` can generate, the prompts against its tokenizer."""
-    from ..errors import LimitError, UsageError
-    from .common import check_text, limit, model_label, size_unit
+    from .common import check_side_for, check_text
 
     s = wf.sampling
     for name in ("height", "width"):
-        if name not in s:
-            continue
-        side = s[name]
-        unit, cap = size_unit(pipe)
-        if side % unit or side < unit:
-            lo = max(unit, side // unit * unit)
-            hint = f"{lo}" + (f" or {lo + unit}" if lo + unit <= limit(args, "max_side") else "")
-            raise UsageError(f"{_field(wf, name)}: {side}: {model_label(args)} generates sides that are multiples "
-                             f"of {unit} pixels; use e.g. {hint}")
-        if cap is not None and side > cap:
-            raise LimitError(f"{_field(wf, name)}: {side}: the position embedding of {model_label(args)} covers "
-                             f"sides up to {cap} pixels")
+        if name in s:
+            check_side_for(pipe, args, s[name], f"{_field(wf, name)}: {s[name]}")
     check_text(pipe, s["prompt"], f"{_field(wf, 'prompt')}:")
     if s.get("negative_prompt"):
         check_text(pipe, s["negative_prompt"], f"{_field(wf, 'negative_prompt')}:")

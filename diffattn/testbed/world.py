@@ -221,21 +221,23 @@ def _object_phrase(color: str, shape: str) -> str:
     return f"a {color} {shape}"
 
 
+def _join_phrases(phrases: list[str], relation: str | None) -> str:
+    """Object phrases as one caption: "A left of B" with a relation, else "A", "A and B",
+    "A, B and C"."""
+    if relation is not None:
+        return f"{phrases[0]} {relation} {phrases[1]}"
+    if len(phrases) <= 2:
+        return " and ".join(phrases)
+    return f"{phrases[0]}, {phrases[1]} and {phrases[2]}"
+
+
 def caption(scene: Scene | PromptSpec) -> str:
     """The template caption of a scene (or of a prompt spec)."""
     if isinstance(scene, Scene):
         objs = [(o.color, o.shape) for o in scene.objects]
     else:
         objs = list(scene.objects)
-    phrases = [_object_phrase(c, s) for c, s in objs]
-    if scene.relation is not None:
-        text = f"{phrases[0]} {scene.relation} {phrases[1]}"
-    elif len(phrases) == 1:
-        text = phrases[0]
-    elif len(phrases) == 2:
-        text = f"{phrases[0]} and {phrases[1]}"
-    else:
-        text = f"{phrases[0]}, {phrases[1]} and {phrases[2]}"
+    text = _join_phrases([_object_phrase(c, s) for c, s in objs], scene.relation)
     for name, suffix in STYLE_SUFFIXES.items():
         if scene.styles.get(name):
             text += suffix
@@ -450,15 +452,7 @@ def caption_v2(spec: Scene | PromptSpecV2 | PromptSpec) -> str:
         return caption(spec)
     if isinstance(spec, Scene):
         spec = spec_v2(spec)
-    phrases = [_object_phrase_v2(o) for o in spec.objects]
-    if spec.relation is not None:
-        text = f"{phrases[0]} {spec.relation} {phrases[1]}"
-    elif len(phrases) == 1:
-        text = phrases[0]
-    elif len(phrases) == 2:
-        text = f"{phrases[0]} and {phrases[1]}"
-    else:
-        text = f"{phrases[0]}, {phrases[1]} and {phrases[2]}"
+    text = _join_phrases([_object_phrase_v2(o) for o in spec.objects], spec.relation)
     for name, suffix in STYLE_SUFFIXES_V2.items():
         if spec.styles.get(name):
             text += suffix
