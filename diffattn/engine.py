@@ -30,7 +30,8 @@ Branches, decided per denoiser call from what the pipeline passes, in this order
 auxiliary forward, recognised from its arguments (SD3's skip-layer guidance forward,
 ``skip_layers=[...]``: ``{"skip": all rows}``); the name of the pipeline's
 ``cache_context("cond" | "uncond")`` when it runs CFG as separate forwards (Wan, FLUX true
-CFG); for a pipeline, a second unnamed call of one denoiser in one step is
+CFG); for a pipeline, a second unnamed call of one denoiser before its scheduler stepped
+(``step_index``, PNDM's ``counter``: schedulers without such a counter are never flagged) is
 ``{"unidentified": all rows}`` with a one-time warning naming the pipeline (it gets no extra
 guidance branch: the engine will not guess); the step's first call is
 ``{"uncond": first half, "cond": second half}`` when the pipeline's own CFG flag
@@ -328,7 +329,7 @@ class Engine:
         batch = hidden.shape[0]
         step = self._track_step(args.get("timestep"), cache_context)
         name = getattr(cache_context, "name", None)
-        branches = self._branches(batch, name, family.auxiliary_branch(args), hook.denoiser, step.index)
+        branches = self._branches(batch, name, family.auxiliary_branch(args), hook.denoiser, self._scheduler_position())
         return ForwardContext(step=step, branches=branches, family=family.name,
                               denoiser=hook.denoiser, batch=batch, cache_name=name,
                               info=family.forward_info(hook.config, args, hook.family_cache),
@@ -389,8 +390,19 @@ class Engine:
             return False
         return bool(getattr(self.pipeline, "do_classifier_free_guidance", False))
 
+    def _scheduler_position(self):
+        """Where the pipeline's scheduler is in its run, from a counter it advances in every
+        ``step()`` (``step_index``; PNDM's ``counter``), or ``None`` when it keeps none (DDIM)
+        or has not stepped yet: the one sure sign that two calls belong to one step (a
+        repeated timestep is not: PNDM repeats one across two steps)."""
+        scheduler = self._scheduler()
+        if scheduler is None:
+            return None
+        position = getattr(scheduler, "step_index", None)
+        return position if position is not None else getattr(scheduler, "counter", None)
+
     def _branches(self, batch: int, cache_name: str | None, auxiliary: str | None = None,
-                  denoiser: str | None = None, step: int = 0) -> dict[str, slice]:
+                  denoiser: str | None = None, position=None) -> dict[str, slice]:
         """What the rows of a denoiser call are (the rule in the module docstring)."""
         if self._branch_override is not None:
             got = self._branch_override(batch) if callable(self._branch_override) else self._branch_override
@@ -399,9 +411,9 @@ class Engine:
             return {auxiliary: slice(0, batch)}
         if cache_name in ("cond", "uncond"):
             return {cache_name: slice(0, batch)}
-        if self.pipeline is not None:
-            key = (denoiser, step)
-            if self._last_main == key:  # a second unnamed forward in one step: not the guided one
+        if self.pipeline is not None and position is not None:
+            key = (denoiser, position)
+            if self._last_main == key:  # a second unnamed forward before the scheduler stepped
                 self._warn_unidentified()
                 return {UNIDENTIFIED: slice(0, batch)}
             self._last_main = key

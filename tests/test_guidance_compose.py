@@ -40,6 +40,22 @@ def test_layer_softpag_equals_diffusers_pag_with_guidance_rescale(tiny_pipe, tin
     assert (ours - ref).abs().max() <= 1e-5
 
 
+def test_pndm_repeated_timestep_is_not_a_second_call(tiny_fresh, tiny_inputs, recwarn):
+    """SD1.5's default PNDM scheduler repeats one timestep across two steps: both are guided
+    steps (no 'unidentified' call), so SoftPAG still equals diffusers' PAG pipeline."""
+    from diffusers import PNDMScheduler
+
+    pipe = tiny_fresh("sd15")
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
+    call = dict(steps=4, guidance_scale=4.0)
+    with da.attach(pipe, da.SoftPAG(_mid_self(pipe), strength=1.0, scale=2.5)):
+        ours = output_of(pipe(**tiny_inputs("sd15", **call)))
+    ref = output_of(StableDiffusionPAGPipeline(**pipe.components, pag_applied_layers=["mid"])(
+        **tiny_inputs("sd15", **call), pag_scale=2.5))
+    assert not [w for w in recwarn if "more than once" in str(w.message)]
+    assert (ours - ref).abs().max() <= 1e-5
+
+
 # ----------------------------------------------------------------------------- by hand
 
 
