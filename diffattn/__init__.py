@@ -33,6 +33,7 @@ _EXPORTS = {
     "SoftPAG": "diffattn.methods.softpag",
     "SoftPAGGuidance": "diffattn.guiders",
     "UniformAttention": "diffattn.methods.uniform",
+    "ContextRepulsion": "diffattn.methods.repulsion",
     "HeadHunter": "diffattn.methods.headhunter",
     "clip_score": "diffattn.methods.headhunter",
     "pick_score": "diffattn.methods.headhunter",

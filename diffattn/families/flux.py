@@ -189,6 +189,16 @@ class FluxFamily(Family):
     def adapters(self):
         return (FluxAdapter,)
 
+    def text_stream_blocks(self, model) -> list[tuple[str, tuple[int, ...], str]]:
+        """The blocks that pass a text stream on, in execution order: ``(module name, positions
+        of the stream in the block's output, kind)``. Double blocks return ``(text, image)``
+        (the text at 0); single blocks return ``(text, image)`` split from one stream, both
+        positions listed (contextual repulsion may take all their tokens)."""
+        double = [(f"transformer_blocks.{i}", (0,), "double") for i in range(len(model.transformer_blocks))]
+        single = [(f"single_transformer_blocks.{i}", (0, 1), "single")
+                  for i in range(len(model.single_transformer_blocks))]
+        return double + single
+
 
 class FluxAdapter(PipelineAdapter):
     """``FluxPipeline``: T5 text keys (CLIP gives the pooled vector), the guidance embedding in

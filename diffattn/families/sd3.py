@@ -128,6 +128,13 @@ class SD3Family(Family):
     def adapters(self):
         return (SD3Adapter,)
 
+    def text_stream_blocks(self, model) -> list[tuple[str, tuple[int, ...], str]]:
+        """The blocks that pass a text stream on, in execution order: ``(module name, positions
+        of the stream in the block's output, kind)``. Joint blocks return ``(text, image)``; the
+        last, ``context_pre_only`` block returns no text and is left out (contextual repulsion)."""
+        return [(f"transformer_blocks.{i}", (0,), "joint") for i, block in enumerate(model.transformer_blocks)
+                if not getattr(block, "context_pre_only", False)]
+
 
 class SD3Adapter(PipelineAdapter):
     """``StableDiffusion3Pipeline``: three text encoders, CFG in one batch, flow matching."""

@@ -304,3 +304,36 @@ register_method(Method(
     paper="Agarwal et al., A-STAR: Test-time Attention Segregation and Retention (ICCV 2023); Chefer et al., "
           "Attend-and-Excite (SIGGRAPH 2023)",
 ))
+
+
+def _repulsion(pipe, *, eta=0.5, tau=1, inner=10, loss="vendi", norm_invariant=True) -> MethodRun:
+    from ..engine import attach
+    from .repulsion import ContextRepulsion
+
+    control = ContextRepulsion(eta=eta, tau=tau, inner=inner, loss=loss, norm_invariant=norm_invariant)
+
+    def run(prompt, generator=None, **call_kwargs):
+        with attach(pipe, control):
+            return MethodOutput(pipe(prompt, generator=generator, **call_kwargs).images)
+
+    return MethodRun(f"repulsion η={eta:g} τ={tau} M={inner} {loss}", run, control=control)
+
+
+register_method(Method(
+    name="repulsion", label="Contextual repulsion",
+    summary="diversity within each prompt's batch: repel the MMDiT text streams of its samples (SD3, FLUX)",
+    kind="control",
+    params=(
+        Param("eta", float, 0.5, "step size η (relative with norm_invariant; the paper's raw η is 5e2-8e9)",
+              range=(0.0, None), flag="--repulsion-eta"),
+        Param("tau", int, 1, "act on the first tau denoising steps", range=(0, None), flag="--repulsion-tau"),
+        Param("inner", int, 10, "inner ascent steps M per block", range=(1, None), flag="--repulsion-inner"),
+        Param("loss", str, "vendi", "diversity loss: vendi (log-Vendi, cosine kernel), rbf (particle-guidance "
+                                    "energy) or dpp (log det)", choices=("vendi", "rbf", "dpp"),
+              flag="--repulsion-loss"),
+        Param("norm_invariant", bool, True, "scale the step by |c|^2 so eta needs no per-model rescaling: true "
+                                            "or false", flag="--repulsion-norm-invariant"),
+    ),
+    factory=_repulsion,
+    paper="Dahary et al., On-the-fly Repulsion in the Contextual Space (2026)",
+))
