@@ -88,6 +88,15 @@ def test_repel_ascends_and_is_a_noop_at_zero():
     assert (raw - 1e3 * x).abs().max() < 1e-3 * (y - x).abs().max() * 1e3  # raw η shrinks as 1/‖c‖²
 
 
+def test_repel_under_inference_mode():
+    torch.manual_seed(5)
+    x = torch.randn(3, 4, 5)
+    expected = repel(x, 0.3, 2)
+    with torch.inference_mode():
+        got = repel(x.clone(), 0.3, 2)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 def test_repel_is_permutation_equivariant():
     torch.manual_seed(3)
     x = torch.randn(5, 4, 3)

@@ -144,9 +144,10 @@ DIVERSITY_LOSSES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 def diversity_gradient(x: torch.Tensor, loss: Callable[[torch.Tensor], torch.Tensor] = log_vendi) -> torch.Tensor:
     """∇_x loss(x) for x [B, ...] by autograd on ``x`` alone (a detached copy: no graph into
-    the network), in x's dtype promoted to at least float32; zeros where it is not finite."""
-    with torch.enable_grad():
-        leaf = x.detach().to(torch.promote_types(x.dtype, torch.float32)).requires_grad_(True)
+    the network), in x's dtype promoted to at least float32; zeros where it is not finite.
+    Works under ``torch.no_grad`` and ``torch.inference_mode`` (the leaf is a fresh copy)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        leaf = x.detach().to(torch.promote_types(x.dtype, torch.float32)).clone().requires_grad_(True)
         (g,) = torch.autograd.grad(loss(leaf), leaf)
     return torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
 
