@@ -432,10 +432,10 @@ def _outline_share(extents: list[np.ndarray], outline_px: np.ndarray) -> float:
     return float(outline_px[band].mean()) if band.any() else 0.0
 
 
-def parse(image) -> Parsed:
-    """Objects (shape, colour, centre, size, area, confidence), background and outline style
-    of an image of the shapes world (any size; read at 64x64). Objects are listed by colour
-    (palette order), then by area."""
+def _detect(image):
+    """What ``parse`` and ``parse_v2`` share: the drift-corrected array, background, tone,
+    colour drift, outline pixels, every component, the kept (component, object) pairs (by
+    colour, then area) and the objects' outline share."""
     arr = _denoise(to_array(image))
     background, tone, drift = _background(arr)
     arr = np.clip(arr - drift, 0, 255)
@@ -444,6 +444,14 @@ def parse(image) -> Parsed:
     comps.sort(key=lambda c: (COLOR_NAMES.index(c.color), -int(c.extent.sum())))
     kept = [(c, o) for c in comps if (o := _as_object(c, alpha)) is not None]
     share = _outline_share([c.extent for c, _ in kept], outline_px)
+    return arr, background, tone, drift, outline_px, comps, kept, share
+
+
+def parse(image) -> Parsed:
+    """Objects (shape, colour, centre, size, area, confidence), background and outline style
+    of an image of the shapes world (any size; read at 64x64). Objects are listed by colour
+    (palette order), then by area."""
+    arr, background, tone, drift, outline_px, comps, kept, share = _detect(image)
     return Parsed(
         objects=[o for _, o in kept],
         background=background,
@@ -797,14 +805,7 @@ def _aesthetics(arr: np.ndarray, extents: list[np.ndarray], shadow_t: np.ndarray
 def parse_v2(image) -> ParsedV2:
     """``parse`` plus each object's marking and the image's aesthetics (module notes above).
     Objects, background and outline are exactly those of ``parse(image)``."""
-    arr = _denoise(to_array(image))
-    background, tone, drift = _background(arr)
-    arr = np.clip(arr - drift, 0, 255)
-    color_idx, alpha, outline_px, weak = _pixel_classes(arr, tone)
-    comps = _merge_fringes(_components(color_idx, outline_px, weak))
-    comps.sort(key=lambda c: (COLOR_NAMES.index(c.color), -int(c.extent.sum())))
-    kept = [(c, o) for c in comps if (o := _as_object(c, alpha)) is not None]
-    share = _outline_share([c.extent for c, _ in kept], outline_px)
+    arr, background, tone, drift, outline_px, comps, kept, share = _detect(image)
     outline = bool(kept) and share >= OUTLINE_RING_SHARE
     objects = []
     for c, o in kept:

@@ -204,14 +204,19 @@ def render(scene: Scene) -> Image.Image:
     outline = OUTLINE_ON[scene.background] if scene.outline else None
     width = 2 * s if scene.outline else 0
     for o in scene.objects:
-        fill = COLORS[o.color]
-        poly = shape_polygon(o.shape, o.cx * s, o.cy * s, o.size * s)
-        if poly is None:
-            r = o.size * s
-            draw.ellipse([o.cx * s - r, o.cy * s - r, o.cx * s + r, o.cy * s + r], fill=fill, outline=outline, width=width)
-        else:
-            draw.polygon(poly, fill=fill, outline=outline, width=width)
+        _draw_object(draw, o, s, outline, width)
     return img.resize((SIZE, SIZE), Image.BOX)
+
+
+def _draw_object(draw, o: SceneObject, s: int, outline, width: int) -> None:
+    """One object's fill (and outline) on a canvas supersampled ``s`` times."""
+    fill = COLORS[o.color]
+    poly = shape_polygon(o.shape, o.cx * s, o.cy * s, o.size * s)
+    if poly is None:
+        r = o.size * s
+        draw.ellipse([o.cx * s - r, o.cy * s - r, o.cx * s + r, o.cy * s + r], fill=fill, outline=outline, width=width)
+    else:
+        draw.polygon(poly, fill=fill, outline=outline, width=width)
 
 
 # ----------------------------------------------------------------------------- captions
@@ -686,13 +691,7 @@ def render_v2(scene: Scene) -> Image.Image:
     ys = (np.arange(SIZE * s)[:, None] + 0.5) / s  # [256, 1] sample centres, pixel units
     xs = (np.arange(SIZE * s)[None, :] + 0.5) / s  # [1, 256]
     for o in scene.objects:
-        fill = COLORS[o.color]
-        poly = shape_polygon(o.shape, o.cx * s, o.cy * s, o.size * s)
-        if poly is None:
-            r = o.size * s
-            draw.ellipse([o.cx * s - r, o.cy * s - r, o.cx * s + r, o.cy * s + r], fill=fill, outline=outline, width=width)
-        else:
-            draw.polygon(poly, fill=fill, outline=outline, width=width)
+        _draw_object(draw, o, s, outline, width)
         if o.marking != "none":
             interior, _ = _shape_masks(o, scene.outline)
             region = marking_region(o.marking, o.shape, o.cx, o.cy, o.size, xs, ys) & interior
