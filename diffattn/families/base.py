@@ -119,6 +119,12 @@ class Family:
         ``None``. Such a forward gets no extra guidance branch (``diffattn.guidance``)."""
         return None
 
+    def text_stream_blocks(self, model) -> list[tuple[str, tuple[int, ...], str]]:
+        """``(block name, positions of the text stream in its outputs, block kind)`` of every
+        block that passes a text stream to the next, in execution order (MMDiTs); ``[]`` for a
+        family without one (UNet cross attention reads fixed text states)."""
+        return []
+
     def adapters(self) -> tuple[type["PipelineAdapter"], ...]:
         """Pipeline adapters of this family, most specific first."""
         return ()

@@ -189,12 +189,12 @@ def _no_sites(site) -> bool:  # the control edits no attention call: every proce
 def text_stream_family(model):
     """The registered family of ``model`` that describes its text stream
     (``text_stream_blocks``); an :class:`UnsupportedModelError` naming those families otherwise."""
-    from ..families import families
+    from ..families import Family, families, family_of
 
-    capable = [f for f in families() if hasattr(f, "text_stream_blocks")]
+    capable = [f for f in families() if type(f).text_stream_blocks is not Family.text_stream_blocks]
     module = next((m for m in model.modules() if hasattr(m, "processor")), None)  # its first attention module
-    owner = next((f for f in families() if module is not None and f.owns(model, module)), None)
-    if owner is not None and hasattr(owner, "text_stream_blocks"):
+    owner = family_of(model, module) if module is not None else None
+    if owner in capable:
         return owner
     raise UnsupportedModelError(
         f"contextual repulsion edits the text stream passed between MMDiT blocks; {type(model).__name__} has none "
