@@ -337,10 +337,6 @@ class Engine:
                               in_window={id(c): c.window_holds(step) for c in self.controls},
                               guidance_scales=self.guidance.scales(step) if self.guidance is not None else None)
 
-    def image_grid(self, n_tokens: int) -> tuple[int, int] | None:
-        """``(h, w)`` of an ``n_tokens`` image in the current forward (``None`` outside one)."""
-        return self.context.image_grid(n_tokens) if self.context is not None else None
-
     # ------------------------------------------------------------------ steps
     def _scheduler(self):
         return getattr(self.pipeline, "scheduler", None) if self.pipeline is not None else None

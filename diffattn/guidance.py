@@ -13,7 +13,7 @@ and the extra predictions are folded back into what the pipeline receives, with
   pipeline untouched, so what it computes from ε_c alone is exact too: ``guidance_rescale``'s
   std(ε_c) (Lin et al. 2024, Eq. 15-16, as diffusers' PAG pipelines take it) and SD3
   skip-layer guidance's (ε_c - ε_skip). With w = 1 the fold goes into cond
-  (``cond + Δ``, :func:`fold_guidance`);
+  (``cond + Δ``; :func:`fold_guidance` is the same sum written per branch);
 * no CFG (w = 1, guidance-distilled FLUX, a bare denoiser):   return ``cond + Δ``;
 * CFG as separate forwards, cond first (Wan, FLUX ``true_cfg_scale``): the cond forward
   returns ``cond + Δ`` and the uncond forward of the same step returns ``uncond + Δ``; CFG's
@@ -184,19 +184,15 @@ class GuidanceWrapper:
         s = [s for _, s in active]
         c_pred = base[cond]
         uncond = saved.get("uncond")
+        delta = guidance_delta(c_pred, extras, s)
         w = self.w(ctx) if uncond is not None else 1.0
         if uncond is not None and w != 1.0:  # [uncond, cond] in this batch: Δ rides on uncond
-            delta = guidance_delta(c_pred, extras, s)
             pred = base.clone()
             pred[uncond] = fold_into_uncond(base[uncond], delta, w)
             return _with_sample(out, pred)
-        if uncond is not None:  # w = 1: ε_u + (ε_c' - ε_u) = ε_c'
-            folded = fold_guidance(c_pred, extras, s, w)
-        else:
-            delta = guidance_delta(c_pred, extras, s)
-            folded = shift_guidance(c_pred, delta)
-            if ctx.cache_name == "cond":  # its uncond twin may follow: shift it by the same Δ
-                self._pending = (ctx.denoiser, ctx.step.index, delta)
+        folded = shift_guidance(c_pred, delta)  # no CFG rows, or w = 1: ε_u + (ε_c + Δ - ε_u) = ε_c + Δ
+        if uncond is None and ctx.cache_name == "cond":  # its uncond twin may follow: shift it by the same Δ
+            self._pending = (ctx.denoiser, ctx.step.index, delta)
         pred = torch.cat([base[: cond.start], folded, base[cond.stop:]], dim=0)
         return _with_sample(out, pred)
 

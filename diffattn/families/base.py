@@ -39,7 +39,6 @@ class RunState:
     callback: Callable[[dict], None] | None = None
     progress: bool = False
     desc: str = ""
-    extras: dict = field(default_factory=dict)  # loop-specific values (a method's own per-call state)
     _bar: object = field(default=None, repr=False)
 
     def start(self, total: int, desc: str | None = None) -> "RunState":
