@@ -166,3 +166,7 @@ def run(args):
                          ).save(args.heatmap)
             print(f"heat map written to {args.heatmap}")
     state.wait_for_everyone()
+    # tear the gloo group down while every process is still here: left to interpreter exit, its
+    # threads can be destroyed still joinable and abort one process ("terminate called without
+    # an active exception"), failing a search that finished
+    state.destroy_process_group()
