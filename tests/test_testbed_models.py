@@ -12,7 +12,16 @@ from safetensors.torch import load_file
 from diffattn import testbed
 from diffattn.errors import DiffattnError
 from diffattn.testbed import models, train
-from diffattn.testbed.world import caption, parse_prompt, sample_training_scene, vocabulary
+from diffattn.testbed.world import (
+    caption,
+    caption_v2,
+    max_caption_words,
+    parse_prompt,
+    parse_prompt_v2,
+    sample_training_pair_v2,
+    sample_training_scene,
+    vocabulary,
+)
 from diffattn.tokenizers import clip_tokenizer
 
 
@@ -73,6 +82,40 @@ def test_training_smoke_run_resumes_exactly(tmp_path):
     assert vae.config.scaling_factor == 1.0
     stats = load_file(os.path.join(tmp_path / "sd", "latent_stats.safetensors"))
     assert stats["mu"].shape == stats["sigma"].shape == (4,)
+
+
+def test_v2_tokenizer_keeps_every_v1_id_and_fits_the_longest_v2_caption():
+    old, new = models.make_tokenizer(1), models.make_tokenizer(2)
+    new_vocab = new.get_vocab()
+    assert all(new_vocab[tok] == i for tok, i in old.get_vocab().items())
+    for seed in range(50):
+        text = caption(sample_training_scene(seed))
+        assert old(text).input_ids == new(text).input_ids
+    assert 2 + max_caption_words(2) <= new.model_max_length == models.TEXT_LENGTHS[2]
+
+
+def test_world_v2_data_trains_and_exports_a_v2_model(tmp_path):
+    """``data --world 2`` encodes partial v2 captions and records the world; the denoiser and
+    export stages pick up its tokenizer, so v2 words are single tokens in the exported model."""
+    run = lambda *a: train.main([*a, "--seed", "0"])  # noqa: E731
+    vae, data = str(tmp_path / "vae"), str(tmp_path / "data")
+    run("vae", "--out", vae, "--steps", "2", "--batch", "4", "--save-every", "2", "--world", "2")
+    run("data", "--vae", vae, "--out", data, "--n", "60", "--world", "2")
+    with open(os.path.join(data, "captions.json")) as f:
+        captions = json.load(f)
+    rng = np.random.default_rng([0, 10**6])  # the data stage's scene stream
+    assert captions == [caption_v2(sample_training_pair_v2(rng)[1]) for _ in range(60)]
+    assert any(parse_prompt_v2(c).objects[0].color is None for c in captions)  # partial captions
+    assert train.data_world(data) == 2
+    run("tiny-sd3", "--out", str(tmp_path / "sd3"), "--steps", "1", "--data", data, "--batch", "4")
+    out = str(tmp_path / "export")
+    train.main(["export", "--run", str(tmp_path / "sd3"), "--to", out])
+    with open(os.path.join(out, "testbed.json")) as f:
+        assert json.load(f) == {"model": "tiny-sd3", "world": 2}
+    pipe = testbed.load(out)
+    assert pipe.tokenizer.tokenize("a striped red circle in soft light") == [
+        w + "</w>" for w in "a striped red circle in soft light".split()]
+    assert pipe.text_encoder.config.max_position_embeddings == models.TEXT_LENGTHS[2]
 
 
 def test_standardized_vae_decodes_exactly_like_the_original():

@@ -26,13 +26,18 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from ..tokenizers import clip_tokenizer
 from .world import vocabulary
 
-TEXT_LENGTH = 24  # tokens per caption, BOS/EOS included; the longest caption needs 20
+TEXT_LENGTH = 24  # world v1: tokens per caption, BOS/EOS included; the longest caption needs 19
+TEXT_LENGTHS = {1: TEXT_LENGTH, 2: 32}  # per world version; the longest v2 caption needs 30
 LATENT_SIZE = 16
 LATENT_CHANNELS = 4
 
 
-def make_tokenizer():
-    return clip_tokenizer(vocabulary(), model_max_length=TEXT_LENGTH)
+def make_tokenizer(world: int = 1):
+    """The word-level tokenizer of a world version's captions. v2 appends its words after v1's
+    (``world.vocabulary``), so every v1 word keeps its token id."""
+    v1 = vocabulary(1)
+    # the v2 words go in after BOS and EOS (``extra_words``), so those ids stay too
+    return clip_tokenizer(v1, model_max_length=TEXT_LENGTHS[world], extra_words=vocabulary(world)[len(v1):])
 
 
 def vae_config() -> dict:
@@ -58,7 +63,7 @@ def text_config(tokenizer, projection: bool) -> CLIPTextConfig:
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=2,
-        max_position_embeddings=TEXT_LENGTH,
+        max_position_embeddings=tokenizer.model_max_length,
         projection_dim=64 if projection else 512,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -118,9 +123,10 @@ def build_vae(seed: int = 0) -> AutoencoderKL:
     return AutoencoderKL(**vae_config())
 
 
-def build_sd(vae: AutoencoderKL, seed: int = 0, prediction_type: str = "epsilon") -> StableDiffusionPipeline:
-    """A fresh (untrained) tiny-sd pipeline around a trained VAE (ε- or v-prediction, as SD2-v)."""
-    tokenizer = make_tokenizer()
+def build_sd(vae: AutoencoderKL, seed: int = 0, prediction_type: str = "epsilon", world: int = 1) -> StableDiffusionPipeline:
+    """A fresh (untrained) tiny-sd pipeline around a trained VAE (ε- or v-prediction, as SD2-v),
+    with the tokenizer of world version ``world``."""
+    tokenizer = make_tokenizer(world)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(text_config(tokenizer, projection=False))
     unet = UNet2DConditionModel(**unet_config())
@@ -136,9 +142,10 @@ def build_sd(vae: AutoencoderKL, seed: int = 0, prediction_type: str = "epsilon"
     )
 
 
-def build_sd3(vae: AutoencoderKL, seed: int = 0) -> StableDiffusion3Pipeline:
-    """A fresh (untrained) tiny-sd3 pipeline around a trained VAE."""
-    tokenizer = make_tokenizer()
+def build_sd3(vae: AutoencoderKL, seed: int = 0, world: int = 1) -> StableDiffusion3Pipeline:
+    """A fresh (untrained) tiny-sd3 pipeline around a trained VAE, with the tokenizer of world
+    version ``world``."""
+    tokenizer = make_tokenizer(world)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModelWithProjection(text_config(tokenizer, projection=True))
     text_encoder_2 = CLIPTextModelWithProjection(text_config(tokenizer, projection=True))
@@ -150,7 +157,7 @@ def build_sd3(vae: AutoencoderKL, seed: int = 0) -> StableDiffusion3Pipeline:
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         text_encoder_2=text_encoder_2,
-        tokenizer_2=make_tokenizer(),
+        tokenizer_2=make_tokenizer(world),
         text_encoder_3=None,
         tokenizer_3=None,
     )

@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import models
-from .world import caption, render, sample_training_scene, sample_training_scene_v2
+from .world import caption, caption_v2, render, sample_training_pair_v2, sample_training_scene, sample_training_scene_v2
 
 CAPTION_DROPOUT = 0.1
 
@@ -131,6 +131,28 @@ def _scene_sampler(args):
     """The training scenes of ``--world``: v1 (the shipped models') or v2 (markings, partial
     captions, graded aesthetics: ``world.sample_training_scene_v2``)."""
     return sample_training_scene_v2 if getattr(args, "world", 1) == 2 else sample_training_scene
+
+
+def _training_pair(world: int, rng: np.random.Generator):
+    """One training (scene, caption) of a world version: v1's captions state everything; v2's
+    are partial (``world.describe``: markings, colours and styles named only sometimes)."""
+    if world == 2:
+        scene, spec = sample_training_pair_v2(rng)
+        return scene, caption_v2(spec)
+    scene = sample_training_scene(rng)
+    return scene, caption(scene)
+
+
+DATA_RECORD = "data.json"  # data stage: {"world": version, "n": scenes}; absent in v1-era data folders
+
+
+def data_world(data_dir: str) -> int:
+    """The world version a data folder was encoded from (v1 when it predates the record)."""
+    path = os.path.join(data_dir, DATA_RECORD)
+    if not os.path.exists(path):
+        return 1
+    with open(path) as f:
+        return int(json.load(f)["world"])
 
 
 def train_vae(args):
@@ -262,9 +284,11 @@ def make_data(args):
     os.makedirs(args.out, exist_ok=True)
     captions, means, stds = [], [], []
     rng = np.random.default_rng([args.seed, 10**6])
+    world = getattr(args, "world", 1)
     for start in tqdm(range(0, args.n, 256), desc="encode", dynamic_ncols=True):
-        scenes = [sample_training_scene(rng) for _ in range(min(256, args.n - start))]
-        captions += [caption(s) for s in scenes]
+        pairs = [_training_pair(world, rng) for _ in range(min(256, args.n - start))]
+        scenes = [s for s, _ in pairs]
+        captions += [c for _, c in pairs]
         with torch.no_grad():
             dist = vae.encode(images_to_tensor([render(s) for s in scenes]).to(device)).latent_dist
         means.append(dist.mean.half().cpu())  # [b, 4, 16, 16]
@@ -277,6 +301,8 @@ def make_data(args):
     save_file({"mean": mean.contiguous(), "std": std.contiguous()}, os.path.join(args.out, "latents.safetensors"))
     with open(os.path.join(args.out, "captions.json"), "w") as f:
         json.dump(captions, f)
+    with open(os.path.join(args.out, DATA_RECORD), "w") as f:  # the denoisers build this world's tokenizer
+        json.dump({"world": world, "n": args.n}, f)
     print(f"{args.n} latents; scaling_factor={scale:.4f} shift_factor={shift:.4f}")
 
 
@@ -303,7 +329,8 @@ def train_denoiser(args):
         vae = standardize_vae(vae, mu, sigma)
         save_file({"mu": mu, "sigma": sigma}, os.path.join(args.out, "latent_stats.safetensors"))
     prediction = getattr(args, "prediction", "epsilon")
-    pipe = models.build_sd3(vae, args.seed) if is_sd3 else models.build_sd(vae, args.seed, prediction)
+    world = data_world(args.data)
+    pipe = models.build_sd3(vae, args.seed, world) if is_sd3 else models.build_sd(vae, args.seed, prediction, world)
     denoiser = pipe.transformer if is_sd3 else pipe.unet
     modules = {"denoiser": denoiser, "text_encoder": pipe.text_encoder}
     if is_sd3:
@@ -376,14 +403,16 @@ def export(args):
         vae = standardize_vae(vae, stats["mu"], stats["sigma"])
     is_sd3 = run_args["stage"] == "tiny-sd3"
     prediction = run_args.get("prediction", "epsilon")
-    pipe = models.build_sd3(vae, run_args["seed"]) if is_sd3 else models.build_sd(vae, run_args["seed"], prediction)
+    world = data_world(run_args["data"])
+    pipe = (models.build_sd3(vae, run_args["seed"], world) if is_sd3
+            else models.build_sd(vae, run_args["seed"], prediction, world))
     modules = {"denoiser": pipe.transformer if is_sd3 else pipe.unet, "text_encoder": pipe.text_encoder}
     if is_sd3:
         modules["text_encoder_2"] = pipe.text_encoder_2
     _load_ema_into(modules, load_file(os.path.join(args.run, "ema.safetensors")))
     pipe.save_pretrained(args.to, safe_serialization=True)
     with open(os.path.join(args.to, "testbed.json"), "w") as f:  # lets load() pick the call defaults
-        json.dump({"model": run_args["stage"]}, f)
+        json.dump({"model": run_args["stage"], "world": world}, f)
     print(f"exported {run_args['stage']} to {args.to}")
 
 
@@ -407,7 +436,8 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=40000, help="scenes to encode (data stage)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--world", type=int, default=1, choices=[1, 2],
-                   help="vae / decoder stages: train on world v1 (the shipped models) or v2 scenes")
+                   help="vae / data / decoder stages: world v1 or v2 scenes (v2: partial captions); "
+                        "the denoiser stages take the world their --data was encoded from")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--prediction", default="epsilon", choices=["epsilon", "v_prediction"], help="tiny-sd: what the UNet predicts")
