@@ -7,6 +7,10 @@
     python -m diffattn.testbed.train tiny-sd3 --data runs/data --out runs/tiny-sd3
     python -m diffattn.testbed.train export   --run runs/tiny-sd3 --to assets/tiny-sd3
 
+World v2 (``--world 2`` on the vae, data and decoder stages) renders markings and graded
+aesthetics and captions them partially; the data folder records its world (``data.json``), and
+the denoiser and export stages take the tokenizer of that world from it.
+
 Every stage is deterministic from ``--seed``: scenes come from the world's seeded sampler,
 batches and noise from generators seeded by (seed, step), so a resumed run continues
 exactly where it stopped. Checkpoints (weights, EMA, optimiser moments) are safetensors
