@@ -152,6 +152,9 @@ DATA_RECORD = "data.json"  # data stage: {"world": version, "n": scenes}; absent
 
 def data_world(data_dir: str) -> int:
     """The world version a data folder was encoded from (v1 when it predates the record)."""
+    if not os.path.isdir(data_dir):  # never guess: the tokenizer depends on it
+        raise FileNotFoundError(f"data folder {data_dir!r} not found; the denoiser and export stages read "
+                                f"the world version from it (run the data stage, or pass --data)")
     path = os.path.join(data_dir, DATA_RECORD)
     if not os.path.exists(path):
         return 1
