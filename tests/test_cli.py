@@ -22,6 +22,43 @@ def test_generate_with_softpag_writes_baseline_beside_guided(tmp_path, capsys):
     assert "baseline | softpag" in capsys.readouterr().out
 
 
+def test_generate_num_images_writes_a_row_of_the_batch_per_run(tmp_path, capsys):
+    """--num-images B: one batch of B from the seed per run (the pipeline's num_images_per_prompt),
+    the baseline's row above the method's; the baseline row is the pipeline's own batch."""
+    import numpy as np
+    import torch
+
+    from diffattn import testbed
+
+    out = tmp_path / "grid.png"
+    main(["generate", "a circle", "--method", "repulsion", "--num-images", "3", "--steps", "2", "--repulsion-tau", "1",
+          "--repulsion-inner", "1", "--out", str(out), "--no-progress"])
+    grid = np.asarray(Image.open(out).convert("RGB"))
+    label_h, panel = 14, 64 * 4
+    assert grid.shape == (2 * (panel + label_h), 3 * panel, 3)
+    pipe = testbed.load("tiny-sd3")
+    want = pipe("a circle", num_images_per_prompt=3, num_inference_steps=2,
+                generator=torch.Generator().manual_seed(0)).images
+    for i, im in enumerate(want):  # the top row, downscaled back (nearest upscaling is exact)
+        got = grid[label_h : label_h + panel, i * panel : (i + 1) * panel][::4, ::4]
+        assert np.array_equal(got, np.asarray(im)), i
+    assert "baseline | repulsion" in capsys.readouterr().out
+
+
+def test_generate_num_images_is_checked_before_the_model_loads(tmp_path, capsys):
+    import pytest
+
+    out = tmp_path / "never.png"
+    for argv, words in [(["--num-images", "0"], ["--num-images", "1 to 16"]),
+                        (["--num-images", "2", "--method", "astar", "--concepts", "circle"],
+                         ["--method astar", "--num-images 1", "softpag"])]:
+        with pytest.raises(SystemExit) as e:
+            main(["generate", "a red circle", "--out", str(out), *argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and all(w in err for w in words), err
+    assert not out.exists()
+
+
 def test_headhunt_writes_a_preset(tmp_path):
     out = tmp_path / "preset.json"
     main(["headhunt", "--prompt", "a red circle", "--seeds", "1", "--steps", "2", "--top-k", "1", "--out", str(out),

@@ -15,6 +15,7 @@ from .common import (
     COLORBAR_WIDTH,
     GUIDANCE,
     SEED,
+    int_arg,
     SIZE,
     STEPS,
     add_limit_arguments,
@@ -102,9 +103,17 @@ def register(subparsers) -> None:
     p.add_argument("--guidance", type=GUIDANCE, default=None, help="CFG scale, >= 0 (default: the model's)")
     p.add_argument("--size", type=SIZE, default=None,
                    help="height = width in pixels, a multiple of the model's unit (tiny-sd3: 8; default: the model's)")
+    p.add_argument("--num-images", type=NUM_IMAGES, default=1, metavar="B",
+                   help=f"images per run, 1 to {MAX_IMAGES}: one batch of B from the seed (the pipeline's "
+                        f"num_images_per_prompt), written as a grid, a row per run; contextual repulsion acts "
+                        f"within this batch")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_limit_arguments(p)
     p.set_defaults(func=run, method_flags=add_method_arguments(p))
+
+
+MAX_IMAGES = 16  # a grid row stays viewable; more is a job for the eval harness
+NUM_IMAGES = int_arg(1, MAX_IMAGES, f"the number of images (1 to {MAX_IMAGES})")
 
 
 def method_params(args) -> dict:
@@ -169,7 +178,8 @@ def precheck_params(method, params: dict) -> None:
 def run(args):
     import torch
 
-    from ..methods.registry import get_method, split_concepts
+    from ..errors import UsageError
+    from ..methods.registry import get_method, methods, split_concepts
     from ..testbed.defaults import method_defaults
 
     # everything that can be checked is checked before the model loads
@@ -179,6 +189,10 @@ def run(args):
     check_call_args(args)
     precheck_params(method, params)
     check_model_args(args)
+    if args.num_images > 1 and method is not None and method.kind != "control":
+        raise UsageError(f"--num-images {args.num_images}: --method {method.name} runs its own sampling loop on one "
+                         f"image at a time; use --num-images 1, or a control method "
+                         f"({', '.join(m.name for m in methods() if m.kind == 'control')})")
     pipe = load_for(args)
     # ... and what needs the model before anything is generated
     check_size_for(pipe, args)
@@ -189,6 +203,8 @@ def run(args):
         for word in split_concepts(params["concepts"]):
             check_text(pipe, word, "the concept")
     kw = call_kwargs(args)
+    if args.num_images > 1:
+        kw["num_images_per_prompt"] = args.num_images
     built = None
     if method is not None:
         built = method.build(pipe, **{**method_defaults(method.name, pipe), **params})
@@ -210,7 +226,13 @@ def run(args):
             size = out.images[0].width * (4 if out.images[0].width <= 128 else 1)
             fit = (size * len(images) - COLORBAR_WIDTH) // len(out.maps[0])  # maps + colour bar within the panels
             rows = [(f"{built.label} maps", maps_row(out.maps[0], max(32, min(size, fit))))]
-    result = side_by_side(images, labels) if len(images) > 1 else images[0]
+    if args.num_images > 1:  # a row of B per run, the run's label on its first image
+        per_run = [images[i : i + args.num_images] for i in range(0, len(images), args.num_images)]
+        grid = [side_by_side(run_images, [label] + [""] * (len(run_images) - 1))
+                for run_images, label in zip(per_run, labels)]
+        result = compose(grid[0], [(label, row) for label, row in zip(labels[1:], grid[1:])])
+    else:
+        result = side_by_side(images, labels) if len(images) > 1 else images[0]
     if rows:
         result = compose(result, rows)
     result.save(args.out)
