@@ -339,22 +339,27 @@ def oracle_features(parsed: oracle.Parsed) -> np.ndarray:
     (background light/dark/other, outline yes/no) with weight ``STYLE_WEIGHT``. Cosine
     similarity is then 1 for the same objects at the same places in the same style, and falls
     as objects move, change size, kind, number or style."""
+    style = np.zeros((3, 2))  # [background light/dark/other, outline no/yes]
+    style[("light", "dark", "other").index(parsed.background), int(parsed.outline)] = STYLE_WEIGHT
+    return np.concatenate([_object_field(parsed.objects, _SLOTS, lambda o: (o.color, o.shape)), style.reshape(-1)])
+
+
+def _object_field(objects, kinds: list, kind_of) -> np.ndarray:
+    """Unit-length sum over ``objects`` of one-hot(kind) ⊗ Gaussian centre on a 4x4 grid ⊗
+    Gaussian size, then one "empty" entry (1 when nothing was detected): ``[len(kinds)*48 + 1]``."""
     def rbf(centres, values, sigma):  # [m, len(centres)] Gaussian encodings of m values
         return np.exp(-((centres[None, :] - np.asarray(values, dtype=np.float64)[:, None]) ** 2) / (2 * sigma**2))
 
-    gx = rbf(_GRID, [o.cx for o in parsed.objects], _POS_SIGMA)  # [m, 4]
-    gy = rbf(_GRID, [o.cy for o in parsed.objects], _POS_SIGMA)  # [m, 4]
-    gs = rbf(_SIZE_CENTRES, [o.size for o in parsed.objects], _SIZE_SIGMA)  # [m, 3]
-    objects = np.zeros((len(_SLOTS), 4, 4, len(_SIZE_CENTRES)))  # [16 kinds, 4 rows, 4 cols, 3 sizes]
-    for k, o in enumerate(parsed.objects):
-        objects[_SLOTS.index((o.color, o.shape))] += gy[k][:, None, None] * gx[k][None, :, None] * gs[k][None, None, :]
-    objects = objects.reshape(-1)  # [16 * 4 * 4 * 3]
-    norm = np.linalg.norm(objects)
+    gx = rbf(_GRID, [o.cx for o in objects], _POS_SIGMA)  # [m, 4]
+    gy = rbf(_GRID, [o.cy for o in objects], _POS_SIGMA)  # [m, 4]
+    gs = rbf(_SIZE_CENTRES, [o.size for o in objects], _SIZE_SIGMA)  # [m, 3]
+    field_ = np.zeros((len(kinds), 4, 4, len(_SIZE_CENTRES)))  # [kinds, 4 rows, 4 cols, 3 sizes]
+    for k, o in enumerate(objects):
+        field_[kinds.index(kind_of(o))] += gy[k][:, None, None] * gx[k][None, :, None] * gs[k][None, None, :]
+    field_ = field_.reshape(-1)  # [kinds * 4 * 4 * 3]
+    norm = np.linalg.norm(field_)
     empty = np.array([0.0 if norm > 0 else 1.0])
-    objects = objects / norm if norm > 0 else objects
-    style = np.zeros((3, 2))  # [background light/dark/other, outline no/yes]
-    style[("light", "dark", "other").index(parsed.background), int(parsed.outline)] = STYLE_WEIGHT
-    return np.concatenate([objects, empty, style.reshape(-1)])
+    return np.concatenate([field_ / norm if norm > 0 else field_, empty])
 
 
 def pixel_features(image) -> np.ndarray:
@@ -502,6 +507,20 @@ def evaluate(
     plain = (int, float, str, bool, type(None))
     settings = {"batch_size": batch_size, **{k: v if isinstance(v, plain) else repr(v) for k, v in call_kwargs.items()}}
     report = EvalReport(scores=[], seeds=[], features=[], settings=settings)
+    for p, s, im in _generate(pipe, pairs, batch_size, progress, call_kwargs):
+        parsed = oracle.parse(im)
+        report.scores.append(oracle.score(im, p, parsed=parsed))
+        report.seeds.append(s)
+        report.features.append(oracle_features(parsed))
+        report.pixel_features.append(pixel_features(im))
+        if return_images:
+            report.images.append(oracle.to_pil(im))
+    return report
+
+
+def _generate(pipe, pairs, batch_size: int, progress: bool, call_kwargs: dict):
+    """Yield ``(prompt, seed, image)`` for every pair, generated ``batch_size`` at a time, each
+    image from its own ``torch.Generator().manual_seed(seed)``."""
     bar = tqdm(total=len(pairs), desc="evaluate", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
@@ -510,20 +529,189 @@ def evaluate(
         if len(images) != len(chunk):
             raise DiffattnError(f"the pipeline returned {len(images)} images for {len(chunk)} prompts; "
                                 "pass num_images_per_prompt=1")
-        for (p, s), im in zip(chunk, images):
-            parsed = oracle.parse(im)
-            report.scores.append(oracle.score(im, p, parsed=parsed))
-            report.seeds.append(s)
-            report.features.append(oracle_features(parsed))
-            report.pixel_features.append(pixel_features(im))
-            if return_images:
-                report.images.append(oracle.to_pil(im))
+        yield from ((p, s, im) for (p, s), im in zip(chunk, images))
         bar.update(len(chunk))
     bar.close()
-    return report
 
 
 def evaluate_suite(pipe, suite: str, n_seeds: int = 64, *, seed_offset: int = 0, **kwargs) -> EvalReport:
     """``evaluate`` on a suite's prompts with ``eval_seeds(n_seeds)``: n_seeds images, cycling
     through the prompts (use a multiple of the suite length for equal images per prompt)."""
     return evaluate(pipe, suite_prompts(suite), eval_seeds(n_seeds, seed_offset), **kwargs)
+
+
+# ----------------------------------------------------------------------------- v2 harness
+#
+# World v2 prompts leave attributes open, so a v2 report grades what a caption names
+# (``oracle.score_v2``) and records what the image chose where it names nothing: the modes
+# of under-specified prompts (repulsion), the aesthetics shown uncaptioned (VMix), and each
+# object's marking (IR-Diffusion's identities).
+
+_KINDS_V2 = [(c, s, m) for c in COLORS for s in (*SHAPES, "blob") for m in (*_w.MARKINGS, oracle.UNREADABLE)]
+
+
+def oracle_features_v2(parsed: oracle.ParsedV2) -> np.ndarray:
+    """``oracle_features`` for world v2: object kinds are (colour, shape, marking), and the
+    style part is the five v2 calls (dark, outline, shadow, light, centred; each shown / not /
+    unreadable) with weight ``STYLE_WEIGHT`` spread over them, so two images that differ only
+    in one attribute's call keep a cosine near 1 - STYLE_WEIGHT² / 5."""
+    objects = _object_field(parsed.objects, _KINDS_V2, lambda o: (o.color, o.shape, getattr(o, "marking", oracle.UNREADABLE)))
+    style = np.zeros((len(_w.STYLES_V2), 3))  # [attribute, shown / not shown / unreadable]
+    for i, name in enumerate(_w.STYLES_V2):
+        call = parsed.calls.get(name)
+        style[i, 2 if call is None else 0 if call else 1] = STYLE_WEIGHT / np.sqrt(len(_w.STYLES_V2))
+    return np.concatenate([objects, style.reshape(-1)])
+
+
+def _matched_objects(score: oracle.ScoreV2) -> list:
+    """Per requested object, the detected object matched to it (or None)."""
+    return [score.parsed.objects[j] if j is not None else None for j in score.matched]
+
+
+def marking_calls(score: oracle.ScoreV2) -> list[tuple[str, str] | None]:
+    """Per requested object whose marking the caption names: (named, drawn) when an object of
+    its shape and named colour was matched to it, else None (absent: not a marking error)."""
+    spec = _w.parse_prompt_v2(score.prompt)
+    out = []
+    for want, obj in zip(spec.objects, _matched_objects(score)):
+        if want.marking is None:
+            continue
+        present = obj is not None and obj.shape == want.shape and (want.color is None or obj.color == want.color)
+        out.append((want.marking, obj.marking) if present else None)
+    return out
+
+
+def read_mode(score: oracle.ScoreV2, spec: _w.PromptSpecV2) -> tuple | None:
+    """The mode an image chose for an under-specified prompt (``score.mode``: per object its
+    open colour and marking), or None unless every open attribute was read (an object absent
+    or a marking unreadable)."""
+    for (color, marking), want in zip(score.mode, spec.objects):
+        if (want.color is None and color is None) or (want.marking is None and marking in (None, oracle.UNREADABLE)):
+            return None
+    return score.mode
+
+
+@dataclass
+class EvalReportV2:
+    """Scores of every generated image of a v2 evaluation, with the metrics computed from them.
+
+    groups: per image, the key of its diversity group (default: its prompt)."""
+
+    scores: list[oracle.ScoreV2]
+    seeds: list[int]
+    groups: list
+    features: list[np.ndarray]  # oracle_features_v2 per image
+    images: list = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def by_group(self) -> dict:
+        """group key -> indices of its images, in generation order."""
+        out: dict = {}
+        for i, g in enumerate(self.groups):
+            out.setdefault(g, []).append(i)
+        return out
+
+    def metrics(self) -> dict[str, Metric]:
+        """name -> Metric(value, low, high, n), 95% intervals (as ``EvalReport.metrics``).
+
+        object_accuracy / all_present: requested objects found with every named attribute.
+        marking_accuracy: per image, the fraction of objects with a named marking that carry
+        it, among those drawn with their shape and named colour (images drawing none of them
+        are left out; their absence counts in object_accuracy). marking_unreadable: the
+        fraction of those the oracle could not read. ``<style>_named`` / ``<style>_unnamed``:
+        the rate at which the image shows a v2 style (dark, outline, shadow, light, centred)
+        when the caption names it / does not (an unreadable call counts as not shown).
+        vendi: diversity per group (oracle_features_v2), averaged over groups of ≥ 2 images;
+        mode_coverage: per group of an under-specified prompt, distinct (colour, marking)
+        modes fully read (``read_mode``) over ``min(images, modes)``, so an image whose open
+        attributes cannot be read adds no mode."""
+        sc = self.scores
+        out = {
+            "object_accuracy": rate_metric([np.mean(s.found) for s in sc]),
+            "all_present": rate_metric([all(s.found) for s in sc]),
+        }
+        calls = [[c for c in marking_calls(s) if c is not None] for s in sc]
+        calls = [c for c in calls if c]
+        if calls:
+            out["marking_accuracy"] = rate_metric([np.mean([a == b for a, b in c]) for c in calls])
+            out["marking_unreadable"] = rate_metric([np.mean([b == oracle.UNREADABLE for _, b in c]) for c in calls])
+        for name in _w.STYLES_V2:
+            named = [s.parsed.calls.get(name) is True for s in sc if _w.parse_prompt_v2(s.prompt).styles.get(name)]
+            unnamed = [s.parsed.calls.get(name) is True for s in sc if not _w.parse_prompt_v2(s.prompt).styles.get(name)]
+            if named:
+                out[f"{name}_named"] = rate_metric(named)
+            if unnamed:
+                out[f"{name}_unnamed"] = rate_metric(unnamed)
+        groups = [ix for ix in self.by_group().values() if len(ix) > 1]
+        if groups:
+            out["vendi"] = Metric(*mean_interval([vendi_score(np.stack([self.features[i] for i in ix])) for ix in groups]),
+                                  len(groups))
+            cover = []
+            for ix in groups:
+                spec = _w.parse_prompt_v2(sc[ix[0]].prompt)
+                n_modes = len(open_modes(spec))
+                if n_modes > 1:
+                    read = [m for m in (read_mode(sc[i], spec) for i in ix) if m is not None]
+                    cover.append(len(set(read)) / min(len(ix), n_modes))
+            if cover:
+                out["mode_coverage"] = Metric(*mean_interval(cover), len(cover))
+        return out
+
+    def to_markdown(self, title: str = "") -> str:
+        """A table row per metric: value, 95% interval, n."""
+        head = f"metric ({title})" if title else "metric"
+        rows = [f"| {head} | value | 95% CI | n |", "|---|---|---|---|"]
+        for name, m in self.metrics().items():
+            rows.append(f"| {name} | {m.value:.3f} | [{m.low:.3f}, {m.high:.3f}] | {m.n} |")
+        return "\n".join(rows)
+
+    save_grid = EvalReport.save_grid
+
+
+def evaluate_v2(pipe, prompts=None, seeds=None, *, pairs=None, groups=None, batch_size: int = 16,
+                progress: bool = True, return_images: bool = False, **call_kwargs) -> EvalReportV2:
+    """``evaluate`` for world-v2 prompts (``world.parse_prompt_v2``), graded by
+    ``oracle.score_v2``. ``groups``: per pair, the key of its diversity group (default: the
+    prompt, so all seeds of a prompt are one group)."""
+    if pairs is None:
+        if not prompts or seeds is None:
+            raise DiffattnError("evaluate_v2() needs prompts and seeds or pairs=[(prompt, seed), ...]")
+        prompts = list(prompts)
+        pairs = [(prompts[i % len(prompts)], int(s)) for i, s in enumerate(seeds)]
+    pairs = [(p, int(s)) for p, s in pairs]
+    for p in dict.fromkeys(p for p, _ in pairs):
+        try:
+            _w.parse_prompt_v2(p)
+        except ValueError as e:
+            raise DiffattnError(f"evaluate_v2(): {e}") from None
+    if groups is not None and len(groups) != len(pairs):
+        raise DiffattnError(f"evaluate_v2(): {len(groups)} group keys for {len(pairs)} (prompt, seed) pairs; give one per pair")
+    if batch_size < 1:
+        raise DiffattnError(f"batch_size must be >= 1, got {batch_size}")
+    plain = (int, float, str, bool, type(None))
+    settings = {"batch_size": batch_size, **{k: v if isinstance(v, plain) else repr(v) for k, v in call_kwargs.items()}}
+    report = EvalReportV2(scores=[], seeds=[], groups=list(groups) if groups is not None else [p for p, _ in pairs],
+                          features=[], settings=settings)
+    for p, s, im in _generate(pipe, pairs, batch_size, progress, call_kwargs):
+        parsed = oracle.parse_v2(im)
+        report.scores.append(oracle.score_v2(im, p, parsed=parsed))
+        report.seeds.append(s)
+        report.features.append(oracle_features_v2(parsed))
+        if return_images:
+            report.images.append(oracle.to_pil(im))
+    return report
+
+
+def identity_match(reference: oracle.ParsedV2, scene: oracle.ParsedV2, want: _w.ObjectSpec) -> tuple[str, str] | None:
+    """IR-Diffusion's identity question for one subject: the marking its reference image drew
+    and the marking the scene drew on the object of the same colour and shape, or None when
+    either image lacks it or its marking is unreadable (not an identity verdict)."""
+    def find(parsed):
+        hits = [o for o in parsed.objects if o.shape == want.shape and (want.color is None or o.color == want.color)]
+        return hits[0].marking if len(hits) == 1 and hits[0].marking != oracle.UNREADABLE else None
+
+    ref, got = find(reference), find(scene)
+    return None if ref is None or got is None else (ref, got)
