@@ -137,7 +137,7 @@ def test_captions_round_trip_through_the_v2_parser():
 def test_v2_suites_sit_beside_unchanged_v1_suites():
     assert list(ev.SUITES) == ["single", "two", "relation", "three", "style"]
     assert {n: len(p) for n, p in ev.SUITES_V2.items() if not n.startswith("v1_")} == {
-        "marked": 48, "ir_scene": 32, "aesthetic_one": 32, "aesthetic_all": 32, "aesthetic_none": 32, "underspecified": 32}
+        "marked": 48, "ir_scene": 32, "aesthetic_one": 32, "aesthetic_all": 32, "aesthetic_none": 32, "underspecified": 64}
     for name, prompts in ev.SUITES_V2.items():
         assert [w.caption_v2(w.parse_prompt_v2(p)) for p in prompts] == list(prompts), name
     for name in ev.SUITES:

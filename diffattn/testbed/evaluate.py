@@ -163,9 +163,10 @@ def _aesthetic_content(k: int) -> tuple[_w.ObjectSpec, ...]:
 
 
 def _underspecified() -> tuple[_w.PromptSpecV2, ...]:
-    """32 prompts whose open attributes have known priors (``world.P_MARKINGS``, uniform
+    """64 prompts whose open attributes have known priors (``world.P_MARKINGS``, uniform
     colours): 12 colour + shape (marking open), 12 marking + shape (colour open), 8 shape-only
-    layouts (colours and markings open)."""
+    layouts (colours and markings open), 16 v1 pairs with colours named (markings open) and 16
+    two-shape layouts naming nothing else (issue 24 asks for >= 64 prompts)."""
     out = [_w.PromptSpecV2(objects=(_w.ObjectSpec(s, c),)) for c, s in OBJECTS]
     out += [_w.PromptSpecV2(objects=(_w.ObjectSpec(s, None, m),)) for m in ("none", "dot", "stripes", "half") for s in SHAPES]
     O = _w.ObjectSpec
@@ -174,6 +175,16 @@ def _underspecified() -> tuple[_w.PromptSpecV2, ...]:
             _w.PromptSpecV2(objects=(O("triangle"), O("circle")), relation="left of"),
             _w.PromptSpecV2(objects=(O("circle"), O("circle"))),
             _w.PromptSpecV2(objects=(O("circle"), O("square"), O("triangle")))]
+    out += [_w.PromptSpecV2(objects=tuple(O(s, c) for c, s in pair), relation=RELATIONS[k % 4] if k % 2 else None)
+            for k, pair in enumerate(_pairs()[:16])]
+    seen = {_w.caption_v2(sp) for sp in out}
+    k = 0
+    while len(out) < 64:  # two shapes (3 x 3 orders) x no relation / each relation, skipping prompts already listed
+        sp = _w.PromptSpecV2(objects=(O(SHAPES[k % 3]), O(SHAPES[(k // 3) % 3])), relation=(None, *RELATIONS)[k % 5])
+        if _w.caption_v2(sp) not in seen:
+            seen.add(_w.caption_v2(sp))
+            out.append(sp)
+        k += 1
     return tuple(out)
 
 
