@@ -2,8 +2,13 @@
 
 A :class:`Control` says *where* it acts (``sites`` selector, ``heads``, ``steps`` window,
 ``branches``) and *what* it does through hooks that the engine calls on every attention call
-of its sites. One call flows through the active controls in this defined order:
+of its sites. One denoiser forward, and each attention call inside it, flows through the
+active controls in this defined order:
 
+0. ``edit_inputs(ctx, arguments)`` once per forward, every active control that defines it, in
+                            ascending ``order``: may replace the forward's arguments (CADS
+                            noises the text conditioning); runs before the guidance wrapper
+                            copies the cond rows into extra branches;
 1. ``edit_qkv(call)``       every active control in ascending ``order`` (ties: attach order);
                             may replace ``call.q/k/v`` (same shapes, or more keys through
                             :meth:`AttentionCall.extend_keys`);
@@ -14,7 +19,10 @@ of its sites. One call flows through the active controls in this defined order:
                             and handed to their callbacks / stores / ``on_taps(call, probs)``;
 4. ``edit_output(call, out)`` in *descending* order (reverse): controls nest like
                             middleware, so the control that saw the inputs first sees the
-                            output last (lowest ``order`` = outermost).
+                            output last (lowest ``order`` = outermost);
+5. ``edit_prediction(ctx, arguments, pred)`` once per forward, descending, on the prediction
+                            the pipeline receives (after the guidance fold): interval guidance
+                            and particle guidance edit it.
 
 A control that is not active for a call (wrong step, no batch rows of its branches) is
 skipped entirely; when no control is active at a site, the stock attention runs (fast path).
@@ -477,6 +485,23 @@ class Control:
     def edit_output(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
         """Edit the attention output ``[B, H, Nq, D]`` (before the out projection); return it."""
         return out
+
+    def edit_inputs(self, ctx, arguments: dict) -> dict:
+        """Stage 0: the denoiser forward's arguments by name (``hidden_states`` / ``sample``,
+        ``encoder_hidden_states``, ``timestep``...), returned edited or as they are. Never edit
+        the tensors in place: the pipeline reuses them at the next step."""
+        return arguments
+
+    def edit_prediction(self, ctx, arguments: dict, pred: torch.Tensor) -> torch.Tensor:
+        """Stage 5: the forward's prediction ``[B, ...]`` as the pipeline will receive it (the
+        arguments are those the forward ran with); return it, edited or not."""
+        return pred
+
+    @property
+    def edits_forward(self) -> bool:
+        """Whether this control defines a stage-0 or stage-5 edit (the engine calls only those)."""
+        cls = type(self)
+        return cls.edit_inputs is not Control.edit_inputs or cls.edit_prediction is not Control.edit_prediction
 
     def block_hooks(self, model) -> list:
         """``(module name, diffusers ModelHook)`` pairs to register on ``model`` (between-block

@@ -54,6 +54,7 @@ from diffusers.hooks.hooks import BaseState, StateManager
 from .controls import Control, StepState
 from .errors import ControlError, UnsupportedModelError
 from .families import RunState, families, get_family
+from .guidance import _sample, _with_sample
 from .processors import DiffattnProcessor
 from .sites import denoisers, select, sites
 
@@ -165,9 +166,20 @@ class _EngineHook(ModelHook):
         arguments, ctx = self.enter(args, kwargs)
         previous, engine.context = engine.context, ctx
         try:
+            wrapping = [c for c in engine.forward_controls if ctx.in_window.get(id(c), True)]
+            if not wrapping:  # the common case: the forward as the pipeline called it
+                if engine.guidance is not None:
+                    return engine.guidance(self.fn_ref.original_forward, self.family.not_batched, arguments, ctx)
+                return self.fn_ref.original_forward(*args, **kwargs)
+            for c in wrapping:  # ascending order: the first control edits the inputs first
+                arguments = c.edit_inputs(ctx, arguments)
             if engine.guidance is not None:
-                return engine.guidance(self.fn_ref.original_forward, self.family.not_batched, arguments, ctx)
-            return self.fn_ref.original_forward(*args, **kwargs)
+                out = engine.guidance(self.fn_ref.original_forward, self.family.not_batched, arguments, ctx)
+            else:
+                out = self.fn_ref.original_forward(**arguments)
+            for c in reversed(wrapping):  # descending: nested like edit_output
+                out = _with_sample(out, c.edit_prediction(ctx, arguments, _sample(out)))
+            return out
         finally:
             engine.context = previous
 
@@ -195,6 +207,7 @@ class Engine:
         self.per_site: dict[str, tuple[Control, ...]] = {}
         self.context: ForwardContext | None = None
         self.guidance = None
+        self.forward_controls: tuple[Control, ...] = ()  # controls with edit_inputs / edit_prediction
         self.cfg_scale_override = cfg_scale
         self.sequential = sequential
         self._index = 0
@@ -257,6 +270,9 @@ class Engine:
                 per_site[s.name].append(c)
         self.per_site = {name: tuple(cs) for name, cs in per_site.items()}
 
+        # controls that edit the whole forward's inputs or prediction (CADS, interval guidance,
+        # particle guidance): the engine hook calls them around the forward (controls.py, stages 0 and 5)
+        self.forward_controls = tuple(c for c in self.controls if c.edits_forward)
         guided = [c for c in self.controls if c.extra_branches]
         if guided:
             names = [c.extra_branches[0] for c in guided]

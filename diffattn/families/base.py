@@ -84,7 +84,9 @@ class Family:
     mirrored:    class names of the stock diffusers processors whose computation its processor
                  reproduces (anything else on a site, e.g. IP-Adapter, is refused by attach);
     processor:   its :class:`~diffattn.processors.base.DiffattnProcessor` subclass;
-    not_batched: denoiser arguments the guidance wrapper must never stack on the batch axis.
+    not_batched: denoiser arguments the guidance wrapper must never stack on the batch axis;
+    condition_arguments: denoiser arguments carrying the text condition, batch first (what
+                 condition-annealed sampling noises).
     """
 
     name: str = ""
@@ -92,6 +94,7 @@ class Family:
     mirrored: tuple[str, ...] = ()
     processor: type | None = None
     not_batched: frozenset[str] = frozenset()
+    condition_arguments: tuple[str, ...] = ("encoder_hidden_states",)
 
     def owns(self, model, module) -> bool:
         """Whether attention ``module`` of denoiser ``model`` belongs to this family."""

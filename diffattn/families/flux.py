@@ -161,6 +161,7 @@ class FluxProcessor(DiffattnProcessor):
 
 class FluxFamily(Family):
     name = "flux"
+    condition_arguments = ("encoder_hidden_states", "pooled_projections")  # T5/CLIP tokens, pooled CLIP
     description = "FluxTransformer2DModel (FLUX.1, FLUX.1 Kontext)"
     mirrored = ("FluxAttnProcessor", "FluxAttnProcessor2_0", "FusedFluxAttnProcessor2_0")
     processor = FluxProcessor

@@ -103,6 +103,7 @@ class SD3Processor(DiffattnProcessor):
 
 class SD3Family(Family):
     name = "sd3"
+    condition_arguments = ("encoder_hidden_states", "pooled_projections")  # T5/CLIP tokens, pooled CLIP
     description = "SD3Transformer2DModel (SD3, SD3.5)"
     mirrored = ("JointAttnProcessor2_0", "FusedJointAttnProcessor2_0", "XFormersJointAttnProcessor")
     processor = SD3Processor

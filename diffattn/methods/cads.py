@@ -12,8 +12,13 @@ and mixed by ψ (Eq. 5):
 
     ŷ_r = (ŷ − mean ŷ) / std ŷ · std y + mean y,   ŷ ← ψ · ŷ_r + (1 − ψ) · ŷ.
 
-The functions here are that math alone, one per equation; statistics are taken per sample over
-every other axis (tokens and features), as the community ports do. Defaults: the community's
+The functions here are that math, one per equation; statistics are taken per sample over
+every other axis (tokens and features), as the community ports do. :class:`CADS` applies it
+to a pipeline as a control (stage 0 of ``diffattn.controls``): at every step it replaces the
+text condition of the ``cond`` rows (the family's ``condition_arguments``: SD3 / FLUX tokens
+and pooled vector, UNet / Wan tokens) by ŷ with fresh noise per row and step, t = 1 − i / n at
+step i of n (the community ports' clock, so the anneal follows sampling progress on every
+scheduler); the negative prompt's rows stay clean, as the paper noises y only. Defaults: the community's
 τ1 = 0.6, τ2 = 0.9, s = 0.25, ψ = 1; the repulsion paper's comparison used τ1 = 0.3, τ2 = 0.8,
 ψ = 1, s ∈ [0.1, 0.7] (../shared/reference/vmix_repulsion_decontext.md).
 """
@@ -23,7 +28,8 @@ import math
 
 import torch
 
-from ..errors import ConfigError
+from ..controls import Control, StepState
+from ..errors import ConfigError, ControlError
 
 
 def cads_gamma(t: float, tau1: float = 0.6, tau2: float = 0.9) -> float:
@@ -67,3 +73,73 @@ def cads_condition(y: torch.Tensor, gamma: float, scale: float = 0.25, psi: floa
         raise ConfigError(f"CADS noise of shape {tuple(noise.shape)} for a condition of shape {tuple(y.shape)}")
     noisy = math.sqrt(gamma) * y + scale * math.sqrt(1.0 - gamma) * noise
     return cads_rescale(noisy, y, psi) if psi > 0 else noisy
+
+
+def cads_time(step: StepState) -> float:
+    """t of Eq. 4 at a denoising step: 1 − index / num_steps (1 at the first step)."""
+    if not step.num_steps:
+        raise ControlError("CADS needs the run's step count to anneal the condition; run it inside a pipeline call "
+                           "(or a diffattn sampler) that reports num_inference_steps")
+    return 1.0 - step.index / step.num_steps
+
+
+def _no_sites(site) -> bool:  # no attention call is edited: every processor keeps its fast path
+    return False
+
+
+class CADS(Control):
+    """Condition-annealed sampling (module docstring) as a control.
+
+    scale:       s, the noise scale of Eq. 3 (0: the clean condition; the repulsion paper
+                 sweeps 0.1 … 0.7);
+    tau1, tau2:  the anneal of Eq. 4 (t ≤ τ1: clean; t ≥ τ2: pure noise of scale s);
+    psi:         ψ of Eq. 5 (0: no rescale);
+    seed:        the noise of step i is drawn from ``seed`` and i, so a run is reproducible
+                 and the rows of one prompt get different noise;
+    branches:    rows whose condition is annealed (default ``("cond",)``).
+
+        with da.attach(pipe, da.CADS(scale=0.25)):
+            images = pipe(prompt, num_images_per_prompt=4).images
+    """
+
+    order = 0
+
+    def __init__(self, scale: float = 0.25, tau1: float = 0.6, tau2: float = 0.9, psi: float = 1.0, *,
+                 seed: int = 0, branches=("cond",), order: int | None = None):
+        cads_gamma(0.5, tau1, tau2)  # validates the anneal
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale >= 0):
+            raise ControlError(f"CADS scale={scale!r}: a finite noise scale s >= 0")
+        if not (isinstance(psi, (int, float)) and 0.0 <= psi <= 1.0):
+            raise ControlError(f"CADS psi={psi!r}: a mix weight in [0, 1]")
+        if not isinstance(seed, int):
+            raise ControlError(f"CADS seed={seed!r}: an int")
+        super().__init__(sites=_no_sites, branches=branches, order=order)
+        self.scale, self.tau1, self.tau2, self.psi, self.seed = float(scale), tau1, tau2, float(psi), seed
+
+    def gamma(self, step: StepState) -> float:
+        """γ at ``step`` (1: the condition is left clean)."""
+        return cads_gamma(cads_time(step), self.tau1, self.tau2)
+
+    def edit_inputs(self, ctx, arguments: dict) -> dict:
+        from ..families import get_family
+
+        gamma = self.gamma(ctx.step)
+        rows = [ctx.branches[b] for b in (self.branches or tuple(ctx.branches)) if b in ctx.branches]
+        if gamma == 1.0 or self.scale == 0.0 or not rows:
+            return arguments
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + ctx.step.index)
+        out = dict(arguments)
+        for name in get_family(ctx.family).condition_arguments:
+            y = arguments.get(name)
+            if not torch.is_tensor(y):
+                continue
+            noisy = y.clone()  # never in place: the pipeline passes the same tensor at every step
+            for sl in rows:
+                noise = torch.randn(y[sl].shape, generator=generator, dtype=torch.float32).to(y.device, y.dtype)
+                noisy[sl] = cads_condition(y[sl], gamma, self.scale, self.psi, noise=noise)
+            out[name] = noisy
+        return out
+
+    def __repr__(self):
+        return (f"CADS(scale={self.scale:g}, tau1={self.tau1:g}, tau2={self.tau2:g}, psi={self.psi:g}, "
+                f"seed={self.seed}, branches={self.branches!r})")

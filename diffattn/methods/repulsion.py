@@ -70,6 +70,8 @@ from ..errors import ControlError, UnsupportedModelError
 
 BLOCK_CHOICES = ("first", "middle", "last", "all")  # thirds of the text-stream blocks, or all
 SINGLE_MODES = ("all", "text")
+STREAMS = ("text", "image")  # "image": the same edit on the image stream (the paper's ablation baseline)
+IMAGE_POSITION = 1  # every text-stream block returns (text, image) (Family.text_stream_blocks)
 
 
 # ----------------------------------------------------------------------------- pure math
@@ -256,6 +258,9 @@ class ContextRepulsion(Control):
                     execution order), ``"first"``, ``"last"``, ``"all"``, or indices into that
                     list / block module names (``"transformer_blocks.3"``).
     single:         FLUX single blocks: ``"all"`` tokens (the paper) or ``"text"`` only.
+    stream:         ``"text"`` (the method) or ``"image"``: the same repulsion on the image
+                    tokens f̂_I of the same blocks, the paper's image-token baseline (§4.3:
+                    a strictly worse frontier, stagnant layouts and texture artefacts).
     norm_invariant: scale the step by ‖c_i‖² (η on the unit sphere).
     branches:       batch branches repelled (default ``("uncond", "cond")``, each on its own).
     """
@@ -263,7 +268,8 @@ class ContextRepulsion(Control):
     order = 0
 
     def __init__(self, eta: float = 0.5, tau: int = 1, inner: int = 10, *, loss: str | Callable = "vendi",
-                 blocks: str | Sequence[int | str] = "middle", single: str = "all", norm_invariant: bool = True,
+                 blocks: str | Sequence[int | str] = "middle", single: str = "all", stream: str = "text",
+                 norm_invariant: bool = True,
                  steps=None, branches: Sequence[str] | str | None = ("uncond", "cond"), order: int | None = None):
         if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
             raise ControlError(f"ContextRepulsion eta={eta!r}: a finite step size >= 0")
@@ -284,10 +290,12 @@ class ContextRepulsion(Control):
             raise ControlError(f"ContextRepulsion blocks={blocks!r}: {', '.join(BLOCK_CHOICES)}, or block indices / names")
         if single not in SINGLE_MODES:
             raise ControlError(f"ContextRepulsion single={single!r}: choose one of {', '.join(SINGLE_MODES)}")
+        if stream not in STREAMS:
+            raise ControlError(f"ContextRepulsion stream={stream!r}: choose one of {', '.join(STREAMS)}")
         super().__init__(sites=_no_sites, steps=steps if steps is not None else (0, tau), branches=branches,
                          order=order)
         self.eta, self.tau, self.inner = float(eta), tau, inner
-        self.blocks, self.single, self.norm_invariant = blocks, single, bool(norm_invariant)
+        self.blocks, self.single, self.stream, self.norm_invariant = blocks, single, stream, bool(norm_invariant)
         self._warned_group = False
 
     # ------------------------------------------------------------------ where
@@ -298,7 +306,9 @@ class ContextRepulsion(Control):
         chosen = self._choose(stream)
         out = []
         for name, outputs, kind in chosen:
-            if kind == "single" and self.single == "text":
+            if self.stream == "image":
+                outputs = (IMAGE_POSITION,)
+            elif kind == "single" and self.single == "text":
                 outputs = outputs[:1]
             out.append(_Target(name, tuple(outputs), kind))
         return out
@@ -368,5 +378,5 @@ class ContextRepulsion(Control):
 
     def __repr__(self):
         return (f"ContextRepulsion(eta={self.eta:g}, tau={self.tau}, inner={self.inner}, loss={self.loss_name!r}, "
-                f"blocks={self.blocks!r}, single={self.single!r}, norm_invariant={self.norm_invariant}, "
+                f"blocks={self.blocks!r}, single={self.single!r}, stream={self.stream!r}, norm_invariant={self.norm_invariant}, "
                 f"steps={self.steps!r}, branches={self.branches!r})")
