@@ -337,3 +337,79 @@ register_method(Method(
     factory=_repulsion,
     paper="Dahary et al., On-the-fly Repulsion in the Contextual Space (2026)",
 ))
+
+
+def _control_run(pipe, control, label: str) -> MethodRun:
+    """A MethodRun that attaches ``control`` around each pipeline call."""
+    from ..engine import attach
+
+    def run(prompt, generator=None, **call_kwargs):
+        with attach(pipe, control):
+            return MethodOutput(pipe(prompt, generator=generator, **call_kwargs).images)
+
+    return MethodRun(label, run, control=control)
+
+
+def _cads(pipe, *, scale=0.25, tau1=0.6, tau2=0.9, psi=1.0, seed=0) -> MethodRun:
+    from .cads import CADS
+
+    return _control_run(pipe, CADS(scale=scale, tau1=tau1, tau2=tau2, psi=psi, seed=seed),
+                        f"CADS s={scale:g} τ=({tau1:g}, {tau2:g})")
+
+
+def _particle(pipe, *, coeff=30.0, sigma_min=None) -> MethodRun:
+    from .particle import LatentParticleGuidance
+
+    return _control_run(pipe, LatentParticleGuidance(coeff=coeff, sigma_min=sigma_min), f"particle guidance {coeff:g}")
+
+
+def _interval(pipe, *, sigma_lo=0.28, sigma_hi=5.42) -> MethodRun:
+    from .interval import IntervalGuidance
+
+    return _control_run(pipe, IntervalGuidance((sigma_lo, sigma_hi)), f"CFG on σ ∈ ({sigma_lo:g}, {sigma_hi:g}]")
+
+
+register_method(Method(
+    name="cads", label="CADS",
+    summary="diversity baseline: anneal noise into the text condition early in sampling",
+    kind="control",
+    params=(
+        Param("scale", float, 0.25, "noise scale s of the condition", range=(0.0, None), flag="--cads-scale"),
+        Param("tau1", float, 0.6, "t <= tau1 (late in sampling): the clean condition", range=(0.0, 1.0),
+              flag="--cads-tau1"),
+        Param("tau2", float, 0.9, "t >= tau2 (early): pure noise of scale s", range=(0.0, 1.0), flag="--cads-tau2"),
+        Param("psi", float, 1.0, "rescale mix psi in [0, 1]", range=(0.0, 1.0), flag="--cads-psi"),
+        Param("seed", int, 0, "seed of the condition noise", flag="--cads-seed"),
+    ),
+    factory=_cads,
+    paper="Sadat et al., CADS: Unleashing the Diversity of Diffusion Models through Condition-Annealed Sampling "
+          "(ICLR 2024)",
+))
+
+register_method(Method(
+    name="particle", label="Particle guidance",
+    summary="diversity baseline: the samples of a prompt repel each other in latent space (RBF kernel)",
+    kind="control",
+    params=(
+        Param("coeff", float, 30.0, "repulsion scale (0: i.i.d.)", range=(0.0, None), flag="--pg-coeff"),
+        Param("sigma_min", float, None, "act only while the scheduler's sigma >= this (default: every step)",
+              range=(0.0, None), flag="--pg-sigma-min"),
+    ),
+    factory=_particle,
+    paper="Corso et al., Particle Guidance: non-I.I.D. Diverse Sampling with Diffusion Models (ICLR 2024)",
+))
+
+register_method(Method(
+    name="interval", label="Interval guidance",
+    summary="diversity baseline: CFG only for sigma in (lo, hi], the conditional prediction elsewhere",
+    kind="control",
+    params=(
+        Param("sigma_lo", float, 0.28, "lower end (exclusive), in the scheduler's sigma", range=(0.0, None),
+              flag="--interval-lo"),
+        Param("sigma_hi", float, 5.42, "upper end (inclusive); flow-matching sigma lies in [0, 1]",
+              range=(0.0, None), flag="--interval-hi"),
+    ),
+    factory=_interval,
+    paper="Kynkäänniemi et al., Applying Guidance in a Limited Interval Improves Sample and Distribution Quality "
+          "(NeurIPS 2024)",
+))
