@@ -1,0 +1,169 @@
+"""IR-Diffusion's mask and attention math: isolation and reposition attention.
+
+He et al., "Improving Multi-Subject Consistency in Open-Domain Image Generation with Isolation
+and Reposition Attention" (2024); the official processor's behaviour is summarised in
+../shared/reference/astar_ir_uam.md §2. A scene image attends, besides its own tokens, to the
+tokens of S reference images (one subject each). For a scene query p and the key blocks
+[ref_1 … ref_S, scene]:
+
+- **reference block i**: key j is allowed iff the *relocated* reference mask M̃_i[j] = 1, and
+  only for queries inside subject i's (dropped-out) scene mask T_i^drop;
+- **scene block (isolation)**: −inf between p ∈ T_i and j ∈ T_k for k ≠ i (the outer product
+  T_i T_kᵀ), background rows and columns untouched, so subjects never attend to each other;
+- **reposition**: the reference hidden states, masked by R_i, are cropped to R_i's box,
+  resized by nearest to T_i's box and pasted at T_i's place on a zero canvas before K/V are
+  projected; R_i moves the same way (:func:`reposition`), so reference and scene subject
+  tokens share positions (the paper's answer to attention's locality bias).
+
+Masks: a map is resized bilinearly to each attention resolution and binarised with Otsu's
+threshold (:func:`otsu_threshold`, :func:`resize_mask`); the scene rehearsal's masks are
+closed, grown to a minimum box and made disjoint (:func:`postprocess_masks`, the official
+128 px close and 256 px box at 1280×768, here as fractions of the shorter side); at each step a
+fresh Bernoulli(1 − p) keeps a part of every scene mask for the reference blocks
+(:func:`mask_dropout`, ConsiStory's p = 0.5).
+
+Every function here is pure and works on one image's [h, w] grids (or [S, h, w] stacks);
+tokens are row-major, token t = y·w + x.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ControlError
+
+Box = tuple[int, int, int, int]  # (y0, y1, x0, x1), half-open, in grid cells
+
+
+def otsu_threshold(values: torch.Tensor, bins: int = 256) -> float:
+    """Otsu's threshold of ``values`` (any shape): the cut maximising the between-class
+    variance of a ``bins``-bin histogram over [min, max] (Otsu 1979, Eq. 18); a constant input
+    returns its value (nothing to separate)."""
+    v = values.detach().double().flatten()
+    lo, hi = float(v.min()), float(v.max())
+    if hi <= lo:
+        return lo
+    hist = torch.histc(v, bins=bins, min=lo, max=hi)
+    p = hist / hist.sum()  # [bins]
+    centres = lo + (torch.arange(bins, dtype=torch.float64) + 0.5) * (hi - lo) / bins
+    w0 = torch.cumsum(p, 0)  # class 0 = bins [0..k]
+    mu = torch.cumsum(p * centres, 0)
+    mu_t = mu[-1]
+    between = (mu_t * w0 - mu) ** 2 / (w0 * (1 - w0)).clamp_min(1e-30)
+    between[w0 >= 1 - 1e-12] = -1  # an empty class 1 separates nothing
+    k = int(torch.argmax(between))
+    return lo + (k + 1) * (hi - lo) / bins  # the upper edge of the last class-0 bin
+
+
+def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A map or mask [H, W] resized bilinearly to ``size`` (h, w) and binarised with Otsu's
+    threshold, as the official processor does at each attention resolution; bool [h, w]."""
+    m = mask.detach().float()[None, None]  # [1, 1, H, W]
+    r = F.interpolate(m, size=size, mode="bilinear", align_corners=False)[0, 0]  # [h, w]
+    if float(r.max()) <= float(r.min()):
+        return r > 0
+    return r > otsu_threshold(r)
+
+
+def box_of(mask: torch.Tensor) -> Box | None:
+    """The bounding box (y0, y1, x0, x1), half-open, of a bool [h, w] mask; None if empty."""
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    if ys.numel() == 0:
+        return None
+    return int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+
+
+def reposition(hidden: torch.Tensor, grid: tuple[int, int], ref_mask: torch.Tensor, scene_mask: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reposition one reference subject onto the scene subject's place.
+
+    hidden: [L, C] the reference's hidden states (L = h·w, row-major); ref_mask / scene_mask:
+    bool [h, w]. Returns (canvas [L, C], moved mask bool [h, w]): the masked reference crop of
+    R's box resized (nearest) to T's box and pasted there on zeros, and R moved the same way.
+    An empty R or T gives a zero canvas and an empty mask (that subject's block admits no key)."""
+    h, w = grid
+    if hidden.shape[0] != h * w:
+        raise ControlError(f"reposition: {hidden.shape[0]} tokens for a {h}x{w} grid")
+    canvas = hidden.new_zeros(h, w, hidden.shape[-1])  # [h, w, C]
+    moved = torch.zeros(h, w, dtype=torch.bool, device=ref_mask.device)
+    rb, tb = box_of(ref_mask), box_of(scene_mask)
+    if rb is None or tb is None:
+        return canvas.reshape(h * w, -1), moved
+    grid_states = (hidden.reshape(h, w, -1) * ref_mask[..., None].to(hidden.dtype))  # [h, w, C] subject tokens only
+    crop = grid_states[rb[0]:rb[1], rb[2]:rb[3]]  # [hr, wr, C]
+    crop_mask = ref_mask[rb[0]:rb[1], rb[2]:rb[3]]
+    th, tw = tb[1] - tb[0], tb[3] - tb[2]
+    crop = F.interpolate(crop.permute(2, 0, 1)[None], size=(th, tw), mode="nearest")[0].permute(1, 2, 0)  # [th, tw, C]
+    crop_mask = F.interpolate(crop_mask.float()[None, None], size=(th, tw), mode="nearest")[0, 0] > 0.5
+    canvas[tb[0]:tb[1], tb[2]:tb[3]] = crop
+    moved[tb[0]:tb[1], tb[2]:tb[3]] = crop_mask
+    return canvas.reshape(h * w, -1), moved
+
+
+def isolation_bias(scene_masks: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """Additive bias [L, L] of the scene's own block: −inf where the query lies in subject i's
+    region and the key in subject k's (k ≠ i), 0 elsewhere (background untouched).
+    scene_masks: bool [S, L] (or [S, h, w])."""
+    m = scene_masks.reshape(scene_masks.shape[0], -1).to(torch.float32)  # [S, L]
+    any_other = m.T @ m  # [L, L]: number of subjects containing both p and j
+    own = m.sum(0)  # [L]
+    # p in T_i and j in T_k with k != i  <=>  p and j are each in some subject, but not only in shared ones
+    cross = (own[:, None] * own[None, :]) > any_other  # [L, L]
+    out = torch.zeros(m.shape[1], m.shape[1], dtype=dtype, device=scene_masks.device)
+    return out.masked_fill(cross, float("-inf"))
+
+
+def mask_dropout(mask: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``mask`` with each True cell kept with probability 1 − p (a fresh Bernoulli draw)."""
+    if not 0.0 <= p < 1.0:
+        raise ControlError(f"mask dropout p={p!r}: in [0, 1)")
+    if p == 0.0:
+        return mask
+    keep = torch.rand(mask.shape, generator=generator, device="cpu").to(mask.device) >= p
+    return mask & keep
+
+
+def _close(mask: torch.Tensor, k: int) -> torch.Tensor:
+    """Morphological closing (dilate then erode) of bool [h, w] with a k×k square."""
+    if k <= 1:
+        return mask
+    x = mask.float()[None, None]
+    pad = k // 2
+    dil = F.max_pool2d(F.pad(x, (pad, k - 1 - pad, pad, k - 1 - pad)), k, stride=1)
+    # erosion by the reflected square (the two pads swapped), so an even k does not shift the result
+    ero = -F.max_pool2d(F.pad(-dil, (k - 1 - pad, pad, k - 1 - pad, pad), value=-1.0), k, stride=1)
+    return ero[0, 0] > 0.5
+
+
+def postprocess_masks(masks: torch.Tensor, close_frac: float = 128 / 768, min_box_frac: float = 256 / 768
+                      ) -> torch.Tensor:
+    """The official scene-mask clean-up, scaled to resolution: each mask [S, H, W] closed with
+    a square of ``close_frac`` of the shorter side and clipped to its own box; a mask whose box
+    is smaller than ``min_box_frac`` of the shorter side grown to a box of that side around its
+    centre; then cells claimed by several subjects removed from all (the masks are disjoint)."""
+    s, h, w = masks.shape
+    side = min(h, w)
+    k = max(1, round(close_frac * side))
+    need = max(1, round(min_box_frac * side))
+    out = torch.zeros_like(masks, dtype=torch.bool)
+    for i in range(s):
+        m = masks[i].bool()
+        box = box_of(m)
+        if box is None:
+            continue
+        closed = _close(m, k)
+        clip = torch.zeros_like(closed)
+        clip[box[0]:box[1], box[2]:box[3]] = True
+        m = closed & clip
+        y0, y1, x0, x1 = box
+        if (y1 - y0) < need and (x1 - x0) < need:  # too small to steer: a minimum box around its centre
+            cy, cx = (y0 + y1) / 2, (x0 + x1) / 2
+            yy0 = int(min(max(0, math.floor(cy - need / 2)), h - need))
+            xx0 = int(min(max(0, math.floor(cx - need / 2)), w - need))
+            m = torch.zeros_like(m)
+            m[yy0:yy0 + need, xx0:xx0 + need] = True
+        out[i] = m
+    shared = out.sum(0) > 1
+    return out & ~shared

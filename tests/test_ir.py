@@ -1,0 +1,124 @@
+"""IR-Diffusion's mask and attention math (diffattn.methods.ir) against references written
+cell by cell from the paper's definitions (../shared/reference/astar_ir_uam.md §2)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from diffattn.errors import ControlError
+from diffattn.methods.ir import (box_of, isolation_bias, mask_dropout, otsu_threshold, postprocess_masks,
+                                 reposition, resize_mask)
+
+
+def _otsu_reference(values, bins=256):
+    """Exhaustive Otsu over the same histogram: every cut, the between-class variance."""
+    v = values.double().flatten().numpy()
+    lo, hi = v.min(), v.max()
+    hist, edges = np.histogram(v, bins=bins, range=(lo, hi))
+    p = hist / hist.sum()
+    c = (edges[:-1] + edges[1:]) / 2
+    var = {}
+    for k in range(bins - 1):
+        w0, w1 = p[:k + 1].sum(), p[k + 1:].sum()
+        if w0 == 0 or w1 == 0:
+            continue
+        m0, m1 = (p[:k + 1] * c[:k + 1]).sum() / w0, (p[k + 1:] * c[k + 1:]).sum() / w1
+        var[edges[k + 1]] = w0 * w1 * (m0 - m1) ** 2
+    best = max(var.values())
+    return [cut for cut, v in var.items() if v >= best * (1 - 1e-9)]  # cuts across empty bins tie
+
+
+def test_otsu_matches_an_exhaustive_search_and_splits_two_modes():
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(500) * 0.1, torch.randn(300) * 0.1 + 1.0])
+    t = otsu_threshold(x)
+    assert any(abs(t - cut) < 1e-9 for cut in _otsu_reference(x))
+    assert 0.3 < t < 0.7
+    assert otsu_threshold(torch.full((5,), 2.0)) == 2.0
+
+
+def test_resize_mask_and_box():
+    m = torch.zeros(16, 16)
+    m[4:8, 2:10] = 1.0
+    r = resize_mask(m, (8, 8))
+    assert r.dtype == torch.bool and box_of(r) == (2, 4, 1, 5)
+    assert box_of(torch.zeros(3, 3, dtype=torch.bool)) is None
+
+
+def _reposition_reference(hidden, h, w, rm, tm):
+    """Cell by cell: scene cell (y, x) in T's box takes reference cell (y0 + ⌊(y - ty0)·hr/th⌋, ...)."""
+    c = hidden.shape[-1]
+    canvas = torch.zeros(h, w, c, dtype=hidden.dtype)
+    moved = torch.zeros(h, w, dtype=torch.bool)
+    ry0, ry1, rx0, rx1 = box_of(rm)
+    ty0, ty1, tx0, tx1 = box_of(tm)
+    hr, wr, th, tw = ry1 - ry0, rx1 - rx0, ty1 - ty0, tx1 - tx0
+    g = hidden.reshape(h, w, c)
+    for y in range(ty0, ty1):
+        for x in range(tx0, tx1):
+            sy = ry0 + (y - ty0) * hr // th
+            sx = rx0 + (x - tx0) * wr // tw
+            if rm[sy, sx]:
+                canvas[y, x] = g[sy, sx]
+                moved[y, x] = True
+    return canvas.reshape(h * w, c), moved
+
+
+@pytest.mark.parametrize("boxes", [((1, 4, 1, 3), (3, 9, 4, 8)), ((0, 6, 0, 6), (5, 8, 6, 9)), ((2, 5, 2, 5), (2, 5, 2, 5))])
+def test_reposition_moves_the_masked_crop_by_nearest(boxes):
+    h, w = 10, 10
+    torch.manual_seed(1)
+    hidden = torch.randn(h * w, 3, dtype=torch.float64)
+    (a, b, c, d), (e, f, g, k) = boxes
+    rm = torch.zeros(h, w, dtype=torch.bool)
+    rm[a:b, c:d] = True
+    rm[a, c] = False  # a ragged subject: masked-out cells of the box stay zero
+    tm = torch.zeros(h, w, dtype=torch.bool)
+    tm[e:f, g:k] = True
+    got, moved = reposition(hidden, (h, w), rm, tm)
+    want, want_moved = _reposition_reference(hidden, h, w, rm, tm)
+    assert torch.equal(moved, want_moved) and torch.equal(got, want)
+    assert not got.reshape(h, w, 3)[~tm].any()  # nothing outside the scene subject's box
+    empty, none = reposition(hidden, (h, w), torch.zeros_like(rm), tm)
+    assert not empty.any() and not none.any()
+    with pytest.raises(ControlError, match="grid"):
+        reposition(hidden[:5], (h, w), rm, tm)
+
+
+def test_isolation_bias_is_minus_inf_between_different_subjects_only():
+    torch.manual_seed(2)
+    s, n = 3, 12
+    masks = torch.rand(s, n) > 0.6
+    masks[:, 0] = False  # a background cell
+    masks[0, 1] = masks[1, 1] = True  # a cell shared by two subjects
+    bias = isolation_bias(masks)
+    for p in range(n):
+        for j in range(n):
+            cross = any(masks[i, p] and masks[k, j] for i in range(s) for k in range(s) if i != k)
+            assert (bias[p, j] == float("-inf")) == cross and (cross or bias[p, j] == 0)
+    assert (bias[0] == 0).all() and (bias[:, 0] == 0).all()  # background rows and columns untouched
+
+
+def test_mask_dropout_keeps_a_fresh_share():
+    m = torch.ones(64, 64, dtype=torch.bool)
+    g = torch.Generator().manual_seed(0)
+    a, b = mask_dropout(m, 0.5, g), mask_dropout(m, 0.5, g)
+    assert 0.45 < a.float().mean() < 0.55 and not torch.equal(a, b)  # fresh per draw
+    assert not (mask_dropout(~m, 0.5, g)).any() and torch.equal(mask_dropout(m, 0.0), m)
+    with pytest.raises(ControlError, match="dropout"):
+        mask_dropout(m, 1.0)
+
+
+def test_postprocess_closes_grows_and_separates():
+    h = w = 48
+    masks = torch.zeros(3, h, w, dtype=torch.bool)
+    masks[0, 5:25, 5:25] = True
+    masks[0, 14:16, 5:25] = False  # a crack the closing fills
+    masks[1, 30:32, 30:32] = True  # a speck grown to a 16-cell box (256/768 of 48)
+    masks[2, 20:30, 20:30] = True  # overlaps subject 0
+    out = postprocess_masks(masks)
+    assert out[0, 14, 10] and box_of(out[0]) == (5, 25, 5, 25)  # closed, clipped to its box
+    assert box_of(out[1]) == (23, 39, 23, 39)
+    assert not (out.sum(0) > 1).any()  # disjoint
+    assert not out[0, 22, 22] and not out[2, 22, 22]  # the shared cells belong to neither
