@@ -35,6 +35,7 @@ _EXPORTS = {
     "UniformAttention": "diffattn.methods.uniform",
     "ContextRepulsion": "diffattn.methods.repulsion",
     "CADS": "diffattn.methods.cads",
+    "IsolationAttention": "diffattn.methods.ir",
     "IntervalGuidance": "diffattn.methods.interval",
     "LatentParticleGuidance": "diffattn.methods.particle",
     "HeadHunter": "diffattn.methods.headhunter",

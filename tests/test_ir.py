@@ -122,3 +122,45 @@ def test_postprocess_closes_grows_and_separates():
     assert box_of(out[1]) == (23, 39, 23, 39)
     assert not (out.sum(0) > 1).any()  # disjoint
     assert not out[0, 22, 22] and not out[2, 22, 22]  # the shared cells belong to neither
+
+
+# ----------------------------------------------------------------------------- IsolationAttention
+
+
+def test_isolation_mask_covers_the_image_block_only():
+    from diffattn.families.sd3 import sd3_layout
+    from diffattn.methods.ir import isolation_mask
+
+    masks = torch.zeros(2, 8, 8)
+    masks[0, :, :4] = 1  # left half, right half: resized to the 4 x 4 grid of this call
+    masks[1, :, 4:] = 1
+    layout = sd3_layout(16, 5, grid=(4, 4))
+    allowed = isolation_mask(layout, masks)
+    assert allowed.shape == (21, 21)
+    assert allowed[:, 16:].all() and allowed[16:, :].all()  # text rows and keys untouched
+    left = torch.tensor([x < 2 for y in range(4) for x in range(4)])
+    for p in range(16):
+        for j in range(16):
+            assert allowed[p, j] == (left[p] == left[j])
+    one = isolation_mask(layout, masks[:1])
+    assert one is None  # one subject: nothing to forbid
+
+
+def test_isolation_attention_on_pipelines():
+    import diffattn as da
+    from diffattn.tiny import output_of, tiny_call_kwargs, tiny_pipeline
+
+    for family in ("sd", "sd3"):
+        pipe = tiny_pipeline(family)
+        kw = lambda: tiny_call_kwargs(family, steps=2, size=32)  # noqa: E731  (a fresh generator per call)
+        base = output_of(pipe(**kw()))
+        masks = torch.zeros(2, 32, 32)
+        masks[0, :, :16] = 1
+        masks[1, :, 16:] = 1
+        with da.attach(pipe, da.IsolationAttention(masks[:1])):
+            assert torch.equal(output_of(pipe(**kw())), base)  # one subject: exact
+        with da.attach(pipe, da.IsolationAttention(masks)):
+            got = output_of(pipe(**kw()))
+        assert torch.isfinite(got).all() and not torch.allclose(got, base, atol=1e-6)
+    with pytest.raises(ControlError, match=r"\[S, H, W\]"):
+        da.IsolationAttention(torch.zeros(4, 4))

@@ -32,6 +32,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..controls import Control
 from ..errors import ControlError
 
 Box = tuple[int, int, int, int]  # (y0, y1, x0, x1), half-open, in grid cells
@@ -167,3 +168,70 @@ def postprocess_masks(masks: torch.Tensor, close_frac: float = 128 / 768, min_bo
         out[i] = m
     shared = out.sum(0) > 1
     return out & ~shared
+
+
+# ----------------------------------------------------------------------------- controls
+
+ISOLATED_KINDS = ("self", "joint", "single")  # attention whose keys include the image's own tokens
+
+
+def isolation_mask(layout, masks: torch.Tensor) -> torch.Tensor | None:
+    """The boolean may-attend mask [Nq, Nk] of one call (True = allowed) that isolates the
+    subjects ``masks`` [S, H, W] inside the call's image-to-image block (resized to the call's
+    grid, :func:`resize_mask`); every other query / key pair is allowed. None when the call has
+    no image block or no two subjects meet (nothing to forbid: the call stays exact)."""
+    if not (layout.has_q("image") and layout.has_k("image")):
+        return None
+    q, k = layout.q("image"), layout.k("image")
+    if q.shape is None or q.shape != k.shape:
+        return None
+    grid = torch.stack([resize_mask(m, q.shape) for m in masks])  # [S, h, w]
+    bias = isolation_bias(grid.reshape(grid.shape[0], -1))  # [L, L]
+    forbid = torch.isinf(bias)
+    if not forbid.any():
+        return None
+    allowed = torch.ones(layout.n_query, layout.n_key, dtype=torch.bool, device=grid.device)
+    allowed[q.slice, k.slice] = ~forbid
+    return allowed
+
+
+class IsolationAttention(Control):
+    """IR-Diffusion's isolation attention alone: inside the image's own attention, a subject's
+    queries never attend to another subject's keys (module docstring); background rows and
+    columns, text keys and every other call stay as they are.
+
+    masks:    [S, H, W] subject regions of the image (bool or maps; any resolution: resized
+              bilinearly and Otsu-binarised per attention resolution);
+    sites:    default the self / joint / single attention calls;
+    branches: rows it acts on (default all: e.g. ``("scene",)`` once references share the batch).
+
+        with da.attach(pipe, da.IsolationAttention(masks)):   # masks [2, 64, 64]
+            image = pipe("a circle left of a square").images[0]
+    """
+
+    order = 0
+
+    def __init__(self, masks, *, sites=None, steps=None, branches=None, order: int | None = None):
+        m = torch.as_tensor(masks)
+        if m.dim() != 3 or m.shape[0] < 1:
+            raise ControlError(f"IsolationAttention masks of shape {tuple(m.shape)}: give [S, H, W], one region per subject")
+        super().__init__(sites=sites if sites is not None else (lambda s: s.kind in ISOLATED_KINDS),
+                         steps=steps, branches=branches, order=order)
+        self.masks = m.float()
+        self._cache: dict = {}  # layout names and grid -> mask; the same for every call of a shape
+
+    def edit_spec(self, call) -> None:
+        key = (call.layout.names, call.layout.n_query, call.layout.n_key,
+               call.layout.q("image").shape if call.layout.has_q("image") else None)
+        if key not in self._cache:
+            self._cache[key] = isolation_mask(call.layout, self.masks)
+        allowed = self._cache[key]
+        if allowed is None:
+            return
+        rows = self.rows(call)  # [B]
+        allowed = allowed.to(call.q.device)
+        per_row = allowed[None, None] | ~rows[:, None, None, None]  # [B, 1, Nq, Nk]: other rows unrestricted
+        call.spec.add_bias(per_row)
+
+    def __repr__(self):
+        return f"IsolationAttention(subjects={self.masks.shape[0]}, steps={self.steps!r}, branches={self.branches!r})"
