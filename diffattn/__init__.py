@@ -36,6 +36,7 @@ _EXPORTS = {
     "ContextRepulsion": "diffattn.methods.repulsion",
     "CADS": "diffattn.methods.cads",
     "IsolationAttention": "diffattn.methods.ir",
+    "RepositionAttention": "diffattn.methods.ir",
     "IntervalGuidance": "diffattn.methods.interval",
     "LatentParticleGuidance": "diffattn.methods.particle",
     "HeadHunter": "diffattn.methods.headhunter",

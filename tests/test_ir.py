@@ -2,6 +2,8 @@
 cell by cell from the paper's definitions (../shared/reference/astar_ir_uam.md §2)."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -164,3 +166,62 @@ def test_isolation_attention_on_pipelines():
         assert torch.isfinite(got).all() and not torch.allclose(got, base, atol=1e-6)
     with pytest.raises(ControlError, match=r"\[S, H, W\]"):
         da.IsolationAttention(torch.zeros(4, 4))
+
+
+# ----------------------------------------------------------------------------- RepositionAttention
+
+
+def test_reposition_attention_matches_a_float64_reference():
+    import diffattn as da
+    from diffattn.families.unet import unet_layout
+    from diffattn.controls import AttentionCall
+    from diffattn.processors.base import run_controls
+
+    torch.manual_seed(3)
+    h = w = 4
+    n, heads, d = h * w, 2, 8
+    q, k, v = (torch.randn(2, heads, n, d, dtype=torch.float64) for _ in range(3))  # rows: [ref, scene]
+    ref = torch.zeros(1, h, w)
+    ref[0, 0:2, 0:2] = 1
+    scene = torch.zeros(1, h, w)
+    scene[0, 2:4, 2:4] = 1
+    ctrl = da.RepositionAttention(ref, scene, dropout=0.0)
+    call = AttentionCall(None, unet_layout(n, n, cross=False, grid=(h, w)), q, k, v, branches={"cond": slice(0, 2)})
+    got = run_controls(call, [ctrl])  # [B, H, N, D]
+
+    def attend(qq, kk, vv):
+        p = torch.softmax(qq @ kk.T / math.sqrt(d), dim=-1)
+        return p @ vv
+
+    ref_cells = [y * w + x for y in range(2) for x in range(2)]
+    scene_cells = {(y + 2) * w + (x + 2) for y in range(2) for x in range(2)}
+    want = torch.empty_like(got)
+    for hd in range(heads):
+        want[0, hd] = attend(q[0, hd], k[0, hd], v[0, hd])  # the reference row: stock
+        for p in range(n):
+            keys, vals = k[1, hd], v[1, hd]
+            if p in scene_cells:  # a subject query: its own keys and the reference subject's
+                keys = torch.cat([keys, k[0, hd, ref_cells]])
+                vals = torch.cat([vals, v[0, hd, ref_cells]])
+            want[1, hd, p] = attend(q[1, hd, p:p + 1], keys, vals)[0]
+    assert torch.allclose(got, want, atol=1e-10)
+
+
+def test_reposition_attention_checks_its_batch_and_family():
+    import diffattn as da
+    from diffattn.tiny import output_of, tiny_call_kwargs, tiny_pipeline
+
+    m = torch.zeros(1, 8, 8)
+    m[0, 2:6, 2:6] = 1
+    ctrl = da.RepositionAttention(m, m)
+    pipe = tiny_pipeline("sd")
+    with da.attach(pipe, ctrl), pytest.raises(ControlError, match="reference rows then the scene row"):
+        pipe(**tiny_call_kwargs("sd", steps=1, size=32, num_images_per_prompt=3))
+    with da.attach(pipe, da.RepositionAttention(m, m)):  # [ref, scene] x CFG
+        out = output_of(pipe(**tiny_call_kwargs("sd", steps=2, size=32, num_images_per_prompt=2)))
+    assert torch.isfinite(out).all()
+    flux = tiny_pipeline("flux")
+    with da.attach(flux, da.RepositionAttention(m, m)), pytest.raises(ControlError, match="RoPE"):
+        flux(**tiny_call_kwargs("flux", steps=1, num_images_per_prompt=2))
+    with pytest.raises(ControlError, match="one reference region"):
+        da.RepositionAttention(m, torch.zeros(2, 8, 8))

@@ -235,3 +235,98 @@ class IsolationAttention(Control):
 
     def __repr__(self):
         return f"IsolationAttention(subjects={self.masks.shape[0]}, steps={self.steps!r}, branches={self.branches!r})"
+
+
+REPOSITION_FAMILIES = ("unet", "sd3")  # no RoPE inside attention: moved tokens keep valid positions
+
+
+class RepositionAttention(Control):
+    """IR-Diffusion's reposition attention alone: the scene row also attends to each reference
+    subject's keys and values, moved onto the scene subject's place (:func:`reposition`).
+
+    The batch holds, per CFG branch, S reference rows then the scene row (``[ref_1 … ref_S,
+    scene] × (uncond, cond)``, as :class:`~diffattn.pipelines.ir` builds it). For a scene
+    query p and reference block i, key j is allowed iff p lies in subject i's scene mask after
+    a fresh per-step Bernoulli dropout (``dropout``, ConsiStory's 0.5) and j in the moved
+    reference mask; background and text queries see only the scene's own keys; the reference
+    rows attend as stock (their extra keys are all forbidden).
+
+    Why K and V may be moved after the projections: ``to_k`` / ``to_v`` and the q/k norms act
+    per token, so moving projected tokens equals projecting moved hidden states on every key
+    the mask allows (the zero canvas' cells are never attended). Families with RoPE inside
+    attention (FLUX, Wan) would need the keys re-rotated to their new positions: refused.
+
+    ref_masks, scene_masks: [S, H, W] regions (any resolution, resized per call);
+    dropout: p of the per-step mask dropout; seed: its draws (step i from ``seed`` and i).
+    """
+
+    order = 0
+
+    def __init__(self, ref_masks, scene_masks, *, dropout: float = 0.5, seed: int = 0, sites=None, steps=None,
+                 order: int | None = None):
+        r, t = torch.as_tensor(ref_masks).float(), torch.as_tensor(scene_masks).float()
+        if r.dim() != 3 or t.dim() != 3 or r.shape[0] != t.shape[0] or r.shape[0] < 1:
+            raise ControlError(f"RepositionAttention masks of shapes {tuple(r.shape)} and {tuple(t.shape)}: give "
+                               f"[S, H, W] each, one reference region and one scene region per subject")
+        if not 0.0 <= dropout < 1.0:
+            raise ControlError(f"RepositionAttention dropout={dropout!r}: in [0, 1)")
+        super().__init__(sites=sites if sites is not None else (lambda s: s.kind in ISOLATED_KINDS), steps=steps,
+                         order=order)
+        self.ref_masks, self.scene_masks, self.dropout, self.seed = r, t, float(dropout), int(seed)
+
+    @property
+    def subjects(self) -> int:
+        return self.ref_masks.shape[0]
+
+    def groups(self, call) -> list[tuple[list[int], int]]:
+        """(reference rows, scene row) of each CFG branch of the call's batch."""
+        s = self.subjects
+        spans = [call.branches[b] for b in ("uncond", "cond") if b in call.branches] or [slice(0, call.q.shape[0])]
+        out = []
+        for sl in spans:
+            rows = list(range(sl.start, sl.stop))
+            if len(rows) != s + 1:
+                raise ControlError(f"RepositionAttention with {s} subjects needs {s} reference rows then the scene row "
+                                   f"in each CFG branch ({s + 1} rows); this branch has {len(rows)}")
+            out.append((rows[:s], rows[s]))
+        return out
+
+    def edit_qkv(self, call) -> None:
+        family = getattr(call.context, "family", "")
+        if family and family not in REPOSITION_FAMILIES:
+            raise ControlError(f"RepositionAttention on {family}: RoPE is applied inside its attention, so moved keys "
+                               f"would keep their old rotations; supported: {', '.join(REPOSITION_FAMILIES)}")
+        lay = call.layout
+        if not (lay.has_q("image") and lay.has_k("image")) or lay.k("image").shape is None:
+            return
+        seg, qseg = lay.k("image"), lay.q("image")
+        grid = seg.shape
+        n = len(seg)
+        b, heads, nk, d = call.k.shape
+        s = self.subjects
+        ref = [resize_mask(m, grid) for m in self.ref_masks]
+        scene = [resize_mask(m, grid) for m in self.scene_masks]
+        step = call.step.index if call.step is not None else 0
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)  # the same draw at every layer of a step
+        dropped = [mask_dropout(m, self.dropout, gen).reshape(-1) for m in scene]  # [L] each
+        k_ext = call.k.new_zeros(b, heads, s * n, d)  # [B, H, S·L, D]
+        v_ext = call.v.new_zeros(b, heads, s * n, call.v.shape[-1])
+        allowed = torch.ones(b, 1, lay.n_query, nk + s * n, dtype=torch.bool, device=call.q.device)
+        allowed[..., nk:] = False
+        for refs, target in self.groups(call):
+            for i in range(s):
+                def moved(x):  # [H, L, D] of reference i -> its tokens moved onto subject i's scene box
+                    flat = x[:, seg.slice].permute(1, 0, 2).reshape(n, -1)  # [L, H·D]
+                    canvas, m = reposition(flat, grid, ref[i].to(flat.device), scene[i].to(flat.device))
+                    return canvas.reshape(n, heads, -1).permute(1, 0, 2), m.reshape(-1)  # [H, L, D], [L]
+                kk, key_mask = moved(call.k[refs[i]])
+                vv, _ = moved(call.v[refs[i]])
+                k_ext[target, :, i * n:(i + 1) * n] = kk
+                v_ext[target, :, i * n:(i + 1) * n] = vv
+                block = dropped[i].to(call.q.device)[:, None] & key_mask.to(call.q.device)[None, :]  # [Lq, L]
+                allowed[target, 0, qseg.slice, nk + i * n:nk + (i + 1) * n] = block
+        call.extend_keys("references", k_ext, v_ext, bias_fill=False)
+        call.spec.add_bias(allowed)
+
+    def __repr__(self):
+        return f"RepositionAttention(subjects={self.subjects}, dropout={self.dropout:g}, steps={self.steps!r})"
