@@ -225,3 +225,49 @@ def test_reposition_attention_checks_its_batch_and_family():
         flux(**tiny_call_kwargs("flux", steps=1, num_images_per_prompt=2))
     with pytest.raises(ControlError, match="one reference region"):
         da.RepositionAttention(m, torch.zeros(2, 8, 8))
+
+
+def test_extended_kv_ablation_keeps_reference_tokens_in_place():
+    import diffattn as da
+    from diffattn.families.unet import unet_layout
+    from diffattn.controls import AttentionCall
+    from diffattn.processors.base import run_controls
+
+    torch.manual_seed(4)
+    h = w = 4
+    n, d = h * w, 4
+    q, k, v = (torch.randn(2, 1, n, d, dtype=torch.float64) for _ in range(3))
+    ref = torch.zeros(1, h, w)
+    ref[0, 0:2, 0:2] = 1
+    scene = torch.zeros(1, h, w)
+    scene[0, 2:4, 2:4] = 1
+    call = AttentionCall(None, unet_layout(n, n, cross=False, grid=(h, w)), q, k, v, branches={"cond": slice(0, 2)})
+    got = run_controls(call, [da.RepositionAttention(ref, scene, dropout=0.0, move=False)])
+    cells = [y * w + x for y in range(2) for x in range(2)]
+    p = 2 * w + 2  # a scene-subject query: its own keys and the reference subject's, unmoved
+    keys, vals = torch.cat([k[1, 0], k[0, 0, cells]]), torch.cat([v[1, 0], v[0, 0, cells]])
+    want = torch.softmax(q[1, 0, p] @ keys.T / math.sqrt(d), -1) @ vals
+    assert torch.allclose(got[1, 0, p], want, atol=1e-10)
+
+
+def test_consistent_self_attention_shares_a_random_share_of_the_other_rows():
+    import diffattn as da
+    from diffattn.families.unet import unet_layout
+    from diffattn.controls import AttentionCall
+    from diffattn.processors.base import run_controls
+
+    torch.manual_seed(5)
+    n, d = 16, 4
+    q, k, v = (torch.randn(3, 1, n, d, dtype=torch.float64) for _ in range(3))
+    lay = unet_layout(n, n, cross=False, grid=(4, 4))
+    call = AttentionCall(None, lay, q, k, v, branches={"cond": slice(0, 3)})
+    got = run_controls(call, [da.ConsistentSelfAttention(rate=0.5, seed=1)])
+    keep = torch.rand(3, n, generator=torch.Generator().manual_seed(1 * 1_000_003 + 0)) < 0.5
+    for r in range(3):
+        keys = [k[r, 0]] + [k[o, 0][keep[o]] for o in range(3) if o != r]
+        vals = [v[r, 0]] + [v[o, 0][keep[o]] for o in range(3) if o != r]
+        want = torch.softmax(q[r, 0] @ torch.cat(keys).T / math.sqrt(d), -1) @ torch.cat(vals)
+        assert torch.allclose(got[r, 0], want, atol=1e-10)
+    stock = AttentionCall(None, lay, q, k, v, branches={"cond": slice(0, 3)})
+    assert torch.equal(run_controls(stock, [da.ConsistentSelfAttention(rate=0.0)]), run_controls(
+        AttentionCall(None, lay, q, k, v, branches={"cond": slice(0, 3)}), []))

@@ -257,13 +257,15 @@ class RepositionAttention(Control):
     attention (FLUX, Wan) would need the keys re-rotated to their new positions: refused.
 
     ref_masks, scene_masks: [S, H, W] regions (any resolution, resized per call);
-    dropout: p of the per-step mask dropout; seed: its draws (step i from ``seed`` and i).
+    dropout: p of the per-step mask dropout; seed: its draws (step i from ``seed`` and i);
+    move:    False keeps the reference tokens where they are (masked by R_i): the
+             "extended K/V only" ablation (ConsiStory-style subject-driven shared attention).
     """
 
     order = 0
 
-    def __init__(self, ref_masks, scene_masks, *, dropout: float = 0.5, seed: int = 0, sites=None, steps=None,
-                 order: int | None = None):
+    def __init__(self, ref_masks, scene_masks, *, dropout: float = 0.5, seed: int = 0, move: bool = True,
+                 sites=None, steps=None, order: int | None = None):
         r, t = torch.as_tensor(ref_masks).float(), torch.as_tensor(scene_masks).float()
         if r.dim() != 3 or t.dim() != 3 or r.shape[0] != t.shape[0] or r.shape[0] < 1:
             raise ControlError(f"RepositionAttention masks of shapes {tuple(r.shape)} and {tuple(t.shape)}: give "
@@ -273,6 +275,7 @@ class RepositionAttention(Control):
         super().__init__(sites=sites if sites is not None else (lambda s: s.kind in ISOLATED_KINDS), steps=steps,
                          order=order)
         self.ref_masks, self.scene_masks, self.dropout, self.seed = r, t, float(dropout), int(seed)
+        self.move = bool(move)
 
     @property
     def subjects(self) -> int:
@@ -317,7 +320,11 @@ class RepositionAttention(Control):
             for i in range(s):
                 def moved(x):  # [H, L, D] of reference i -> its tokens moved onto subject i's scene box
                     flat = x[:, seg.slice].permute(1, 0, 2).reshape(n, -1)  # [L, H·D]
-                    canvas, m = reposition(flat, grid, ref[i].to(flat.device), scene[i].to(flat.device))
+                    r_i = ref[i].to(flat.device)
+                    if self.move:
+                        canvas, m = reposition(flat, grid, r_i, scene[i].to(flat.device))
+                    else:  # in place: the reference subject's own tokens, nothing else
+                        canvas, m = flat * r_i.reshape(-1, 1).to(flat.dtype), r_i
                     return canvas.reshape(n, heads, -1).permute(1, 0, 2), m.reshape(-1)  # [H, L, D], [L]
                 kk, key_mask = moved(call.k[refs[i]])
                 vv, _ = moved(call.v[refs[i]])
@@ -329,4 +336,55 @@ class RepositionAttention(Control):
         call.spec.add_bias(allowed)
 
     def __repr__(self):
-        return f"RepositionAttention(subjects={self.subjects}, dropout={self.dropout:g}, steps={self.steps!r})"
+        return (f"RepositionAttention(subjects={self.subjects}, dropout={self.dropout:g}, move={self.move}, "
+                f"steps={self.steps!r})")
+
+
+class ConsistentSelfAttention(Control):
+    """StoryDiffusion's consistent self-attention (Zhou et al. 2024, ``cal_attn_mask_xl``): the
+    IR baseline without masks. Within each CFG branch (and each prompt group), every row's
+    image self-attention also sees a random share ``rate`` of the image tokens of the other
+    rows, redrawn every step (``seed`` and the step index); no isolation, no reposition.
+    StoryDiffusion applies it to the UNet's up-block self-attention after the first steps:
+    pass ``sites="u"`` / ``steps=(5, None)`` for that schedule."""
+
+    order = 0
+
+    def __init__(self, rate: float = 0.5, *, seed: int = 0, sites=None, steps=None, order: int | None = None):
+        if not 0.0 <= rate <= 1.0:
+            raise ControlError(f"ConsistentSelfAttention rate={rate!r}: the share of shared tokens, in [0, 1]")
+        super().__init__(sites=sites if sites is not None else (lambda s: s.kind in ISOLATED_KINDS), steps=steps,
+                         order=order)
+        self.rate, self.seed = float(rate), int(seed)
+
+    def edit_qkv(self, call) -> None:
+        lay = call.layout
+        if self.rate == 0 or not (lay.has_q("image") and lay.has_k("image")):
+            return
+        seg, qseg = lay.k("image"), lay.q("image")
+        b, heads, nk, d = call.k.shape
+        n = len(seg)
+        spans = [call.branches[x] for x in ("uncond", "cond") if x in call.branches] or [slice(0, b)]
+        groups = [list(range(sl.start, sl.stop)) for sl in spans]
+        if all(len(g) < 2 for g in groups):
+            return
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + (call.step.index if call.step else 0))
+        keep = torch.rand(b, n, generator=gen).to(call.q.device) < self.rate  # [B, L]: row r shares these tokens
+        k_ext = call.k.new_zeros(b, heads, b * n, d)
+        v_ext = call.v.new_zeros(b, heads, b * n, call.v.shape[-1])
+        allowed = torch.ones(b, 1, lay.n_query, nk + b * n, dtype=torch.bool, device=call.q.device)
+        allowed[..., nk:] = False
+        for g in groups:
+            for r in g:
+                for o in g:
+                    if o == r:
+                        continue
+                    cols = slice(nk + o * n, nk + (o + 1) * n)
+                    k_ext[r, :, o * n:(o + 1) * n] = call.k[o, :, seg.slice]
+                    v_ext[r, :, o * n:(o + 1) * n] = call.v[o, :, seg.slice]
+                    allowed[r, 0, qseg.slice, cols] = keep[o][None, :]
+        call.extend_keys("shared", k_ext, v_ext, bias_fill=False)
+        call.spec.add_bias(allowed)
+
+    def __repr__(self):
+        return f"ConsistentSelfAttention(rate={self.rate:g}, steps={self.steps!r})"
