@@ -271,3 +271,26 @@ def test_consistent_self_attention_shares_a_random_share_of_the_other_rows():
     stock = AttentionCall(None, lay, q, k, v, branches={"cond": slice(0, 3)})
     assert torch.equal(run_controls(stock, [da.ConsistentSelfAttention(rate=0.0)]), run_controls(
         AttentionCall(None, lay, q, k, v, branches={"cond": slice(0, 3)}), []))
+
+
+def test_isolation_with_references_touches_only_the_scene_rows():
+    import diffattn as da
+    from diffattn.families.unet import unet_layout
+    from diffattn.controls import AttentionCall
+    from diffattn.processors.base import run_controls
+
+    torch.manual_seed(6)
+    n = 16
+    q, k, v = (torch.randn(4, 1, n, 4, dtype=torch.float64) for _ in range(3))  # [uncond: ref, scene | cond: ref, scene]
+    masks = torch.zeros(2, 4, 4)
+    masks[0, :, :2] = 1
+    masks[1, :, 2:] = 1
+    lay = unet_layout(n, n, cross=False, grid=(4, 4))
+    branches = {"uncond": slice(0, 2), "cond": slice(2, 4)}
+    got = run_controls(AttentionCall(None, lay, q, k, v, branches=branches), [da.IsolationAttention(masks, references=1)])
+    stock = run_controls(AttentionCall(None, lay, q, k, v, branches=branches), [])
+    alone = run_controls(AttentionCall(None, lay, q, k, v, branches=branches), [da.IsolationAttention(masks)])
+    assert torch.equal(got[[0, 2]], stock[[0, 2]])  # the reference rows attend as stock
+    assert torch.allclose(got[[1, 3]], alone[[1, 3]], atol=1e-12) and not torch.allclose(got[1], stock[1])
+    with pytest.raises(ControlError, match="reference rows then the scene row"):
+        run_controls(AttentionCall(None, lay, q, k, v, branches=branches), [da.IsolationAttention(masks, references=2)])

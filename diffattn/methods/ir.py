@@ -203,7 +203,9 @@ class IsolationAttention(Control):
     masks:    [S, H, W] subject regions of the image (bool or maps; any resolution: resized
               bilinearly and Otsu-binarised per attention resolution);
     sites:    default the self / joint / single attention calls;
-    branches: rows it acts on (default all: e.g. ``("scene",)`` once references share the batch).
+    branches: rows it acts on (default all);
+    references: S when the batch is ``[ref_1 … ref_S, scene] × CFG`` (as for
+              :class:`RepositionAttention`): only each CFG branch's scene row is isolated.
 
         with da.attach(pipe, da.IsolationAttention(masks)):   # masks [2, 64, 64]
             image = pipe("a circle left of a square").images[0]
@@ -211,8 +213,13 @@ class IsolationAttention(Control):
 
     order = 0
 
-    def __init__(self, masks, *, sites=None, steps=None, branches=None, order: int | None = None):
+    def __init__(self, masks, *, references: int = 0, sites=None, steps=None, branches=None,
+                 order: int | None = None):
         m = torch.as_tensor(masks)
+        if not isinstance(references, int) or references < 0:
+            raise ControlError(f"IsolationAttention references={references!r}: the number S of reference rows "
+                               f"before the scene row in each CFG branch (0: every row is a scene)")
+        self.references = references
         if m.dim() != 3 or m.shape[0] < 1:
             raise ControlError(f"IsolationAttention masks of shape {tuple(m.shape)}: give [S, H, W], one region per subject")
         super().__init__(sites=sites if sites is not None else (lambda s: s.kind in ISOLATED_KINDS),
@@ -229,9 +236,24 @@ class IsolationAttention(Control):
         if allowed is None:
             return
         rows = self.rows(call)  # [B]
+        if self.references:
+            rows = rows & self._scene_rows(call)
         allowed = allowed.to(call.q.device)
         per_row = allowed[None, None] | ~rows[:, None, None, None]  # [B, 1, Nq, Nk]: other rows unrestricted
         call.spec.add_bias(per_row)
+
+    def _scene_rows(self, call) -> torch.Tensor:
+        """[B] True at each CFG branch's scene row (the last of its S + 1 rows)."""
+        b = call.q.shape[0]
+        spans = [call.branches[x] for x in ("uncond", "cond") if x in call.branches] or [slice(0, b)]
+        out = torch.zeros(b, dtype=torch.bool, device=call.q.device)
+        for sl in spans:
+            if sl.stop - sl.start != self.references + 1:
+                raise ControlError(f"IsolationAttention(references={self.references}) needs {self.references} "
+                                   f"reference rows then the scene row in each CFG branch; this one has "
+                                   f"{sl.stop - sl.start}")
+            out[sl.stop - 1] = True
+        return out
 
     def __repr__(self):
         return f"IsolationAttention(subjects={self.masks.shape[0]}, steps={self.steps!r}, branches={self.branches!r})"
