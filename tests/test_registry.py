@@ -118,3 +118,14 @@ def test_every_error_lives_in_diffattn_errors_with_its_category():
     with pytest.raises(errors.ConfigError, match="quantile"):
         UAMConfig(quantile=2.0).validate()
     assert issubclass(errors.ConfigError, errors.ControlError)  # code catching ControlError keeps working
+
+
+def test_a_parameter_may_not_shadow_a_frontend_input():
+    from diffattn.app.tabs.generic import STANDARD
+    from diffattn.methods.registry import RESERVED_PARAMS
+
+    assert set(STANDARD) <= set(RESERVED_PARAMS)  # the app's standard inputs are all reserved
+    bad = Method(name="shadowing", label="x", summary="x", kind="control", params=(Param("seed", int, 0, "x"),),
+                 factory=lambda pipe, **kw: None)
+    with pytest.raises(MethodError, match="shadow"):
+        register_method(bad)

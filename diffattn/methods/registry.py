@@ -31,6 +31,9 @@ from typing import Any
 from ..errors import MethodError, UnknownMethodError
 
 KINDS = ("control", "pipeline")  # a Control attached to the stock pipeline | a pipeline of its own loop
+# inputs every frontend shows beside a method's own parameters (the app's standard inputs, the
+# CLI's generate flags): a parameter of one of these names would shadow them
+RESERVED_PARAMS = ("model", "prompt", "seed", "randomize", "steps", "guidance", "images")
 _MISSING = object()
 
 
@@ -193,6 +196,10 @@ def register_method(method: Method, *, replace: bool = False) -> Method:
     names = [p.name for p in method.params]
     if len(set(names)) != len(names):
         raise MethodError(f"method {method.name!r} declares a parameter twice: {names}")
+    clash = [n for n in names if n in RESERVED_PARAMS]
+    if clash:
+        raise MethodError(f"method {method.name!r}: parameter(s) {clash} shadow the frontends' own inputs "
+                          f"{RESERVED_PARAMS}; rename them (e.g. noise_seed)")
     if method.name in _METHODS and _METHODS[method.name] != method and not replace:
         raise MethodError(f"method {method.name!r} is registered already; pass replace=True to override it")
     _METHODS[method.name] = method
@@ -350,10 +357,10 @@ def _control_run(pipe, control, label: str) -> MethodRun:
     return MethodRun(label, run, control=control)
 
 
-def _cads(pipe, *, scale=0.25, tau1=0.6, tau2=0.9, psi=1.0, seed=0) -> MethodRun:
+def _cads(pipe, *, scale=0.25, tau1=0.6, tau2=0.9, psi=1.0, noise_seed=0) -> MethodRun:
     from .cads import CADS
 
-    return _control_run(pipe, CADS(scale=scale, tau1=tau1, tau2=tau2, psi=psi, seed=seed),
+    return _control_run(pipe, CADS(scale=scale, tau1=tau1, tau2=tau2, psi=psi, seed=noise_seed),
                         f"CADS s={scale:g} τ=({tau1:g}, {tau2:g})")
 
 
@@ -379,7 +386,7 @@ register_method(Method(
               flag="--cads-tau1"),
         Param("tau2", float, 0.9, "t >= tau2 (early): pure noise of scale s", range=(0.0, 1.0), flag="--cads-tau2"),
         Param("psi", float, 1.0, "rescale mix psi in [0, 1]", range=(0.0, 1.0), flag="--cads-psi"),
-        Param("seed", int, 0, "seed of the condition noise", flag="--cads-seed"),
+        Param("noise_seed", int, 0, "seed of the condition noise (not the image seed)", flag="--cads-seed"),
     ),
     factory=_cads,
     paper="Sadat et al., CADS: Unleashing the Diversity of Diffusion Models through Condition-Annealed Sampling "
