@@ -77,7 +77,14 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None, help="Pareto curves PNG (needs matplotlib: pip install .[bench])")
+    ap.add_argument("--values", action="append", default=[], metavar="METHOD=V1,V2",
+                    help="replace a method's knob values, e.g. repulsion=4,8,16")
+    ap.add_argument("--merge", default=None, help="comma list of earlier --json files whose rows join the plot")
     args = ap.parse_args(argv)
+    for spec in args.values:
+        name, _, vals = spec.partition("=")
+        knob, _, make = SWEEPS[name]
+        SWEEPS[name] = (knob, [float(v) for v in vals.split(",")], make)
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = load(args.model)
@@ -103,7 +110,8 @@ def main(argv=None):
                         json.dump({"model": args.model, "group": args.group, "prompts": len(prompts), "rows": rows}, fh,
                                   indent=1)
     if args.plot:
-        plot(rows, args.plot)
+        merged = [r for f in (args.merge.split(",") if args.merge else []) for r in json.load(open(f))["rows"]]
+        plot(merged + rows, args.plot)
 
 
 def plot(rows, path):
@@ -116,7 +124,7 @@ def plot(rows, path):
     fig, axes = plt.subplots(1, len(cfgs), figsize=(5.5 * len(cfgs), 4.5), squeeze=False)
     for ax, cfg in zip(axes[0], cfgs):
         for method in dict.fromkeys(r["method"] for r in rows):
-            pts = [r for r in rows if r["cfg"] == cfg and r["method"] == method]
+            pts = sorted((r for r in rows if r["cfg"] == cfg and r["method"] == method), key=lambda r: r["value"])
             xs = [r["object_accuracy"]["value"] for r in pts]
             ys = [r["vendi"]["value"] for r in pts]
             ax.plot(xs, ys, "o-" if len(pts) > 1 else "k*", label=method, markersize=5 if len(pts) > 1 else 12)
