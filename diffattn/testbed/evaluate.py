@@ -671,14 +671,7 @@ class EvalReportV2:
                 out["mode_coverage"] = Metric(*mean_interval(cover), len(cover))
         return out
 
-    def to_markdown(self, title: str = "") -> str:
-        """A table row per metric: value, 95% interval, n."""
-        head = f"metric ({title})" if title else "metric"
-        rows = [f"| {head} | value | 95% CI | n |", "|---|---|---|---|"]
-        for name, m in self.metrics().items():
-            rows.append(f"| {name} | {m.value:.3f} | [{m.low:.3f}, {m.high:.3f}] | {m.n} |")
-        return "\n".join(rows)
-
+    to_markdown = EvalReport.to_markdown  # the same table, from this report's metrics
     save_grid = EvalReport.save_grid
 
 
