@@ -390,6 +390,13 @@ class AttentionCall:
 # ----------------------------------------------------------------------------- controls
 
 
+def no_sites(site) -> bool:
+    """The ``sites`` filter of a control that edits no attention call (block hooks, forward
+    edits only): every processor keeps its stock fast path."""
+    return False
+
+
+
 class Control:
     """Base class of every method that edits attention (see the module docstring).
 

@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from ..controls import Control, StepState
+from ..controls import Control, StepState, no_sites
 from ..errors import ConfigError, ControlError
 
 
@@ -83,9 +83,6 @@ def cads_time(step: StepState) -> float:
     return 1.0 - step.index / step.num_steps
 
 
-def _no_sites(site) -> bool:  # no attention call is edited: every processor keeps its fast path
-    return False
-
 
 class CADS(Control):
     """Condition-annealed sampling (module docstring) as a control.
@@ -113,7 +110,7 @@ class CADS(Control):
             raise ControlError(f"CADS psi={psi!r}: a mix weight in [0, 1]")
         if not isinstance(seed, int):
             raise ControlError(f"CADS seed={seed!r}: an int")
-        super().__init__(sites=_no_sites, branches=branches, order=order)
+        super().__init__(sites=no_sites, branches=branches, order=order)
         self.scale, self.tau1, self.tau2, self.psi, self.seed = float(scale), tau1, tau2, float(psi), seed
 
     def gamma(self, step: StepState) -> float:

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from ..controls import Control
+from ..controls import Control, no_sites
 from ..errors import ControlError
 
 
@@ -32,9 +32,6 @@ def in_interval(sigma: float, lo: float, hi: float) -> bool:
     """Whether guidance applies at ``sigma``: σ ∈ (lo, hi]."""
     return lo < sigma <= hi
 
-
-def _no_sites(site) -> bool:
-    return False
 
 
 class IntervalGuidance(Control):
@@ -49,7 +46,7 @@ class IntervalGuidance(Control):
             raise ControlError(f"IntervalGuidance interval={interval!r}: a pair (lo, hi) of noise levels") from None
         if not (0 <= lo < hi):
             raise ControlError(f"IntervalGuidance interval={interval!r}: needs 0 <= lo < hi")
-        super().__init__(sites=_no_sites, order=order)
+        super().__init__(sites=no_sites, order=order)
         self.lo, self.hi = lo, hi
 
     def edit_prediction(self, ctx, arguments: dict, pred: torch.Tensor) -> torch.Tensor:

@@ -175,6 +175,11 @@ def postprocess_masks(masks: torch.Tensor, close_frac: float = 128 / 768, min_bo
 ISOLATED_KINDS = ("self", "joint", "single")  # attention whose keys include the image's own tokens
 
 
+def cfg_spans(call) -> list[slice]:
+    """The rows of each CFG branch of a call (uncond, then cond), or all rows as one."""
+    return [call.branches[x] for x in ("uncond", "cond") if x in call.branches] or [slice(0, call.q.shape[0])]
+
+
 def isolation_mask(layout, masks: torch.Tensor) -> torch.Tensor | None:
     """The boolean may-attend mask [Nq, Nk] of one call (True = allowed) that isolates the
     subjects ``masks`` [S, H, W] inside the call's image-to-image block (resized to the call's
@@ -245,7 +250,7 @@ class IsolationAttention(Control):
     def _scene_rows(self, call) -> torch.Tensor:
         """[B] True at each CFG branch's scene row (the last of its S + 1 rows)."""
         b = call.q.shape[0]
-        spans = [call.branches[x] for x in ("uncond", "cond") if x in call.branches] or [slice(0, b)]
+        spans = cfg_spans(call)
         out = torch.zeros(b, dtype=torch.bool, device=call.q.device)
         for sl in spans:
             if sl.stop - sl.start != self.references + 1:
@@ -306,7 +311,7 @@ class RepositionAttention(Control):
     def groups(self, call) -> list[tuple[list[int], int]]:
         """(reference rows, scene row) of each CFG branch of the call's batch."""
         s = self.subjects
-        spans = [call.branches[b] for b in ("uncond", "cond") if b in call.branches] or [slice(0, call.q.shape[0])]
+        spans = cfg_spans(call)
         out = []
         for sl in spans:
             rows = list(range(sl.start, sl.stop))
@@ -386,7 +391,7 @@ class ConsistentSelfAttention(Control):
         seg, qseg = lay.k("image"), lay.q("image")
         b, heads, nk, d = call.k.shape
         n = len(seg)
-        spans = [call.branches[x] for x in ("uncond", "cond") if x in call.branches] or [slice(0, b)]
+        spans = cfg_spans(call)
         groups = [list(range(sl.start, sl.stop)) for sl in spans]
         if all(len(g) < 2 for g in groups):
             return

@@ -28,7 +28,7 @@ import warnings
 
 import torch
 
-from ..controls import Control
+from ..controls import Control, no_sites
 from ..errors import ControlError
 
 
@@ -56,9 +56,6 @@ def particle_repulsion(x: torch.Tensor, sigma: float, coeff: float) -> torch.Ten
     return phi.reshape(x.shape).to(x.dtype)
 
 
-def _no_sites(site) -> bool:  # no attention call is edited: every processor keeps its fast path
-    return False
-
 
 class LatentParticleGuidance(Control):
     """Particle guidance on the latents (module docstring).
@@ -78,7 +75,7 @@ class LatentParticleGuidance(Control):
             raise ControlError(f"LatentParticleGuidance coeff={coeff!r}: a finite scale >= 0")
         if sigma_min is not None and not (isinstance(sigma_min, (int, float)) and sigma_min >= 0):
             raise ControlError(f"LatentParticleGuidance sigma_min={sigma_min!r}: None or a noise level >= 0")
-        super().__init__(sites=_no_sites, steps=steps, branches=("cond",), order=order)
+        super().__init__(sites=no_sites, steps=steps, branches=("cond",), order=order)
         self.coeff, self.sigma_min = float(coeff), sigma_min
         self._warned = False
 

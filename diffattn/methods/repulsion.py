@@ -65,7 +65,7 @@ from dataclasses import dataclass
 import torch
 from diffusers.hooks import ModelHook
 
-from ..controls import Control
+from ..controls import Control, no_sites
 from ..errors import ControlError, UnsupportedModelError
 
 BLOCK_CHOICES = ("first", "middle", "last", "all")  # thirds of the text-stream blocks, or all
@@ -184,9 +184,6 @@ class _Target:
     kind: str
 
 
-def _no_sites(site) -> bool:  # the control edits no attention call: every processor keeps its fast path
-    return False
-
 
 def text_stream_family(model):
     """The registered family of ``model`` that describes its text stream
@@ -292,7 +289,7 @@ class ContextRepulsion(Control):
             raise ControlError(f"ContextRepulsion single={single!r}: choose one of {', '.join(SINGLE_MODES)}")
         if stream not in STREAMS:
             raise ControlError(f"ContextRepulsion stream={stream!r}: choose one of {', '.join(STREAMS)}")
-        super().__init__(sites=_no_sites, steps=steps if steps is not None else (0, tau), branches=branches,
+        super().__init__(sites=no_sites, steps=steps if steps is not None else (0, tau), branches=branches,
                          order=order)
         self.eta, self.tau, self.inner = float(eta), tau, inner
         self.blocks, self.single, self.stream, self.norm_invariant = blocks, single, stream, bool(norm_invariant)
