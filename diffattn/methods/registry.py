@@ -313,17 +313,22 @@ register_method(Method(
 ))
 
 
-def _repulsion(pipe, *, eta=0.5, tau=1, inner=10, loss="vendi", norm_invariant=True) -> MethodRun:
+def _control_run(pipe, control, label: str) -> MethodRun:
+    """A MethodRun that attaches ``control`` around each pipeline call."""
     from ..engine import attach
-    from .repulsion import ContextRepulsion
-
-    control = ContextRepulsion(eta=eta, tau=tau, inner=inner, loss=loss, norm_invariant=norm_invariant)
 
     def run(prompt, generator=None, **call_kwargs):
         with attach(pipe, control):
             return MethodOutput(pipe(prompt, generator=generator, **call_kwargs).images)
 
-    return MethodRun(f"repulsion η={eta:g} τ={tau} M={inner} {loss}", run, control=control)
+    return MethodRun(label, run, control=control)
+
+
+def _repulsion(pipe, *, eta=0.5, tau=1, inner=10, loss="vendi", norm_invariant=True) -> MethodRun:
+    from .repulsion import ContextRepulsion
+
+    control = ContextRepulsion(eta=eta, tau=tau, inner=inner, loss=loss, norm_invariant=norm_invariant)
+    return _control_run(pipe, control, f"repulsion η={eta:g} τ={tau} M={inner} {loss}")
 
 
 register_method(Method(
@@ -344,17 +349,6 @@ register_method(Method(
     factory=_repulsion,
     paper="Dahary et al., On-the-fly Repulsion in the Contextual Space (2026)",
 ))
-
-
-def _control_run(pipe, control, label: str) -> MethodRun:
-    """A MethodRun that attaches ``control`` around each pipeline call."""
-    from ..engine import attach
-
-    def run(prompt, generator=None, **call_kwargs):
-        with attach(pipe, control):
-            return MethodOutput(pipe(prompt, generator=generator, **call_kwargs).images)
-
-    return MethodRun(label, run, control=control)
 
 
 def _cads(pipe, *, scale=0.25, tau1=0.6, tau2=0.9, psi=1.0, noise_seed=0) -> MethodRun:
