@@ -88,6 +88,16 @@ def test_repel_ascends_and_is_a_noop_at_zero():
     assert (raw - 1e3 * x).abs().max() < 1e-3 * (y - x).abs().max() * 1e3  # raw η shrinks as 1/‖c‖²
 
 
+def test_repel_stays_bounded_at_large_eta():
+    # the norm-invariant step is scaled by the unedited ‖x_i‖²: a huge η cannot compound
+    torch.manual_seed(3)
+    x = torch.randn(4, 5, 6)
+    y = repel(x, 128.0, 10)
+    rel = ((y - x).flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1)).max()
+    assert torch.isfinite(y).all() and rel < 50, rel
+    assert log_vendi(y) > log_vendi(x)
+
+
 def test_repel_under_inference_mode():
     torch.manual_seed(5)
     x = torch.randn(3, 4, 5)

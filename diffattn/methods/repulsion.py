@@ -157,17 +157,19 @@ def diversity_gradient(x: torch.Tensor, loss: Callable[[torch.Tensor], torch.Ten
 def repel(x: torch.Tensor, eta: float, inner: int = 1, loss: Callable = log_vendi, *,
           norm_invariant: bool = True) -> torch.Tensor:
     """M = ``inner`` ascent steps x ← x + (η/M)·s·∇ loss(x) on one group's rows x [B, ...]
-    (Eq. 4); s = ‖x_i‖² per row with ``norm_invariant`` (module docstring), else 1. Returns a
+    (Eq. 4); s = ‖x_i‖² of the unedited row with ``norm_invariant`` (module docstring), else 1. Returns a
     new tensor of x's dtype; η = 0 or B < 2 returns ``x`` itself."""
     if eta == 0 or x.shape[0] < 2 or inner < 1:
         return x
     z = x.detach().to(torch.promote_types(x.dtype, torch.float32))
     step = eta / inner
+    # ‖x_i‖² of the *unedited* rows: rescaling by the current ‖z_i‖² instead compounds (each
+    # step grows z by a fixed fraction, which grows the next step), overshooting by 1e5 at η ~ 100.
+    scale = z.reshape(z.shape[0], -1).pow(2).sum(1).reshape((-1,) + (1,) * (z.dim() - 1))
     for _ in range(inner):
         g = diversity_gradient(z, loss)
         if norm_invariant:
-            scale = z.reshape(z.shape[0], -1).pow(2).sum(1)  # ‖x_i‖²
-            g = g * scale.reshape((-1,) + (1,) * (z.dim() - 1))
+            g = g * scale
         z = z + step * g
     return z.to(x.dtype)
 
