@@ -37,6 +37,7 @@ _EXPORTS = {
     "CADS": "diffattn.methods.cads",
     "IsolationAttention": "diffattn.methods.ir",
     "RepositionAttention": "diffattn.methods.ir",
+    "MutualCrossAttention": "diffattn.methods.ir",
     "ConsistentSelfAttention": "diffattn.methods.ir",
     "IntervalGuidance": "diffattn.methods.interval",
     "LatentParticleGuidance": "diffattn.methods.particle",

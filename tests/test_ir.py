@@ -294,3 +294,148 @@ def test_isolation_with_references_touches_only_the_scene_rows():
     assert torch.allclose(got[[1, 3]], alone[[1, 3]], atol=1e-12) and not torch.allclose(got[1], stock[1])
     with pytest.raises(ControlError, match="reference rows then the scene row"):
         run_controls(AttentionCall(None, lay, q, k, v, branches=branches), [da.IsolationAttention(masks, references=2)])
+
+
+# ----------------------------------------------------------------------------- scene attention (no Nq x Nk mask)
+
+
+def _masked_softmax_attention(q, k, v, allowed):
+    """float64 oracle: softmax over the allowed keys of each query (all-forbidden rows -> 0)."""
+    logits = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(logits, -1).nan_to_num(0.0)
+    return p @ v
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_scene_attention_isolation_equals_the_masked_oracle(joint):
+    """Grouped-query isolation equals dense attention under the paper's T_i T_kᵀ mask, with
+    overlapping subject masks and (joint) text tokens that stay untouched."""
+    from diffattn.families.sd3 import sd3_layout
+    from diffattn.families.unet import unet_layout
+    from diffattn.methods.ir import isolation_mask, scene_attention
+
+    torch.manual_seed(7)
+    h = w = 4
+    n_img, n_txt = h * w, 5 if joint else 0
+    lay = sd3_layout(n_img, n_txt, grid=(h, w)) if joint else unet_layout(n_img, n_img, cross=False, grid=(h, w))
+    n = n_img + n_txt
+    q, k, v = (torch.randn(3, n, 6, dtype=torch.float64) for _ in range(3))
+    masks = torch.zeros(3, h, w)
+    masks[0, :, :2] = 1
+    masks[1, :, 2:] = 1
+    masks[2, 1:3, 1:3] = 1  # overlaps both
+    allowed = isolation_mask(lay, masks)
+    member = torch.stack([resize_mask(m, (h, w)).reshape(-1) for m in masks])
+    got = scene_attention(q, k, v, scale=1 / math.sqrt(6), q_image=lay.q("image").slice,
+                          k_image=lay.k("image").slice, member=member)
+    assert torch.allclose(got, _masked_softmax_attention(q, k, v, allowed), atol=1e-12)
+
+
+def _two_subject_call(seed=8):
+    from diffattn.controls import AttentionCall
+    from diffattn.families.unet import unet_layout
+
+    torch.manual_seed(seed)
+    h = w = 4
+    n = h * w
+    q, k, v = (torch.randn(6, 2, n, 4, dtype=torch.float64) for _ in range(3))  # [uncond: r1 r2 scene | cond: r1 r2 scene]
+    lay = unet_layout(n, n, cross=False, grid=(h, w))
+    scene = torch.zeros(2, h, w)
+    scene[0, :, :2] = 1
+    scene[1, :, 2:] = 1
+    scene[:, 0] = 0  # the top row is background
+    ref = torch.zeros(2, h, w)
+    ref[:, 1:3, 1:3] = 1
+    make = lambda q, k, v: AttentionCall(None, lay, q, k, v, branches={"uncond": slice(0, 3), "cond": slice(3, 6)})  # noqa: E731
+    return make, (q, k, v), ref, scene
+
+
+def test_isolation_invariance_other_subjects_tokens_do_not_reach_a_subject():
+    """With isolation, changing subject k's scene tokens leaves subject i's outputs unchanged."""
+    import diffattn as da
+    from diffattn.processors.base import run_controls
+
+    make, (q, k, v), ref, scene = _two_subject_call()
+    ctrls = lambda: [da.IsolationAttention(scene, references=2), da.RepositionAttention(ref, scene, dropout=0.0)]  # noqa: E731
+    base = run_controls(make(q, k, v), ctrls())
+    right = scene[1].reshape(-1).bool()
+    k2, v2 = k.clone(), v.clone()
+    k2[2, :, right] += 3.0
+    v2[5, :, right] -= 2.0
+    k2[5, :, right] += 1.5
+    v2[2, :, right] += 4.0
+    got = run_controls(make(q, k2, v2), ctrls())
+    left = scene[0].reshape(-1).bool()
+    assert torch.allclose(got[[2, 5]][:, :, left], base[[2, 5]][:, :, left], atol=1e-12)
+    assert not torch.allclose(got[[2, 5]][:, :, right], base[[2, 5]][:, :, right])
+
+
+def test_background_queries_do_not_depend_on_the_references():
+    import diffattn as da
+    from diffattn.processors.base import run_controls
+
+    make, (q, k, v), ref, scene = _two_subject_call(9)
+    ctrl = lambda: [da.RepositionAttention(ref, scene, dropout=0.0)]  # noqa: E731
+    base = run_controls(make(q, k, v), ctrl())
+    k2, v2 = k.clone(), v.clone()
+    for r in (0, 1, 3, 4):  # every reference row
+        k2[r] = torch.randn_like(k2[r])
+        v2[r] = torch.randn_like(v2[r])
+    got = run_controls(make(q, k2, v2), ctrl())
+    bg = ~scene.reshape(2, -1).bool().any(0)
+    assert torch.equal(got[[2, 5]][:, :, bg], base[[2, 5]][:, :, bg])
+    assert not torch.allclose(got[[2, 5]][:, :, ~bg], base[[2, 5]][:, :, ~bg])
+
+
+def test_reposition_with_identical_boxes_is_the_in_place_block():
+    import diffattn as da
+    from diffattn.processors.base import run_controls
+
+    make, (q, k, v), _, scene = _two_subject_call(10)
+    moved = run_controls(make(q, k, v), [da.RepositionAttention(scene, scene, dropout=0.0)])
+    kept = run_controls(make(q, k, v), [da.RepositionAttention(scene, scene, dropout=0.0, move=False)])
+    assert torch.equal(moved, kept)
+
+
+def test_a_translated_box_attends_to_translated_reference_features():
+    """Reference subject at the top-left, scene subject at the bottom-right, same size: the
+    scene query at offset (dy, dx) of its box sees exactly the reference key at (dy, dx) of its box."""
+    h = w = 6
+    hidden = torch.randn(h * w, 3, dtype=torch.float64)
+    ref = torch.zeros(h, w, dtype=torch.bool)
+    ref[0:2, 0:3] = True
+    scene = torch.zeros(h, w, dtype=torch.bool)
+    scene[3:5, 2:5] = True
+    canvas, m = reposition(hidden, (h, w), ref, scene)
+    grid = canvas.reshape(h, w, 3)
+    assert torch.equal(m, scene)
+    for dy in range(2):
+        for dx in range(3):
+            assert torch.equal(grid[3 + dy, 2 + dx], hidden.reshape(h, w, 3)[dy, dx])
+    assert grid[~scene].abs().sum() == 0
+
+
+def test_mutual_cross_attention_matches_a_float64_reference():
+    import diffattn as da
+    from diffattn.controls import AttentionCall
+    from diffattn.families.unet import unet_layout
+    from diffattn.processors.base import run_controls
+
+    torch.manual_seed(11)
+    h = w = 4
+    n, t = h * w, 5
+    q = torch.randn(2, 1, n, 4, dtype=torch.float64)  # rows [ref, scene]
+    k, v = torch.randn(2, 1, t, 4, dtype=torch.float64), torch.randn(2, 1, t, 4, dtype=torch.float64)
+    lay = unet_layout(n, t, cross=True, grid=(h, w))
+    scene = torch.zeros(1, h, w)
+    scene[0, :2] = 1
+    got = run_controls(AttentionCall(None, lay, q, k, v, branches={"cond": slice(0, 2)}),
+                       [da.MutualCrossAttention(scene, weight=0.9)])
+    attend = lambda qq, kk, vv: torch.softmax(qq @ kk.T / 2.0, -1) @ vv  # noqa: E731  (d = 4)
+    vanilla = attend(q[1, 0], k[1, 0], v[1, 0])
+    mutual = attend(q[1, 0], torch.cat([k[1, 0], k[0, 0]]), torch.cat([v[1, 0], v[0, 0]]))
+    inside = scene.reshape(-1).bool()
+    want = torch.where(inside[:, None], 0.1 * vanilla + 0.9 * mutual, vanilla)
+    assert torch.allclose(got[1, 0], want, atol=1e-12)
+    assert torch.allclose(got[0, 0], attend(q[0, 0], k[0, 0], v[0, 0]), atol=1e-12)  # the reference row: stock

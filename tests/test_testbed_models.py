@@ -168,3 +168,26 @@ def test_learning_rate_schedules():
     assert train.lr_at(1000, base, warm, total) == pytest.approx(0.1 * base)
     with pytest.raises(ValueError, match="schedule"):
         train.lr_at(500, base, warm, total, "linear")
+
+
+def test_warm_start_from_the_v1_model_keeps_every_v1_row():
+    """``--init-from assets/tiny-sd`` on a world-v2 tiny-sd: the UNet is copied whole; the text
+    encoder's token and position tables grew (v2 appends words and is longer), so their v1 rows
+    are copied and the new rows keep the fresh init."""
+    v1 = os.path.join(os.path.dirname(testbed.__file__), "..", "..", "assets", "tiny-sd")
+    pipe = models.build_sd(testbed.load("tiny-sd").vae, 0, "v_prediction", 2)
+    fresh = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
+    modules = {"denoiser": pipe.unet, "text_encoder": pipe.text_encoder}
+    grown = train.warm_start(modules, v1, "unet")
+    assert sorted(grown) == ["text_encoder.embeddings.position_embedding.weight",
+                             "text_encoder.embeddings.token_embedding.weight"]
+    src_unet = load_file(os.path.join(v1, "unet", "diffusion_pytorch_model.safetensors"))
+    for k, v in pipe.unet.state_dict().items():
+        assert torch.equal(v, src_unet[k]), k
+    src_text = load_file(os.path.join(v1, "text_encoder", "model.safetensors"))
+    now = pipe.text_encoder.state_dict()
+    for k, v in src_text.items():
+        assert torch.equal(now[k][: v.shape[0]], v), k
+        assert torch.equal(now[k][v.shape[0]:], fresh[k][v.shape[0]:]), k
+    with pytest.raises(ValueError, match="same stage"):
+        train.warm_start({"denoiser": pipe.unet}, os.path.join(v1, "..", "tiny-sd3"), "transformer")

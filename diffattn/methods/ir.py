@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..controls import Control
+from ..kernels import attention
 from ..errors import ControlError
 
 Box = tuple[int, int, int, int]  # (y0, y1, x0, x1), half-open, in grid cells
@@ -170,9 +171,90 @@ def postprocess_masks(masks: torch.Tensor, close_frac: float = 128 / 768, min_bo
     return out & ~shared
 
 
+# ----------------------------------------------------------------------------- scene-row attention
+
+
+def subject_classes(patterns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group query rows by their bool pattern ``[Nq, P]``: (distinct patterns [C, P], class
+    of each row [Nq]). Rows of one class see the same keys, so a class is one attention call."""
+    distinct, inverse = torch.unique(patterns.to(torch.uint8), dim=0, return_inverse=True)  # [C, P], [Nq]
+    return distinct.bool(), inverse
+
+
+def own_keys_allowed(query_subjects: torch.Tensor, key_member: torch.Tensor, isolate: bool) -> torch.Tensor:
+    """Which of a row's own image keys a query of subject set ``query_subjects`` [S] may see.
+
+    key_member: bool [S, L] subject regions on the key grid. Isolation (the T_i T_kᵀ outer
+    product of the paper): a query in subject i never sees a key in subject k ≠ i, so it sees
+    the background and the keys of exactly its own subject; a background query (empty set) sees
+    every key. Returns bool [L]."""
+    every = torch.ones(key_member.shape[1], dtype=torch.bool, device=key_member.device)
+    if not isolate or not bool(query_subjects.any()):
+        return every
+    in_none = ~key_member.any(0)  # [L]
+    if int(query_subjects.sum()) > 1:  # a cell claimed by two subjects: every subject key is another's
+        return in_none
+    same = (key_member == query_subjects[:, None]).all(0)  # [L]: exactly the query's own subject
+    return in_none | same
+
+
+def scene_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, q_image: slice,
+                    k_image: slice, member: torch.Tensor, isolate: bool = True, references=(),
+                    mutual=(), mutual_weight: float = 0.9) -> torch.Tensor:
+    """IR-Diffusion's attention for one scene row, without a query × key mask.
+
+    q [H, Nq, D], k / v [H, Nk, D]: the row's own call (text and image tokens as the layout
+    says; ``q_image`` / ``k_image`` the image segments, on the same (h, w) grid).
+    member:     bool [S, L] the scene subject regions on that grid (disjoint or not).
+    isolate:    apply isolation inside the row's own image block (:func:`own_keys_allowed`).
+    references: per subject i, ``(k_i [H, L_i, D], v_i [H, L_i, Dv], keys_i bool [L_i],
+                queries_i bool [L])``: the reference block (moved or not) that image queries
+                with ``queries_i`` (subject i after mask dropout) also attend to, key j only
+                where ``keys_i``; or ``()``.
+    mutual:     per subject i, ``(k_i, v_i)`` the text keys of reference i's prompt (IR's
+                mutual cross-attention, inherited from DreamStory): a query of subject i gets
+                ``(1 − λ)·out + λ·attention over [its keys; reference i's text]``, λ =
+                ``mutual_weight``; or ``()``.
+
+    Queries are grouped by what they may see (subject set, visible reference blocks, mutual
+    subject): each group is one dense attention call over a gathered key set, so the cost is
+    the dense one and no Nq × Nk mask is ever built. Returns out [H, Nq, Dv].
+    """
+    s, n_q = member.shape[0], q.shape[1]
+    pats = torch.zeros(n_q, 2 * s, dtype=torch.bool, device=q.device)  # [Nq, 2S]: subjects, visible references
+    pats[q_image, :s] = member.T
+    for i, (_, _, _, queries) in enumerate(references):
+        pats[q_image, s + i] = queries
+    key_member = member.to(q.device)
+    distinct, inverse = subject_classes(pats)
+    out = q.new_zeros(q.shape[0], n_q, v.shape[-1])  # [H, Nq, Dv]
+    for c, pattern in enumerate(distinct):
+        rows = torch.nonzero(inverse == c).squeeze(1)  # [n_c]
+        own = torch.ones(k.shape[1], dtype=torch.bool, device=q.device)
+        own[k_image] = own_keys_allowed(pattern[:s], key_member, isolate)
+        keys, vals = [k[:, own]], [v[:, own]]  # [H, m, D]
+        for i in torch.nonzero(pattern[s:]).flatten().tolist():
+            k_i, v_i, keys_i, _ = references[i]
+            keys.append(k_i[:, keys_i])
+            vals.append(v_i[:, keys_i])
+        kk, vv, qq = torch.cat(keys, 1)[None], torch.cat(vals, 1)[None], q[None, :, rows]  # [1, H, ·, D]
+        if kk.shape[2] == 0:  # e.g. a cell of two subjects in a call without text keys: nothing allowed
+            out[:, rows] = 0
+            continue
+        o = attention(qq, kk, vv, scale=scale)[0]  # [H, n_c, Dv]
+        subject = torch.nonzero(pattern[:s]).flatten().tolist()
+        if mutual and len(subject) == 1:
+            k_t, v_t = mutual[subject[0]]
+            o_mutual = attention(qq, torch.cat([kk, k_t[None]], 2), torch.cat([vv, v_t[None]], 2), scale=scale)[0]
+            o = (1 - mutual_weight) * o + mutual_weight * o_mutual
+        out[:, rows] = o
+    return out
+
+
 # ----------------------------------------------------------------------------- controls
 
 ISOLATED_KINDS = ("self", "joint", "single")  # attention whose keys include the image's own tokens
+PLAN = "ir-scene-plan"  # call.scratch key the IR controls of one call share (their parts of one scene attention)
 
 
 def cfg_spans(call) -> list[slice]:
@@ -180,11 +262,28 @@ def cfg_spans(call) -> list[slice]:
     return [call.branches[x] for x in ("uncond", "cond") if x in call.branches] or [slice(0, call.q.shape[0])]
 
 
+def scene_rows(call, references: int) -> list[tuple[list[int], int]]:
+    """(reference rows, scene row) of each CFG branch of a ``[ref_1 … ref_S, scene] × CFG`` batch;
+    with ``references=0`` every row is a scene of its own."""
+    groups = []
+    for sl in cfg_spans(call):
+        rows = list(range(sl.start, sl.stop))
+        if references == 0:
+            groups += [([], r) for r in rows]
+            continue
+        if len(rows) != references + 1:
+            raise ControlError(f"IR-Diffusion with {references} references needs {references} reference rows then the "
+                               f"scene row in each CFG branch ({references + 1} rows); this branch has {len(rows)}")
+        groups.append((rows[:references], rows[references]))
+    return groups
+
+
 def isolation_mask(layout, masks: torch.Tensor) -> torch.Tensor | None:
     """The boolean may-attend mask [Nq, Nk] of one call (True = allowed) that isolates the
     subjects ``masks`` [S, H, W] inside the call's image-to-image block (resized to the call's
     grid, :func:`resize_mask`); every other query / key pair is allowed. None when the call has
-    no image block or no two subjects meet (nothing to forbid: the call stays exact)."""
+    no image block or no two subjects meet (nothing to forbid: the call stays exact).
+    A float64 oracle for tests: the controls never build it."""
     if not (layout.has_q("image") and layout.has_k("image")):
         return None
     q, k = layout.q("image"), layout.k("image")
@@ -200,6 +299,73 @@ def isolation_mask(layout, masks: torch.Tensor) -> torch.Tensor | None:
     return allowed
 
 
+class _ScenePlan:
+    """What the IR controls of one call ask of its scene rows, computed once in ``edit_output``
+    by whichever of them runs first (:func:`scene_attention`)."""
+
+    def __init__(self):
+        self.member: torch.Tensor | None = None  # [S, L] scene regions on the call's grid
+        self.isolate = False
+        self.rows: list[int] = []  # scene rows the plan computes
+        self.references: dict[int, list] = {}  # scene row -> reference blocks
+        self.mutual: dict[int, list] = {}  # scene row -> reference prompts' text keys
+        self.mutual_weight = 0.9
+        self.out: torch.Tensor | None = None
+
+    def merge(self, member, rows) -> None:
+        if self.member is not None and (self.member.shape != member.shape or not torch.equal(self.member, member)):
+            raise ControlError("IsolationAttention and RepositionAttention on one call need the same scene masks; "
+                               "give both the same scene_masks")
+        self.member = member
+        self.rows = sorted(set(self.rows) | set(rows))
+
+
+def _plan(call) -> _ScenePlan:
+    if PLAN not in call.scratch:
+        call.scratch[PLAN] = _ScenePlan()
+    return call.scratch[PLAN]
+
+
+def _grid_masks(masks: torch.Tensor, grid, cache: dict) -> torch.Tensor:
+    """masks [S, H, W] resized and binarised to ``grid`` -> bool [S, h·w] (cached per grid)."""
+    key = tuple(grid)
+    if key not in cache:
+        cache[key] = torch.stack([resize_mask(m, grid).reshape(-1) for m in masks])
+    return cache[key]
+
+
+def _image_grid(call):
+    lay = call.layout
+    if not (lay.has_q("image") and lay.has_k("image")):
+        return None
+    qseg, kseg = lay.q("image"), lay.k("image")
+    if qseg.shape is None or qseg.shape != kseg.shape:
+        return None
+    return tuple(qseg.shape)
+
+
+def _run_plan(call, out: torch.Tensor) -> torch.Tensor:
+    """Replace the scene rows of ``out`` [B, H, Nq, Dv] by the plan's scene attention (once per call)."""
+    plan = call.scratch.get(PLAN)
+    if plan is None or not plan.rows:
+        return out
+    if plan.out is None:
+        spec = call.spec
+        if spec.bias is not None or spec.head_blend is not None or spec.uniform_keys is not None:
+            raise ControlError(f"IR-Diffusion computes the scene rows' attention itself at {call.site.name}; another "
+                               f"control set a bias, head blend or uniform keys on the same call; restrict one of "
+                               f"them to other sites (sites=...)")
+        lay = call.layout
+        q_image, k_image = lay.q("image").slice, lay.k("image").slice
+        plan.out = out.clone()
+        for r in plan.rows:
+            plan.out[r] = scene_attention(
+                call.q[r], call.k[r], call.v[r], scale=call.scale, q_image=q_image, k_image=k_image,
+                member=plan.member, isolate=plan.isolate, references=plan.references.get(r, ()),
+                mutual=plan.mutual.get(r, ()), mutual_weight=plan.mutual_weight)
+    return plan.out
+
+
 class IsolationAttention(Control):
     """IR-Diffusion's isolation attention alone: inside the image's own attention, a subject's
     queries never attend to another subject's keys (module docstring); background rows and
@@ -211,6 +377,9 @@ class IsolationAttention(Control):
     branches: rows it acts on (default all);
     references: S when the batch is ``[ref_1 … ref_S, scene] × CFG`` (as for
               :class:`RepositionAttention`): only each CFG branch's scene row is isolated.
+
+    The isolated rows are computed by :func:`scene_attention` (queries grouped by subject, one
+    dense call per group over its allowed keys): no Nq × Nk mask is built.
 
         with da.attach(pipe, da.IsolationAttention(masks)):   # masks [2, 64, 64]
             image = pipe("a circle left of a square").images[0]
@@ -230,35 +399,21 @@ class IsolationAttention(Control):
         super().__init__(sites=sites if sites is not None else (lambda s: s.kind in ISOLATED_KINDS),
                          steps=steps, branches=branches, order=order)
         self.masks = m.float()
-        self._cache: dict = {}  # layout names and grid -> mask; the same for every call of a shape
+        self._grids: dict = {}  # grid -> bool [S, L]; the same at every call of a resolution
 
-    def edit_spec(self, call) -> None:
-        key = (call.layout.names, call.layout.n_query, call.layout.n_key,
-               call.layout.q("image").shape if call.layout.has_q("image") else None)
-        if key not in self._cache:
-            self._cache[key] = isolation_mask(call.layout, self.masks)
-        allowed = self._cache[key]
-        if allowed is None:
-            return
-        rows = self.rows(call)  # [B]
-        if self.references:
-            rows = rows & self._scene_rows(call)
-        allowed = allowed.to(call.q.device)
-        per_row = allowed[None, None] | ~rows[:, None, None, None]  # [B, 1, Nq, Nk]: other rows unrestricted
-        call.spec.add_bias(per_row)
+    def edit_qkv(self, call) -> None:
+        grid = _image_grid(call)
+        if grid is None or self.masks.shape[0] < 2:
+            return  # no image block, or one subject: nothing to isolate (the call stays exact)
+        member = _grid_masks(self.masks, grid, self._grids).to(call.q.device)
+        chosen = self.rows(call).tolist()  # [B] bools
+        rows = [scene for _, scene in scene_rows(call, self.references) if chosen[scene]]
+        plan = _plan(call)
+        plan.merge(member, rows)
+        plan.isolate = True
 
-    def _scene_rows(self, call) -> torch.Tensor:
-        """[B] True at each CFG branch's scene row (the last of its S + 1 rows)."""
-        b = call.q.shape[0]
-        spans = cfg_spans(call)
-        out = torch.zeros(b, dtype=torch.bool, device=call.q.device)
-        for sl in spans:
-            if sl.stop - sl.start != self.references + 1:
-                raise ControlError(f"IsolationAttention(references={self.references}) needs {self.references} "
-                                   f"reference rows then the scene row in each CFG branch; this one has "
-                                   f"{sl.stop - sl.start}")
-            out[sl.stop - 1] = True
-        return out
+    def edit_output(self, call, out):
+        return _run_plan(call, out)
 
     def __repr__(self):
         return f"IsolationAttention(subjects={self.masks.shape[0]}, steps={self.steps!r}, branches={self.branches!r})"
@@ -272,11 +427,11 @@ class RepositionAttention(Control):
     subject's keys and values, moved onto the scene subject's place (:func:`reposition`).
 
     The batch holds, per CFG branch, S reference rows then the scene row (``[ref_1 … ref_S,
-    scene] × (uncond, cond)``, as :class:`~diffattn.pipelines.ir` builds it). For a scene
+    scene] × (uncond, cond)``, as :class:`~diffattn.pipelines.IRDiffusionPipeline` builds it). For a scene
     query p and reference block i, key j is allowed iff p lies in subject i's scene mask after
     a fresh per-step Bernoulli dropout (``dropout``, ConsiStory's 0.5) and j in the moved
     reference mask; background and text queries see only the scene's own keys; the reference
-    rows attend as stock (their extra keys are all forbidden).
+    rows attend as stock (their own call, untouched).
 
     Why K and V may be moved after the projections: ``to_k`` / ``to_v`` and the q/k norms act
     per token, so moving projected tokens equals projecting moved hidden states on every key
@@ -287,22 +442,27 @@ class RepositionAttention(Control):
     dropout: p of the per-step mask dropout; seed: its draws (step i from ``seed`` and i);
     move:    False keeps the reference tokens where they are (masked by R_i): the
              "extended K/V only" ablation (ConsiStory-style subject-driven shared attention).
+    mutual:  λ of the masked mutual cross-attention to each reference's prompt (0: off), at
+             the joint sites of MMDiT families; on UNets use :class:`MutualCrossAttention`.
     """
 
     order = 0
 
     def __init__(self, ref_masks, scene_masks, *, dropout: float = 0.5, seed: int = 0, move: bool = True,
-                 sites=None, steps=None, order: int | None = None):
+                 mutual: float = 0.0, sites=None, steps=None, order: int | None = None):
         r, t = torch.as_tensor(ref_masks).float(), torch.as_tensor(scene_masks).float()
         if r.dim() != 3 or t.dim() != 3 or r.shape[0] != t.shape[0] or r.shape[0] < 1:
             raise ControlError(f"RepositionAttention masks of shapes {tuple(r.shape)} and {tuple(t.shape)}: give "
                                f"[S, H, W] each, one reference region and one scene region per subject")
         if not 0.0 <= dropout < 1.0:
             raise ControlError(f"RepositionAttention dropout={dropout!r}: in [0, 1)")
+        if not 0.0 <= mutual <= 1.0:
+            raise ControlError(f"RepositionAttention mutual={mutual!r}: the mutual cross-attention weight λ, in [0, 1]")
         super().__init__(sites=sites if sites is not None else (lambda s: s.kind in ISOLATED_KINDS), steps=steps,
                          order=order)
         self.ref_masks, self.scene_masks, self.dropout, self.seed = r, t, float(dropout), int(seed)
-        self.move = bool(move)
+        self.move, self.mutual = bool(move), float(mutual)
+        self._grids: dict = {}
 
     @property
     def subjects(self) -> int:
@@ -310,61 +470,105 @@ class RepositionAttention(Control):
 
     def groups(self, call) -> list[tuple[list[int], int]]:
         """(reference rows, scene row) of each CFG branch of the call's batch."""
-        s = self.subjects
-        spans = cfg_spans(call)
-        out = []
-        for sl in spans:
-            rows = list(range(sl.start, sl.stop))
-            if len(rows) != s + 1:
-                raise ControlError(f"RepositionAttention with {s} subjects needs {s} reference rows then the scene row "
-                                   f"in each CFG branch ({s + 1} rows); this branch has {len(rows)}")
-            out.append((rows[:s], rows[s]))
-        return out
+        if not self.subjects:
+            return []
+        return scene_rows(call, self.subjects)
 
     def edit_qkv(self, call) -> None:
         family = getattr(call.context, "family", "")
         if family and family not in REPOSITION_FAMILIES:
             raise ControlError(f"RepositionAttention on {family}: RoPE is applied inside its attention, so moved keys "
                                f"would keep their old rotations; supported: {', '.join(REPOSITION_FAMILIES)}")
-        lay = call.layout
-        if not (lay.has_q("image") and lay.has_k("image")) or lay.k("image").shape is None:
+        grid = _image_grid(call)
+        if grid is None:
             return
-        seg, qseg = lay.k("image"), lay.q("image")
-        grid = seg.shape
-        n = len(seg)
-        b, heads, nk, d = call.k.shape
-        s = self.subjects
-        ref = [resize_mask(m, grid) for m in self.ref_masks]
-        scene = [resize_mask(m, grid) for m in self.scene_masks]
+        lay = call.layout
+        seg = lay.k("image")
+        n, heads = len(seg), call.k.shape[1]
+        ref = _grid_masks(self.ref_masks, grid, self._grids).reshape(self.subjects, *grid).to(call.q.device)
+        scene = _grid_masks(self.scene_masks, grid, {}).reshape(self.subjects, *grid).to(call.q.device)
         step = call.step.index if call.step is not None else 0
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)  # the same draw at every layer of a step
         dropped = [mask_dropout(m, self.dropout, gen).reshape(-1) for m in scene]  # [L] each
-        k_ext = call.k.new_zeros(b, heads, s * n, d)  # [B, H, S·L, D]
-        v_ext = call.v.new_zeros(b, heads, s * n, call.v.shape[-1])
-        allowed = torch.ones(b, 1, lay.n_query, nk + s * n, dtype=torch.bool, device=call.q.device)
-        allowed[..., nk:] = False
-        for refs, target in self.groups(call):
-            for i in range(s):
+        plan = _plan(call)
+        groups = self.groups(call)
+        plan.merge(scene.reshape(self.subjects, -1), [t for _, t in groups])
+        text = lay.k("text").slice if self.mutual and lay.has_k("text") else None
+        for refs, target in groups:
+            blocks, mutual = [], []
+            for i in range(self.subjects):
                 def moved(x):  # [H, L, D] of reference i -> its tokens moved onto subject i's scene box
                     flat = x[:, seg.slice].permute(1, 0, 2).reshape(n, -1)  # [L, H·D]
-                    r_i = ref[i].to(flat.device)
                     if self.move:
-                        canvas, m = reposition(flat, grid, r_i, scene[i].to(flat.device))
+                        canvas, m = reposition(flat, grid, ref[i], scene[i])
                     else:  # in place: the reference subject's own tokens, nothing else
-                        canvas, m = flat * r_i.reshape(-1, 1).to(flat.dtype), r_i
+                        canvas, m = flat * ref[i].reshape(-1, 1).to(flat.dtype), ref[i]
                     return canvas.reshape(n, heads, -1).permute(1, 0, 2), m.reshape(-1)  # [H, L, D], [L]
                 kk, key_mask = moved(call.k[refs[i]])
                 vv, _ = moved(call.v[refs[i]])
-                k_ext[target, :, i * n:(i + 1) * n] = kk
-                v_ext[target, :, i * n:(i + 1) * n] = vv
-                block = dropped[i].to(call.q.device)[:, None] & key_mask.to(call.q.device)[None, :]  # [Lq, L]
-                allowed[target, 0, qseg.slice, nk + i * n:nk + (i + 1) * n] = block
-        call.extend_keys("references", k_ext, v_ext, bias_fill=False)
-        call.spec.add_bias(allowed)
+                blocks.append((kk, vv, key_mask, dropped[i]))
+                if text is not None:
+                    mutual.append((call.k[refs[i], :, text], call.v[refs[i], :, text]))
+            plan.references[target] = blocks
+            if mutual:
+                plan.mutual[target] = mutual
+                plan.mutual_weight = self.mutual
+
+    def edit_output(self, call, out):
+        return _run_plan(call, out)
 
     def __repr__(self):
         return (f"RepositionAttention(subjects={self.subjects}, dropout={self.dropout:g}, move={self.move}, "
                 f"steps={self.steps!r})")
+
+
+class MutualCrossAttention(Control):
+    """IR-Diffusion's masked mutual cross-attention (inherited from DreamStory) at UNet
+    cross-attention: a scene query of subject i also attends to reference i's prompt,
+    ``out = (1 − λ)·out + λ·attention(q, [scene text; reference i's text])`` (λ = ``weight``,
+    the official 0.9); background queries and the reference rows are untouched.
+
+    scene_masks: [S, H, W]; batch ``[ref_1 … ref_S, scene] × CFG`` (S = ``scene_masks``' S).
+    On MMDiT families the text keys are part of joint attention: use
+    ``RepositionAttention(..., mutual=λ)`` there.
+    """
+
+    order = 0
+
+    def __init__(self, scene_masks, *, weight: float = 0.9, sites="cross", steps=None, order: int | None = None):
+        t = torch.as_tensor(scene_masks).float()
+        if t.dim() != 3 or t.shape[0] < 1:
+            raise ControlError(f"MutualCrossAttention scene_masks of shape {tuple(t.shape)}: give [S, H, W]")
+        if not 0.0 <= weight <= 1.0:
+            raise ControlError(f"MutualCrossAttention weight={weight!r}: λ in [0, 1]")
+        super().__init__(sites=sites, steps=steps, order=order)
+        self.scene_masks, self.weight = t, float(weight)
+        self._grids: dict = {}
+
+    def edit_output(self, call, out):
+        lay = call.layout
+        if not (lay.has_q("image") and lay.has_k("text")) or lay.has_k("image") or lay.q("image").shape is None:
+            return out  # cross-attention only (image queries, text keys)
+        grid = tuple(lay.q("image").shape)
+        member = _grid_masks(self.scene_masks, grid, self._grids).to(call.q.device)  # [S, L]
+        s = member.shape[0]
+        q_image = lay.q("image").slice
+        out = out.clone()
+        for refs, target in scene_rows(call, s):
+            mutual = [(call.k[r], call.v[r]) for r in refs]
+            for i in range(s):
+                rows = torch.nonzero(member[i] & ~(member.sum(0) > 1)).flatten() + q_image.start  # [n_i] queries
+                if rows.numel() == 0:
+                    continue
+                qq = call.q[target][None, :, rows]  # [1, H, n_i, D]
+                kk = torch.cat([call.k[target], mutual[i][0]], 1)[None]  # [1, H, 2T, D]
+                vv = torch.cat([call.v[target], mutual[i][1]], 1)[None]
+                o = attention(qq, kk, vv, scale=call.scale)[0]
+                out[target][:, rows] = (1 - self.weight) * out[target][:, rows] + self.weight * o
+        return out
+
+    def __repr__(self):
+        return f"MutualCrossAttention(subjects={self.scene_masks.shape[0]}, weight={self.weight:g})"
 
 
 class ConsistentSelfAttention(Control):

@@ -95,6 +95,45 @@ def load_checkpoint(out: str, modules: dict[str, torch.nn.Module], ema: dict[str
     return step
 
 
+# Where each trained module lives in an exported (diffusers-layout) model folder.
+_EXPORTED_WEIGHTS = {
+    "unet": "unet/diffusion_pytorch_model.safetensors",
+    "transformer": "transformer/diffusion_pytorch_model.safetensors",
+    "text_encoder": "text_encoder/model.safetensors",
+    "text_encoder_2": "text_encoder_2/model.safetensors",
+}
+
+
+def warm_start(modules: dict[str, torch.nn.Module], model_dir: str, denoiser_folder: str) -> list[str]:
+    """Initialise ``modules`` from an exported model (e.g. the shipped world-v1 ``assets/tiny-sd``).
+
+    World v2 appends words to the v1 vocabulary (``world.py``), so a v1 token embedding is the
+    first rows of the v2 one: those rows are copied and the new words keep their fresh init.
+    Any other shape mismatch is an error. Returns the names of the partially copied tensors.
+    """
+    partial = []
+    for name, module in modules.items():
+        folder = denoiser_folder if name == "denoiser" else name
+        path = os.path.join(model_dir, _EXPORTED_WEIGHTS[folder])
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--init-from {model_dir}: no {_EXPORTED_WEIGHTS[folder]}; pass an exported model folder")
+        source, target = load_file(path), module.state_dict()
+        if source.keys() != target.keys():
+            raise ValueError(f"--init-from {model_dir}: {folder} has other parameters than this stage's model; "
+                             "warm-start only from a model of the same stage")
+        for key, value in source.items():
+            want = target[key].shape
+            if value.shape == want:
+                target[key] = value
+            elif value.shape[1:] == want[1:] and value.shape[0] < want[0]:  # a vocabulary that grew
+                target[key] = torch.cat([value, target[key][value.shape[0]:]])
+                partial.append(f"{name}.{key}")
+            else:
+                raise ValueError(f"--init-from {model_dir}: {folder}.{key} is {tuple(value.shape)}, this model's {tuple(want)}")
+        module.load_state_dict(target)
+    return partial
+
+
 def _named_trainable(modules: dict[str, torch.nn.Module]):
     for mname, module in modules.items():
         for n, p in module.named_parameters():
@@ -343,6 +382,9 @@ def train_denoiser(args):
     if is_sd3:
         modules["text_encoder_2"] = pipe.text_encoder_2
     device = getattr(args, "device", "cpu")
+    if getattr(args, "init_from", None) and not os.path.exists(_state_path(args.out)):  # a resume keeps its own weights
+        grown = warm_start(modules, args.init_from, "transformer" if is_sd3 else "unet")
+        print(f"warm start from {args.init_from}" + (f" (grown: {', '.join(grown)})" if grown else ""))
     for m in modules.values():
         m.train().to(device)
     ema = {n: p.detach().clone() for n, p in _named_trainable(modules)}
@@ -448,6 +490,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--prediction", default="epsilon", choices=["epsilon", "v_prediction"], help="tiny-sd: what the UNet predicts")
+    p.add_argument("--init-from", default=None,
+                   help="denoiser stages: start from an exported model of the same stage (e.g. assets/tiny-sd); "
+                        "a grown vocabulary keeps the old rows")
     p.add_argument("--standardize", action="store_true", help="denoiser stages: train on per-channel standardised latents (folded into the shipped VAE)")
     args = p.parse_args(argv)
     if args.threads:
