@@ -1,0 +1,106 @@
+"""IRDiffusionPipeline on the testbed models (real diffusers SD / SD3 pipelines): references
+regenerate bit-exactly, masks, retries, progress, and typed errors for bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffattn import testbed
+from diffattn.errors import ConceptError, ControlError
+from diffattn.pipelines import IRConfig, IRDiffusionPipeline
+from diffattn.pipelines.ir import BASELINES, assign_contested, strongest_component
+
+SCENE = "a circle left of a square"
+SUBJECTS = ["a striped red circle", "a dotted blue square"]
+
+
+@pytest.fixture(scope="module", params=["tiny-sd", "tiny-sd3"])
+def model(request):
+    pipe = testbed.load(request.param)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_references_regenerate_bit_exactly_and_every_baseline_runs(model):
+    ir = IRDiffusionPipeline(model)
+    seen = []
+    r = ir.rehearse(SCENE, SUBJECTS, seed=3, num_inference_steps=4, callback=lambda info: seen.append(info["stage"]))
+    assert seen == ["rehearsal"] * 4
+    assert r.images.shape[0] == 3 and r.scene_masks.shape[0] == 2 and r.scene_masks.any((1, 2)).all()
+    for name in BASELINES:
+        out = ir.final(r, config=IRConfig.baseline(name), output_type="pt")
+        if name != "storydiffusion":  # StoryDiffusion shares tokens among all rows: references change
+            assert torch.equal(out.references, r.images[:2]), name
+        assert not torch.equal(out.images, r.images[2:]), name
+        assert torch.equal(out.vanilla, r.images[2:])
+
+
+def test_user_masks_and_mask_images(model):
+    ir = IRDiffusionPipeline(model)
+    scene = torch.zeros(2, 64, 64)
+    scene[0, 16:48, 4:30] = 1
+    scene[1, 16:48, 34:60] = 1
+    out = ir(SCENE, SUBJECTS, scene_masks=scene, reference_masks=scene, num_inference_steps=3, return_masks=True)
+    assert out.attempts == 1 and out.missing == []
+    assert out.scene_mask_images[0].size == out.images[0].size == (64, 64)
+    assert out.scene_masks.dtype == torch.bool and out.scene_masks.any((1, 2)).all()
+
+
+def test_a_missing_subject_redraws_the_scene_a_bounded_number_of_times(model):
+    calls = []
+
+    def segmenter(image, i, role):
+        calls.append(role)
+        if role == "scene" and i == 1:
+            return None  # the square is never found
+        m = torch.zeros(64, 64, dtype=torch.bool)
+        m[10:30, 10 + 30 * i:30 + 30 * i] = True
+        return m
+
+    ir = IRDiffusionPipeline(model, max_retries=2)
+    r = ir.rehearse(SCENE, SUBJECTS, segmenter=segmenter, num_inference_steps=2)
+    assert r.attempts == 3 and r.missing == [[1], [1], [1]]
+    assert calls.count("reference") == 6 and calls.count("scene") == 6
+
+
+def test_bad_input_is_a_typed_error(model):
+    ir = IRDiffusionPipeline(model)
+    with pytest.raises(ConceptError, match="no word of the subject"):
+        ir.rehearse("a circle above a circle", ["a red triangle"], num_inference_steps=1)
+    with pytest.raises(ConceptError, match="not in"):
+        ir.rehearse(SCENE, SUBJECTS, subject_words=["circle", "triangle"], num_inference_steps=1)
+    with pytest.raises(ConceptError, match="one word per subject"):
+        ir.rehearse(SCENE, SUBJECTS, subject_words=["circle"], num_inference_steps=1)
+    with pytest.raises(ControlError, match=r"\[S=2, H, W\]"):
+        ir.rehearse(SCENE, SUBJECTS, scene_masks=torch.ones(3, 8, 8), num_inference_steps=1)
+    with pytest.raises(ControlError, match="are empty"):
+        ir.rehearse(SCENE, SUBJECTS, scene_masks=torch.zeros(2, 8, 8), num_inference_steps=1)
+    with pytest.raises(ControlError, match="mutual"):
+        IRDiffusionPipeline(model, mutual=2.0)
+    with pytest.raises(ControlError, match="unknown IR-Diffusion option"):
+        IRDiffusionPipeline(model, isolate=True)
+    with pytest.raises(ControlError, match="unknown IR baseline"):
+        IRConfig.baseline("consistory")
+
+
+def test_flux_is_refused_with_the_reason(tiny_pipe):
+    with pytest.raises(ControlError, match="RoPE"):
+        IRDiffusionPipeline(tiny_pipe("flux"))
+
+
+def test_mask_cleanup_gives_each_contested_cell_to_the_strongest_map_and_keeps_one_object():
+    masks = torch.zeros(2, 4, 6, dtype=torch.bool)
+    masks[0, :, 0:4] = True
+    masks[1, :, 2:6] = True
+    maps = torch.zeros(2, 4, 6)
+    maps[0, :, :3] = 1.0
+    maps[1, :, 3:] = 1.0
+    got = assign_contested(masks, maps)
+    assert got[0, :, :3].all() and not got[0, :, 3:].any() and got[1, :, 3:].all() and not got[1, :, :3].any()
+    two = torch.zeros(1, 4, 6, dtype=torch.bool)
+    two[0, 0, 0] = two[0, 1, 1] = True  # diagonal neighbours: two objects
+    two[0, 3, 3:6] = True
+    weight = torch.zeros(1, 4, 6)
+    weight[0, 3, 4] = 5.0
+    kept = strongest_component(two, weight)
+    assert kept[0, 3, 3:6].all() and int(kept.sum()) == 3
