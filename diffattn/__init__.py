@@ -48,6 +48,7 @@ _EXPORTS = {
     "register_objective": "diffattn.methods.objectives",
     "objective_names": "diffattn.methods.objectives",
     "PromptToPromptReplace": "diffattn.methods.p2p",
+    "RectifiedSparseAttention": "diffattn.methods.spaattn",
     "DiffattnError": "diffattn.errors",
     "SelectorError": "diffattn.errors",
     "UnsupportedModelError": "diffattn.errors",

@@ -20,8 +20,9 @@ q is [B, H, Nq, D]; k, v are [B, H, Nk, D]. The output is [B, H, Nq, D] in q's d
   object (what the processors pass): ``head_blend``, ``bias``, ``return_lse`` as above, plus
   ``uniform_keys`` (a :class:`SegmentUniform`: segment-uniform keys, see below) and ``sparse``
   (a :class:`BlockSparsePlan`: attend only to the selected key blocks of each query block;
-  exact on every backend, rows with no selected key give 0 and lse -inf). Pass either ``spec``
-  or the field arguments, not both. The return follows ``spec.return_lse``.
+  exact on every backend, rows with no selected key give 0 and lse -inf; optionally rectified,
+  ``out = R·O_sparse + comp`` per query block, Rectified SpaAttn, :mod:`diffattn.kernels.sparse`).
+  Pass either ``spec`` or the field arguments, not both. The return follows ``spec.return_lse``.
 
 ``attention_probs`` is the tap: ``exp(q·k_subsetᵀ·scale + bias_subset - lse)`` [B, H, Nq, Ns]
 (fp32) for a query segment and a key subset, given the *full-row* lse of the main call, so the
@@ -55,6 +56,14 @@ Dispatch (one point, flash-attention interface style):
   otherwise. A blend or bias alone goes to SDPA (flash / memory-efficient) plus the exact
   output-space blend (one ``torch.lerp``): on an H100 the vendor kernels are the faster
   choice there (benchmarks/RESULTS.md, "GPU figures").
+- a block-sparse call (``spec.sparse``) that asks nothing the sparse kernels cannot do (no
+  bias, head blend or uniform keys, no gradient): on CUDA the Triton LUT kernel
+  (:mod:`diffattn.kernels.triton_sparse`: loops over the selected blocks only, rectification in
+  its epilogue) when it supports the inputs, and on CPU the gathered-blocks path
+  (:func:`diffattn.kernels.sparse.gathered_attention`, faster than dense SDPA once most blocks
+  are dropped); ``backend="triton"`` takes the LUT kernel (the interpreter on CPU) where it
+  supports the plan. Everything else, and ``backend="torch"``, runs the plan as a masked dense
+  call (the reference: the exactness oracle of the sparse kernels).
 - ``with use_backend("triton"):`` makes calls that leave ``backend="auto"`` (every processor's
   call) take that backend instead, e.g. to run a whole pipeline on the Triton kernels on CPU
   under the interpreter, or on the reference on CUDA.
@@ -76,11 +85,11 @@ import torch
 # name); it must then import cleanly (and, having no __version__, is judged not to be it).
 from diffattn.kernels.errors import KernelError
 from diffattn.kernels.reference import attention_probs_reference, attention_reference
-from diffattn.kernels.spec import BlockSparsePlan, KernelSpec, SegmentUniform
+from diffattn.kernels.spec import BlockSparsePlan, KernelSpec, SegmentUniform, lut_from_mask
 
 __all__ = ["attention", "attention_probs", "KernelError", "BACKENDS", "triton_available", "use_backend",
            "KernelSpec", "SegmentUniform", "BlockSparsePlan", "merge_lse", "blend_heads", "uniform_keys_attention",
-           "segment_uniform_attention"]
+           "segment_uniform_attention", "lut_from_mask"]
 
 BACKENDS = ("auto", "torch", "triton")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -173,20 +182,43 @@ def attention(q, k, v, *, scale=None, head_blend=None, bias=None, return_lse=Fal
         if not isinstance(sparse, BlockSparsePlan):
             raise KernelError(f"spec.sparse must be a diffattn.kernels.BlockSparsePlan; got {type(sparse).__name__}")
         sparse.check(q, k)
+        if sparse.rectified and uniform is not None:
+            raise KernelError("a rectified BlockSparsePlan (rescale / comp) cannot be combined with uniform_keys: "
+                              "drop one of them (plan.rescale = plan.comp = None gives the plain block-sparse plan)")
+        route = _route(backend, q, k, v, bias, need_lse=True, sparse=sparse, head_blend=head_blend, uniform=uniform)
+        if route == "sparse_triton":
+            from diffattn.kernels.triton_sparse import sparse_attention_triton
+
+            out, lse = sparse_attention_triton(q, k, v, sparse, scale=scale)
+            return (out, lse) if need_lse else out
+        if route == "sparse_cpu":
+            from diffattn.kernels.sparse import gathered_attention
+
+            lut, counts = sparse.compact_lut(k.shape[2])
+            out, lse = gathered_attention(q, k, v, lut, counts, sparse.block_q, sparse.block_k, scale=scale,
+                                          rescale=sparse.rescale, comp=sparse.comp)
+            return (out, lse) if need_lse else out
         bias = sparse.masked_bias(bias, q.shape[2], k.shape[2])
     if uniform is not None:
         out, lse = segment_uniform_attention(q, k, v, uniform, scale=scale, head_blend=head_blend, bias=bias,
                                              need_lse=need_lse, backend=backend)
         return (out, lse) if need_lse else out
-    if sparse is not None and not need_lse:
+    if sparse is not None:
         # the LSE route defines rows left without keys (out = 0) on every backend; SDPA may give NaN there
-        return _dense(q, k, v, scale, head_blend, bias, True, backend)[0]
+        if not sparse.rectified:
+            out, lse = _dense(q, k, v, scale, head_blend, bias, True, backend)
+        else:  # R·O + comp on the attention itself, then the head blend mixes in V
+            out, lse = _dense(q, k, v, scale, None, bias, True, backend)
+            out = sparse.rectify(out)
+            if head_blend is not None:
+                out = blend_heads(out, v, head_blend)
+        return (out, lse) if need_lse else out
     return _dense(q, k, v, scale, head_blend, bias, need_lse, backend)
 
 
 def _dense(q, k, v, scale, head_blend, bias, return_lse, backend):
-    """One kernel call of validated inputs, on the backend :func:`_use_triton` picks."""
-    if _use_triton(backend, q, k, v, bias, need_lse=return_lse):
+    """One kernel call of validated inputs, on the backend :func:`_route` picks."""
+    if _route(backend, q, k, v, bias, need_lse=return_lse) == "triton":
         from diffattn.kernels.triton_attention import attention_triton
 
         return attention_triton(q, k, v, scale=scale, head_blend=head_blend, bias=bias, return_lse=return_lse)
@@ -215,7 +247,7 @@ def attention_probs(q, k_subset, lse, *, scale=None, bias_subset=None, backend="
     if not (q.device == k_subset.device == lse.device):
         raise KernelError(f"q, k_subset, lse must be on one device; got {q.device}, {k_subset.device}, {lse.device}")
     _check_bias(bias_subset, (q.shape[0], q.shape[1], q.shape[2], k_subset.shape[2]), q, name="bias_subset")
-    if _use_triton(backend, q, k_subset, k_subset, None):
+    if _route(backend, q, k_subset, k_subset, None) == "triton":
         from diffattn.kernels.taps import attention_probs_triton
 
         return attention_probs_triton(q, k_subset, lse, scale=scale, bias_subset=bias_subset)
@@ -255,23 +287,40 @@ def use_backend(backend: str):
         _AUTO_BACKEND = previous
 
 
-def _use_triton(backend, q, k, v, bias, need_lse: bool = True) -> bool:
-    """The one dispatch decision: Triton for "triton", and for "auto" on supported CUDA inputs
-    of a call that needs the LSE (taps always do); "auto" reads :func:`use_backend` first."""
+def _route(backend, q, k, v, bias, need_lse: bool = True, *, sparse=None, head_blend=None, uniform=None) -> str:
+    """The one dispatch decision: which kernel runs a call ("auto" reads :func:`use_backend` first).
+
+    - ``"sparse_triton"`` / ``"sparse_cpu"``: a block-sparse plan (``sparse``) with nothing the
+      sparse kernels cannot do (no bias, head blend, uniform keys or gradient): the Triton LUT
+      kernel for "triton", and for "auto" on CUDA inputs it supports; the gathered-blocks path
+      for "auto" on CPU;
+    - ``"triton"``: the dense Triton kernel for "triton", and for "auto" on supported CUDA
+      inputs of a call that needs the LSE (taps always do);
+    - ``"reference"``: everything else (a plan then runs masked: the oracle).
+    """
     if backend == "auto":
         backend = _AUTO_BACKEND
     if backend == "torch":
-        return False
+        return "reference"
+    if backend == "triton" and not triton_available():
+        raise KernelError("backend='triton' needs the triton package (pip install triton, Linux); "
+                          "use backend='torch'")
+    if sparse is not None and head_blend is None and bias is None and uniform is None and not (
+            torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+        if (backend == "triton" or q.is_cuda) and triton_available():
+            from diffattn.kernels.triton_sparse import unsupported as sparse_unsupported
+
+            if sparse_unsupported(q, k, v, sparse) is None:
+                return "sparse_triton"
+        elif backend == "auto" and q.device.type == "cpu":
+            return "sparse_cpu"
     if backend == "triton":
-        if not triton_available():
-            raise KernelError("backend='triton' needs the triton package (pip install triton, Linux); "
-                              "use backend='torch'")
-        return True
+        return "triton"
     if not q.is_cuda or not need_lse or not triton_available():
-        return False
+        return "reference"
     from diffattn.kernels.triton_attention import unsupported
 
-    return unsupported(q, k, v, bias) is None
+    return "triton" if unsupported(q, k, v, bias) is None else "reference"
 
 
 # last: the composites call attention() (defined above)

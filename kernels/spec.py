@@ -23,7 +23,7 @@ import torch
 
 from diffattn.kernels.errors import KernelError
 
-__all__ = ["BlockSparsePlan", "KernelSpec", "SegmentUniform"]
+__all__ = ["BlockSparsePlan", "KernelSpec", "SegmentUniform", "lut_from_mask"]
 
 
 def _shape(x) -> tuple:
@@ -66,6 +66,26 @@ class SegmentUniform:
                 raise KernelError(f"uniform_keys.{name} is on {x.device} but q is on {q.device}; move it to q's device")
 
 
+def lut_from_mask(mask: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block selection as a compact LUT: the selected key blocks of each query block in
+    ascending order, padded with -1 at the end, and their count.
+
+    mask: bool ``[..., n_qblocks, n_kblocks]`` -> ``(lut int32 [..., n_qblocks, W], counts int32
+    [..., n_qblocks])``. What the block-sparse kernels loop over (``for i < counts``). W is
+    ``width``, else the largest count on CPU (one host read, free there) and ``n_kblocks``
+    elsewhere (no host sync: the kernels stop at ``counts`` anyway).
+    """
+    nkb = mask.shape[-1]
+    counts = mask.sum(-1, dtype=torch.int32)
+    cols = torch.arange(nkb, dtype=torch.int32, device=mask.device)
+    keyed = torch.where(mask, cols, torch.full_like(cols, nkb))  # unselected columns sort last
+    if width is None:
+        width = int(counts.max()) if (mask.device.type == "cpu" and counts.numel()) else nkb
+    width = max(min(width, nkb), 1)
+    lut = keyed.topk(width, dim=-1, largest=False, sorted=True).values if width < nkb else keyed.sort(-1).values
+    return torch.where(lut >= nkb, torch.full_like(lut, -1), lut), counts
+
+
 @dataclass(eq=False)
 class BlockSparsePlan:
     """Which key blocks each query block attends to (block-sparse attention, e.g. Rectified SpaAttn).
@@ -83,14 +103,32 @@ class BlockSparsePlan:
     dense attention with the boolean token mask :meth:`token_mask` ANDed into the call's bias
     (a float bias gets -inf outside). Every block selected gives dense attention. A query row
     with no selected key (or none left by the bias) gets out = 0 and lse = -inf; a head blend
-    still mixes in V on top of that. The reference executes the plan masked; a dedicated
-    block-sparse kernel may skip the unselected tiles with the same result.
+    still mixes in V on top of that. The reference executes the plan masked; the block-sparse
+    kernels (:mod:`diffattn.kernels.sparse` on CPU, :mod:`diffattn.kernels.triton_sparse` on
+    CUDA) visit only the selected blocks with the same result.
+
+    Optional rectification (Rectified SpaAttn, Liu et al. 2025, ``O = R ⊙ O_sparse + comp``),
+    per query block b and applied to every row of the block:
+
+    - ``rescale``: floating ``[B|1, H|1, n_qblocks]``, R_b (IPAR's estimate of the selected mass);
+    - ``comp``: floating ``[B|1, H|1, n_qblocks, D]``, the pooled-V compensation of GAPR.
+
+    ``out = rescale_b · softmax_selected(q kᵀ) v + comp_b`` before any head blend (which then
+    mixes in V as usual); the row LSE stays that of the selected keys (what taps see). Not
+    combinable with ``uniform_keys``.
+
+    ``compact=True`` promises that ``lut`` rows hold no repeats and -1 only as trailing padding
+    (what :func:`diffattn.kernels.sparse.lut_from_mask` builds), so the kernels use it as is
+    instead of normalising it first.
     """
 
     block_q: int
     block_k: int
     mask: torch.Tensor | None = None
     lut: torch.Tensor | None = None
+    rescale: torch.Tensor | None = None
+    comp: torch.Tensor | None = None
+    compact: bool = False
 
     def __post_init__(self):
         for name in ("block_q", "block_k"):
@@ -115,6 +153,20 @@ class BlockSparsePlan:
                                   f"of key-block indices padded with -1; got {getattr(t, 'dtype', type(t).__name__)} "
                                   f"(a boolean block selection goes in mask=...)")
 
+        for name in ("rescale", "comp"):
+            t = getattr(self, name)
+            if t is not None and (not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point
+                                  or t.dim() != (3 if name == "rescale" else 4)):
+                want = "[B|1, H|1, n_qblocks]" if name == "rescale" else "[B|1, H|1, n_qblocks, D]"
+                raise KernelError(f"BlockSparsePlan.{name} must be a floating tensor {want} (one value per query "
+                                  f"block); got {getattr(t, 'dtype', type(t).__name__)} of "
+                                  f"{t.dim() if isinstance(t, torch.Tensor) else '?'} dims")
+
+    @property
+    def rectified(self) -> bool:
+        """Whether the plan carries a rectification (``rescale`` or ``comp``)."""
+        return self.rescale is not None or self.comp is not None
+
     @property
     def blocks(self) -> torch.Tensor:
         """The selection as given (``mask`` or ``lut``)."""
@@ -138,6 +190,17 @@ class BlockSparsePlan:
                               f"{want} (n_qblocks = ceil(Nq / block_q))")
         if x.device != q.device:
             raise KernelError(f"BlockSparsePlan.{what} is on {x.device} but q is on {q.device}; move it to q's device")
+        for name, t in (("rescale", self.rescale), ("comp", self.comp)):
+            if t is None:
+                continue
+            if (t.shape[0] not in (1, b) or t.shape[1] not in (1, h) or t.shape[2] != nqb
+                    or (name == "comp" and t.shape[3] != q.shape[-1])):
+                want = f"[{b}|1, {h}|1, {nqb}" + ("]" if name == "rescale" else f", {q.shape[-1]}]")
+                raise KernelError(f"BlockSparsePlan.{name} of shape {_shape(t)} does not fit this call: it must be "
+                                  f"{want} (one value per query block, n_qblocks = ceil(Nq / block_q))")
+            if t.device != q.device:
+                raise KernelError(f"BlockSparsePlan.{name} is on {t.device} but q is on {q.device}; move it to "
+                                  f"q's device")
         if what == "lut" and x.numel() and not torch.compiler.is_compiling():  # a host sync: skipped under compile
             lo, hi = int(x.min()), int(x.max())
             if lo < -1 or hi >= nkb:
@@ -154,6 +217,29 @@ class BlockSparsePlan:
         m = torch.zeros(lut.shape[:3] + (nkb + 1,), dtype=torch.bool, device=lut.device)
         m.scatter_(-1, idx, True)
         return m[..., :nkb]
+
+    def compact_lut(self, nk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The selection as a compact LUT (:func:`lut_from_mask`): ``(lut int32 [B|1, H|1,
+        n_qblocks, W], counts int32 [B|1, H|1, n_qblocks])``. A ``compact`` LUT is used as given."""
+        if self.lut is not None and self.compact:
+            lut = self.lut.to(torch.int32)
+            return lut, (lut >= 0).sum(-1, dtype=torch.int32)
+        return lut_from_mask(self.block_mask(nk))
+
+    def rectify(self, out: torch.Tensor) -> torch.Tensor:
+        """``rescale_b · out + comp_b`` on the rows of each query block b (the plan's
+        rectification; ``out`` unchanged without one). out: [B, H, Nq, D] -> [B, H, Nq, D]."""
+        if not self.rectified:
+            return out
+        nq = out.shape[-2]
+        acc = torch.promote_types(out.dtype, torch.float32)
+        res = out.to(acc)
+        if self.rescale is not None:
+            r = self.rescale.to(acc).repeat_interleave(self.block_q, dim=-1)[..., :nq]  # [B|1, H|1, Nq]
+            res = res * r.unsqueeze(-1)
+        if self.comp is not None:
+            res = res + self.comp.to(acc).repeat_interleave(self.block_q, dim=-2)[..., :nq, :]  # [B|1, H|1, Nq, D]
+        return res.to(out.dtype)
 
     def token_mask(self, nq: int, nk: int) -> torch.Tensor:
         """The boolean token mask bool [B|1, H|1, Nq, Nk] (True = may attend) the plan stands for."""
