@@ -185,3 +185,23 @@ def test_eval_grid_has_the_prompts_under_the_images(tmp_path, capsys):
     assert img.width == 2 * 128 and img.height > 128  # two 2x images, captions underneath
     below = img.crop((0, 128, 128, img.height)).convert("L")
     assert below.getextrema()[0] < 128  # dark text pixels under the image
+
+
+def test_generate_ir_writes_references_vanilla_and_ir_scene_with_masks(tmp_path, capsys):
+    import pytest
+
+    out = tmp_path / "ir.png"
+    main(["generate", "a circle left of a square", "--method", "ir", "--subject", "a striped red circle",
+          "--subject", "a dotted blue square", "--steps", "2", "--out", str(out), "--no-progress"])
+    img = Image.open(out)
+    assert img.width == 4 * 64 * 4 and img.height > 64 * 4 + 14  # four panels, and the mask row under them
+    assert "reference 1 | reference 2 | vanilla scene | IR scene" in capsys.readouterr().out
+    for argv, words in [([], ["needs the subjects", "--subject"]),
+                        (["--subject", "a red triangle"], ["triangle", "subject_words"])]:
+        with pytest.raises(SystemExit) as e:
+            main(["generate", "a circle left of a square", "--method", "ir", "--out", str(tmp_path / "x.png"), *argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and all(w in err for w in words), err
+    with pytest.raises(SystemExit):
+        main(["generate", "a circle", "--method", "softpag", "--subject", "a red circle", "--out", str(tmp_path / "y.png")])
+    assert "--method ir" in capsys.readouterr().err

@@ -10,6 +10,7 @@ temperature) fill in what is not given.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 from .common import (
     COLORBAR_WIDTH,
@@ -79,7 +80,9 @@ def add_method_arguments(p: argparse.ArgumentParser) -> dict[str, list[tuple[str
             dest = _DEST + param.cli_flag.lstrip("-").replace("-", "_")
             if dest not in owners:
                 group = group or p.add_argument_group(f"--method {m.name} ({m.label})", m.summary)
-                group.add_argument(param.cli_flag, dest=dest, type=_flag_type(param, m.name), default=argparse.SUPPRESS,
+                one = _flag_type(replace(param, repeated=False), m.name)
+                group.add_argument(param.cli_flag, dest=dest, type=one, default=argparse.SUPPRESS,
+                                   action="append" if param.repeated else "store",
                                    metavar=None if param.choices else param.name.upper(),
                                    choices=list(param.choices) if param.choices else None,
                                    help=param.help + _HELP_EXTRA.get((m.name, param.name), "")
@@ -220,8 +223,11 @@ def run(args):
     if built is not None:
         pipe.set_progress_bar_config(disable=args.no_progress, leave=False, desc=built.label)
         out = built(args.prompt, generator=torch.Generator(args.device).manual_seed(args.seed), **kw)
-        images += out.images
-        labels.append(built.label)
+        if out.info.get("own_baseline"):  # e.g. IR-Diffusion: references | its vanilla scene (same noise) | result
+            images, labels = list(out.images), list(out.info["labels"])
+        else:
+            images += out.images
+            labels.append(built.label)
         if out.maps:  # e.g. A-STAR's concept maps, under the method's image
             size = out.images[0].width * (4 if out.images[0].width <= 128 else 1)
             fit = (size * len(images) - COLORBAR_WIDTH) // len(out.maps[0])  # maps + colour bar within the panels
