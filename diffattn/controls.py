@@ -268,15 +268,20 @@ class AttentionCall:
     spec:     the mutable :class:`AttentionSpec`; taps: the requested :class:`Tap` s;
     lse:      ``[B, H, Nq]`` row log-sum-exp after the kernel, when requested;
     part:     ``"main"``, or ``"image"`` for the second softmax of Wan I2V cross attention;
-    context:  the engine's per-forward context (``None`` outside an engine forward).
+    context:  the engine's per-forward context (``None`` outside an engine forward);
+    rope:     the family's rotary embedding of this call's tokens when its attention applies one
+              (FLUX: :class:`diffattn.families.flux.FluxRope`), with ``relocate(x, seg, source)``
+              moving rotated tokens to new positions; ``None`` for families without RoPE.
     """
 
     __slots__ = ("site", "_layout", "_layout_fn", "q", "k", "v", "step", "branches", "scale", "spec", "taps",
-                 "lse", "part", "context", "scratch", "_rows_cache")
+                 "lse", "part", "context", "scratch", "_rows_cache", "rope")
 
     def __init__(self, site, layout, q, k, v, step: StepState | None = None, branches: dict | None = None, *,
-                 scale: float | None = None, spec: AttentionSpec | None = None, part: str = "main", context=None):
+                 scale: float | None = None, spec: AttentionSpec | None = None, part: str = "main", context=None,
+                 rope=None):
         self.site = site
+        self.rope = rope
         if isinstance(layout, TokenLayout) or layout is None:
             self._layout, self._layout_fn = layout, None
         else:

@@ -33,9 +33,9 @@ recorder runs in both, so the references regenerate bit-exactly (tested) and the
 valid. The vanilla scene of the last rehearsal is returned too: it is the baseline of the
 same noise.
 
-Families: UNet (SD1.x / SD2 / SDXL) and SD3. FLUX applies RoPE inside attention, so moved
-reference keys would carry their old rotations: refused with a typed error (isolation alone,
-``da.IsolationAttention``, works there).
+Families: UNet (SD1.x / SD2 / SDXL), SD3 and FLUX.1 (guidance-distilled: one branch; its RoPE
+is applied inside attention, so the moved reference keys are re-rotated to their new places,
+``FluxRope.relocate``).
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ from diffattn.methods.ir import (ISOLATED_KINDS, IsolationAttention, MutualCross
                                  ConsistentSelfAttention, postprocess_masks, resize_mask)
 from diffattn.pipelines import configure
 
-IR_FAMILIES = ("sd", "sdxl", "sd3")  # adapters whose attention carries no RoPE (reposition is exact)
+IR_FAMILIES = ("sd", "sdxl", "sd3", "flux")  # adapters whose reposition is exact (FLUX: keys re-rotated)
 
 
 @dataclass
@@ -191,9 +191,9 @@ class IRDiffusionPipeline:
     def __init__(self, pipe, config: IRConfig | None = None, **overrides):
         self.adapter = adapter_for(pipe, method="IRDiffusionPipeline")
         if self.adapter.name not in IR_FAMILIES:
-            raise ControlError(f"IRDiffusionPipeline on {type(pipe).__name__}: its attention applies RoPE, so "
-                               f"repositioned reference keys would keep their old rotations; supported: "
-                               f"{', '.join(IR_FAMILIES)} pipelines (da.IsolationAttention works on FLUX alone)")
+            raise ControlError(f"IRDiffusionPipeline on {type(pipe).__name__} ({self.adapter.name}): supported are "
+                               f"{', '.join(IR_FAMILIES)} pipelines (an in-context editor such as FLUX Kontext "
+                               f"conditions on its own context image instead)")
         self.pipe = pipe
         self.config = configure(config, IRConfig, overrides, ControlError, "IR-Diffusion")
 
@@ -337,8 +337,8 @@ class IRDiffusionPipeline:
         noise_ref = self._noise(height, width, reference_seed if reference_seed is not None else seed, stream=0)
         missing_log, attempt = [], 0
         while True:
-            latents = torch.cat([noise_ref.expand(s, -1, -1, -1),
-                                 self._noise(height, width, seed, stream=1 + attempt)])  # [S + 1, C, h, w]
+            latents = torch.cat([noise_ref.expand(s, *noise_ref.shape[1:]),
+                                 self._noise(height, width, seed, stream=1 + attempt)])  # [S + 1, ...]
             images, attn = self._call(call, latents, [], run, "rehearsal")
             attempt += 1
             ref_masks = masks_in.get("reference_masks")
@@ -415,15 +415,12 @@ class IRDiffusionPipeline:
         return [negative_prompt] * (s + 1) if isinstance(negative_prompt, str) else list(negative_prompt)
 
     def _noise(self, height: int, width: int, seed: int, stream: int) -> torch.Tensor:
-        """Unit Gaussian latents [1, C, h, w] of a seed and stream (references 0, scene attempt
-        k: 1 + k); the stock pipeline scales them."""
-        from diffusers.utils.torch_utils import randn_tensor
-
-        c = self.adapter.denoiser.config.in_channels
-        f = self.adapter.vae_factor
-        return randn_tensor((1, c, height // f, width // f), generator=torch.Generator().manual_seed(int(seed) * 1_000_003 + stream),
-                            device=torch.device("cpu"), dtype=torch.float32).to(self.adapter.device,
-                                                                                self.adapter.denoiser.dtype)
+        """Initial latents of one image in the sampling layout (FLUX: packed) from a seed and a
+        stream (references 0, scene attempt k: 1 + k), unscaled: the stock pipeline scales them
+        by its scheduler's ``init_noise_sigma`` itself."""
+        gen = torch.Generator(self.adapter.device).manual_seed(int(seed) * 1_000_003 + stream)
+        noise = self.adapter.prepare_latents(RunState(), 1, height, width, self.adapter.denoiser.dtype, gen)
+        return noise / getattr(self.pipe.scheduler, "init_noise_sigma", 1.0)  # flow schedulers have none: 1
 
     def _controls(self, cfg: IRConfig, ref_masks, scene_masks, s, all_sites) -> list:
         if cfg.share == "storydiffusion":

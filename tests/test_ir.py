@@ -220,9 +220,12 @@ def test_reposition_attention_checks_its_batch_and_family():
     with da.attach(pipe, da.RepositionAttention(m, m)):  # [ref, scene] x CFG
         out = output_of(pipe(**tiny_call_kwargs("sd", steps=2, size=32, num_images_per_prompt=2)))
     assert torch.isfinite(out).all()
-    flux = tiny_pipeline("flux")
-    with da.attach(flux, da.RepositionAttention(m, m)), pytest.raises(ControlError, match="RoPE"):
-        flux(**tiny_call_kwargs("flux", steps=1, num_images_per_prompt=2))
+    flux = tiny_pipeline("flux")  # RoPE inside attention: the moved keys are re-rotated
+    with da.attach(flux, da.RepositionAttention(m, m)):
+        assert torch.isfinite(output_of(flux(**tiny_call_kwargs("flux", steps=1, num_images_per_prompt=2)))).all()
+    wan = tiny_pipeline("wan")  # RoPE inside attention and no relocation: refused
+    with da.attach(wan, da.RepositionAttention(m, m)), pytest.raises(ControlError, match="RoPE"):
+        wan(**tiny_call_kwargs("wan", steps=1, num_videos_per_prompt=2))
     with pytest.raises(ControlError, match="one reference region"):
         da.RepositionAttention(m, torch.zeros(2, 8, 8))
 

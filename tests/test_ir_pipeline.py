@@ -83,9 +83,42 @@ def test_bad_input_is_a_typed_error(model):
         IRConfig.baseline("consistory")
 
 
-def test_flux_is_refused_with_the_reason(tiny_pipe):
-    with pytest.raises(ControlError, match="RoPE"):
-        IRDiffusionPipeline(tiny_pipe("flux"))
+def test_flux_runs_with_re_rotated_keys_and_references_stay_exact(tiny_pipe):
+    """FLUX applies RoPE inside attention: the moved reference keys are re-rotated
+    (FluxRope.relocate); the references still regenerate bit-exactly (one branch: distilled)."""
+    from diffattn.errors import DiffattnError
+
+    pipe = tiny_pipe("flux")
+    ir = IRDiffusionPipeline(pipe)
+    masks = torch.zeros(2, 32, 32)
+    masks[0, 4:20, 2:14] = 1
+    masks[1, 12:28, 18:30] = 1
+    r = ir.rehearse("a red circle and a blue square", ["a red circle", "a blue square"], reference_masks=masks,
+                    scene_masks=masks.flip(-1), num_inference_steps=2, height=32, width=32, progress=False)
+    out = ir.final(r, output_type="pt")
+    assert torch.equal(out.references, r.images[:2]) and not torch.equal(out.images, r.images[2:])
+    with pytest.raises(DiffattnError):
+        IRDiffusionPipeline(tiny_pipe("flux_kontext"))
+
+
+def test_flux_rope_relocation_equals_rotating_the_unrotated_key_at_its_new_place():
+    from diffusers.models.embeddings import FluxPosEmbed, apply_rotary_emb
+
+    from diffattn.families.flux import FluxRope
+
+    h = w = 4
+    ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(h).float(), torch.arange(w).float(), indexing="ij"), -1)
+    ids = torch.cat([torch.zeros(3, 3), ids.reshape(-1, 3).float()]).double()  # 3 text tokens, then the image
+    cos, sin = FluxPosEmbed(theta=10000, axes_dim=[2, 4, 2])(ids)
+    rope = FluxRope(cos.double(), sin.double())
+    k0 = torch.randn(2, h * w, 8, dtype=torch.float64)  # [H, L, D] before RoPE
+    seg = slice(3, 3 + h * w)
+    rotated = apply_rotary_emb(k0[None], (cos[seg].double(), sin[seg].double()), sequence_dim=2)[0]
+    source = torch.randint(0, h * w, (h * w,))
+    got = rope.relocate(rotated[:, source], seg, source)
+    want = apply_rotary_emb(k0[:, source][None], (cos[seg].double(), sin[seg].double()), sequence_dim=2)[0]
+    assert torch.allclose(got, want, atol=1e-12)
+    assert torch.allclose(rope.relocate(rotated, seg, torch.arange(h * w)), rotated, atol=1e-12)
 
 
 def test_mask_cleanup_gives_each_contested_cell_to_the_strongest_map_and_keeps_one_object():

@@ -43,6 +43,29 @@ def flux_layout(n_text: int, n_total: int, *, n_context: int = 0, image_grid=Non
     return TokenLayout(segs, segs)
 
 
+@dataclass(frozen=True)
+class FluxRope:
+    """FLUX's rotary embedding of one attention call: ``cos``, ``sin`` ``[N, D]`` per token of
+    the joint sequence (each rotation pair's angle repeated on both of its channels), as
+    ``FluxPosEmbed`` makes them and ``apply_rotary_emb(..., use_real=True)`` applies them."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    def relocate(self, x: torch.Tensor, seg: slice, source: torch.Tensor) -> torch.Tensor:
+        """Tokens ``x`` [H, L, D] of segment ``seg`` whose token p was rotated at position
+        ``source[p]`` (its origin), rotated to position p instead.
+
+        RoPE rotations compose by angle, R(θ_p) R(θ_s)⁻¹ = R(θ_p − θ_s), so the already rotated
+        key is turned by the angle difference (cos and sin of it from the product formulas);
+        at ``source[p] == p`` it is exact identity up to rounding."""
+        cos, sin = self.cos[seg].to(x.device), self.sin[seg].to(x.device)  # [L, D]
+        src = source.to(x.device)
+        cos_d = cos * cos[src] + sin * sin[src]  # cos(θ_p − θ_s)
+        sin_d = sin * cos[src] - cos * sin[src]  # sin(θ_p − θ_s)
+        return apply_rotary_emb(x[None], (cos_d, sin_d), sequence_dim=2)[0]  # [1, H, L, D] -> [H, L, D]
+
+
 @dataclass
 class FluxInfo:
     """Per-forward record: text tokens at the start of the single-stream sequence; the target
@@ -142,7 +165,8 @@ class FluxProcessor(DiffattnProcessor):
                                    context_grid=info.context_grid)
 
             q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # [B, H, N, D]
-            out = self.attend(q, k, v, layout, bias=sdpa_mask(attention_mask, q.shape[0], k.shape[2]))
+            out = self.attend(q, k, v, layout, bias=sdpa_mask(attention_mask, q.shape[0], k.shape[2]),
+                              rope=FluxRope(*image_rotary_emb) if image_rotary_emb is not None else None)
             hidden_states = out.transpose(1, 2)  # [B, N, H, D]
         else:
             hidden_states = dispatch_attention_fn(query, key, value, attn_mask=attention_mask,

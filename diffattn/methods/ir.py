@@ -435,8 +435,10 @@ class RepositionAttention(Control):
 
     Why K and V may be moved after the projections: ``to_k`` / ``to_v`` and the q/k norms act
     per token, so moving projected tokens equals projecting moved hidden states on every key
-    the mask allows (the zero canvas' cells are never attended). Families with RoPE inside
-    attention (FLUX, Wan) would need the keys re-rotated to their new positions: refused.
+    the mask allows (the zero canvas' cells are never attended). Where the family applies RoPE
+    inside attention (FLUX), the moved keys carry their origin's rotation: they are turned to
+    their new positions through ``call.rope.relocate`` (R(θ_p)R(θ_s)⁻¹ = R(θ_p − θ_s)); values
+    carry no rotation. Wan's processor gives no relocation: refused.
 
     ref_masks, scene_masks: [S, H, W] regions (any resolution, resized per call);
     dropout: p of the per-step mask dropout; seed: its draws (step i from ``seed`` and i);
@@ -476,9 +478,11 @@ class RepositionAttention(Control):
 
     def edit_qkv(self, call) -> None:
         family = getattr(call.context, "family", "")
-        if family and family not in REPOSITION_FAMILIES:
-            raise ControlError(f"RepositionAttention on {family}: RoPE is applied inside its attention, so moved keys "
-                               f"would keep their old rotations; supported: {', '.join(REPOSITION_FAMILIES)}")
+        rope = call.rope if self.move else None  # keys left in place keep their own positions' rotation
+        if family and family not in REPOSITION_FAMILIES and call.rope is None:
+            raise ControlError(f"RepositionAttention on {family}: RoPE is applied inside its attention and its "
+                               f"processor gives no way to re-rotate moved keys; supported: "
+                               f"{', '.join(REPOSITION_FAMILIES)} and FLUX")
         grid = _image_grid(call)
         if grid is None:
             return
@@ -490,6 +494,9 @@ class RepositionAttention(Control):
         step = call.step.index if call.step is not None else 0
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)  # the same draw at every layer of a step
         dropped = [mask_dropout(m, self.dropout, gen).reshape(-1) for m in scene]  # [L] each
+        origin = torch.arange(n, dtype=torch.float64, device=call.q.device)[:, None]  # [L, 1] token indices
+        sources = [reposition(origin, grid, ref[i], scene[i])[0][:, 0].round().long() if rope is not None else None
+                   for i in range(self.subjects)]  # per subject, the origin of each canvas cell
         plan = _plan(call)
         groups = self.groups(call)
         plan.merge(scene.reshape(self.subjects, -1), [t for _, t in groups])
@@ -505,6 +512,8 @@ class RepositionAttention(Control):
                         canvas, m = flat * ref[i].reshape(-1, 1).to(flat.dtype), ref[i]
                     return canvas.reshape(n, heads, -1).permute(1, 0, 2), m.reshape(-1)  # [H, L, D], [L]
                 kk, key_mask = moved(call.k[refs[i]])
+                if rope is not None:  # rotated at the reference's positions: turn them to the scene box's
+                    kk = rope.relocate(kk, seg.slice, sources[i])
                 vv, _ = moved(call.v[refs[i]])
                 blocks.append((kk, vv, key_mask, dropped[i]))
                 if text is not None:

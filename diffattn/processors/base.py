@@ -34,7 +34,7 @@ class DiffattnProcessor:
         self.controls = tuple(controls)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout_fn, *, bias=None,
-               part: str = "main", parallel_config=None) -> torch.Tensor:
+               part: str = "main", parallel_config=None, rope=None) -> torch.Tensor:
         """Attention of ``[B, H, N, D]`` tensors through this site's active controls -> ``[B, H, Nq, D]``.
 
         ``layout_fn()`` builds the TokenLayout lazily: calls where no control looks at the
@@ -43,7 +43,7 @@ class DiffattnProcessor:
         """
         ctx = self.engine.context if self.engine is not None else None
         call = AttentionCall(self.site, layout_fn, q, k, v, ctx.step if ctx is not None else StepState(),
-                             ctx.branches if ctx is not None else None, part=part, context=ctx)
+                             ctx.branches if ctx is not None else None, part=part, context=ctx, rope=rope)
         call.spec.bias = bias
         active = [c for c in self.controls if c.is_active(call)]
         if not active:
