@@ -37,5 +37,7 @@ for dtype in float16 bfloat16; do
     done
 done
 
-timeout 300 python3 "$REPO/benchmarks/kernels.py" --quick > "$OUT/kernels.log" 2>&1
+timeout 300 python3 "$REPO/benchmarks/kernel_speed.py" --quick > "$OUT/kernels.log" 2>&1
 echo "kernels rc=$?" >> "$OUT/summary.txt"
+timeout 300 python3 "$REPO/benchmarks/sparse.py" --device cuda > "$OUT/sparse.log" 2>&1
+echo "sparse rc=$?" >> "$OUT/summary.txt"

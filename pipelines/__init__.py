@@ -28,6 +28,10 @@ _EXPORTS = {
     "latent_stats": "diffattn.families.base",
     "vae_upcast": "diffattn.families.base",
     "ssim": "diffattn.pipelines.uam",
+    "DeContextProtector": "diffattn.pipelines.decontext",
+    "DeContextConfig": "diffattn.pipelines.decontext",
+    "ProtectionResult": "diffattn.pipelines.decontext",
+    "protect": "diffattn.pipelines.decontext",
 }
 
 

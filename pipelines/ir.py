@@ -115,6 +115,8 @@ BASELINES = {
     "storydiffusion": dict(share="storydiffusion", isolation=False, reposition=False, mutual=0.0),
     "+isolation": dict(isolation=True, reposition=True, move=False, mutual=0.0),
     "+reposition": dict(isolation=False, reposition=True, move=True, mutual=0.0),
+    "mutual": dict(isolation=False, reposition=False, mutual=0.9),
+    "ir-no-mutual": dict(mutual=0.0),
     "ir": dict(),
 }
 
@@ -431,10 +433,10 @@ class IRDiffusionPipeline:
         controls = []
         if cfg.isolation and s > 1:
             controls.append(IsolationAttention(scene_masks, references=s))
-        if cfg.reposition:
-            mmdit = self.adapter.joint_attention
+        mmdit = self.adapter.joint_attention
+        if cfg.reposition or (mmdit and cfg.mutual):  # on MMDiT the mutual cross-attention rides on it
             controls.append(RepositionAttention(ref_masks, scene_masks, dropout=cfg.dropout, move=cfg.move,
-                                                mutual=cfg.mutual if mmdit else 0.0,
+                                                mutual=cfg.mutual if mmdit else 0.0, extend=cfg.reposition,
                                                 sites=lambda site: site.name in back))
         if cfg.mutual and not self.adapter.joint_attention:
             controls.append(MutualCrossAttention(scene_masks, weight=cfg.mutual))

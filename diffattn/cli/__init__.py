@@ -15,7 +15,7 @@ from __future__ import annotations
 
 # One module per command, each with ``register(subparsers)`` adding its parser, its arguments
 # and ``func``. Building the parser imports no torch: the commands import it when they run.
-COMMANDS = ("sites", "generate", "headhunt", "eval", "invert", "edit", "app", "run")
+COMMANDS = ("sites", "generate", "headhunt", "eval", "invert", "edit", "app", "run", "protect", "try_edit", "train_vmix")
 
 
 def load_model(name: str | None, dtype: str = "float32", device: str = "cpu"):

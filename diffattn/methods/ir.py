@@ -446,12 +446,14 @@ class RepositionAttention(Control):
              "extended K/V only" ablation (ConsiStory-style subject-driven shared attention).
     mutual:  λ of the masked mutual cross-attention to each reference's prompt (0: off), at
              the joint sites of MMDiT families; on UNets use :class:`MutualCrossAttention`.
+    extend:  False adds no reference image keys, only the mutual cross-attention (the
+             "mutual only" ablation on MMDiT families).
     """
 
     order = 0
 
     def __init__(self, ref_masks, scene_masks, *, dropout: float = 0.5, seed: int = 0, move: bool = True,
-                 mutual: float = 0.0, sites=None, steps=None, order: int | None = None):
+                 mutual: float = 0.0, extend: bool = True, sites=None, steps=None, order: int | None = None):
         r, t = torch.as_tensor(ref_masks).float(), torch.as_tensor(scene_masks).float()
         if r.dim() != 3 or t.dim() != 3 or r.shape[0] != t.shape[0] or r.shape[0] < 1:
             raise ControlError(f"RepositionAttention masks of shapes {tuple(r.shape)} and {tuple(t.shape)}: give "
@@ -463,7 +465,7 @@ class RepositionAttention(Control):
         super().__init__(sites=sites if sites is not None else (lambda s: s.kind in ISOLATED_KINDS), steps=steps,
                          order=order)
         self.ref_masks, self.scene_masks, self.dropout, self.seed = r, t, float(dropout), int(seed)
-        self.move, self.mutual = bool(move), float(mutual)
+        self.move, self.mutual, self.extend = bool(move), float(mutual), bool(extend)
         self._grids: dict = {}
 
     @property
@@ -518,7 +520,8 @@ class RepositionAttention(Control):
                 blocks.append((kk, vv, key_mask, dropped[i]))
                 if text is not None:
                     mutual.append((call.k[refs[i], :, text], call.v[refs[i], :, text]))
-            plan.references[target] = blocks
+            if self.extend:
+                plan.references[target] = blocks
             if mutual:
                 plan.mutual[target] = mutual
                 plan.mutual_weight = self.mutual

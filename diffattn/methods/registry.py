@@ -481,3 +481,35 @@ register_method(Method(
     paper="Kynkäänniemi et al., Applying Guidance in a Limited Interval Improves Sample and Distribution Quality "
           "(NeurIPS 2024)",
 ))
+
+
+def _vmix(pipe, *, adapter=None, aesthetics=None, lam=1.0, uncond="positive", joint="split") -> MethodRun:
+    from .vmix import ValueMix, load_adapter
+
+    if not adapter:
+        raise MethodError("vmix needs a trained adapter: --adapter PATH.safetensors (diffattn train-vmix writes one)")
+    control = ValueMix(load_adapter(adapter, pipe), aesthetics=split_concepts(aesthetics) or None, scale=lam,
+                       uncond=uncond, joint=joint)
+    return _control_run(pipe, control, f"VMix λ={lam:g} {','.join(control.aesthetic_names)}")
+
+
+register_method(Method(
+    name="vmix", label="VMix",
+    summary="aesthetic adapter: value-mixed cross-attention, softmax(QK^T)(V + λ·V_a) with the base attention map",
+    kind="control",
+    params=(
+        Param("adapter", str, None, "the VMix adapter file (.safetensors) trained for this model"),
+        Param("aesthetics", str, None, "comma-separated aesthetic labels of the adapter (default: all of them)"),
+        Param("lam", float, 1.0, "λ, the aesthetic value scale (0: the base model; the paper sweeps 1 to 2)",
+              range=(0.0, None), flag="--lambda"),
+        Param("uncond", str, "positive", "what CFG's unconditional rows get: positive (the base model), both (the "
+                                         "same aesthetics) or null (every negative label)",
+              choices=("positive", "both", "null"), flag="--vmix-uncond"),
+        Param("joint", str, "split", "MMDiT joint attention: split (a second call, text rows bit-equal) or merge "
+                                     "(one call + the text keys' probabilities)", choices=("split", "merge"),
+              flag="--vmix-joint"),
+    ),
+    factory=_vmix,
+    paper="Wu et al., VMix: Improving Text-to-Image Diffusion Model with Cross-Attention Mixing Control "
+          "(arXiv 2412.20800)",
+))

@@ -1,8 +1,10 @@
 """Benchmark of diffattn's fused Triton attention against PyTorch SDPA (flash), and taps memory.
+(Named kernel_speed, not kernels: a benchmarks/kernels.py would shadow the PyPI ``kernels``
+package that transformers imports, for every script run as ``python benchmarks/<script>.py``.)
 
-    python benchmarks/kernels.py            # full table (CUDA required)
-    python benchmarks/kernels.py --quick    # L in {1024, 4096}, fp16 only
-    python benchmarks/kernels.py --backward # also forward+backward times
+    python benchmarks/kernel_speed.py            # full table (CUDA required)
+    python benchmarks/kernel_speed.py --quick    # L in {1024, 4096}, fp16 only
+    python benchmarks/kernel_speed.py --backward # also forward+backward times
 
 Forward rows, per sequence length L (batch·L = 16k tokens, hidden 2048 = H·D, as the
 flash-attention benchmarks), head dim D and dtype:

@@ -1,0 +1,720 @@
+"""DeContext: protect an image from in-context editing (FLUX.1 Kontext), with baselines.
+
+Shen, Cui & Yang, "DeContext as Defense: Safe Image Editing in Diffusion Transformers"
+(arXiv 2512.16625, §3; method note ``reference/vmix_repulsion_decontext.md`` §3).
+
+    from diffattn.pipelines import DeContextProtector, protect
+    result = protect("photo.png", kontext_pipe, steps=800)       # FluxKontextPipeline
+    result.save("protected.png")                                 # ‖δ‖∞ ≤ ε holds on this file
+    result.shares                                                # per-block r_ctx, clean vs protected
+
+**The attack** (paper Eqs. 7-10). The protected image is the editor's *context image*: pixels
+x -> VAE (posterior mode, then (z − shift)·scale) -> FLUX's 2×2 packing (context position ids,
+first coordinate 1) -> one transformer forward of ``FluxKontextPipeline``'s denoiser beside a
+noisy target. :class:`~diffattn.methods.decontext.ContextShareProbe` records, at the selected
+blocks, the context proportion r_ctx of the target queries (softmax over the whole joint key
+set, from two row log-sum-exps, no map); the loss L = 1 − r̄_ctx is ascended by L∞ PGD,
+
+    x ← clip_[0,1]( clip_[x0−ε, x0+ε]( x + α·sign(∇_x L) ) )                    (Eq. 10)
+
+Per step (expectation over transformations, as the official ``attack_decontext.py``): a random
+instruction of the pool, t ~ U[0.98, 1] and a fresh pure-Gaussian target latent; the guidance
+embedding 3.5 (for models that have one). Defaults are the paper's (``scripts/attack_kontext.sh``):
+α = 0.005 and ε = 0.1 in [−1, 1] units, i.e. α = 0.0025 and ε = 0.05 (12.75/255) in the
+[0, 1] units used here, 800 steps, no random start; blocks: the single-stream blocks of the
+front two thirds (FLUX.1: 0-25 of 38, Table 5's best). The forward stops after the last
+selected block (the rest cannot change the shares).
+
+**Fixes over the official code** (note §3.3): the segments come from the token layout (any
+resolution; a context image of another size than the target), zero selected blocks is an
+error rather than a constant zero loss, and the result is quantised to 8 bits and re-projected
+(round, then clip into the ε-ball in 8-bit units), so ‖δ‖∞ ≤ ε holds *on the saved PNG*.
+
+**Baselines** on the same budget and the same loop (different loss; ``method=``):
+
+- ``"encoder"``: PhotoGuard's encoder attack: minimise ‖E(x) − E(x_grey)‖² (the VAE latent
+  pushed toward the latent of a grey image);
+- ``"diffpgd"``: Diff-PGD / AdvDM on the editor: maximise the flow-matching loss
+  ‖v̂(x_t, t | ctx = E(x)) − (ε − z*)‖² with t ~ U[0, 1], x_t = (1 − t)·z* + t·ε and z* the clean
+  image's latent (the identity edit's target; the paper's code uses clean edits instead);
+- ``"random"``: uniform random ±ε sign noise (no gradient, no steps).
+
+Images must have sides that are multiples of ``2 × vae_scale_factor`` (16 px on FLUX.1, 4 on
+the tiny test pipelines): ``FluxKontextPipeline`` floors the context image's sides to that
+multiple and, with ``_auto_resize=True`` (its default), first resizes it to the nearest of its
+preferred Kontext resolutions; a perturbation made at another size would be resampled. Call the
+editor with ``_auto_resize=False`` and ``max_area=H·W`` to edit the protected pixels as saved.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from diffattn.errors import ConfigError, ImageInputError, PathError, UnsupportedModelError
+from diffattn.families import RunState
+from diffattn.methods.decontext import (
+    CONTEXT_KINDS,
+    ContextShareProbe,
+    SharesComplete,
+    decontext_loss,
+    front_single_blocks,
+)
+from diffattn.pipelines import configure
+
+METHODS = ("decontext", "encoder", "diffpgd", "random")
+
+# A default instruction pool for EOT (deduplicated; the paper's pool has 60 prompts on faces):
+# the testbed's shapes-world edits first, then portrait / object edits of the paper's categories
+# (expressions, accessories, pose, style, scene, combined).
+DEFAULT_INSTRUCTIONS = (
+    "make the circle blue", "make the square red", "make the triangle green", "make the circle yellow",
+    "move the square to the left", "move the circle to the right", "move the triangle up", "move the square down",
+    "add a yellow triangle", "add a red circle", "add a blue square", "give the circle stripes",
+    "give the square a dot", "remove the square", "remove the circle", "make everything purple",
+    "put the shapes on a dark background", "make the triangle bigger", "swap the colours of the shapes",
+    "outline every shape",
+    "make this person smile", "make this person look surprised", "make this person frown",
+    "make this person laugh", "make this person look angry", "make this person close their eyes",
+    "put sunglasses on this person", "give this person a hat", "add a scarf", "give this person earrings",
+    "give this person a beard", "put a crown on their head", "turn the head to the left",
+    "make this person look up", "show this person waving", "make this person raise a hand",
+    "turn this into an oil painting", "make it a pencil sketch", "render it as a cartoon",
+    "make it look like a watercolour", "turn it into pixel art", "make it a black and white photo",
+    "place this person on a beach", "put this in a snowy forest", "move the scene to a city street at night",
+    "put this in a library", "change the background to a sunset", "place it in outer space",
+    "make it rain", "make the lighting warmer", "a photo of this person at a party",
+    "this person as an astronaut", "this person reading a book in a park", "make this person older",
+    "make this person younger", "give this person curly hair", "make the hair blond",
+    "make this person wear a suit", "turn the photo into a movie poster", "make this person smile and wave",
+)
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+
+def eps_levels(eps: float) -> int:
+    """ε in whole 8-bit levels: ⌊255·ε⌋ (with a 1e-9 tolerance so 8/255 gives 8). The saved
+    8-bit file can move each pixel by whole levels only, so this is the budget it may use."""
+    return int(math.floor(255.0 * float(eps) + 1e-9))
+
+
+def pgd_step(x: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, alpha: float, eps: float) -> torch.Tensor:
+    """One L∞ PGD ascent step (paper Eq. 10; Madry et al. 2018): x + α·sign(∇), projected onto the
+    ε-ball around the clean x0, then onto the valid pixel range [0, 1]."""
+    stepped = x + alpha * grad.sign()
+    return torch.min(torch.max(stepped, x0 - eps), x0 + eps).clamp(0.0, 1.0)
+
+
+def quantize_protected(x: np.ndarray, clean: np.ndarray, eps: float) -> np.ndarray:
+    """The 8-bit image that is saved: round x [H, W, 3] in [0, 1] to 8 bits, then re-project
+    into the ε-ball of the 8-bit clean image in whole levels, |q − clean| ≤ ⌊255·ε⌋, and
+    into 0..255. Rounding alone can leave a pixel half a level outside the ball (the official
+    code's caveat); clipping after it makes ‖q − clean‖∞ / 255 ≤ ε exact on the file."""
+    levels = eps_levels(eps)
+    c = clean.astype(np.int32)
+    q = np.rint(np.asarray(x, dtype=np.float64) * 255.0).astype(np.int32)
+    return np.clip(np.clip(q, c - levels, c + levels), 0, 255).astype(np.uint8)
+
+
+def random_sign_noise(clean: torch.Tensor, eps: float, generator: torch.Generator) -> torch.Tensor:
+    """The random baseline: x0 + ε·s with s uniform in {−1, +1} per pixel, clamped to [0, 1]."""
+    s = torch.randint(0, 2, clean.shape, generator=generator).to(clean) * 2 - 1
+    return (clean + eps * s).clamp(0.0, 1.0)
+
+
+def flow_noisy(z: torch.Tensor, noise: torch.Tensor, t: float) -> torch.Tensor:
+    """Rectified flow's noisy latent x_t = (1 − t)·z + t·ε (FLUX, t in [0, 1]); its velocity
+    target is ε − z."""
+    return (1.0 - t) * z + t * noise
+
+
+# ----------------------------------------------------------------------------- configuration and result
+
+
+@dataclass
+class DeContextConfig:
+    """Settings of :class:`DeContextProtector` (defaults: the paper's, in [0, 1] pixel units).
+
+    method:        "decontext" (default), "encoder" (PhotoGuard), "diffpgd" (Diff-PGD / AdvDM) or
+                   "random" (±ε sign noise).
+    eps:           L∞ budget in [0, 1] units, in (0, 1] (default 0.05 = 12.75/255, the paper's 0.1
+                   in [−1, 1]); the saved file uses ⌊255·ε⌋ levels.
+    alpha:         PGD step in [0, 1] units (default 0.0025 = the paper's 0.005 in [−1, 1]).
+    steps:         PGD iterations (paper: 800).
+    blocks:        "auto" (the single-stream blocks of the front ``block_fraction``) or a site
+                   selector (``"single_transformer_blocks.0-25"``, ``"joint"``, a list...).
+    block_fraction: the front fraction of the single-stream blocks for "auto" (2/3).
+    instructions:  the EOT pool (``None``: :data:`DEFAULT_INSTRUCTIONS`), deduplicated.
+    t_range:       the target's timestep is drawn from U[lo, hi] (FLUX units, 0..1; paper 0.98-1).
+    guidance_scale: the guidance embedding, for models that have one (paper 3.5).
+    max_sequence_length: T5 tokens (``None``: the pipeline's default 512, or the testbed's).
+    target_size:   (height, width) of the target image in pixels (``None``: the image's own).
+    gradient_checkpointing: recompute block activations in the backward (paper; needed for
+                   the full 12B model, slower on small ones).
+    early_exit:    stop each forward after the last selected block.
+    random_start:  start from uniform noise in the ε-ball (the paper: no).
+    encoder_grey:  grey level of the encoder attack's target image.
+    diffpgd_t_range: Diff-PGD's timestep range (AdvDM: all of [0, 1]).
+    seed:          the EOT sampling seed (instructions, timesteps, noise).
+    """
+
+    method: str = "decontext"
+    eps: float = 0.05
+    alpha: float = 0.0025
+    steps: int = 800
+    blocks: object = "auto"
+    block_fraction: float = 2 / 3
+    instructions: Sequence[str] | None = None
+    t_range: tuple[float, float] = (0.98, 1.0)
+    guidance_scale: float = 3.5
+    max_sequence_length: int | None = None
+    target_size: tuple[int, int] | None = None
+    gradient_checkpointing: bool = False
+    early_exit: bool = True
+    random_start: bool = False
+    encoder_grey: float = 0.5
+    diffpgd_t_range: tuple[float, float] = (0.0, 1.0)
+    seed: int = 0
+
+    def validate(self) -> "DeContextConfig":
+        if self.method not in METHODS:
+            raise ConfigError(f"method={self.method!r}: choose one of {', '.join(METHODS)}")
+        if isinstance(self.eps, bool) or not isinstance(self.eps, numbers.Real) or not 0.0 < float(self.eps) <= 1.0:
+            raise ConfigError(f"eps={self.eps!r}: the L∞ budget is a fraction of the pixel range in (0, 1] "
+                              f"(8/255 ≈ 0.0314; the paper's 12.75/255 = 0.05)")
+        if eps_levels(self.eps) < 1:
+            raise ConfigError(f"eps={self.eps:g} is below one 8-bit level (1/255 ≈ 0.0039): the saved PNG could not "
+                              f"differ from the input; use at least 1/255")
+        if not (isinstance(self.alpha, numbers.Real) and 0.0 < float(self.alpha) <= 1.0):
+            raise ConfigError(f"alpha={self.alpha!r}: the PGD step is a fraction of the pixel range in (0, 1]")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, numbers.Integral) or self.steps < 1:
+            raise ConfigError(f"steps={self.steps!r}: at least 1 PGD step")
+        for name in ("t_range", "diffpgd_t_range"):
+            lo, hi = getattr(self, name)
+            if not 0.0 <= lo <= hi <= 1.0:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: (lo, hi) with 0 <= lo <= hi <= 1 (FLUX timesteps)")
+        if not 0.0 < self.block_fraction <= 1.0:
+            raise ConfigError(f"block_fraction={self.block_fraction}: a fraction in (0, 1]")
+        if self.instructions is not None:
+            if isinstance(self.instructions, str) or not all(isinstance(p, str) and p.strip()
+                                                             for p in self.instructions) or not self.instructions:
+                raise ConfigError("instructions: a non-empty list of non-empty edit instructions")
+        if self.target_size is not None and (len(self.target_size) != 2 or min(self.target_size) < 1):
+            raise ConfigError(f"target_size={self.target_size!r}: (height, width) in pixels")
+        if not 0.0 <= self.encoder_grey <= 1.0:
+            raise ConfigError(f"encoder_grey={self.encoder_grey}: a grey level in [0, 1]")
+        return self
+
+
+@dataclass
+class ProtectionResult:
+    """image: the protected 8-bit image (PIL, what :meth:`save` writes); clean: the input as
+    8 bits; method, eps; linf: max |protected − clean| in 8-bit levels (≤ ⌊255·ε⌋); losses: the
+    loss of every PGD step (the maximised quantity); seconds: wall time of the attack;
+    shares: ``{"clean": {site: r̄_ctx}, "protected": {site: r̄_ctx}}`` over every double and
+    single block (``None`` when diagnostics were off)."""
+
+    image: Image.Image
+    clean: Image.Image
+    method: str
+    eps: float
+    linf: int
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    shares: dict | None = None
+    source: str | None = None  # the input file, when the image came from one (never overwritten)
+
+    def save(self, path) -> Path:
+        """Write the protected image as PNG (lossless: the ε guarantee holds on the file). Refuses
+        other formats and the input file itself."""
+        p = Path(path)
+        if p.suffix.lower() != ".png":
+            raise PathError(f"{path}: save the protected image as .png; a lossy format (JPEG, WebP) would move "
+                            f"pixels outside the ε-ball and change the perturbation")
+        if self.source is not None and p.resolve() == Path(self.source).resolve():
+            raise PathError(f"{path} is the input image itself; write the protected image to another file")
+        self.image.save(p, format="PNG")
+        return p
+
+    def plot(self, path) -> Path:
+        """A bar chart of per-block r̄_ctx, clean vs protected (PNG, drawn with PIL)."""
+        if not self.shares:
+            raise ConfigError("this result has no per-block shares: protect with diagnostics=True")
+        plot_shares(self.shares, path)
+        return Path(path)
+
+
+def plot_shares(shares: dict, path, *, height: int = 160) -> None:
+    """Per-block r̄_ctx bars, clean (grey) beside protected (red), blocks in forward order."""
+    from PIL import ImageDraw
+
+    names = list(shares["clean"])
+    bar, gap, pad = 8, 6, 24
+    width = max(340, pad * 2 + len(names) * (2 * bar + gap))  # room for the title
+    top = max([1e-6] + [v for d in shares.values() for v in d.values()])
+    canvas = Image.new("RGB", (width, height + 2 * pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((pad, 4), f"r_ctx per block (max {top:.3f}): clean grey, protected red", fill="black")
+    base = height + pad
+    for i, name in enumerate(names):
+        x = pad + i * (2 * bar + gap)
+        for j, (key, colour) in enumerate((("clean", (150, 150, 150)), ("protected", (210, 40, 40)))):
+            v = shares.get(key, {}).get(name, 0.0)
+            draw.rectangle([x + j * bar, base - int(height * v / top), x + (j + 1) * bar - 1, base], fill=colour)
+        draw.text((x, base + 2), name.split(".")[0][0] + name.split(".")[1], fill="black")  # t0 / s3
+    canvas.save(path)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def check_editor(pipe) -> None:
+    """``UnsupportedModelError`` unless ``pipe`` is an in-context editor diffattn can protect
+    against: a ``FluxKontextPipeline`` (or a subclass)."""
+    try:
+        from diffusers import FluxKontextPipeline
+    except ImportError:  # diffusers < 0.34
+        FluxKontextPipeline = None
+    if FluxKontextPipeline is not None and isinstance(pipe, FluxKontextPipeline):
+        return
+    name = type(pipe).__name__
+    hint = (" (FluxPipeline generates from text only; it has no context image to detach)"
+            if name == "FluxPipeline" else "")
+    raise UnsupportedModelError(
+        f"DeContext protects images against in-context editors: it needs a FluxKontextPipeline (FLUX.1 Kontext, or the "
+        f"tiny one of diffattn.tiny.tiny_pipeline('flux_kontext')); got {name}{hint}")
+
+
+def read_image(image) -> tuple[np.ndarray, str | None]:
+    """A path, a PIL image, a uint8 array [H, W, 3] or a float array / tensor in [0, 1]
+    ([H, W, 3], [3, H, W] or [1, 3, H, W]) -> (uint8 [H, W, 3], the source path or ``None``).
+
+    Files that are not images, or are truncated, raise :class:`ImageInputError`; other modes
+    than RGB are converted (alpha over white). Floats are rounded to 8 bits: the ε-ball is
+    around the 8-bit image."""
+    source = None
+    if isinstance(image, (str, Path)):
+        source = str(image)
+        p = Path(image)
+        if not p.is_file():
+            raise ImageInputError(f"{image}: no such image file")
+        try:
+            with Image.open(p) as im:
+                im.load()
+                image = im.copy()
+        except (OSError, ValueError, SyntaxError) as e:  # UnidentifiedImageError is an OSError
+            raise ImageInputError(f"{image} is not a readable image (not an image file, or truncated / damaged: "
+                                  f"{' '.join(str(e).split())}); re-export it as PNG") from None
+    if isinstance(image, Image.Image):
+        if image.mode != "RGB":
+            if "A" in image.mode or "transparency" in image.info:
+                rgba = image.convert("RGBA")
+                image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+            image = image.convert("RGB")
+        return np.array(image, dtype=np.uint8), source
+    if torch.is_tensor(image):
+        t = image.detach().float().cpu()
+        if t.ndim == 4 and t.shape[0] == 1:
+            t = t[0]
+        if t.ndim != 3 or t.shape[0] != 3:
+            raise ImageInputError(f"an image tensor must be [3, H, W] (or [1, 3, H, W]) RGB in [0, 1]; got "
+                                  f"{tuple(image.shape)}")
+        image = t.permute(1, 2, 0).numpy()  # [H, W, 3]
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[-1] != 3:
+            raise ImageInputError(f"an image array must be [H, W, 3] RGB; got shape {image.shape}")
+        if image.dtype == np.uint8:
+            return image.copy(), source
+        arr = image.astype(np.float64)
+        if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+            raise ImageInputError("a float image must hold finite values in [0, 1]")
+        return np.rint(arr * 255).astype(np.uint8), source
+    raise ImageInputError(f"cannot read an image from {type(image).__name__}; pass a path, a PIL image, an array "
+                          f"[H, W, 3] or a tensor [3, H, W]")
+
+
+# ----------------------------------------------------------------------------- the protector
+
+
+@contextlib.contextmanager
+def _frozen_weights(*modules):
+    """Gradients flow to the pixels only (weights that require grad would keep their own
+    activations and gradients). Restored after."""
+    params = [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def _engine_checkpoint(engine):
+    """A ``gradient_checkpointing_func`` for diffusers models whose attention runs diffattn
+    processors: the block's recomputation in the backward sees the engine's per-forward context
+    of its first run (token layout, step), so it recomputes exactly the same operations."""
+
+    def checkpoint(module, *args):
+        ctx = engine.context if engine is not None else None
+
+        def run(*a):
+            if engine is None:
+                return module(*a)
+            previous, engine.context = engine.context, ctx
+            try:
+                return module(*a)
+            finally:
+                engine.context = previous
+
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+    return checkpoint
+
+
+@contextlib.contextmanager
+def _checkpointing(model, on: bool, engine):
+    """Gradient checkpointing of ``model``'s blocks while the loop runs (restored after)."""
+    if not on:
+        yield
+        return
+    was = model.is_gradient_checkpointing
+    model.enable_gradient_checkpointing(_engine_checkpoint(engine))
+    try:
+        yield
+    finally:
+        if was:
+            model.enable_gradient_checkpointing()
+        else:
+            model.disable_gradient_checkpointing()
+
+
+@dataclass
+class _Sample:
+    """One EOT draw: the instruction, the timestep (FLUX units) and the target noise [1, C, h, w]."""
+
+    instruction: str
+    t: float
+    noise: torch.Tensor
+
+
+class DeContextProtector:
+    """L∞ PGD protection of images against a ``FluxKontextPipeline`` (module docstring).
+
+    pipe:   a ``FluxKontextPipeline`` (its modules are shared, never modified; weights are
+            frozen only while an attack runs);
+    config: a :class:`DeContextConfig`; keyword ``overrides`` replace its fields;
+    progress: a tqdm bar per image (``None``: follow the pipeline's progress-bar config).
+    """
+
+    def __init__(self, pipe, config: DeContextConfig | None = None, *, progress: bool | None = None, **overrides):
+        check_editor(pipe)
+        self.pipe = pipe
+        self.config = configure(config, DeContextConfig, overrides, ConfigError, "DeContext")
+        if progress is None:
+            progress = not getattr(pipe, "_progress_bar_config", {}).get("disable", False)
+        self.progress = bool(progress)
+        from diffattn.sites import sites
+
+        self.all_sites = [s for s in sites(pipe.transformer) if s.kind in CONTEXT_KINDS]
+        self.blocks = self._blocks()
+        self.instructions = tuple(dict.fromkeys(p.strip() for p in (self.config.instructions or DEFAULT_INSTRUCTIONS)))
+        self._embeds: dict[str, tuple] = {}
+
+    def __repr__(self):
+        return f"DeContextProtector({type(self.pipe).__name__}, method={self.config.method!r}, {len(self.blocks)} blocks)"
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def transformer(self):
+        return self.pipe.transformer
+
+    @property
+    def device(self):
+        return self.pipe._execution_device
+
+    @property
+    def size_unit(self) -> int:
+        """Image sides must be multiples of this many pixels: the VAE factor × FLUX's 2×2 packing."""
+        return int(self.pipe.vae_scale_factor) * 2
+
+    def _blocks(self) -> list[str]:
+        """The site names whose r_ctx enters the loss; zero of them is an error."""
+        cfg = self.config
+        if isinstance(cfg.blocks, str) and cfg.blocks == "auto":
+            names = front_single_blocks(self.all_sites, cfg.block_fraction)
+        elif isinstance(cfg.blocks, (list, tuple, set, frozenset)) and not cfg.blocks:
+            names = []
+        else:
+            from diffattn.sites import select
+
+            names = [s.name for s in select(self.all_sites, cfg.blocks)]
+        if not names and cfg.method == "decontext":
+            raise ConfigError(f"blocks={cfg.blocks!r} selects no double- or single-stream block of this transformer, so "
+                              f"the DeContext loss would be a constant with no gradient; pick some, e.g. 'auto', "
+                              f"'single', or 'single_transformer_blocks.0-1'")
+        return names
+
+    # ------------------------------------------------------------------ pieces of the forward
+    def check_size(self, height: int, width: int, what: str = "image") -> None:
+        """``ImageInputError`` for sides the editor would resample (explaining its rounding)."""
+        u = self.size_unit
+        if height % u or width % u or height < u or width < u:
+            fit_w, fit_h = max(u, width // u * u), max(u, height // u * u)
+            raise ImageInputError(
+                f"{what} is {width}x{height} pixels; {type(self.pipe).__name__} floors the context image's sides to "
+                f"multiples of {u} px (2 × its VAE factor {u // 2}: latents are packed in 2×2 patches) and, with "
+                f"_auto_resize=True (its default), first resizes it to the nearest preferred Kontext resolution, so a "
+                f"perturbation made at {width}x{height} would be resampled. Crop it to {fit_w}x{fit_h} "
+                f"(image.crop((0, 0, {fit_w}, {fit_h}))) and edit with _auto_resize=False")
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels [B, 3, H, W] in [0, 1] -> the editor's image latents [B, C, h, w]: the VAE
+        posterior's mode, (z − shift)·scale (``FluxKontextPipeline._encode_vae_image``);
+        differentiable in x."""
+        vae = self.pipe.vae
+        z = vae.encode((x * 2 - 1).to(self.device, vae.dtype)).latent_dist.mode()
+        return (z - vae.config.shift_factor) * vae.config.scaling_factor
+
+    def pack(self, z: torch.Tensor, context: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents [B, C, h, w] -> (tokens [B, (h/2)(w/2), 4C], position ids [(h/2)(w/2), 3]) with
+        the pipeline's own packing; context tokens get first coordinate 1 (Kontext's convention,
+        which the token layout reads)."""
+        B, C, h, w = z.shape
+        ids = self.pipe._prepare_latent_image_ids(B, h // 2, w // 2, self.device, self.transformer.dtype)
+        if context:
+            ids[..., 0] = 1
+        return self.pipe._pack_latents(z, B, C, h, w), ids
+
+    def embed(self, instruction: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(T5 tokens, pooled CLIP, text ids) of one instruction, encoded once (no gradient)."""
+        if instruction not in self._embeds:
+            n = self.config.max_sequence_length or (getattr(self.pipe, "default_call_kwargs", None) or {}).get(
+                "max_sequence_length", 512)
+            with torch.no_grad():
+                self._embeds[instruction] = self.pipe.encode_prompt(prompt=[instruction], prompt_2=None,
+                                                                    device=self.device, num_images_per_prompt=1,
+                                                                    max_sequence_length=n)
+        return self._embeds[instruction]
+
+    def denoise(self, target: torch.Tensor, target_ids: torch.Tensor, context: torch.Tensor,
+                context_ids: torch.Tensor, t: float, instruction: str) -> torch.Tensor:
+        """One forward of the editor's transformer on ``[target ‖ context]`` tokens, as
+        ``FluxKontextPipeline.__call__`` runs it -> the target tokens' velocity [B, N_tgt, 4C]."""
+        model = self.transformer
+        text, pooled, text_ids = self.embed(instruction)
+        b = target.shape[0]
+        g = None
+        if model.config.guidance_embeds:
+            g = torch.full([1], float(self.config.guidance_scale), device=self.device, dtype=torch.float32).expand(b)
+        hidden = torch.cat([target.to(model.dtype), context.to(model.dtype)], dim=1)  # [B, N_tgt + N_ctx, 4C]
+        ids = torch.cat([target_ids, context_ids], dim=0)  # [N_tgt + N_ctx, 3]
+        out = model(hidden_states=hidden, timestep=torch.full([b], float(t), device=self.device, dtype=model.dtype),
+                    guidance=g, pooled_projections=pooled.expand(b, -1), encoder_hidden_states=text.expand(b, -1, -1),
+                    txt_ids=text_ids, img_ids=ids, return_dict=False)[0]
+        return out[:, : target.shape[1]]
+
+    def _latent_hw(self, height: int, width: int) -> tuple[int, int]:
+        f = int(self.pipe.vae_scale_factor)
+        return 2 * (height // (f * 2)), 2 * (width // (f * 2))
+
+    def sample(self, generator: torch.Generator, latent_hw: tuple[int, int], t_range=None) -> _Sample:
+        """One EOT draw: a random instruction, t ~ U[t_range], a fresh Gaussian target latent."""
+        lo, hi = t_range or self.config.t_range
+        i = int(torch.randint(len(self.instructions), (1,), generator=generator))
+        t = lo + (hi - lo) * float(torch.rand((), generator=generator))
+        C = self.transformer.config.in_channels // 4
+        noise = torch.randn((1, C, *latent_hw), generator=generator)
+        return _Sample(self.instructions[i], t, noise.to(self.device, self.transformer.dtype))
+
+    # ------------------------------------------------------------------ shares
+    def _shares_forward(self, probe: ContextShareProbe, x: torch.Tensor, s: _Sample, target_hw):
+        """Run one forward with ``probe`` attached (records its shares); stops at SharesComplete."""
+        ctx, ctx_ids = self.pack(self.encode(x), context=True)
+        tgt, tgt_ids = self.pack(s.noise, context=False)  # pure noise at t ≈ 1 (the paper's target)
+        probe.start()
+        try:
+            self.denoise(tgt, tgt_ids, ctx, ctx_ids, s.t, s.instruction)
+        except SharesComplete:
+            pass
+        return dict(probe.records)
+
+    @torch.no_grad()
+    def shares(self, image, *, samples: int = 4, seed: int = 1234) -> dict[str, float]:
+        """r̄_ctx of every double and single block for ``image`` (any form :func:`read_image`
+        takes), averaged over ``samples`` EOT draws of a fixed seed (the same draws for any
+        image, so clean and protected compare): ``{site name: share}``."""
+        from diffattn.engine import attach
+
+        u8, _ = read_image(image)
+        H, W = u8.shape[:2]
+        self.check_size(H, W)
+        x = torch.from_numpy(u8).permute(2, 0, 1)[None].float().div(255)  # [1, 3, H, W]
+        target_hw = self._latent_hw(*(self.config.target_size or (H, W)))
+        gen = torch.Generator().manual_seed(seed)
+        probe = ContextShareProbe([s.name for s in self.all_sites])
+        sums: dict[str, float] = {}
+        with attach(self.transformer, probe, run=RunState()):
+            for _ in range(samples):
+                for name, r in self._shares_forward(probe, x, self.sample(gen, target_hw), target_hw).items():
+                    sums[name] = sums.get(name, 0.0) + float(r.mean()) / samples
+        return {s.name: sums[s.name] for s in self.all_sites if s.name in sums}
+
+    # ------------------------------------------------------------------ the attack
+    def protect(self, image, *, callback: Callable[[dict], None] | None = None, diagnostics: bool = True,
+                seed: int | None = None) -> ProtectionResult:
+        """Protect one image (a path, PIL image, array or tensor; sides multiples of
+        :attr:`size_unit`) -> :class:`ProtectionResult` (the 8-bit protected image, ‖δ‖∞ ≤ ε).
+
+        callback: ``callback(info)`` after every PGD step (``RunState.report``: ``step``,
+        ``total``, ``stage`` = "protect", ``timestep``, and ``loss``, ``linf`` (levels of the
+        current float δ·255), ``instruction``, ``image`` (the current pixels [1, 3, H, W]));
+        diagnostics: also measure per-block r̄_ctx, clean vs the saved protected image;
+        seed: the EOT seed (default the config's)."""
+        cfg = self.config
+        u8, source = read_image(image)
+        H, W = u8.shape[:2]
+        self.check_size(H, W)
+        if cfg.target_size is not None:
+            self.check_size(*cfg.target_size, what=f"target_size {cfg.target_size}")
+        x0 = torch.from_numpy(u8).permute(2, 0, 1)[None].float().div(255).to(self.device)  # [1, 3, H, W]
+        gen = torch.Generator().manual_seed(cfg.seed if seed is None else seed)
+        start = time.perf_counter()
+        if cfg.method == "random":
+            x, losses = random_sign_noise(x0.cpu(), cfg.eps, gen), []
+        else:
+            x, losses = self._attack(x0, gen, callback)
+        seconds = time.perf_counter() - start
+        q = quantize_protected(x[0].permute(1, 2, 0).detach().cpu().numpy(), u8, cfg.eps)  # [H, W, 3] uint8
+        linf = int(np.abs(q.astype(np.int32) - u8.astype(np.int32)).max())
+        result = ProtectionResult(image=Image.fromarray(q, "RGB"), clean=Image.fromarray(u8, "RGB"), method=cfg.method,
+                                  eps=float(cfg.eps), linf=linf, losses=losses, seconds=seconds, source=source)
+        if diagnostics:
+            result.shares = {"clean": self.shares(u8), "protected": self.shares(q)}
+        return result
+
+    def _attack(self, x0: torch.Tensor, gen: torch.Generator, callback) -> tuple[torch.Tensor, list[float]]:
+        """The PGD loop shared by every gradient method; only the loss differs."""
+        from diffattn.engine import attach
+
+        cfg = self.config
+        H, W = x0.shape[-2:]
+        target_hw = self._latent_hw(*(cfg.target_size or (H, W)))
+        run = RunState(callback=callback, progress=self.progress, desc="protect")
+        probe = None
+        if cfg.method == "decontext":
+            probe = ContextShareProbe(self.blocks, requires_grad=True, early_exit=cfg.early_exit)
+            loss_fn = self._decontext_loss(probe, target_hw)
+        elif cfg.method == "encoder":
+            loss_fn = self._encoder_loss(x0)
+        else:
+            loss_fn = self._diffpgd_loss(x0, target_hw)
+        x = x0.clone()
+        if cfg.random_start:
+            x = (x0 + (torch.rand(x0.shape, generator=gen).to(x0) * 2 - 1) * cfg.eps).clamp(0, 1)
+        losses: list[float] = []
+        run.start(cfg.steps)
+        handle = attach(self.transformer, probe, run=run) if probe is not None else contextlib.nullcontext()
+        try:
+            with handle as h, _frozen_weights(self.transformer, self.pipe.vae), \
+                    _checkpointing(self.transformer, cfg.gradient_checkpointing, getattr(h, "engine", None)):
+                for i in range(cfg.steps):
+                    run.step = i
+                    xi = x.detach().requires_grad_(True)
+                    with torch.enable_grad():
+                        loss, info = loss_fn(xi, gen)
+                        (grad,) = torch.autograd.grad(loss, [xi])
+                    x = pgd_step(xi.detach(), grad, x0, cfg.alpha, cfg.eps)
+                    losses.append(float(loss.detach()))
+                    run.report(i, info.get("t"), None, None, loss=losses[-1], instruction=info.get("instruction"),
+                               linf=float((x - x0).abs().max() * 255), image=x.detach())
+        finally:
+            run.close()
+        return x, losses
+
+    def _decontext_loss(self, probe: ContextShareProbe, target_hw):
+        """L = 1 − r̄_ctx over the selected blocks (paper Eq. 9) for one EOT draw."""
+
+        def loss(x, gen):
+            s = self.sample(gen, target_hw)
+            shares = self._shares_forward(probe, x, s, target_hw)
+            probe.frozen = True  # the backward's recomputation (checkpointing) stores nothing
+            return decontext_loss(shares), {"t": s.t, "instruction": s.instruction}
+
+        return loss
+
+    def _encoder_loss(self, x0: torch.Tensor):
+        """PhotoGuard's encoder attack: −‖E(x) − E(grey)‖² (ascended, i.e. the distance minimised)."""
+        with torch.no_grad():
+            goal = self.encode(torch.full_like(x0, float(self.config.encoder_grey)))  # [1, C, h, w]
+
+        def loss(x, gen):
+            return -F.mse_loss(self.encode(x).float(), goal.float()), {}
+
+        return loss
+
+    def _diffpgd_loss(self, x0: torch.Tensor, target_hw):
+        """Diff-PGD / AdvDM on the editor: the flow-matching loss ‖v̂ − (ε − z*)‖² with the image
+        as context, z* the clean image's latent at the target size (ascended)."""
+        H, W = x0.shape[-2:]
+        th, tw = self.config.target_size or (H, W)
+        with torch.no_grad():
+            clean = x0 if (th, tw) == (H, W) else F.interpolate(x0, size=(th, tw), mode="bilinear", antialias=True)
+            z_star = self.encode(clean)  # [1, C, h, w]
+        tgt_star, tgt_ids = self.pack(z_star, context=False)
+
+        def loss(x, gen):
+            s = self.sample(gen, target_hw, self.config.diffpgd_t_range)
+            noise, _ = self.pack(s.noise, context=False)
+            ctx, ctx_ids = self.pack(self.encode(x), context=True)
+            v = self.denoise(flow_noisy(tgt_star, noise, s.t), tgt_ids, ctx, ctx_ids, s.t, s.instruction)
+            return F.mse_loss(v.float(), (noise - tgt_star).float()), {"t": s.t, "instruction": s.instruction}
+
+        return loss
+
+    # ------------------------------------------------------------------ many images
+    def protect_batch(self, images: Sequence, out_dir, *, resume: bool = True, diagnostics: bool = False,
+                      callback: Callable[[dict], None] | None = None) -> list[Path]:
+        """Protect several image files into ``out_dir`` (``<stem>.png`` each), resumable: with
+        ``resume`` an output that exists is kept and skipped. Image k uses seed ``config.seed + k``,
+        so a resumed run writes what an uninterrupted one would. Returns the output paths.
+        (One process; distributing the list over processes with ``accelerate`` is not built.)"""
+        out = Path(out_dir)
+        if not out.is_dir():
+            raise PathError(f"{out_dir}: no such directory; create it first")
+        paths = []
+        for k, image in enumerate(images):
+            target = out / f"{Path(image).stem}.png"
+            if target.resolve() == Path(image).resolve():
+                raise PathError(f"{target} is the input image itself; pick another out_dir")
+            if not (resume and target.is_file()):
+                self.protect(image, diagnostics=diagnostics, seed=self.config.seed + k, callback=callback).save(target)
+            paths.append(target)
+        return paths
+
+
+def protect(image, pipe, *, out=None, callback: Callable[[dict], None] | None = None, diagnostics: bool = True,
+            progress: bool | None = None, config: DeContextConfig | None = None, **overrides) -> ProtectionResult:
+    """Protect ``image`` against the in-context editor ``pipe`` (a ``FluxKontextPipeline``);
+    keyword ``overrides`` are :class:`DeContextConfig` fields (``eps``, ``steps``, ``method``...).
+    With ``out`` the protected PNG is written there (never over the input file)."""
+    result = DeContextProtector(pipe, config, progress=progress, **overrides).protect(
+        image, callback=callback, diagnostics=diagnostics)
+    if out is not None:
+        result.save(out)
+    return result
+
+
+__all__ = ["DeContextProtector", "DeContextConfig", "ProtectionResult", "protect", "METHODS", "DEFAULT_INSTRUCTIONS",
+           "eps_levels", "pgd_step", "quantize_protected", "random_sign_noise", "read_image", "check_editor",
+           "plot_shares"]
