@@ -47,7 +47,6 @@ guidance embedding, and the latents the updates move are FluxPipeline's packed 2
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,7 +54,7 @@ import torch
 
 from diffattn.engine import refuse_if_attached
 from diffattn.families import RunState, adapter_for
-from diffattn.pipelines import configure
+from diffattn.pipelines import configure, frozen_weights
 from diffattn.methods.astar import (
     LOSSES,
     ConceptError,
@@ -500,7 +499,7 @@ class AStarPipeline:
             return {"cond": slice(0, batch)}
 
         run.start(T)
-        with attach(pipe, rec, run=run) as handle, handle.branches(branches), _no_weight_grads(adapter.denoiser):
+        with attach(pipe, rec, run=run) as handle, handle.branches(branches), frozen_weights(adapter.denoiser):
             for i, t in enumerate(timesteps):
                 if i < stop or i in refine:
                     new = []
@@ -594,17 +593,3 @@ def _as_step(value, T: int, what: str, key: bool = False) -> int:
     if isinstance(value, float) and (0.0 <= value < 1.0 if key else 0.0 <= value <= 1.0):
         return int(round(value * T))
     raise ConceptError(f"{what}: {value!r} must be a step index (int) or a fraction of the run (float in [0, 1])")
-
-
-@contextlib.contextmanager
-def _no_weight_grads(module):
-    """Gradients flow to the latent only: weights that require grad would make autograd save
-    activations for their gradients too (about 20% more memory per grad pass). Restored after."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)

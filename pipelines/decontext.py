@@ -69,7 +69,7 @@ from diffattn.methods.decontext import (
     decontext_loss,
     front_single_blocks,
 )
-from diffattn.pipelines import configure
+from diffattn.pipelines import configure, frozen_weights
 
 METHODS = ("decontext", "encoder", "diffpgd", "random")
 
@@ -346,20 +346,6 @@ def read_image(image) -> tuple[np.ndarray, str | None]:
 # ----------------------------------------------------------------------------- the protector
 
 
-@contextlib.contextmanager
-def _frozen_weights(*modules):
-    """Gradients flow to the pixels only (weights that require grad would keep their own
-    activations and gradients). Restored after."""
-    params = [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-
-
 def _engine_checkpoint(engine):
     """A ``gradient_checkpointing_func`` for diffusers models whose attention runs diffattn
     processors: the block's recomputation in the backward sees the engine's per-forward context
@@ -626,7 +612,7 @@ class DeContextProtector:
         run.start(cfg.steps)
         handle = attach(self.transformer, probe, run=run) if probe is not None else contextlib.nullcontext()
         try:
-            with handle as h, _frozen_weights(self.transformer, self.pipe.vae), \
+            with handle as h, frozen_weights(self.transformer, self.pipe.vae), \
                     _checkpointing(self.transformer, cfg.gradient_checkpointing, getattr(h, "engine", None)):
                 for i in range(cfg.steps):
                     run.step = i
