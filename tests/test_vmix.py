@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import diffattn as da
-from diffattn.errors import ControlError, MethodError, ModelLoadError, PathError
+from diffattn.errors import ConfigError, ControlError, MethodError, ModelLoadError, PathError
 from diffattn.methods.vmix import VMixAdapter, ValueMix, load_adapter, read_config
 from diffattn.methods.vmix.mix import joint_rows, merged_rows, mix_values
 from diffattn.tiny import output_of
@@ -339,3 +339,26 @@ def test_resumed_training_equals_an_uninterrupted_run(tiny_fresh, tmp_path, fami
 
         la, lb = load_file(str(tmp_path / "a" / "lora.safetensors")), load_file(str(tmp_path / "b" / "lora.safetensors"))
         assert la.keys() == lb.keys() and all(torch.equal(la[k], lb[k]) for k in la)
+
+
+def test_lora_only_trains_lora_and_leaves_the_adapter_out(tiny_fresh, tmp_path):
+    """The paper's "w/o value-mixed attention" ablation: LoRA alone, no label input."""
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    from diffattn.methods.vmix.train import TrainConfig, apply_lora, train_vmix
+
+    with pytest.raises(ConfigError, match="lora_rank"):
+        TrainConfig(value_mix=False).check()
+    pipe = tiny_fresh("sd3")
+    adapter = VMixAdapter.build(pipe, LABELS, seed=0)
+    config = TrainConfig(steps=2, batch=2, lr=1e-2, warmup=1, seed=0, save_every=10, lora_rank=2, value_mix=False)
+    train_vmix(pipe, adapter, _data(len(LABELS)), config, str(tmp_path), progress=False)
+    assert not os.path.exists(tmp_path / "adapter.safetensors")
+    assert torch.equal(adapter.zero.weight, torch.zeros_like(adapter.zero.weight))  # the adapter never trained
+    lora = load_file(str(tmp_path / "lora.safetensors"))
+    assert any(k.endswith("lora_B.vmix.weight") and v.abs().sum() > 0 for k, v in lora.items())  # B left its zero init
+    fresh = tiny_fresh("sd3")
+    apply_lora(fresh.transformer, str(tmp_path / "lora.safetensors"))
+    trained = dict(pipe.transformer.named_parameters())
+    assert all(torch.equal(p, trained[n]) for n, p in fresh.transformer.named_parameters() if "lora_" in n)

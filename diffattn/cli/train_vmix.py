@@ -15,6 +15,7 @@ the same ``--out`` resumes exactly. The result: ``OUT/adapter.safetensors`` (and
 """
 from __future__ import annotations
 
+from ..errors import UsageError
 from .common import add_model_arguments, check_model_args, float_arg, int_arg, load_for
 
 
@@ -31,6 +32,10 @@ def register(subparsers) -> None:
     p.add_argument("--save-every", type=int_arg(1, None, "--save-every"), default=100)
     p.add_argument("--lora-rank", type=int_arg(0, 256, "--lora-rank"), default=0,
                    help="LoRA rank on the base's attention projections (0: none, the paper's 'w/o LoRA'; needs peft)")
+    p.add_argument("--lora-only", action="store_true",
+                   help="train LoRA alone, no adapter (the paper's 'w/o value-mixed attention' ablation; needs --lora-rank)")
+    p.add_argument("--require", default=None, metavar="STYLE",
+                   help="keep only renders showing this style (curated data: the supervised fine-tuning baseline)")
     p.add_argument("--p-style", type=float_arg(0.0, 1.0, "--p-style"), default=None,
                    help="probability that a caption names a shown style (default: the world's 0.6)")
     p.add_argument("--caption-dropout", type=float_arg(0.0, 0.99, "--caption-dropout"), default=0.1)
@@ -46,8 +51,10 @@ def aesthetic_labels() -> dict[str, str]:
     return {name: STYLE_SUFFIXES_V2[name].strip() for name in STYLES_V2}
 
 
-def world_batches(labels: list[str], batch: int, seed: int, p_style: float | None = None):
-    """``data(step) -> VMixBatch`` of world-v2 renders, deterministic in (seed, step)."""
+def world_batches(labels: list[str], batch: int, seed: int, p_style: float | None = None, require: str | None = None):
+    """``data(step) -> VMixBatch`` of world-v2 renders, deterministic in (seed, step).
+    ``require``: a style every render must show (others are drawn again), as a curated
+    aesthetic dataset would."""
     import numpy as np
     import torch
 
@@ -59,6 +66,8 @@ def world_batches(labels: list[str], batch: int, seed: int, p_style: float | Non
         images, captions, masks = [], [], []
         for _ in range(batch):
             scene, spec = sample_training_pair_v2(rng)
+            while require is not None and not scene_styles_v2(scene)[require]:
+                scene, spec = sample_training_pair_v2(rng)
             if p_style is not None:
                 spec = describe(scene, rng, p_style=p_style)
             shown = scene_styles_v2(scene)
@@ -80,6 +89,10 @@ def run(args):
     from ..methods.vmix.train import TrainConfig, train_vmix
 
     check_model_args(args)
+    if args.lora_only and not args.lora_rank:
+        raise UsageError("train-vmix: --lora-only trains LoRA alone; give --lora-rank R (e.g. 4)")
+    if args.require is not None and args.require not in aesthetic_labels():
+        raise UsageError(f"train-vmix: --require {args.require!r}: choose one of {sorted(aesthetic_labels())}")
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = load_for(args)
@@ -89,8 +102,10 @@ def run(args):
     else:
         adapter = VMixAdapter.build(pipe, aesthetic_labels(), seed=args.seed, name=args.model or "tiny-sd3")
     config = TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup, seed=args.seed,
-                         save_every=args.save_every, caption_dropout=args.caption_dropout, lora_rank=args.lora_rank)
-    data = world_batches(adapter.labels, args.batch, args.seed, args.p_style)
+                         save_every=args.save_every, caption_dropout=args.caption_dropout, lora_rank=args.lora_rank,
+                         value_mix=not args.lora_only)
+    data = world_batches(adapter.labels, args.batch, args.seed, args.p_style, args.require)
     stats = train_vmix(pipe, adapter, data, config, args.out, progress=not args.no_progress)
+    made = os.path.join(args.out, "lora.safetensors" if args.lora_only else "adapter.safetensors")
     print(f"train-vmix: step {stats['step']}/{args.steps}, {stats['seconds_per_step']:.2f} s/step this run, "
-          f"loss {stats['loss']:.4f}; adapter: {os.path.join(args.out, 'adapter.safetensors')}")
+          f"loss {stats['loss']:.4f}; {'LoRA' if args.lora_only else 'adapter'}: {made}")

@@ -466,7 +466,8 @@ class RepositionAttention(Control):
                          order=order)
         self.ref_masks, self.scene_masks, self.dropout, self.seed = r, t, float(dropout), int(seed)
         self.move, self.mutual, self.extend = bool(move), float(mutual), bool(extend)
-        self._grids: dict = {}
+        self._grids: dict = {}  # grid -> the reference masks there (fixed by the control's masks)
+        self._scene_grids: dict = {}  # grid -> the scene masks there
 
     @property
     def subjects(self) -> int:
@@ -492,7 +493,7 @@ class RepositionAttention(Control):
         seg = lay.k("image")
         n, heads = len(seg), call.k.shape[1]
         ref = _grid_masks(self.ref_masks, grid, self._grids).reshape(self.subjects, *grid).to(call.q.device)
-        scene = _grid_masks(self.scene_masks, grid, {}).reshape(self.subjects, *grid).to(call.q.device)
+        scene = _grid_masks(self.scene_masks, grid, self._scene_grids).reshape(self.subjects, *grid).to(call.q.device)
         step = call.step.index if call.step is not None else 0
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)  # the same draw at every layer of a step
         dropped = [mask_dropout(m, self.dropout, gen).reshape(-1) for m in scene]  # [L] each

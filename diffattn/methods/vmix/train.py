@@ -23,6 +23,7 @@ shapes-world data.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -68,6 +69,7 @@ class TrainConfig:
     caption_dropout: float = 0.1
     grad_clip: float = 1.0
     lora_rank: int = 0  # 0: no LoRA (the paper's "w/o LoRA")
+    value_mix: bool = True  # False: LoRA alone, no adapter (the paper's "w/o value-mixed attention" ablation)
     lora_alpha: float | None = None  # default: the rank
     lora_targets: tuple[str, ...] = ()  # default: LORA_TARGETS of the family
     max_sequence_length: int | None = None  # SD3's T5 tokens (default: the pipeline's call default, else 256)
@@ -77,6 +79,8 @@ class TrainConfig:
         for name in ("steps", "batch", "save_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"VMix training {name}={getattr(self, name)!r}: a whole number >= 1")
+        if not self.value_mix and not self.lora_rank:
+            raise ConfigError("value_mix=False trains LoRA alone: give lora_rank >= 1 (else nothing trains)")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"VMix training lr={self.lr!r}: a finite rate > 0")
         if not 0.0 <= self.caption_dropout < 1.0:
@@ -163,7 +167,8 @@ def batch_loss(pipe, batch: VMixBatch, control, config: TrainConfig, step: int, 
     captions = ["" if d else c for c, d in zip(batch.captions, drop)]
     noise = torch.randn(x0.shape, generator=gen).to(x0.device)
     text = encode_text(pipe, captions, family, config.max_sequence_length)
-    control.aesthetics = batch.labels.to(torch.bool)
+    if control is not None:  # LoRA alone: no label input (the paper's ablation)
+        control.aesthetics = batch.labels.to(torch.bool)
     if family == "sd3":
         t = torch.sigmoid(torch.randn(b, generator=gen)).to(x0.device)  # logit-normal(0, 1)
         return flow_loss(denoiser, x0, noise, t, text)
@@ -229,8 +234,8 @@ def apply_lora(denoiser: nn.Module, path: str) -> None:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _trainable(adapter: VMixAdapter, denoiser: nn.Module, lora: list[str]) -> dict[str, nn.Parameter]:
-    named = {f"adapter.{n}": p for n, p in adapter.named_parameters()}
+def _trainable(adapter: VMixAdapter, denoiser: nn.Module, lora: list[str], value_mix: bool = True) -> dict[str, nn.Parameter]:
+    named = {f"adapter.{n}": p for n, p in adapter.named_parameters()} if value_mix else {}
     params = dict(denoiser.named_parameters())
     named.update({f"lora.{n}": params[n] for n in lora})
     return named
@@ -321,7 +326,7 @@ def train_vmix(pipe, adapter: VMixAdapter, data: Callable[[int], VMixBatch], con
         lora = add_lora(denoiser, config.lora_rank, config.lora_alpha, config.lora_targets, config.seed)
     denoiser.train()
     adapter.to(denoiser.device).train()
-    named = _trainable(adapter, denoiser, lora)
+    named = _trainable(adapter, denoiser, lora, config.value_mix)
     opt = torch.optim.AdamW(list(named.values()), lr=config.lr, weight_decay=config.weight_decay)
     step = load_checkpoint(out, adapter, denoiser, named, opt, lora)
     scheduler = None
@@ -329,12 +334,13 @@ def train_vmix(pipe, adapter: VMixAdapter, data: Callable[[int], VMixBatch], con
         from diffusers import DDPMScheduler
 
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    control = ValueMix(adapter, scale=1.0, uncond="both")  # λ = 1 in training (§1.4)
+    # λ = 1 in training (§1.4); LoRA alone trains the base's own attention, nothing attached
+    control = ValueMix(adapter, scale=1.0, uncond="both") if config.value_mix else None
     last = min(config.steps, stop_at) if stop_at is not None else config.steps
     bar = tqdm(total=config.steps, initial=step, desc="vmix", dynamic_ncols=True, disable=not progress)
     t0, losses, first = time.time(), [], step
     try:
-        with attach(denoiser, control):
+        with attach(denoiser, control) if control is not None else contextlib.nullcontext():
             while step < last:
                 for g in opt.param_groups:
                     g["lr"] = lr_at(step, config.lr, config.warmup)
@@ -355,7 +361,8 @@ def train_vmix(pipe, adapter: VMixAdapter, data: Callable[[int], VMixBatch], con
         denoiser.eval()
         adapter.eval()
     if step >= config.steps:
-        adapter.save(os.path.join(out, "adapter.safetensors"))
+        if config.value_mix:  # LoRA alone leaves the adapter at its zero init: no file to mislead
+            adapter.save(os.path.join(out, "adapter.safetensors"))
         if lora:
             save_lora(denoiser, os.path.join(out, "lora.safetensors"), config.lora_rank, config.lora_alpha,
                       config.lora_targets)
