@@ -38,6 +38,12 @@ guidance branch: the engine will not guess); the step's first call is
 (``pipe.do_classifier_free_guidance``) is on and the batch is even (SD, SDXL, SD3), else
 ``{"cond": all rows}``. The guidance wrapper adds its extra branches to calls with ``cond``
 rows only.
+
+Gradient checkpointing: a block that diffusers recomputes in the backward runs after the
+denoiser forward has returned, when ``engine.context`` is gone; :func:`gradient_checkpointing`
+(or ``handle.gradient_checkpointing()``) installs a checkpoint function that replays the
+forward's :class:`ForwardContext` around the recomputation, so controls recompute exactly what
+they computed (loops that differentiate through the denoiser: DeContext's protector).
 """
 from __future__ import annotations
 
@@ -529,6 +535,12 @@ class Handle:
         """The :class:`~diffattn.families.RunState` this attach serves."""
         return self.engine.run
 
+    def gradient_checkpointing(self, target=None, *, enabled: bool = True):
+        """Context manager: gradient checkpointing of the attached denoisers' blocks (or of
+        ``target``'s) that replays this attach's per-forward context in the recomputation; see
+        the module function :func:`gradient_checkpointing`."""
+        return gradient_checkpointing(self.engine.target if target is None else target, self, enabled=enabled)
+
     def __enter__(self):
         return self
 
@@ -605,3 +617,82 @@ def refuse_if_attached(target, loop: str) -> None:
 def _safe_uninstall(engine: Engine) -> None:
     with contextlib.suppress(Exception):
         engine.uninstall()
+
+
+# ----------------------------------------------------------------------------- gradient checkpointing
+
+
+def checkpoint_function(engine: Engine | None = None) -> Callable:
+    """A diffusers ``gradient_checkpointing_func`` (``model.enable_gradient_checkpointing(fn)``)
+    that replays ``engine``'s per-forward context when a block is recomputed.
+
+    Gradient checkpointing (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost")
+    keeps a block's inputs only and runs its forward again in the backward. By then the denoiser
+    forward has returned and ``engine.context`` is ``None`` (or another forward's): diffattn's
+    processors and block hooks would recompute with the default step, no branches and no token
+    layout, so a control keyed on any of them would silently give other activations, hence
+    wrong gradients. ``fn(block, *args)`` captures ``engine.context`` when the block first runs
+    and sets it again around the recomputation (non-reentrant ``torch.utils.checkpoint``, RNG
+    state preserved), so the backward recomputes exactly the forward's operations. The restored
+    context is the forward's own object: its ``slots`` hold what the whole forward left there
+    (a control that caches in them must recompute the same either way). ``engine=None``: plain
+    non-reentrant checkpointing (nothing attached)."""
+    from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+    def checkpoint(module, *args):
+        ctx = engine.context if engine is not None else None
+
+        def run(*a):
+            if engine is None:
+                return module(*a)
+            previous, engine.context = engine.context, ctx
+            try:
+                return module(*a)
+            finally:
+                engine.context = previous
+
+        return torch_checkpoint(run, *args, use_reentrant=False)
+
+    return checkpoint
+
+
+_UNSET = object()
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(target, attached: "Handle | Engine | None" = None, *, enabled: bool = True):
+    """Within the block, the blocks of ``target``'s denoisers (a pipeline or a denoiser) are
+    gradient-checkpointed with :func:`checkpoint_function` of ``attached`` (the handle of
+    ``attach``, its engine, or ``None`` when nothing is attached); afterwards each block's
+    checkpointing flag and function are restored as they were. ``enabled=False`` does nothing
+    (so a loop can pass its setting through).
+
+        with da.attach(model, control) as h, h.gradient_checkpointing():
+            loss(model(...)).backward()     # the same gradients as without, less activation memory
+
+    ``UnsupportedModelError`` for a denoiser that does not support gradient checkpointing."""
+    if not enabled:
+        yield
+        return
+    engine = attached.engine if isinstance(attached, Handle) else attached
+    models = [model for _, model in denoisers(target)]
+    for model in models:
+        if not getattr(model, "_supports_gradient_checkpointing", False) or not hasattr(
+                model, "enable_gradient_checkpointing"):
+            raise UnsupportedModelError(
+                f"{type(model).__name__} does not support gradient checkpointing (diffusers' "
+                f"_supports_gradient_checkpointing is off); run without it (gradient_checkpointing=False)")
+    saved = [(m, m.gradient_checkpointing, getattr(m, "_gradient_checkpointing_func", _UNSET))
+             for model in models for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+    fn = checkpoint_function(engine)
+    try:
+        for model in models:
+            model.enable_gradient_checkpointing(fn)
+        yield
+    finally:
+        for m, on, previous in saved:
+            m.gradient_checkpointing = on
+            if previous is _UNSET:
+                m.__dict__.pop("_gradient_checkpointing_func", None)
+            else:
+                m._gradient_checkpointing_func = previous

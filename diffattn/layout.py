@@ -17,9 +17,11 @@ FLUX      ``text, image (h, w)``                 same (double and single blocks)
 Kontext   ``text, image (h, w), context (h, w)`` same
 Wan       ``video (t, h, w)``                    self: ``video``; cross: ``text``;
                                                  I2V image branch: ``image``
+Hunyuan   ``video (t, h, w), text``              same (joint and single blocks; text last)
 ========  =====================================  ====================================
 
-The family functions (``unet_layout``, ``sd3_layout``, ``flux_layout``, ``wan_layout``, each in
+The family functions (``unet_layout``, ``sd3_layout``, ``flux_layout``, ``wan_layout``,
+``hunyuan_video_layout``, each in
 its family's file under :mod:`diffattn.families` and importable from here) are pure: token
 counts and grids in, a layout out.
 """
@@ -178,7 +180,8 @@ def _check_grid(n: int, shape) -> tuple[int, ...] | None:
 
 # Each family's layout function lives in its family's file (diffattn.families.<family>);
 # these names stay importable from here.
-_FAMILY_LAYOUTS = {"unet_layout": "unet", "sd3_layout": "sd3", "flux_layout": "flux", "wan_layout": "wan"}
+_FAMILY_LAYOUTS = {"unet_layout": "unet", "sd3_layout": "sd3", "flux_layout": "flux", "wan_layout": "wan",
+                   "hunyuan_video_layout": "hunyuan_video"}
 
 
 def __getattr__(name: str):

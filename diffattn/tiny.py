@@ -2,8 +2,9 @@
 
 Each builder returns a *real* diffusers pipeline (``StableDiffusionPipeline``,
 ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline``, ``FluxPipeline``,
-``FluxKontextPipeline``, ``WanPipeline``, ``WanImageToVideoPipeline``) assembled from
-configs, with tokenizers built locally (:mod:`diffattn.tokenizers`), so nothing touches the
+``FluxKontextPipeline``, ``WanPipeline``, ``WanImageToVideoPipeline``,
+``HunyuanVideoPipeline``) assembled from configs, with tokenizers built locally
+(:mod:`diffattn.tokenizers`; HunyuanVideo's Llama tokenizer here), so nothing touches the
 Hugging Face Hub (``HF_HUB_OFFLINE=1`` works). Weights are drawn from ``torch.manual_seed``
 per component, so the same ``seed`` always gives the same pipeline; every module is fp32 and in
 eval mode (dropout off: T5 otherwise breaks determinism).
@@ -26,7 +27,7 @@ import torch
 
 from .tokenizers import clip_tokenizer, t5_tokenizer
 
-FAMILIES = ("sd15", "sdxl", "sd3", "sd35", "flux", "flux_kontext", "wan", "wan_i2v")
+FAMILIES = ("sd15", "sdxl", "sd3", "sd35", "flux", "flux_kontext", "wan", "wan_i2v", "hunyuan_video")
 
 CLIP_LENGTH = 77  # CLIPTokenizer.model_max_length; the pipelines need a finite value
 # Sentences the T5 unigram model is trained on (any text works; these cover the prompts of
@@ -530,6 +531,124 @@ def tiny_wan_i2v(seed: int = 0, *, num_layers: int = 2, heads: int = 2, head_dim
     return _eval_fp32(pipe)
 
 
+# ----------------------------------------------------------------------------- HunyuanVideo
+
+
+def _llama_tokenizer():
+    """An offline ``LlamaTokenizer`` (transformers' fast BPE one, ``LlamaTokenizerFast``): letters,
+    digits and punctuation, plus one merge per lower-case letter after the word marker ``▁``
+    (so words start with a ``▁x`` token). Right padding with ``<pad>``, as HunyuanVideo's
+    tokenizer: the transformer takes the valid tokens to come first."""
+    import string
+
+    from transformers import LlamaTokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, "▁": 4}
+    for c in string.ascii_letters + string.digits + ",.;:!?'-":
+        vocab.setdefault(c, len(vocab))
+    merges = []
+    for c in string.ascii_lowercase:
+        vocab["▁" + c] = len(vocab)
+        merges.append(("▁", c))
+    return LlamaTokenizer(vocab=vocab, merges=merges, pad_token="<pad>", padding_side="right")
+
+
+def _hunyuan_vae(seed: int):
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    torch.manual_seed(seed)
+    # diffusers' test VAE: spatial factor 8, temporal factor 4, 4 latent channels
+    return AutoencoderKLHunyuanVideo(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        act_fn="silu",
+        norm_num_groups=4,
+        scaling_factor=0.476986,
+        spatial_compression_ratio=8,
+        temporal_compression_ratio=4,
+        mid_block_add_attention=True,
+    )
+
+
+def tiny_hunyuan_video(
+    seed: int = 0,
+    *,
+    num_layers: int = 2,
+    num_single_layers: int = 2,
+    heads: int = 2,
+    head_dim: int = 16,
+    num_refiner_layers: int = 1,
+    patch_size: int = 1,
+    patch_size_t: int = 1,
+):
+    """A tiny ``HunyuanVideoPipeline`` (Llama text tokens, pooled CLIP, ``AutoencoderKLHunyuanVideo``,
+    ``HunyuanVideoTransformer3DModel`` with 2 dual-stream and 2 single-stream blocks).
+
+    Video tokens per call: ``((frames - 1) / 4 + 1) * (h / 8 / patch_size) * (w / 8 / patch_size)``
+    (VAE factors 4 and 8); text tokens: ``max_sequence_length`` (Llama, right-padded; the model
+    masks the padding), placed *after* the video tokens. Guidance-distilled (a guidance
+    embedding, one forward per step). Call it with ``prompt_template={"template": "{}",
+    "crop_start": 0}`` (:func:`tiny_call_kwargs` does): the default template's ``crop_start``
+    of 95 counts tokens of the real Llama tokenizer.
+    """
+    from diffusers import HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
+    from transformers import LlamaConfig, LlamaModel
+
+    if head_dim % 4:
+        raise ValueError(f"HunyuanVideo head_dim must be a multiple of 4 for the (t, h, w) RoPE axes, got {head_dim}")
+    llama_hidden, clip_hidden = 16, 8
+    tokenizer = _llama_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=llama_hidden,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        # the pipeline reads hidden_states[-3] (2 layers skipped): 3 layers put one before it
+        num_hidden_layers=3,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    text_encoder = LlamaModel(config)
+    tokenizer_2 = _clip_tokenizer()
+    text_encoder_2 = _clip_text(tokenizer_2, seed, hidden=clip_hidden)
+    torch.manual_seed(seed)
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        num_refiner_layers=num_refiner_layers,
+        patch_size=patch_size,
+        patch_size_t=patch_size_t,
+        guidance_embeds=True,
+        text_embed_dim=llama_hidden,
+        pooled_projection_dim=clip_hidden,  # CLIP pooled output
+        rope_axes_dim=_rope_axes(head_dim),  # (t, h, w); (16, 56, 56) at 128 as HunyuanVideo
+    )
+    pipe = HunyuanVideoPipeline(
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        vae=_hunyuan_vae(seed),
+        scheduler=_flow_scheduler(7.0),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+    )
+    return _eval_fp32(pipe)
+
+
 # ----------------------------------------------------------------------------- dispatch
 
 _BUILDERS: dict[str, Callable] = {
@@ -541,12 +660,14 @@ _BUILDERS: dict[str, Callable] = {
     "flux_kontext": tiny_flux_kontext,
     "wan": tiny_wan,
     "wan_i2v": tiny_wan_i2v,
+    "hunyuan_video": tiny_hunyuan_video,
 }
 
 
 def _family(name: str) -> str:
     key = name.lower().replace("-", "_").replace(".", "")
-    key = {"sd1": "sd15", "sd": "sd15", "kontext": "flux_kontext", "wani2v": "wan_i2v"}.get(key, key)
+    key = {"sd1": "sd15", "sd": "sd15", "kontext": "flux_kontext", "wani2v": "wan_i2v",
+           "hunyuan": "hunyuan_video", "hunyuanvideo": "hunyuan_video"}.get(key, key)
     if key not in _BUILDERS:
         raise ValueError(f"unknown tiny pipeline family {name!r}; choose one of {', '.join(FAMILIES)}")
     return key
@@ -576,8 +697,9 @@ def tiny_call_kwargs(family: str, *, seed: int = 0, steps: int = 2, size: int = 
                      **overrides) -> dict:
     """Keyword arguments for a quick ``pipe(**kwargs)`` call on a tiny pipeline of ``family``.
 
-    ``size`` is the image height and width in pixels (a multiple of 16 for Wan, 4 for FLUX);
-    Kontext and Wan I2V also get a ``size`` x ``size`` conditioning image, Wan 5 frames. The
+    ``size`` is the image height and width in pixels (a multiple of 16 for Wan and HunyuanVideo,
+    4 for FLUX); Kontext and Wan I2V also get a ``size`` x ``size`` conditioning image, Wan and
+    HunyuanVideo 5 frames. The
     result holds a tensor (``output_type="pt"``, read it with :func:`output_of`); ``overrides``
     replace or add any entry (``guidance_scale=1.0`` turns CFG off).
     """
@@ -595,6 +717,8 @@ def tiny_call_kwargs(family: str, *, seed: int = 0, steps: int = 2, size: int = 
         kwargs["max_sequence_length"] = 16 if key == "wan" else 512  # I2V: diffusers splits at 512
     if key == "wan_i2v":
         kwargs["image"] = Image.new("RGB", (size, size), (200, 40, 40))
+    if key == "hunyuan_video":  # a 5-frame video; the plain template (the default one crops 95 real-Llama tokens)
+        kwargs.update(num_frames=5, max_sequence_length=16, prompt_template={"template": "{}", "crop_start": 0})
     kwargs.update(overrides)
     return kwargs
 

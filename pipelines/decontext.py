@@ -11,7 +11,9 @@ Shen, Cui & Yang, "DeContext as Defense: Safe Image Editing in Diffusion Transfo
 **The attack** (paper Eqs. 7-10). The protected image is the editor's *context image*: pixels
 x -> VAE (posterior mode, then (z − shift)·scale) -> FLUX's 2×2 packing (context position ids,
 first coordinate 1) -> one transformer forward of ``FluxKontextPipeline``'s denoiser beside a
-noisy target. :class:`~diffattn.methods.decontext.ContextShareProbe` records, at the selected
+noisy target. Each of these parts is the editor's pipeline adapter's (the family's
+``editor_adapters()``: ``FluxKontextAdapter`` in ``diffattn.families.flux``); this loop knows
+no family. :class:`~diffattn.methods.decontext.ContextShareProbe` records, at the selected
 blocks, the context proportion r_ctx of the target queries (softmax over the whole joint key
 set, from two row log-sum-exps, no map); the loss L = 1 − r̄_ctx is ascended by L∞ PGD,
 
@@ -60,8 +62,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from diffattn.engine import gradient_checkpointing
 from diffattn.errors import ConfigError, ImageInputError, PathError, UnsupportedModelError
-from diffattn.families import RunState
+from diffattn.families import RunState, adapter_for, families
 from diffattn.methods.decontext import (
     CONTEXT_KINDS,
     ContextShareProbe,
@@ -278,21 +281,23 @@ def plot_shares(shares: dict, path, *, height: int = 160) -> None:
 # ----------------------------------------------------------------------------- inputs
 
 
-def check_editor(pipe) -> None:
-    """``UnsupportedModelError`` unless ``pipe`` is an in-context editor diffattn can protect
-    against: a ``FluxKontextPipeline`` (or a subclass)."""
+def check_editor(pipe):
+    """The in-context editor adapter serving ``pipe`` (the first of the registered families'
+    ``editor_adapters()`` that serves it: ``FluxKontextAdapter`` for a ``FluxKontextPipeline`` or
+    a subclass); ``UnsupportedModelError`` for any other pipeline, naming the editors served."""
     try:
-        from diffusers import FluxKontextPipeline
-    except ImportError:  # diffusers < 0.34
-        FluxKontextPipeline = None
-    if FluxKontextPipeline is not None and isinstance(pipe, FluxKontextPipeline):
-        return
+        return adapter_for(pipe, editor=True)
+    except UnsupportedModelError:
+        pass
     name = type(pipe).__name__
-    hint = (" (FluxPipeline generates from text only; it has no context image to detach)"
-            if name == "FluxPipeline" else "")
+    try:
+        adapter_for(pipe)  # a pipeline diffattn's text-to-image loops serve
+        hint = f" ({name} generates from text only; it has no context image to detach)"
+    except UnsupportedModelError:
+        hint = ""
+    editors = " or a ".join(n for fam in families() for cls in fam.editor_adapters() for n in cls.pipeline_names)
     raise UnsupportedModelError(
-        f"DeContext protects images against in-context editors: it needs a FluxKontextPipeline (FLUX.1 Kontext, or the "
-        f"tiny one of diffattn.tiny.tiny_pipeline('flux_kontext')); got {name}{hint}")
+        f"DeContext protects images against in-context editors: it needs a {editors}; got {name}{hint}")
 
 
 def read_image(image) -> tuple[np.ndarray, str | None]:
@@ -346,45 +351,6 @@ def read_image(image) -> tuple[np.ndarray, str | None]:
 # ----------------------------------------------------------------------------- the protector
 
 
-def _engine_checkpoint(engine):
-    """A ``gradient_checkpointing_func`` for diffusers models whose attention runs diffattn
-    processors: the block's recomputation in the backward sees the engine's per-forward context
-    of its first run (token layout, step), so it recomputes exactly the same operations."""
-
-    def checkpoint(module, *args):
-        ctx = engine.context if engine is not None else None
-
-        def run(*a):
-            if engine is None:
-                return module(*a)
-            previous, engine.context = engine.context, ctx
-            try:
-                return module(*a)
-            finally:
-                engine.context = previous
-
-        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
-
-    return checkpoint
-
-
-@contextlib.contextmanager
-def _checkpointing(model, on: bool, engine):
-    """Gradient checkpointing of ``model``'s blocks while the loop runs (restored after)."""
-    if not on:
-        yield
-        return
-    was = model.is_gradient_checkpointing
-    model.enable_gradient_checkpointing(_engine_checkpoint(engine))
-    try:
-        yield
-    finally:
-        if was:
-            model.enable_gradient_checkpointing()
-        else:
-            model.disable_gradient_checkpointing()
-
-
 @dataclass
 class _Sample:
     """One EOT draw: the instruction, the timestep (FLUX units) and the target noise [1, C, h, w]."""
@@ -398,13 +364,14 @@ class DeContextProtector:
     """L∞ PGD protection of images against a ``FluxKontextPipeline`` (module docstring).
 
     pipe:   a ``FluxKontextPipeline`` (its modules are shared, never modified; weights are
-            frozen only while an attack runs);
+            frozen only while an attack runs); ``.adapter`` is its editor adapter, which does
+            every family-specific part (VAE, packing, the forward, the size rule);
     config: a :class:`DeContextConfig`; keyword ``overrides`` replace its fields;
     progress: a tqdm bar per image (``None``: follow the pipeline's progress-bar config).
     """
 
     def __init__(self, pipe, config: DeContextConfig | None = None, *, progress: bool | None = None, **overrides):
-        check_editor(pipe)
+        self.adapter = check_editor(pipe)
         self.pipe = pipe
         self.config = configure(config, DeContextConfig, overrides, ConfigError, "DeContext")
         if progress is None:
@@ -412,10 +379,10 @@ class DeContextProtector:
         self.progress = bool(progress)
         from diffattn.sites import sites
 
-        self.all_sites = [s for s in sites(pipe.transformer) if s.kind in CONTEXT_KINDS]
+        self.all_sites = [s for s in sites(self.transformer) if s.kind in CONTEXT_KINDS]
         self.blocks = self._blocks()
         self.instructions = tuple(dict.fromkeys(p.strip() for p in (self.config.instructions or DEFAULT_INSTRUCTIONS)))
-        self._embeds: dict[str, tuple] = {}
+        self._embeds: dict[str, dict] = {}
 
     def __repr__(self):
         return f"DeContextProtector({type(self.pipe).__name__}, method={self.config.method!r}, {len(self.blocks)} blocks)"
@@ -423,16 +390,18 @@ class DeContextProtector:
     # ------------------------------------------------------------------ properties
     @property
     def transformer(self):
-        return self.pipe.transformer
+        """The editor's denoiser."""
+        return self.adapter.denoiser
 
     @property
     def device(self):
-        return self.pipe._execution_device
+        return self.adapter.device
 
     @property
     def size_unit(self) -> int:
-        """Image sides must be multiples of this many pixels: the VAE factor × FLUX's 2×2 packing."""
-        return int(self.pipe.vae_scale_factor) * 2
+        """Image sides must be multiples of this many pixels (the editor's context-image unit:
+        FLUX Kontext's VAE factor × its 2×2 packing)."""
+        return self.adapter.context_size_unit
 
     def _blocks(self) -> list[str]:
         """The site names whose r_ctx enters the loss; zero of them is an error."""
@@ -454,73 +423,44 @@ class DeContextProtector:
     # ------------------------------------------------------------------ pieces of the forward
     def check_size(self, height: int, width: int, what: str = "image") -> None:
         """``ImageInputError`` for sides the editor would resample (explaining its rounding)."""
-        u = self.size_unit
-        if height % u or width % u or height < u or width < u:
-            fit_w, fit_h = max(u, width // u * u), max(u, height // u * u)
-            raise ImageInputError(
-                f"{what} is {width}x{height} pixels; {type(self.pipe).__name__} floors the context image's sides to "
-                f"multiples of {u} px (2 × its VAE factor {u // 2}: latents are packed in 2×2 patches) and, with "
-                f"_auto_resize=True (its default), first resizes it to the nearest preferred Kontext resolution, so a "
-                f"perturbation made at {width}x{height} would be resampled. Crop it to {fit_w}x{fit_h} "
-                f"(image.crop((0, 0, {fit_w}, {fit_h}))) and edit with _auto_resize=False")
+        self.adapter.check_context_size(height, width, what)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Pixels [B, 3, H, W] in [0, 1] -> the editor's image latents [B, C, h, w]: the VAE
-        posterior's mode, (z − shift)·scale (``FluxKontextPipeline._encode_vae_image``);
-        differentiable in x."""
-        vae = self.pipe.vae
-        z = vae.encode((x * 2 - 1).to(self.device, vae.dtype)).latent_dist.mode()
-        return (z - vae.config.shift_factor) * vae.config.scaling_factor
+        """Pixels [B, 3, H, W] in [0, 1] -> the editor's image latents [B, C, h, w], as the
+        pipeline encodes its context image; differentiable in x."""
+        return self.adapter.encode_image(x)
 
     def pack(self, z: torch.Tensor, context: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latents [B, C, h, w] -> (tokens [B, (h/2)(w/2), 4C], position ids [(h/2)(w/2), 3]) with
-        the pipeline's own packing; context tokens get first coordinate 1 (Kontext's convention,
-        which the token layout reads)."""
-        B, C, h, w = z.shape
-        ids = self.pipe._prepare_latent_image_ids(B, h // 2, w // 2, self.device, self.transformer.dtype)
-        if context:
-            ids[..., 0] = 1
-        return self.pipe._pack_latents(z, B, C, h, w), ids
+        """Latents [B, C, h, w] -> (tokens [B, N, 4C], position ids [N, 3]) with the pipeline's own
+        packing, as the context image (``context``) or the generated target."""
+        return self.adapter.pack_context(z) if context else self.adapter.pack_target(z)
 
-    def embed(self, instruction: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(T5 tokens, pooled CLIP, text ids) of one instruction, encoded once (no gradient)."""
+    def embed(self, instruction: str) -> dict:
+        """The denoiser's conditioning of one instruction (the adapter's ``encode_prompt``: T5
+        tokens and pooled CLIP), encoded once (no gradient)."""
         if instruction not in self._embeds:
-            n = self.config.max_sequence_length or (getattr(self.pipe, "default_call_kwargs", None) or {}).get(
-                "max_sequence_length", 512)
+            n = self.config.max_sequence_length or self.adapter.call_defaults().get(
+                "max_sequence_length", self.adapter.default_max_sequence_length)
             with torch.no_grad():
-                self._embeds[instruction] = self.pipe.encode_prompt(prompt=[instruction], prompt_2=None,
-                                                                    device=self.device, num_images_per_prompt=1,
-                                                                    max_sequence_length=n)
+                self._embeds[instruction] = self.adapter.encode_prompt([instruction], max_sequence_length=n)[0]
         return self._embeds[instruction]
 
     def denoise(self, target: torch.Tensor, target_ids: torch.Tensor, context: torch.Tensor,
                 context_ids: torch.Tensor, t: float, instruction: str) -> torch.Tensor:
-        """One forward of the editor's transformer on ``[target ‖ context]`` tokens, as
-        ``FluxKontextPipeline.__call__`` runs it -> the target tokens' velocity [B, N_tgt, 4C]."""
-        model = self.transformer
-        text, pooled, text_ids = self.embed(instruction)
-        b = target.shape[0]
-        g = None
-        if model.config.guidance_embeds:
-            g = torch.full([1], float(self.config.guidance_scale), device=self.device, dtype=torch.float32).expand(b)
-        hidden = torch.cat([target.to(model.dtype), context.to(model.dtype)], dim=1)  # [B, N_tgt + N_ctx, 4C]
-        ids = torch.cat([target_ids, context_ids], dim=0)  # [N_tgt + N_ctx, 3]
-        out = model(hidden_states=hidden, timestep=torch.full([b], float(t), device=self.device, dtype=model.dtype),
-                    guidance=g, pooled_projections=pooled.expand(b, -1), encoder_hidden_states=text.expand(b, -1, -1),
-                    txt_ids=text_ids, img_ids=ids, return_dict=False)[0]
-        return out[:, : target.shape[1]]
+        """One forward of the editor's denoiser on ``[target ‖ context]`` tokens at flow time t,
+        as the pipeline runs it -> the target tokens' velocity [B, N_tgt, 4C]."""
+        return self.adapter.predict_with_context(None, target, target_ids, context, context_ids, t,
+                                                 self.embed(instruction), float(self.config.guidance_scale))
 
     def _latent_hw(self, height: int, width: int) -> tuple[int, int]:
-        f = int(self.pipe.vae_scale_factor)
-        return 2 * (height // (f * 2)), 2 * (width // (f * 2))
+        return self.adapter.latent_hw(height, width)
 
     def sample(self, generator: torch.Generator, latent_hw: tuple[int, int], t_range=None) -> _Sample:
         """One EOT draw: a random instruction, t ~ U[t_range], a fresh Gaussian target latent."""
         lo, hi = t_range or self.config.t_range
         i = int(torch.randint(len(self.instructions), (1,), generator=generator))
         t = lo + (hi - lo) * float(torch.rand((), generator=generator))
-        C = self.transformer.config.in_channels // 4
-        noise = torch.randn((1, C, *latent_hw), generator=generator)
+        noise = torch.randn((1, self.adapter.latent_channels, *latent_hw), generator=generator)
         return _Sample(self.instructions[i], t, noise.to(self.device, self.transformer.dtype))
 
     # ------------------------------------------------------------------ shares
@@ -613,7 +553,7 @@ class DeContextProtector:
         handle = attach(self.transformer, probe, run=run) if probe is not None else contextlib.nullcontext()
         try:
             with handle as h, frozen_weights(self.transformer, self.pipe.vae), \
-                    _checkpointing(self.transformer, cfg.gradient_checkpointing, getattr(h, "engine", None)):
+                    gradient_checkpointing(self.transformer, h, enabled=cfg.gradient_checkpointing):
                 for i in range(cfg.steps):
                     run.step = i
                     xi = x.detach().requires_grad_(True)

@@ -12,6 +12,7 @@ from PIL import Image
 import diffattn as da
 from diffattn.controls import Control
 from diffattn.errors import ConfigError, DiffattnError, ImageInputError, PathError, UnsupportedModelError
+from diffattn.families import RunState
 from diffattn.methods.decontext import (
     ContextShareProbe,
     context_share,
@@ -53,6 +54,57 @@ def kontext():
     from diffattn.tiny import tiny_pipeline
 
     return tiny_pipeline("flux_kontext")
+
+
+# ----------------------------------------------------------------------------- the editor adapter
+
+
+def test_the_editor_adapter_reproduces_the_pipelines_own_forward(kontext):
+    """FluxKontextAdapter (the family's editor adapter, what the protector calls): the context
+    latents, tokens and ids, the target ids, the conditioning and the target velocity equal what
+    FluxKontextPipeline.__call__ hands its transformer and gets back; sizes follow its floors."""
+    from diffattn.families import adapter_for
+    from diffattn.pipelines.decontext import check_editor
+
+    adapter = check_editor(kontext)
+    assert type(adapter).__name__ == "FluxKontextAdapter" and adapter.in_context
+    assert DeContextProtector(kontext, progress=False).adapter.pipe is kontext
+    with pytest.raises(UnsupportedModelError):
+        adapter_for(kontext)  # the text-to-image loops (A-STAR, UAM, IR) keep refusing an editor
+    seen = {}
+
+    def keep(module, args, kwargs, out):
+        seen.update(kwargs, out=out[0])
+
+    (th, tw), (ch, cw) = (12, 20), (16, 8)
+    hook = kontext.transformer.register_forward_hook(keep, with_kwargs=True)
+    try:
+        kontext(image=image(cw, ch, seed=5), prompt="make the circle blue", height=th, width=tw, max_area=th * tw,
+                _auto_resize=False, num_inference_steps=1, max_sequence_length=SEQ, output_type="latent",
+                generator=torch.Generator().manual_seed(0))
+    finally:
+        hook.remove()
+    x = torch.from_numpy(np.asarray(image(cw, ch, seed=5), dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    ctx, ctx_ids = adapter.pack_context(adapter.encode_image(x))  # [1, N_ctx, 4C], [N_ctx, 3]
+    n_tgt = (th // 4) * (tw // 4)
+    tgt, tgt_ids = seen["hidden_states"][:, :n_tgt], seen["img_ids"][:n_tgt]
+    assert torch.allclose(ctx, seen["hidden_states"][:, n_tgt:], atol=1e-5)  # fp32 VAE: grad mode vs no_grad
+    assert torch.equal(ctx_ids, seen["img_ids"][n_tgt:]) and bool((ctx_ids[:, 0] == 1).all())
+    z = torch.zeros(1, adapter.latent_channels, *adapter.latent_hw(th, tw))
+    assert torch.equal(adapter.pack_target(z)[1], tgt_ids) and bool((tgt_ids[:, 0] == 0).all())
+    with torch.no_grad():  # as the pipeline runs them
+        cond = adapter.encode_prompt(["make the circle blue"], max_sequence_length=SEQ)[0]
+        v = adapter.predict_with_context(None, tgt, tgt_ids, ctx, ctx_ids, seen["timestep"], cond)
+    assert torch.equal(cond["encoder_hidden_states"], seen["encoder_hidden_states"])
+    assert torch.equal(cond["pooled_projections"], seen["pooled_projections"])
+    assert v.shape == (1, n_tgt, 4 * adapter.latent_channels)
+    assert torch.allclose(v, seen["out"][:, :n_tgt], atol=1e-5)
+    assert adapter.context_size_unit == 4 and adapter.latent_hw(18, 13) == (8, 6)  # floors to whole 2x2 patches
+    run = RunState()
+    noise = adapter.prepare_latents(run, 1, th, tw, torch.float32, torch.Generator().manual_seed(0))
+    assert torch.equal(noise, tgt) and torch.equal(run.image_ids, tgt_ids)  # the same seeded start as the call
+    with pytest.raises(ImageInputError, match=r"FluxKontextPipeline floors .* multiples of 4 px"):
+        adapter.check_context_size(18, 16)
 
 
 # ----------------------------------------------------------------------------- the primitive
@@ -126,13 +178,11 @@ def test_default_blocks_are_the_front_two_thirds_of_the_single_stream():
 
 def _loss_and_grad(protector, x, checkpointing: bool):
     """1 − r̄_ctx of one fixed draw and its gradient in the pixels x [1, 3, H, W]."""
-    from diffattn.pipelines.decontext import _checkpointing
-
     gen = torch.Generator().manual_seed(3)
     s = protector.sample(gen, (x.shape[-2] // 2, x.shape[-1] // 2))
     probe = ContextShareProbe(protector.blocks, requires_grad=True)
     x = x.clone().requires_grad_(True)
-    with da.attach(protector.transformer, probe) as h, _checkpointing(protector.transformer, checkpointing, h.engine):
+    with da.attach(protector.transformer, probe) as h, h.gradient_checkpointing(enabled=checkpointing):
         ctx, ctx_ids = protector.pack(protector.encode(x), context=True)
         tgt, tgt_ids = protector.pack(s.noise, context=False)
         protector.denoise(tgt, tgt_ids, ctx, ctx_ids, s.t, s.instruction)

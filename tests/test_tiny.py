@@ -18,6 +18,7 @@ SHAPES = {
     "flux_kontext": (1, 3, 16, 16),
     "wan": (1, 5, 3, 16, 16),
     "wan_i2v": (1, 5, 3, 16, 16),
+    "hunyuan_video": (1, 5, 3, 16, 16),
 }
 PIPELINE_CLASSES = {
     "sd15": "StableDiffusionPipeline",
@@ -28,6 +29,7 @@ PIPELINE_CLASSES = {
     "flux_kontext": "FluxKontextPipeline",
     "wan": "WanPipeline",
     "wan_i2v": "WanImageToVideoPipeline",
+    "hunyuan_video": "HunyuanVideoPipeline",
 }
 
 

@@ -1,13 +1,14 @@
 """Model families: everything diffattn knows about one kind of denoiser, in one file each.
 
-=======  ==========================================  =====================================
-family   denoiser (diffusers)                        pipelines served by its adapters
-=======  ==========================================  =====================================
-unet     ``UNet2DConditionModel`` (SD1.5, SD2, SDXL) ``StableDiffusionPipeline``, ``...XLPipeline``
-sd3      ``SD3Transformer2DModel`` (SD3, SD3.5)      ``StableDiffusion3Pipeline``
-flux     ``FluxTransformer2DModel`` (FLUX.1, Kontext) ``FluxPipeline`` (``FluxKontextPipeline``)
-wan      ``WanTransformer3DModel`` (Wan 2.1 / 2.2)   (controls only: no diffattn loop yet)
-=======  ==========================================  =====================================
+=============  ============================================  =========================================================
+family         denoiser (diffusers)                          pipelines served by its adapters
+=============  ============================================  =========================================================
+unet           ``UNet2DConditionModel`` (SD1.5, SD2, SDXL)   ``StableDiffusionPipeline``, ``...XLPipeline``
+sd3            ``SD3Transformer2DModel`` (SD3, SD3.5)        ``StableDiffusion3Pipeline``
+flux           ``FluxTransformer2DModel`` (FLUX.1, Kontext)  ``FluxPipeline``; editor: ``FluxKontextPipeline``
+wan            ``WanTransformer3DModel`` (Wan 2.1 / 2.2)     (controls only: no diffattn loop yet)
+hunyuan_video  ``HunyuanVideoTransformer3DModel``            (controls only; the text-only token refiner gets no site)
+=============  ============================================  =========================================================
 
 A :class:`~diffattn.families.base.Family` owns, for its denoiser: detection of its attention
 modules, their site kinds, its processor (a mirror of the stock diffusers processor), its
@@ -33,6 +34,7 @@ _BUILTIN = {
     "sd3": ("diffattn.families.sd3", "SD3Family"),
     "flux": ("diffattn.families.flux", "FluxFamily"),
     "wan": ("diffattn.families.wan", "WanFamily"),
+    "hunyuan_video": ("diffattn.families.hunyuan_video", "HunyuanVideoFamily"),
 }
 _REGISTRY: dict[str, Family] = {}
 _loaded = False
@@ -98,15 +100,18 @@ def supported() -> str:
     return ", ".join(f.description for f in families()) + "; pass a pipeline of one of them or its .unet / .transformer"
 
 
-def adapter_for(pipe, *, method: str = "this method") -> PipelineAdapter:
-    """The :class:`PipelineAdapter` serving ``pipe`` (its class or a base class of it).
+def adapter_for(pipe, *, method: str = "this method", editor: bool = False) -> PipelineAdapter:
+    """The :class:`PipelineAdapter` serving ``pipe`` (its class or a base class of it): among the
+    families' text-to-image ``adapters()``, or with ``editor=True`` their in-context
+    ``editor_adapters()``.
 
     ``UnsupportedModelError`` names the pipelines diffattn's loops support."""
+    listed = (lambda fam: fam.editor_adapters()) if editor else (lambda fam: fam.adapters())
     for fam in families():
-        for cls in fam.adapters():
+        for cls in listed(fam):
             if cls.serves(pipe):
                 return cls(pipe)
-    names = [n for fam in families() for cls in fam.adapters() for n in cls.pipeline_names]
+    names = [n for fam in families() for cls in listed(fam) for n in cls.pipeline_names]
     raise UnsupportedModelError(
         f"{method} supports {', '.join(names)} (and their subclasses); got {type(pipe).__name__}. Load one of those "
         f"pipelines (e.g. StableDiffusionPipeline.from_pretrained(...)) and pass it"

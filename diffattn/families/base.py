@@ -128,7 +128,12 @@ class Family:
         return []
 
     def adapters(self) -> tuple[type["PipelineAdapter"], ...]:
-        """Pipeline adapters of this family, most specific first."""
+        """Pipeline adapters of this family's text-to-image pipelines, most specific first."""
+        return ()
+
+    def editor_adapters(self) -> tuple[type["PipelineAdapter"], ...]:
+        """Adapters of this family's in-context editors (a context image beside the target), most
+        specific first; kept apart so text-to-image loops never receive an editor."""
         return ()
 
     def __repr__(self):

@@ -2,7 +2,8 @@
 ``[text ‖ image (‖ context)]`` (text first).
 
 Everything diffattn knows about the family: detection, site kinds, the processor, the token
-layout, the per-forward record and the ``FluxPipeline`` adapter.
+layout, the per-forward record, the ``FluxPipeline`` adapter and the ``FluxKontextPipeline``
+in-context editor adapter (:class:`FluxKontextAdapter`, served by :meth:`FluxFamily.editor_adapters`).
 
 Double blocks project text with ``add_*_proj`` and concatenate it *before* the image; single
 blocks receive text and image pre-concatenated (the per-forward record carries the text length
@@ -23,6 +24,7 @@ import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 
+from ..errors import ImageInputError
 from ..layout import LayoutError, TokenLayout, _check_grid, segments
 from ..processors.base import DiffattnProcessor
 from .base import Family, PipelineAdapter, RunState, TextBlock
@@ -214,6 +216,14 @@ class FluxFamily(Family):
     def adapters(self):
         return (FluxAdapter,)
 
+    def editor_adapters(self):
+        """Adapters of the in-context editors of this family (``FluxKontextPipeline``): what a loop
+        that feeds the denoiser a context image asks of the pipeline (DeContext's protector).
+
+        Kept apart from :meth:`adapters` on purpose: the text-to-image loops (A-STAR, UAM,
+        IR-Diffusion) look adapters up with ``adapter_for`` and must keep refusing an editor."""
+        return (FluxKontextAdapter,)
+
     def text_stream_blocks(self, model) -> list[tuple[str, tuple[int, ...], str]]:
         """The blocks that pass a text stream on, in execution order: ``(module name, positions
         of the stream in the block's output, kind)``. Double blocks return ``(text, image)``
@@ -289,9 +299,16 @@ class FluxAdapter(PipelineAdapter):
     def pack(self, run: RunState, z):
         """[B, C, h, w] -> [B, (h/2)(w/2), 4C] with FluxPipeline's own ``_pack_latents``; sets the
         image tokens' position ids for that grid."""
+        tokens, run.image_ids = self.pack_target(z)
+        return tokens
+
+    def pack_target(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents [B, C, h, w] -> (tokens [B, (h/2)(w/2), 4C], position ids [(h/2)(w/2), 3]) of the
+        generated (target) image: the pipeline's own ``_pack_latents`` and
+        ``_prepare_latent_image_ids`` (first coordinate 0; row, column)."""
         B, C, h, w = z.shape
-        run.image_ids = self.pipe._prepare_latent_image_ids(B, h // 2, w // 2, self.device, self.denoiser.dtype)
-        return self.pipe._pack_latents(z, B, C, h, w)
+        ids = self.pipe._prepare_latent_image_ids(B, h // 2, w // 2, self.device, self.denoiser.dtype)  # [N, 3]
+        return self.pipe._pack_latents(z, B, C, h, w), ids  # [B, (h/2)(w/2), 4C]
 
     def unpack(self, x, height, width):
         return self.pipe._unpack_latents(x, height, width, self.vae_factor)  # [B, C, h, w]
@@ -307,3 +324,123 @@ class FluxAdapter(PipelineAdapter):
                      pooled_projections=cond["pooled_projections"].to(model.dtype), encoder_hidden_states=text,
                      txt_ids=torch.zeros(text.shape[1], 3, device=x.device, dtype=text.dtype),
                      img_ids=run.image_ids, return_dict=False)[0]
+
+
+class FluxKontextAdapter(FluxAdapter):
+    """``FluxKontextPipeline`` (FLUX.1 Kontext), the in-context editor: FLUX whose image stream is
+    ``[target ‖ context image]``. Besides the text-to-image contract of :class:`FluxAdapter`
+    (Kontext without an image generates as FLUX), what a loop that feeds the editor a context
+    image needs, each part as ``FluxKontextPipeline.__call__`` does it:
+
+    - :meth:`encode_image`: pixels -> the context latents (``_encode_vae_image``), differentiable;
+    - :meth:`pack_context` / :meth:`pack_target`: 2×2 packing and position ids (the context's
+      first coordinate 1, which the token layout reads to split ``image`` from ``context``);
+    - :meth:`predict_with_context`: one denoiser forward on ``[target ‖ context]`` tokens -> the
+      target tokens' velocity;
+    - :attr:`context_size_unit`, :meth:`check_context_size`, :meth:`latent_hw`: the pipeline's
+      floor of the sides to multiples of 2 × its VAE factor (and its ``_auto_resize``).
+
+    Served through :meth:`FluxFamily.editor_adapters` (not ``adapters()``), so ``adapter_for``'s
+    text-to-image loops keep refusing an editor."""
+
+    name = "flux_kontext"
+    pipeline_names = ("FluxKontextPipeline (FLUX.1 Kontext, or the tiny one of "
+                      "diffattn.tiny.tiny_pipeline('flux_kontext'))",)
+    in_context = True  # feeds the denoiser a context image beside the generated one
+
+    @classmethod
+    def pipeline_classes(cls):
+        try:
+            from diffusers import FluxKontextPipeline
+        except ImportError:  # diffusers < 0.34
+            return ()
+        return (FluxKontextPipeline,)
+
+    def prepare_latents(self, run: RunState, batch, height, width, dtype, generator=None, latents=None):
+        """Kontext's ``prepare_latents`` without a context image (its first argument): the
+        packed noise [B, h/2 · w/2, 4C]; sets ``run.image_ids``."""
+        latents, _, run.image_ids, _ = self.pipe.prepare_latents(None, batch, self.latent_channels, height, width,
+                                                                 dtype, self.device, generator, latents)
+        return latents
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def latent_channels(self) -> int:
+        """Channels C of the spatial latents: the transformer's input channels over the 2×2 packing."""
+        return self.denoiser.config.in_channels // 4
+
+    @property
+    def context_size_unit(self) -> int:
+        """The context image's sides must be multiples of this many pixels: 2 × the VAE factor
+        (``FluxKontextPipeline`` floors them to it, since latents are packed in 2×2 patches)."""
+        return self.size_unit
+
+    def latent_hw(self, height: int, width: int) -> tuple[int, int]:
+        """The spatial latent ``(h, w)`` of a ``height × width`` image, floored to whole 2×2
+        patches as ``FluxKontextPipeline.prepare_latents`` does: ``2 · ⌊side / (2f)⌋``."""
+        f = self.vae_factor
+        return 2 * (height // (f * 2)), 2 * (width // (f * 2))
+
+    def check_context_size(self, height: int, width: int, what: str = "image") -> None:
+        """``ImageInputError`` for a context image whose sides the editor would resample,
+        explaining its rounding and the crop that avoids it."""
+        u = self.context_size_unit
+        if height % u or width % u or height < u or width < u:
+            fit_w, fit_h = max(u, width // u * u), max(u, height // u * u)
+            raise ImageInputError(
+                f"{what} is {width}x{height} pixels; {type(self.pipe).__name__} floors the context image's sides to "
+                f"multiples of {u} px (2 × its VAE factor {u // 2}: latents are packed in 2×2 patches) and, with "
+                f"_auto_resize=True (its default), first resizes it to the nearest preferred Kontext resolution, so a "
+                f"perturbation made at {width}x{height} would be resampled. Crop it to {fit_w}x{fit_h} "
+                f"(image.crop((0, 0, {fit_w}, {fit_h}))) and edit with _auto_resize=False")
+
+    # ------------------------------------------------------------------ the context image
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels [B, 3, H, W] in [0, 1] -> the editor's image latents [B, C, h, w]: the VAE
+        posterior's mode, then (z − shift)·scale (``FluxKontextPipeline._encode_vae_image`` with
+        ``sample_mode="argmax"``); differentiable in x."""
+        vae = self.pipe.vae
+        z = vae.encode((x * 2 - 1).to(self.device, vae.dtype)).latent_dist.mode()  # [B, C, h, w]
+        return self.to_latents(z)
+
+    def pack_context(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Context latents [B, C, h, w] -> (tokens [B, (h/2)(w/2), 4C], position ids [(h/2)(w/2), 3]):
+        as :meth:`pack_target`, with first coordinate 1 (``prepare_latents``' ``image_ids``)."""
+        tokens, ids = self.pack_target(z)
+        ids[..., 0] = 1
+        return tokens, ids
+
+    def predict_with_context(self, run: RunState | None, target: torch.Tensor, target_ids: torch.Tensor | None,
+                             context: torch.Tensor, context_ids: torch.Tensor, t, cond: dict,
+                             guidance: float | None = None) -> torch.Tensor:
+        """One denoiser forward on ``[target ‖ context]`` tokens, as ``FluxKontextPipeline.__call__``
+        runs it -> the target tokens' velocity [B, N_tgt, 4C].
+
+        target [B, N_tgt, 4C] with ``target_ids`` [N_tgt, 3] (``None``: ``run.image_ids``);
+        context [B, N_ctx, 4C] with ``context_ids`` [N_ctx, 3] (:meth:`pack_context`);
+        t: the flow time in [0, 1] the transformer takes (the scheduler's timestep / 1000; a
+        float or a tensor); cond: :meth:`encode_prompt`'s conditional dict (one row is
+        broadcast to B); guidance: the guidance embedding (``None``: ``run.guidance``, else 1),
+        for models that have one."""
+        model, b = self.denoiser, target.shape[0]
+        if target_ids is None:
+            target_ids = run.image_ids
+        if guidance is None and run is not None:
+            guidance = run.guidance
+        text = cond["encoder_hidden_states"].to(model.dtype)
+        pooled = cond["pooled_projections"].to(model.dtype)
+        if text.shape[0] != b:
+            text, pooled = text.expand(b, -1, -1), pooled.expand(b, -1)  # one condition row for every target row
+        g = None
+        if model.config.guidance_embeds:
+            g = torch.full([1], float(1.0 if guidance is None else guidance), device=self.device,
+                           dtype=torch.float32).expand(b)
+        hidden = torch.cat([target.to(model.dtype), context.to(model.dtype)], dim=1)  # [B, N_tgt + N_ctx, 4C]
+        ids = torch.cat([target_ids, context_ids], dim=0)  # [N_tgt + N_ctx, 3]
+        timestep = (t.to(self.device, model.dtype).expand(b) if torch.is_tensor(t)
+                    else torch.full([b], float(t), device=self.device, dtype=model.dtype))
+        out = model(hidden_states=hidden, timestep=timestep, guidance=g, pooled_projections=pooled,
+                    encoder_hidden_states=text, txt_ids=torch.zeros(text.shape[1], 3, device=text.device,
+                                                                    dtype=text.dtype),
+                    img_ids=ids, return_dict=False)[0]  # [B, N_tgt + N_ctx, 4C]
+        return out[:, : target.shape[1]]

@@ -15,21 +15,29 @@ What this module adds is the layout side, per attention call:
   worth selecting if they are spatially compact. The video / image tokens are reordered tile by
   tile over their latent grid (t, h, w) / (h, w) (tiles of ``block_size`` tokens), text tokens
   go last (as the official FLUX and HunyuanVideo code), per call after RoPE (so RoPE needs no
-  permutation), and the output is inverse-permuted. Attention is permutation-equivariant, so
-  with every block selected the result equals dense attention exactly.
+  permutation), and the output is inverse-permuted. The layout's segments decide, not
+  positions: FLUX's text comes first in the model's sequence, HunyuanVideo's last; both end up
+  after the grid. Attention is permutation-equivariant, so with every block selected the result
+  equals dense attention exactly.
 - **static blocks** (:func:`neighbour_blocks`): the blocks holding a 26-neighbour (8 in 2-D) of
   a block's tokens; Wan's first-frame blocks attend to each other; text key blocks are always
   attended to and text query blocks attend densely.
+- **masked keys** (:func:`live_keys`): keys the call's mask hides from every query (HunyuanVideo's
+  padded text, placed last by the reorder) are cut from the keys, so the plan neither pools nor
+  isolates them and, with nothing else masked, the call needs no bias (the sparse kernels take
+  none); keys masked for some rows only keep the mask (the masked reference then runs).
 - **schedule**: dense warm-up by layer and step, defaults of the official scripts (Wan2.1 T2V:
   layers 0-1 and the first 5 denoising steps dense (its 10 processor calls, CFG's two passes
   each); Wan I2V: layers 0-1; FLUX: processors 37 and above dense (the last 20 of FLUX.1's 57),
-  no step warm-up), drop rate 0.75 (Wan) / 0.9 (FLUX), p_remain 0.3, blocks of 128.
+  no step warm-up; HunyuanVideo: no warm-up at all, every dual- and single-stream block sparse,
+  the token refiner dense (it has no site)), drop rate 0.75 (Wan) / 0.9 (FLUX) / 0.8
+  (HunyuanVideo), p_remain 0.3, blocks of 128.
 - **modes** for ablation: ``"rectified"``; ``"vanilla"`` (the same top-k + neighbour + text
   blocks, R = 1, comp = 0: plain block-sparse attention); ``"random"`` (top-k uniformly random
   blocks instead of the scored ones, same neighbour and text blocks, equal budget).
 
-Attach to a ``WanPipeline`` (self-attention ``attn1``) or a ``FluxPipeline`` (joint and single
-blocks)::
+Attach to a ``WanPipeline`` (self-attention ``attn1``), a ``FluxPipeline`` or a
+``HunyuanVideoPipeline`` (joint and single blocks)::
 
     with da.attach(pipe, da.RectifiedSparseAttention(drop=0.75)):
         video = pipe(prompt, num_frames=81).frames
@@ -47,15 +55,17 @@ from ..controls import AttentionCall, Control, StepWindow
 from ..errors import ConfigError, ControlError, LayoutError
 from ..kernels.sparse import MIN_TILE, MODES, block_sparse_plan
 
-__all__ = ["RectifiedSparseAttention", "tiled_order", "default_tile", "neighbour_blocks", "FAMILY_DEFAULTS"]
+__all__ = ["RectifiedSparseAttention", "tiled_order", "default_tile", "neighbour_blocks", "live_keys",
+           "FAMILY_DEFAULTS"]
 
 # official scripts (scripts/main_*.py, Inference.md): drop rate, dense layers, dense denoising steps
 FAMILY_DEFAULTS = {
     "wan": dict(drop=0.75, dense_layers=range(0, 2), dense_steps=5),
     "wan_i2v": dict(drop=0.75, dense_layers=range(0, 2), dense_steps=0),
     "flux": dict(drop=0.9, dense_layers=range(37, 1 << 30), dense_steps=0),
+    "hunyuan_video": dict(drop=0.8, dense_layers=range(0, 0), dense_steps=0),  # no warm-up (main_hunyuan.py)
 }
-SPARSE_KINDS = {"wan": ("self",), "flux": ("joint", "single")}
+SPARSE_KINDS = {"wan": ("self",), "flux": ("joint", "single"), "hunyuan_video": ("joint", "single")}
 
 
 # ----------------------------------------------------------------------------- layout math
@@ -181,6 +191,30 @@ def static_layout(layout, block_size: int, tile: Sequence[int] | None, *, neighb
     return _Static(perm, pooled if pos < n else None, text_blocks, text_blocks.clone(), extra, n_video)
 
 
+def live_keys(bias: torch.Tensor, n_key: int) -> tuple[int, bool]:
+    """``(n, unmasked)`` of a bias or boolean mask broadcastable to ``[B, H, Nq, Nk]``.
+
+    Keys ``[n, Nk)`` are hidden from every query of every row and head (False, or -inf), so
+    cutting them from the call changes no output (their softmax weight is 0 everywhere);
+    ``unmasked``: the first ``n`` keys are all visible with no bias (a boolean all True, or a
+    float 0), so the cut call needs no bias at all. HunyuanVideo's prompt padding is such a tail
+    once the reorder puts the text last (the official code leaves it out of the sparse kernel
+    through cu_seqlens). A bias broadcast over the keys, or one hiding every key, is kept whole
+    (``(Nk, False)``). One host read per call (two for a float bias).
+    """
+    visible = bias if bias.dtype == torch.bool else bias > float("-inf")
+    if visible.shape[-1] != n_key:
+        return n_key, False
+    flat = visible.reshape(-1, n_key)  # [B·H·Nq (broadcast ones), Nk]
+    seen = torch.stack([flat.any(0), flat.all(0)]).cpu()  # [2, Nk]: any / every query sees the key
+    alive = seen[0].nonzero()
+    if not alive.numel():
+        return n_key, False
+    n = int(alive[-1]) + 1
+    unmasked = bool(seen[1, :n].all()) and (bias.dtype == torch.bool or bool((bias[..., :n] == 0).all()))
+    return n, unmasked
+
+
 # ----------------------------------------------------------------------------- the control
 
 
@@ -189,7 +223,7 @@ def _check_drop(drop) -> float | None:
         return None
     if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not (0.0 <= float(drop) < 1.0):
         raise ConfigError(f"drop={drop!r}: the fraction of key blocks to skip must lie in [0, 1) (0 = every block "
-                          f"computed; the official defaults are 0.75 for Wan, 0.9 for FLUX)")
+                          f"computed; the official defaults are 0.75 for Wan, 0.9 for FLUX, 0.8 for HunyuanVideo)")
     return float(drop)
 
 
@@ -219,10 +253,10 @@ def _layers(value, name: str):
 
 
 class RectifiedSparseAttention(Control):
-    """Rectified block-sparse self-attention (Rectified SpaAttn) on Wan and FLUX.
+    """Rectified block-sparse self-attention (Rectified SpaAttn) on Wan, FLUX and HunyuanVideo.
 
     drop:         fraction of the video / image key blocks each query block skips, in [0, 1)
-                  (``None``: the family's default, Wan 0.75, FLUX 0.9); the budget is
+                  (``None``: the family's default, Wan 0.75, FLUX 0.9, HunyuanVideo 0.8); the budget is
                   ``top_k = int((1 - drop) · video blocks)`` plus neighbour and text blocks.
     mode:         ``"rectified"`` (IPAR + GAPR), ``"vanilla"`` (no rectification) or
                   ``"random"`` (random blocks at the same budget); ablation modes.
@@ -237,7 +271,8 @@ class RectifiedSparseAttention(Control):
     neighbours:   add the grid-neighbour blocks of each block (official: yes).
     first_frame:  Wan: the first frame's blocks attend to each other (``None``: on for Wan).
     seed:         the ``"random"`` mode's seed (each call draws from (seed, step, site)).
-    sites:        ``"auto"`` (Wan ``attn1``, FLUX joint and single blocks) or a selector.
+    sites:        ``"auto"`` (Wan ``attn1``, FLUX and HunyuanVideo joint and single blocks) or a
+                  selector.
     heads, branches: as every control; other heads and rows stay dense.
     steps:        replaces the warm-up window (``dense_steps``) when given.
     """
@@ -286,7 +321,8 @@ class RectifiedSparseAttention(Control):
             if unsupported:
                 raise ControlError(f"RectifiedSparseAttention knows the video / image self-attention of "
                                    f"{', '.join(SPARSE_KINDS)}; this model's family {', '.join(unsupported)} has no "
-                                   f"such layout (pass sites= to pick the Wan / FLUX sites of a mixed model)")
+                                   f"such layout (pass sites= to pick the Wan / FLUX / HunyuanVideo sites of a "
+                                   f"mixed model)")
             chosen = [s for s in all_sites if s.kind in SPARSE_KINDS[s.family]]
         else:
             chosen = [s for s in all_sites if self.site_spec(s)] if callable(self.site_spec) else select(
@@ -294,7 +330,8 @@ class RectifiedSparseAttention(Control):
             bad = [s.name for s in chosen if s.kind not in SPARSE_KINDS.get(s.family, ())]
             if bad:
                 raise ControlError(f"RectifiedSparseAttention acts on the self-attention of Wan and the joint / single "
-                                   f"blocks of FLUX (a video / image token grid); {bad[:3]} are not such sites")
+                                   f"blocks of FLUX and HunyuanVideo (a video / image token grid); {bad[:3]} are not "
+                                   f"such sites")
         i2v = any(s.kind == "cross" and getattr(s.module, "add_k_proj", None) is not None for s in all_sites)
         per_denoiser: dict = {}
         self._plan_sites = {}
@@ -346,11 +383,19 @@ class RectifiedSparseAttention(Control):
         call.q, call.k, call.v = (x.index_select(2, perm) for x in (call.q, call.k, call.v))  # [B, H, N, D] reordered
         bias = call.spec.bias
         if bias is not None:
-            if bias.dim() >= 2 and bias.shape[-2] == perm.numel():
+            n = perm.numel()
+            if bias.dim() >= 2 and bias.shape[-2] == n:
                 bias = bias.index_select(-2, perm)
-            if bias.dim() >= 1 and bias.shape[-1] == perm.numel():
+            if bias.dim() >= 1 and bias.shape[-1] == n:
                 bias = bias.index_select(-1, perm)
-            call.spec.bias = bias
+            n_key, unmasked = live_keys(bias, call.k.shape[2])
+            if n_key < n:  # keys no query sees (HunyuanVideo's padded text, last after the reorder): cut
+                call.k, call.v = call.k[:, :, :n_key], call.v[:, :, :n_key]  # [B, H, n_key, D]
+                bias = bias[..., :n_key]
+                nkb = -(-n_key // self.block_size)
+                forced, extra = forced[:nkb], extra[:, :nkb]  # [NK'], [NQ, NK']
+                pooled = pooled[:n_key] if pooled is not None else None
+            call.spec.bias = None if unmasked else bias
         b, h = call.q.shape[:2]
         heads, rows = self.head_mask(call), self.rows(call)
         if not bool(heads.all()) or not bool(rows.all()):  # other heads / rows stay dense

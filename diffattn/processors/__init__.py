@@ -9,7 +9,8 @@ family's file (:mod:`diffattn.families`): ``UNetProcessor`` (``AttnProcessor2_0`
 from ..kernels import uniform_keys_attention  # lives in diffattn.kernels.composite; re-exported here
 from .base import DiffattnProcessor, kernel_spec, run_controls, run_kernel, run_taps
 
-_FAMILY_PROCESSORS = {"UNetProcessor": "unet", "SD3Processor": "sd3", "FluxProcessor": "flux", "WanProcessor": "wan"}
+_FAMILY_PROCESSORS = {"UNetProcessor": "unet", "SD3Processor": "sd3", "FluxProcessor": "flux", "WanProcessor": "wan",
+                      "HunyuanVideoProcessor": "hunyuan_video"}
 
 
 def __getattr__(name: str):
