@@ -13,6 +13,7 @@ from pathlib import Path
 from ..errors import ModelLoadError
 
 MODELS = ("tiny-sd", "tiny-sd3")
+VIDEO_MODELS = ("tiny-wan",)  # exported folders load (``video_models.load_wan``); none shipped yet
 DEFAULT_MODEL = "tiny-sd3"
 
 
@@ -53,7 +54,7 @@ def testbed_kind(path) -> str | None:
         raise ModelLoadError(f"{marker} is not readable JSON ({e}); it should read {{\"model\": \"tiny-sd3\"}} "
                              f"(one of {list(MODELS)}), as `python -m diffattn.testbed.train export` writes it") from None
     kind = record.get("model") if isinstance(record, dict) else None
-    if kind not in MODELS:
+    if kind not in MODELS + VIDEO_MODELS:
         raise ModelLoadError(f"{marker} names {kind!r}; expected {{\"model\": one of {list(MODELS)}}}")
     return kind
 
@@ -85,6 +86,10 @@ def load(name: str = DEFAULT_MODEL, **kwargs):
                 f"exported by `python -m diffattn.testbed.train export` (no {MARKER})"
             )
         name = kind
+    if name in VIDEO_MODELS:
+        from .video_models import load_wan
+
+        return load_wan(path, **kwargs)
     cls = {"tiny-sd": ShapesSDPipeline, "tiny-sd3": ShapesSD3Pipeline}[name]
     if name == "tiny-sd3":  # components the tiny SD3 does not have
         for absent in ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor"):
@@ -114,7 +119,8 @@ def load_failure(path, error: BaseException, use_safetensors: bool | None = True
 def __getattr__(name):  # lazy submodules: `testbed.oracle`, `testbed.evaluate`...
     import importlib
 
-    if name in {"world", "oracle", "evaluate", "models", "train", "pipelines", "defaults"}:
+    if name in {"world", "oracle", "evaluate", "models", "train", "pipelines", "defaults",
+                "video", "video_oracle", "video_models", "train_video"}:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(name)
 
