@@ -183,6 +183,7 @@ def size_unit(pipe) -> tuple[int, int | None]:
 # ----------------------------------------------------------------------------- paths
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+VIDEO_EXTS = (".gif", ".mp4")  # clips of a video model (write_clips): GIF by PIL, MP4 by imageio-ffmpeg if installed
 JSON_EXTS = (".json",)
 
 
@@ -574,6 +575,50 @@ def compose(top, rows):
         canvas.paste(r, (width - r.width, y))  # under the right-most (method) image
         y += r.height
     return canvas
+
+
+def mp4_writer_missing() -> str | None:
+    """Why an MP4 cannot be written here (``None``: it can): imageio with its ffmpeg plugin
+    writes MP4; PIL writes only the GIF."""
+    import importlib.util
+
+    missing = [m for m in ("imageio", "imageio_ffmpeg") if importlib.util.find_spec(m) is None]
+    return f"{' and '.join(missing)} not installed" if missing else None
+
+
+def check_clip_output(path: str, flag: str = "--out") -> None:
+    """A clip file this machine can write (before the model loads): a GIF always, an MP4 only
+    with imageio-ffmpeg installed (else a :class:`UsageError` pointing at .gif)."""
+    if Path(path).suffix.lower() == ".mp4" and (why := mp4_writer_missing()):
+        raise UsageError(f"{flag} {path}: no MP4 writer here ({why}: pip install imageio imageio-ffmpeg); write a "
+                         f".gif instead (e.g. {Path(path).with_suffix('.gif')})")
+
+
+def clip_frames(clips: list, labels: list[str], scale: int = 4) -> list:
+    """Clips (each a list of PIL frames) side by side, frame by frame: one labelled
+    :func:`side_by_side` image per frame index (the shortest clip's length), the frame number
+    after the first label (``baseline  3/9``)."""
+    n = min(len(c) for c in clips)
+    return [side_by_side([c[i] for c in clips], [f"{labels[0]}  {i + 1}/{n}"] + list(labels[1:]), scale)
+            for i in range(n)]
+
+
+def write_clips(path: str, clips: list, labels: list[str], fps: int = 8) -> int:
+    """Write ``clips`` (lists of PIL frames) side by side as one animated GIF (PIL's writer,
+    looping, ``fps`` frames per second) or MP4 (imageio-ffmpeg, :func:`check_clip_output`
+    first); returns the number of frames written."""
+    frames = clip_frames(clips, labels)
+    if Path(path).suffix.lower() == ".mp4":
+        check_clip_output(path)
+        import imageio.v2 as imageio
+        import numpy as np
+
+        even = [f.crop((0, 0, f.width // 2 * 2, f.height // 2 * 2)) for f in frames]  # yuv420p: even sides
+        imageio.mimwrite(path, [np.asarray(f) for f in even], fps=fps)
+    else:  # no optimize: every frame kept whole (the frame counter makes consecutive frames distinct)
+        frames[0].save(path, save_all=True, append_images=frames[1:], duration=max(20, round(1000 / fps)), loop=0,
+                       optimize=False)
+    return len(frames)
 
 
 def rgb_image(x):

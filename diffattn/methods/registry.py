@@ -103,11 +103,16 @@ class Param:
 @dataclass
 class MethodOutput:
     """What a method run returns: ``images`` (PIL), optionally ``maps`` (per image, a dict
-    ``label -> PIL heat map``, e.g. A-STAR's concept maps) and ``info`` (method-specific)."""
+    ``label -> PIL heat map``, e.g. A-STAR's concept maps) and ``info`` (method-specific).
+
+    On a video pipeline (its output has ``.frames``: ``WanPipeline``, ``HunyuanVideoPipeline``)
+    ``frames`` holds the clips, one list of PIL frames per clip, and ``images`` is empty;
+    ``None`` for image pipelines."""
 
     images: list
     maps: list[dict] = field(default_factory=list)
     info: dict = field(default_factory=dict)
+    frames: list[list] | None = None
 
 
 @dataclass
@@ -245,7 +250,7 @@ def _softpag(pipe, *, heads="mid", scale=None, strength=None, target="identity",
 
     def run(prompt, generator=None, **call_kwargs):
         with attach(pipe, control):
-            return MethodOutput(pipe(prompt, generator=generator, **call_kwargs).images)
+            return pipeline_output(pipe(prompt, generator=generator, **call_kwargs))  # images, or a video's frames
 
     u = "preset" if strength is None and control.preset is not None else f"{control.strength:g}"
     return MethodRun(f"softpag s={control.scale:g} u={u}", run, control=control)
@@ -386,7 +391,7 @@ def _control_run(pipe, control, label: str) -> MethodRun:
 
     def run(prompt, generator=None, **call_kwargs):
         with attach(pipe, control):
-            return MethodOutput(pipe(prompt, generator=generator, **call_kwargs).images)
+            return pipeline_output(pipe(prompt, generator=generator, **call_kwargs))  # images, or a video's frames
 
     return MethodRun(label, run, control=control)
 
@@ -512,4 +517,93 @@ register_method(Method(
     factory=_vmix,
     paper="Wu et al., VMix: Improving Text-to-Image Diffusion Model with Cross-Attention Mixing Control "
           "(arXiv 2412.20800)",
+))
+
+
+def is_video_pipeline(pipe) -> bool:
+    """Whether ``pipe`` generates clips (its call takes ``num_frames`` and its output is
+    ``.frames``: ``WanPipeline``, ``HunyuanVideoPipeline``) rather than images."""
+    import inspect
+
+    try:
+        return "num_frames" in inspect.signature(pipe.__call__).parameters
+    except (TypeError, ValueError):  # no signature to read: an image pipeline as far as frontends know
+        return False
+
+
+def pipeline_output(result, info: dict | None = None) -> MethodOutput:
+    """A pipeline's result as a :class:`MethodOutput`: ``.frames`` (a video pipeline, one list of
+    PIL frames per clip with ``output_type="pil"``) into ``frames``, else ``.images``."""
+    info = info if info is not None else {}
+    if hasattr(result, "frames"):
+        return MethodOutput([], info=info, frames=[list(clip) for clip in result.frames])
+    return MethodOutput(result.images, info=info)
+
+
+SPARSE_MODES = ("rectified", "vanilla", "random")  # diffattn.kernels.sparse.MODES (tests/test_cli_sparse.py)
+
+
+def _sparse(pipe, *, drop=None, mode="rectified", block_size=128, p_remain=0.3, dense_layers=None, dense_steps=None,
+            neighbours=True, first_frame=None, block_seed=0) -> MethodRun:
+    from ..engine import attach
+    from ..sites import sites
+    from .spaattn import FAMILY_DEFAULTS, SPARSE_KINDS, RectifiedSparseAttention
+
+    control = RectifiedSparseAttention(drop, mode=mode, block_size=block_size, p_remain=p_remain,
+                                       dense_layers=dense_layers, dense_steps=dense_steps, neighbours=neighbours,
+                                       first_frame=first_frame, seed=block_seed)
+    eligible = [s.name for s in sites(pipe) if s.kind in SPARSE_KINDS.get(s.family, ())]  # the control's "auto" sites
+    video = is_video_pipeline(pipe)
+
+    def run(prompt, generator=None, **call_kwargs):
+        if video:
+            call_kwargs.setdefault("output_type", "pil")
+        with attach(pipe, control):  # a family without a video / image grid: ControlError naming Wan, FLUX, Hunyuan
+            result = pipe(prompt, generator=generator, **call_kwargs)
+            settings = [control.settings(name) for name in eligible]  # resolved per site while attached
+        warmup = control.steps.start if control.steps is not None and control.steps.start is not None else 0
+        info = {"timed_sites": eligible, "mode": mode, "block_size": block_size,
+                "drop": sorted({s["drop"] for s in settings}),
+                "sparse_layers": sum(not s["dense"] for s in settings), "layers": len(settings),
+                "dense_steps": warmup}
+        return pipeline_output(result, info)
+
+    families = sorted({s.family for s in sites(pipe) if s.family in FAMILY_DEFAULTS})
+    shown = drop if drop is not None else (FAMILY_DEFAULTS[families[0]]["drop"] if len(families) == 1 else None)
+    label = f"sparse {mode}" + (f" drop={shown:g}" if shown is not None else "")
+    return MethodRun(label, run, control=control)
+
+
+register_method(Method(
+    name="sparse", label="Rectified SpaAttn",
+    summary="block-sparse self-attention for video / high-resolution DiTs (Wan, HunyuanVideo, FLUX), rectified by "
+            "pooled estimates of the skipped blocks",
+    kind="control",
+    params=(
+        Param("drop", float, None, "fraction of the video / image key blocks each query block skips, in [0, 1) "
+                                   "(default: the family's: Wan 0.75, FLUX 0.9, HunyuanVideo 0.8)",
+              range=(0.0, 0.999), flag="--drop"),
+        Param("mode", str, "rectified", "rectified (IPAR + GAPR), vanilla (plain block-sparse) or random (random "
+                                        "blocks at the same budget): the ablation modes", choices=SPARSE_MODES,
+              flag="--sparse-mode"),
+        Param("block_size", int, 128, "tokens per query / key block (official 128; a clip of a few hundred tokens "
+                                      "needs 16-64 to have several blocks)", choices=(16, 32, 64, 128, 256),
+              flag="--sparse-block"),
+        Param("p_remain", float, 0.3, "cumulative pooled attention mass each query block keeps at least",
+              range=(0.0, 1.0), flag="--sparse-p-remain"),
+        Param("dense_layers", int, None, "the first N sparse-capable layers stay dense (default: the family's: Wan "
+                                         "the first 2, FLUX layers 37 on, HunyuanVideo none)", range=(0, None),
+              flag="--dense-layers"),
+        Param("dense_steps", int, None, "the first N denoising steps stay dense (default: the family's: Wan T2V 5, "
+                                        "others 0)", range=(0, None), flag="--dense-steps"),
+        Param("neighbours", bool, True, "also attend to each block's grid-neighbour blocks: true or false",
+              flag="--sparse-neighbours"),
+        Param("first_frame", bool, None, "the first latent frame's blocks attend to each other (default: on for "
+                                         "Wan): true or false", flag="--sparse-first-frame"),
+        Param("block_seed", int, 0, "seed of the random mode's blocks (not the image seed)", range=(0, None),
+              flag="--sparse-seed"),
+    ),
+    factory=_sparse,
+    paper="Liu et al., Rectified SpaAttn: Revisiting Attention Sparsity for Efficient Video Generation "
+          "(arXiv 2511.19835)",
 ))
