@@ -362,3 +362,27 @@ def test_lora_only_trains_lora_and_leaves_the_adapter_out(tiny_fresh, tmp_path):
     apply_lora(fresh.transformer, str(tmp_path / "lora.safetensors"))
     trained = dict(pipe.transformer.named_parameters())
     assert all(torch.equal(p, trained[n]) for n, p in fresh.transformer.named_parameters() if "lora_" in n)
+
+
+def test_shipped_tiny_sd3_adapter_loads_and_is_exact_at_zero():
+    """assets/vmix/tiny-sd3.safetensors: loads on the shipped testbed model (its fingerprint
+    matches), λ = 0 gives the base image bit for bit, and asking for shadows changes it."""
+    from pathlib import Path
+
+    from diffattn import testbed
+
+    path = Path(__file__).resolve().parents[1] / "assets" / "vmix" / "tiny-sd3.safetensors"
+    pipe = testbed.load("tiny-sd3")
+    adapter = load_adapter(str(path), pipe)
+    assert adapter.labels == ["dark", "outline", "shadow", "light", "centred"]
+
+    def image(control=None):
+        kw = dict(num_inference_steps=4, generator=torch.Generator().manual_seed(1_000_000), output_type="np")
+        if control is None:
+            return pipe("a red circle", **kw).images
+        with da.attach(pipe, control):
+            return pipe("a red circle", **kw).images
+
+    base = image()
+    assert (image(ValueMix(adapter, aesthetics=["shadow"], scale=0.0)) == base).all()
+    assert not (image(ValueMix(adapter, aesthetics=["shadow"], scale=2.0)) == base).all()
