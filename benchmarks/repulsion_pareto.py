@@ -26,7 +26,8 @@ import torch
 
 import diffattn as da
 from diffattn.testbed import load, oracle, world
-from diffattn.testbed.evaluate import EvalReportV2, eval_seeds, oracle_features_v2, suite_prompts_v2
+from diffattn.testbed.evaluate import (EvalReportV2, eval_seeds, open_modes, oracle_features_v2, paired_bootstrap,
+                                       read_mode, suite_prompts_v2, vendi_score)
 
 SWEEPS = {  # method -> (knob name, values, control factory)
     "iid": ("-", [0], lambda v, a: None),
@@ -63,6 +64,19 @@ def run_point(pipe, prompts, group: int, control, batch_prompts: int, cfg: float
     return report
 
 
+def per_group(report: EvalReportV2) -> tuple[list[float], list[float]]:
+    """Vendi and mode coverage of each group, in prompt order (as ``EvalReportV2.metrics`` averages
+    them), so two methods run on the same prompts and seeds can be compared group by group."""
+    vendi, cover = [], []
+    for ix in report.by_group().values():
+        vendi.append(vendi_score(np.stack([report.features[i] for i in ix])))
+        spec = world.parse_prompt_v2(report.scores[ix[0]].prompt)
+        n_modes = len(open_modes(spec))
+        read = [m for m in (read_mode(report.scores[i], spec) for i in ix) if m is not None]
+        cover.append(len(set(read)) / min(len(ix), n_modes) if n_modes > 1 else float("nan"))
+    return vendi, cover
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny-sd3")
@@ -89,7 +103,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     pipe = load(args.model)
     prompts = suite_prompts_v2("underspecified")[:args.prompts]
-    rows = []
+    rows, iid = [], {}
     print(f"# {args.model}: {len(prompts)} under-specified prompts x {args.group} images per batch")
     print("| cfg | method | knob | vendi [95% CI] | mode coverage | object acc | all present | s |")
     print("|---|---|---|---|---|---|---|---|")
@@ -98,13 +112,27 @@ def main(argv=None):
             knob, values, make = SWEEPS[method]
             for v in values:
                 t0 = time.time()
-                m = run_point(pipe, prompts, args.group, make(v, args), args.batch_prompts, cfg, args.steps).metrics()
+                report = run_point(pipe, prompts, args.group, make(v, args), args.batch_prompts, cfg, args.steps)
+                m = report.metrics()
+                vendi_g, cover_g = per_group(report)
                 row = {"cfg": cfg, "method": method, "knob": knob, "value": v, "seconds": round(time.time() - t0, 1),
-                       **{k: m[k]._asdict() for k in ("vendi", "mode_coverage", "object_accuracy", "all_present")}}
+                       **{k: m[k]._asdict() for k in ("vendi", "mode_coverage", "object_accuracy", "all_present")},
+                       "vendi_per_group": vendi_g, "coverage_per_group": cover_g}
+                if method == "iid":
+                    iid[cfg] = (vendi_g, cover_g)
+                elif cfg in iid:  # paired over the same prompts and seeds: Δ vs i.i.d. [95% bootstrap]
+                    a, b = np.array(cover_g), np.array(iid[cfg][1])
+                    keep = ~(np.isnan(a) | np.isnan(b))
+                    row["vendi_minus_iid"] = paired_bootstrap(np.array(vendi_g), np.array(iid[cfg][0]))
+                    row["coverage_minus_iid"] = paired_bootstrap(a[keep], b[keep])
                 rows.append(row)
                 f = lambda k: f"{m[k].value:.3f} [{m[k].low:.3f}, {m[k].high:.3f}]"  # noqa: E731
                 print(f"| {cfg:g} | {method} | {knob}={v:g} | {f('vendi')} | {f('mode_coverage')} | "
                       f"{f('object_accuracy')} | {f('all_present')} | {row['seconds']} |", flush=True)
+                if "vendi_minus_iid" in row:
+                    d = lambda t: f"{t[0]:+.3f} [{t[1]:+.3f}, {t[2]:+.3f}]"  # noqa: E731
+                    print(f"|   | paired vs iid | | Δ {d(row['vendi_minus_iid'])} | Δ {d(row['coverage_minus_iid'])} | | | |",
+                          flush=True)
                 if args.json:
                     with open(args.json, "w") as fh:
                         json.dump({"model": args.model, "group": args.group, "prompts": len(prompts), "rows": rows}, fh,

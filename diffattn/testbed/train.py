@@ -360,6 +360,23 @@ def _batches(n_items: int, batch: int, seed: int, step: int) -> np.ndarray:
     return perm[i * batch : (i + 1) * batch]
 
 
+def denoiser_update(loss, step: int, modules, ema, opt, args, bar, losses: list) -> int:
+    """One optimiser step of a denoiser stage: backward, gradient clipping at 1, AdamW, EMA,
+    progress, and a checkpoint every ``args.save_every`` steps and at the end; the new step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for _, p in _named_trainable(modules)], 1.0)
+    opt.step()
+    step += 1
+    ema_update(ema, modules, step, decay=args.ema)
+    losses.append(loss.item())
+    bar.update(1)
+    bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+    if step % args.save_every == 0 or step == args.steps:
+        save_checkpoint(args.out, step, modules, ema, opt)
+    return step
+
+
 def train_denoiser(args):
     """tiny-sd (epsilon, DDPM) or tiny-sd3 (rectified flow) on the encoded scenes."""
     torch.manual_seed(args.seed)
@@ -426,17 +443,7 @@ def train_denoiser(args):
             # eps-prediction UNet this small draws unstructured layouts
             target = ddpm.get_velocity(x0, noise, t) if prediction == "v_prediction" else noise
             loss = F.mse_loss(pred, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for _, p in _named_trainable(modules)], 1.0)
-        opt.step()
-        step += 1
-        ema_update(ema, modules, step, decay=args.ema)
-        losses.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-        if step % args.save_every == 0 or step == args.steps:
-            save_checkpoint(args.out, step, modules, ema, opt)
+        step = denoiser_update(loss, step, modules, ema, opt, args, bar, losses)
     bar.close()
     print(f"{args.stage}: {step} steps, {time.time() - t0:.0f}s this run, final loss {np.mean(losses[-100:]) if losses else float('nan'):.4f}")
 

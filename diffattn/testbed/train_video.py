@@ -43,8 +43,8 @@ from tqdm.auto import tqdm
 
 from ..errors import PathError, UsageError
 from . import video_models
-from .train import CAPTION_DROPOUT, _batches, _fit_autoencoder, _load_ema_into, _named_trainable, ema_update, \
-    load_checkpoint, lr_at, save_checkpoint
+from .train import CAPTION_DROPOUT, _batches, _fit_autoencoder, _load_ema_into, _named_trainable, denoiser_update, \
+    load_checkpoint, lr_at
 from .video import FRAMES, MIN_FRAMES, _check_frames, sample_training_clip, save_gif, video_caption, video_suite_prompts
 from .world import SIZE, render
 
@@ -186,17 +186,7 @@ def train_wan(args):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.lr, args.warmup, args.steps, args.schedule)
         loss = flow_loss(pipe, x0.to(device), caps, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for _, p in _named_trainable(modules)], 1.0)
-        opt.step()
-        step += 1
-        ema_update(ema, modules, step, decay=args.ema)
-        losses.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-        if step % args.save_every == 0 or step == args.steps:
-            save_checkpoint(args.out, step, modules, ema, opt)
+        step = denoiser_update(loss, step, modules, ema, opt, args, bar, losses)
     bar.close()
     print(f"tiny-wan: {step} steps, {time.time() - t0:.0f}s this run, "
           f"final loss {np.mean(losses[-100:]) if losses else float('nan'):.4f}")
