@@ -14,23 +14,25 @@ SD_DEFAULTS = dict(num_inference_steps=20, guidance_scale=5.0)
 SD3_DEFAULTS = dict(num_inference_steps=20, guidance_scale=5.0, max_sequence_length=0)
 
 
-class ShapesSDPipeline(StableDiffusionPipeline):
-    """``StableDiffusionPipeline`` defaulting to the tiny-sd settings."""
+class CallDefaults:
+    """Mixin before a diffusers pipeline class: ``default_call_kwargs`` fill the call's unset
+    keywords (and diffattn's loops read them through ``PipelineAdapter.call_defaults``)."""
 
-    default_call_kwargs = SD_DEFAULTS  # read by diffattn's loops (PipelineAdapter.call_defaults)
+    default_call_kwargs: dict = {}
 
     def __call__(self, *args, **kwargs):
-        for key, value in SD_DEFAULTS.items():
+        for key, value in self.default_call_kwargs.items():
             kwargs.setdefault(key, value)
         return super().__call__(*args, **kwargs)
 
 
-class ShapesSD3Pipeline(StableDiffusion3Pipeline):
+class ShapesSDPipeline(CallDefaults, StableDiffusionPipeline):
+    """``StableDiffusionPipeline`` defaulting to the tiny-sd settings."""
+
+    default_call_kwargs = SD_DEFAULTS
+
+
+class ShapesSD3Pipeline(CallDefaults, StableDiffusion3Pipeline):
     """``StableDiffusion3Pipeline`` defaulting to the tiny-sd3 settings (no T5 tokens)."""
 
     default_call_kwargs = SD3_DEFAULTS
-
-    def __call__(self, *args, **kwargs):
-        for key, value in SD3_DEFAULTS.items():
-            kwargs.setdefault(key, value)
-        return super().__call__(*args, **kwargs)

@@ -38,6 +38,7 @@ from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipe
 
 from ..errors import ModelLoadError, UsageError
 from ..tokenizers import clip_tokenizer
+from .pipelines import CallDefaults
 from .video import FRAMES, video_vocabulary
 from .world import SIZE, vocabulary
 
@@ -157,15 +158,10 @@ def tokens_per_clip(frames: int = FRAMES, size: int = SIZE) -> int:
     return t // PATCH[0] * (h // PATCH[1]) * (w // PATCH[2])
 
 
-class ShapesWanPipeline(WanPipeline):
+class ShapesWanPipeline(CallDefaults, WanPipeline):
     """``WanPipeline`` defaulting to the tiny-wan settings (9 frames of 64 px, 24 text tokens)."""
 
-    default_call_kwargs = WAN_DEFAULTS  # read by diffattn's loops (PipelineAdapter.call_defaults)
-
-    def __call__(self, *args, **kwargs):
-        for key, value in WAN_DEFAULTS.items():
-            kwargs.setdefault(key, value)
-        return super().__call__(*args, **kwargs)
+    default_call_kwargs = WAN_DEFAULTS
 
 
 def load_wan(path, **kwargs) -> ShapesWanPipeline:
