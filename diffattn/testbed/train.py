@@ -216,13 +216,19 @@ def train_vae(args):
         x = images_to_tensor([render(s) for s in scenes])  # [B, 3, 64, 64]
         ys, xs = rng.integers(0, 33, size=2)
         x = x[:, :, ys : ys + 32, xs : xs + 32]  # [B, 3, 32, 32] crop
-        posterior = vae.encode(x).latent_dist
-        z = posterior.sample(generator=torch.Generator().manual_seed(args.seed * 7919 + step))
-        recon = vae.decode(z).sample
-        return F.l1_loss(recon, x) + 0.5 * F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        return autoencoder_loss(vae, x, args.seed, step)
 
     _fit_autoencoder(args, vae, modules, opt, "vae", loss_at)
     print(f"saved VAE to {os.path.join(args.out, 'final')}")
+
+
+def autoencoder_loss(vae, x: torch.Tensor, seed: int, step: int) -> torch.Tensor:
+    """The autoencoder objective on pixels ``x`` in [-1, 1] (images or clips): L1 + 0.5·MSE of the
+    reconstruction of one posterior sample, seeded by (seed, step), + 1e-6·KL."""
+    posterior = vae.encode(x).latent_dist
+    z = posterior.sample(generator=torch.Generator().manual_seed(seed * 7919 + step))
+    recon = vae.decode(z).sample
+    return F.l1_loss(recon, x) + 0.5 * F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
 
 
 def _fit_autoencoder(args, vae, modules, opt, desc, loss_at) -> None:

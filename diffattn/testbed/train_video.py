@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from ..errors import PathError, UsageError
 from . import video_models
-from .train import CAPTION_DROPOUT, _batches, _fit_autoencoder, _load_ema_into, _named_trainable, denoiser_update, \
+from .train import CAPTION_DROPOUT, _batches, _fit_autoencoder, _load_ema_into, _named_trainable, autoencoder_loss, denoiser_update, \
     load_checkpoint, lr_at
 from .video import FRAMES, MIN_FRAMES, _check_frames, sample_training_clip, save_gif, video_caption, video_suite_prompts
 from .world import SIZE, render
@@ -90,10 +90,7 @@ def train_vae(args):
         x = clips_to_tensor([[render(c.scene(f)) for f in range(f0, f0 + window)] for c in clips])  # [B, 3, 5, 64, 64]
         ys, xs = (int(v) for v in rng.integers(0, SIZE - args.crop + 1, size=2))
         x = x[..., ys: ys + args.crop, xs: xs + args.crop]  # [B, 3, 5, crop, crop]
-        posterior = vae.encode(x).latent_dist
-        z = posterior.sample(generator=torch.Generator().manual_seed(args.seed * 7919 + step))
-        recon = vae.decode(z).sample
-        return F.l1_loss(recon, x) + 0.5 * F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        return autoencoder_loss(vae, x, args.seed, step)
 
     _fit_autoencoder(args, vae, modules, opt, "wan-vae", loss_at)
     print(f"saved the Wan VAE to {os.path.join(args.out, 'final')}")
