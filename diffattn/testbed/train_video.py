@@ -43,8 +43,8 @@ from tqdm.auto import tqdm
 
 from ..errors import PathError, UsageError
 from . import video_models
-from .train import CAPTION_DROPOUT, _batches, _fit_autoencoder, _load_ema_into, _named_trainable, autoencoder_loss, denoiser_update, \
-    load_checkpoint, lr_at
+from .train import (CAPTION_DROPOUT, _batches, _fit_autoencoder, _load_ema_into, _named_trainable, autoencoder_loss,
+                    denoiser_update, load_checkpoint, lr_at)
 from .video import FRAMES, MIN_FRAMES, _check_frames, sample_training_clip, save_gif, video_caption, video_suite_prompts
 from .world import SIZE, render
 
