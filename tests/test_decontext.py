@@ -105,6 +105,10 @@ def test_the_editor_adapter_reproduces_the_pipelines_own_forward(kontext):
     assert torch.equal(noise, tgt) and torch.equal(run.image_ids, tgt_ids)  # the same seeded start as the call
     with pytest.raises(ImageInputError, match=r"FluxKontextPipeline floors .* multiples of 4 px"):
         adapter.check_context_size(18, 16)
+    with pytest.raises(ConfigError, match="scheduler's timestep / 1000"):  # scheduler units by mistake
+        adapter.predict_with_context(None, tgt, tgt_ids, ctx, ctx_ids, 1000.0, cond)
+    with pytest.raises(ConfigError, match="pass target_ids"):
+        adapter.predict_with_context(None, tgt, None, ctx, ctx_ids, 0.5, cond)
 
 
 # ----------------------------------------------------------------------------- the primitive

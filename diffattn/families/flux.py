@@ -24,7 +24,7 @@ import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 
-from ..errors import ImageInputError
+from ..errors import ConfigError, ImageInputError
 from ..layout import LayoutError, TokenLayout, _check_grid, segments
 from ..processors.base import DiffattnProcessor
 from .base import Family, PipelineAdapter, RunState, TextBlock
@@ -424,11 +424,20 @@ class FluxKontextAdapter(FluxAdapter):
         for models that have one."""
         model, b = self.denoiser, target.shape[0]
         if target_ids is None:
+            if run is None or getattr(run, "image_ids", None) is None:
+                raise ConfigError("predict_with_context(target_ids=None) takes the ids from run.image_ids, but no run "
+                                  "with image ids was given; pass target_ids from pack_target()")
             target_ids = run.image_ids
+        if float(t.max() if torch.is_tensor(t) else t) > 1.0:
+            raise ConfigError(f"predict_with_context(t={float(t.max() if torch.is_tensor(t) else t):g}): t is the flow "
+                              f"time in [0, 1] the transformer takes; pass the scheduler's timestep / 1000")
         if guidance is None and run is not None:
             guidance = run.guidance
         text = cond["encoder_hidden_states"].to(model.dtype)
         pooled = cond["pooled_projections"].to(model.dtype)
+        if text.shape[0] not in (1, b):
+            raise ConfigError(f"predict_with_context: the condition has {text.shape[0]} rows for {b} target rows; "
+                              f"give one row (broadcast) or one per target row")
         if text.shape[0] != b:
             text, pooled = text.expand(b, -1, -1), pooled.expand(b, -1)  # one condition row for every target row
         g = None

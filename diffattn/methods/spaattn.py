@@ -401,6 +401,13 @@ class RectifiedSparseAttention(Control):
         if not bool(heads.all()) or not bool(rows.all()):  # other heads / rows stay dense
             extra = extra.view(1, 1, *extra.shape) | ~heads.view(1, h, 1, 1) | ~rows.view(b, 1, 1, 1)  # [B, H, NB, NB]
         top_k = int((1.0 - cfg["drop"]) * st.n_video_blocks)
+        if call.spec.bias is not None and self.mode == "rectified" and top_k < st.n_video_blocks:
+            # the pooled block statistics behind R and the compensation are shared by every row and
+            # blind to a key mask, so masked keys would count and a row would depend on its batch
+            raise ControlError(
+                f"RectifiedSparseAttention(mode='rectified') at {call.site.name}: the call keeps a key mask the "
+                f"block statistics cannot honour (rows with prompts of different token lengths in one batch); "
+                f"run one prompt per call, pad the prompts to equal length, or use mode='vanilla'")
         gen = None
         if self.mode == "random":
             gen = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{call.step.index}:{call.site.name}".encode()))
