@@ -56,11 +56,10 @@ def hunyuan_video_layout(n_video: int, n_text: int, *, grid: tuple[int, int, int
 
 @dataclass
 class HunyuanVideoInfo:
-    """Per-forward record: the video's token grid (t, h, w) after patching and the text tokens
-    (padded length, as the blocks see them)."""
+    """Per-forward record: the video's token grid (t, h, w) after patching (the text length comes
+    from each call's own tensors)."""
 
     video_grid: tuple[int, int, int] | None = None
-    text_len: int = 0
 
 
 @dataclass(frozen=True)
@@ -189,5 +188,4 @@ class HunyuanVideoFamily(Family):
     def forward_info(self, config, arguments: dict, cache: dict) -> HunyuanVideoInfo:
         t, h, w = arguments["hidden_states"].shape[-3:]
         p, pt = int(config.patch_size), int(config.patch_size_t)
-        ehs = arguments.get("encoder_hidden_states")
-        return HunyuanVideoInfo(video_grid=(t // pt, h // p, w // p), text_len=ehs.shape[1] if ehs is not None else 0)
+        return HunyuanVideoInfo(video_grid=(t // pt, h // p, w // p))
