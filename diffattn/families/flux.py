@@ -259,6 +259,11 @@ class FluxAdapter(PipelineAdapter):
     def patch(self) -> int:
         return 2  # FluxPipeline packs 2×2 latent patches into one token
 
+    @property
+    def latent_channels(self) -> int:
+        """Channels C of the spatial latents: the transformer's input channels over the 2×2 packing."""
+        return self.denoiser.config.in_channels // 4
+
     def fit_size(self, height, width):
         """FluxPipeline's latents hold whole 2×2 patches: the image floors to 2·VAE multiples."""
         unit = self.size_unit
@@ -292,7 +297,7 @@ class FluxAdapter(PipelineAdapter):
         return flow_timesteps(self, num_steps, height, width)
 
     def prepare_latents(self, run: RunState, batch, height, width, dtype, generator=None, latents=None):
-        latents, run.image_ids = self.pipe.prepare_latents(batch, self.denoiser.config.in_channels // 4, height, width,
+        latents, run.image_ids = self.pipe.prepare_latents(batch, self.latent_channels, height, width,
                                                            dtype, self.device, generator, latents)
         return latents  # packed [B, h/2 · w/2, 4C]
 
@@ -314,16 +319,23 @@ class FluxAdapter(PipelineAdapter):
         return self.pipe._unpack_latents(x, height, width, self.vae_factor)  # [B, C, h, w]
 
     def predict(self, run: RunState, x, t, cond, guidance=None):
-        model, b = self.denoiser, x.shape[0]
-        text = cond["encoder_hidden_states"].to(model.dtype)
+        model = self.denoiser
+        return self._forward(x, run.image_ids, t.expand(x.shape[0]).to(x.dtype) / 1000,  # FluxPipeline's order
+                             cond["encoder_hidden_states"].to(model.dtype), cond["pooled_projections"].to(model.dtype),
+                             guidance)
+
+    def _forward(self, hidden, img_ids, timestep, text, pooled, guidance=None) -> torch.Tensor:
+        """One transformer forward as FluxPipeline calls it (zero text ids; the guidance embedding,
+        default 1, for models that have one) -> its output tokens."""
+        model, b = self.denoiser, hidden.shape[0]
         g = None
         if model.config.guidance_embeds:
             g = torch.full([1], float(1.0 if guidance is None else guidance), device=self.device,
                            dtype=torch.float32).expand(b)
-        return model(hidden_states=x, timestep=t.expand(b).to(x.dtype) / 1000, guidance=g,  # FluxPipeline's order
-                     pooled_projections=cond["pooled_projections"].to(model.dtype), encoder_hidden_states=text,
-                     txt_ids=torch.zeros(text.shape[1], 3, device=x.device, dtype=text.dtype),
-                     img_ids=run.image_ids, return_dict=False)[0]
+        return model(hidden_states=hidden, timestep=timestep, guidance=g, pooled_projections=pooled,
+                     encoder_hidden_states=text, txt_ids=torch.zeros(text.shape[1], 3, device=text.device,
+                                                                     dtype=text.dtype),
+                     img_ids=img_ids, return_dict=False)[0]
 
 
 class FluxKontextAdapter(FluxAdapter):
@@ -364,11 +376,6 @@ class FluxKontextAdapter(FluxAdapter):
         return latents
 
     # ------------------------------------------------------------------ sizes
-    @property
-    def latent_channels(self) -> int:
-        """Channels C of the spatial latents: the transformer's input channels over the 2×2 packing."""
-        return self.denoiser.config.in_channels // 4
-
     @property
     def context_size_unit(self) -> int:
         """The context image's sides must be multiples of this many pixels: 2 × the VAE factor
@@ -440,16 +447,9 @@ class FluxKontextAdapter(FluxAdapter):
                               f"give one row (broadcast) or one per target row")
         if text.shape[0] != b:
             text, pooled = text.expand(b, -1, -1), pooled.expand(b, -1)  # one condition row for every target row
-        g = None
-        if model.config.guidance_embeds:
-            g = torch.full([1], float(1.0 if guidance is None else guidance), device=self.device,
-                           dtype=torch.float32).expand(b)
         hidden = torch.cat([target.to(model.dtype), context.to(model.dtype)], dim=1)  # [B, N_tgt + N_ctx, 4C]
         ids = torch.cat([target_ids, context_ids], dim=0)  # [N_tgt + N_ctx, 3]
         timestep = (t.to(self.device, model.dtype).expand(b) if torch.is_tensor(t)
                     else torch.full([b], float(t), device=self.device, dtype=model.dtype))
-        out = model(hidden_states=hidden, timestep=timestep, guidance=g, pooled_projections=pooled,
-                    encoder_hidden_states=text, txt_ids=torch.zeros(text.shape[1], 3, device=text.device,
-                                                                    dtype=text.dtype),
-                    img_ids=ids, return_dict=False)[0]  # [B, N_tgt + N_ctx, 4C]
+        out = self._forward(hidden, ids, timestep, text, pooled, guidance)  # [B, N_tgt + N_ctx, 4C]
         return out[:, : target.shape[1]]
