@@ -3,16 +3,17 @@
     python benchmarks/ir_eval.py --model tiny-sd3 --suite ir_named --seeds 4 --masks attention \
         --json runs/bench/ir-sd3-named.json --grid benchmarks/ir_grids/tiny-sd3-named.png
 
-Each world-v2 subject group (``IR_SUITES``: 32 pairs of references, one subject each, and a
-scene naming both subjects' colours and shapes but not their markings) runs with ``--seeds``
+Each world-v2 subject group (``IR_SUITES``: 32 groups of two references (``ir_named``,
+``ir_open``) or three (``ir_named3``), one subject each, and a scene naming every subject's
+colour and shape but not its marking) runs with ``--seeds``
 evaluation seeds: one rehearsal per (group, seed) (references + vanilla scene, masks), then
 the final run of every baseline from that rehearsal, so every row of the table sees the same
 noises and the same masks (paired). Per subject, the oracle reads the marking its reference
 drew and the marking of the scene object of its colour and shape (``identity_match``):
 
 - identity match: the scene object carries its reference's marking;
-- leakage: the scene object carries the *other* subject's reference marking, counted only
-  where the two references' markings differ;
+- leakage: the scene object carries *another* subject's reference marking, counted per ordered
+  pair of subjects (k shows i's) only where the two references' markings differ;
 - all-present: every object the scene prompt names is found (colour and shape);
 
 with 95% bootstrap intervals over (group, seed) items and a paired bootstrap of each method
@@ -79,8 +80,8 @@ def item_scores(refs, scene_img, group) -> dict:
     scene_marks = [None if pr is None else pr[1] for pr in pairs]
     matches = [None if pr is None else pr[0] == pr[1] for pr in pairs]
     leaks = []
-    for k in range(2):  # scene subject k shows the other subject's reference marking
-        i = 1 - k
+    n = len(group.scene.objects)
+    for k, i in ((k, i) for k in range(n) for i in range(n) if i != k):  # scene subject k shows subject i's marking
         if scene_marks[k] is None or ref_marks[i] is None or ref_marks[i] == ref_marks[k]:
             continue
         leaks.append(scene_marks[k] == ref_marks[i])
@@ -140,15 +141,16 @@ def main(argv=None):
     for gi, group in enumerate(groups):
         subjects = [world.caption_v2(r) for r in group.references]
         scene = world.caption_v2(group.scene)
-        words = [subject_word(group.scene, i) for i in range(2)]
+        n_subj = len(group.references)
+        words = [subject_word(group.scene, i) for i in range(n_subj)]
         for seed in eval_seeds(args.seeds, offset=0):
             seg = oracle_segmenter(group.scene.objects) if args.masks == "oracle" else None
             r = ir.rehearse(scene, subjects, subject_words=words, seed=seed * 100 + gi, segmenter=seg)
             attempts.append(r.attempts)
-            row = [r.images[0], r.images[1], r.images[2]]
+            row = list(r.images[:n_subj + 1])  # references, then the vanilla scene
             for m in methods:
                 if m == "vanilla":
-                    refs, img = r.images[:2], r.images[2]
+                    refs, img = r.images[:n_subj], r.images[n_subj]
                 else:
                     out = ir.final(r, config=IRConfig.baseline(m), output_type="pt")
                     refs, img = out.references, out.images[0]
@@ -197,7 +199,8 @@ def main(argv=None):
                 canvas[y * h:(y + 1) * h, x * w:(x + 1) * w] = c
         os.makedirs(os.path.dirname(args.grid) or ".", exist_ok=True)
         Image.fromarray(canvas).resize((canvas.shape[1] * 2, canvas.shape[0] * 2), Image.NEAREST).save(args.grid)
-        print("grid columns: ref 1 | ref 2 | vanilla | " + " | ".join(m for m in methods if m != "vanilla"))
+        n_subj = len(groups[0].references)
+        print("grid columns: " + " | ".join(f"ref {i + 1}" for i in range(n_subj)) + " | vanilla | " + " | ".join(m for m in methods if m != "vanilla"))
 
 
 if __name__ == "__main__":

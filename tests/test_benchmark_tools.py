@@ -48,3 +48,32 @@ def test_strip_layout_and_rate():
     swapped = SimpleNamespace(all_present=True, matched=[1, 0], parsed=SimpleNamespace(objects=objs))
     missing = SimpleNamespace(all_present=False, matched=[0, None], parsed=SimpleNamespace(objects=objs))
     assert evaluation.strip_rate([inside, swapped, missing]) == (0.5, 2)
+
+
+def test_sparse_quality_similarity_and_density_recorder():
+    """benchmarks/sparse_quality.py: the clip PSNR is that of the clip's mean squared error,
+    SSIM is 1 on identical clips, and the density recorder reads the kept share of each plan
+    RectifiedSparseAttention builds and restores the planner."""
+    import numpy as np
+    import torch
+
+    from diffattn.methods import spaattn
+    from diffattn.kernels.sparse import block_sparse_plan
+
+    sq = load("sparse_quality")
+    rng = np.random.default_rng(0)
+    clip = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    other = clip.copy()
+    other[0, 0, 0, 0] = 255 - other[0, 0, 0, 0]
+    p, s = sq.clip_similarity(clip, clip)
+    assert p == float("inf") and s == pytest.approx(1.0)
+    mse = ((clip.astype(float) - other.astype(float)) / 255) ** 2
+    p, _ = sq.clip_similarity(other, clip)
+    assert p == pytest.approx(10 * np.log10(1 / mse.mean()))
+    q = k = v = torch.randn(1, 2, 64, 8)  # 4 query and key blocks of 16
+    with sq.DensityRecorder() as rec:
+        spaattn.block_sparse_plan(q, k, v, block_q=16, top_k=1, p_remain=0.0, mode="vanilla")
+        spaattn.block_sparse_plan(q, k, v, block_q=16, top_k=2, p_remain=0.0, mode="random",
+                                  generator=torch.Generator().manual_seed(0))
+    assert rec.shares == [pytest.approx(0.25), pytest.approx(0.5)]
+    assert spaattn.block_sparse_plan is block_sparse_plan

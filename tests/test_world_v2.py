@@ -147,9 +147,14 @@ def test_v2_suites_sit_beside_unchanged_v1_suites():
         for g in groups:
             assert [r.objects[0].shape for r in g.references] == [o.shape for o in g.scene.objects]
             assert all(o.marking is None for o in g.scene.objects)
-            assert all((r.objects[0].marking is not None) == (name == "ir_named") for r in g.references)
-    marks = [r.objects[0].marking for g in ev.IR_SUITES["ir_named"] for r in g.references]
-    assert set(marks) == set(w.MARKINGS)
+            assert all((r.objects[0].marking is not None) == name.startswith("ir_named") for r in g.references)
+    assert {len(g.references) for g in ev.IR_SUITES["ir_named3"]} == {3}
+    for name in ("ir_named", "ir_named3"):
+        marks = [r.objects[0].marking for g in ev.IR_SUITES[name] for r in g.references]
+        assert set(marks) == set(w.MARKINGS)
+    for g in ev.IR_SUITES["ir_named3"]:  # three subjects, three markings, three distinct objects
+        assert len({r.objects[0].marking for r in g.references}) == 3
+        assert len({(o.color, o.shape) for o in g.scene.objects}) == 3
     one = ev.suite_specs_v2("aesthetic_one")
     assert {next(iter(s.styles)) for s in one} == set(w.STYLES_V2)
     assert len(ev.open_modes(w.parse_prompt_v2("a red circle"))) == len(w.MARKINGS)

@@ -156,6 +156,19 @@ def _ir_groups(named: bool) -> tuple[SubjectGroup, ...]:
     return tuple(out)
 
 
+def _ir_groups3() -> tuple[SubjectGroup, ...]:
+    """32 three-subject groups over the v1 triples, references naming the marking; the three
+    subjects of a group carry three different markings, cycling over ``_MARKED`` so each marking
+    appears 24 times in all. The scene names colour and shape only, with no relation (the
+    world's relations are binary)."""
+    out = []
+    for k, triple in enumerate(_triples()):
+        marks = tuple(_MARKED[(k + j) % 4] for j in range(3))
+        refs = tuple(_w.PromptSpecV2(objects=(_w.ObjectSpec(s, c, m),)) for (c, s), m in zip(triple, marks))
+        out.append(SubjectGroup(refs, _w.PromptSpecV2(objects=tuple(_w.ObjectSpec(s, c) for c, s in triple))))
+    return tuple(out)
+
+
 def _aesthetic_content(k: int) -> tuple[_w.ObjectSpec, ...]:
     """Content of aesthetic prompt k: a single object (even k) or a v1 pair (odd k), markings open."""
     objs = (OBJECTS[k % 12],) if k % 2 == 0 else _pairs()[k]
@@ -213,7 +226,8 @@ def _build_suites_v2() -> dict[str, tuple[_w.PromptSpecV2, ...]]:
 SUITE_SPECS_V2: dict[str, tuple[_w.PromptSpecV2, ...]] = _build_suites_v2()
 SUITES_V2: dict[str, tuple[str, ...]] = {n: tuple(_w.caption_v2(s) for s in specs) for n, specs in SUITE_SPECS_V2.items()}
 # IR-Diffusion subject groups: references naming the marking ("ir_named") or leaving it open ("ir_open")
-IR_SUITES: dict[str, tuple[SubjectGroup, ...]] = {"ir_named": _ir_groups(True), "ir_open": _ir_groups(False)}
+IR_SUITES: dict[str, tuple[SubjectGroup, ...]] = {"ir_named": _ir_groups(True), "ir_open": _ir_groups(False),
+                                                   "ir_named3": _ir_groups3()}
 
 
 def suite_specs_v2(name: str) -> list[_w.PromptSpecV2]:
