@@ -46,12 +46,31 @@ the tiny test pipelines): ``FluxKontextPipeline`` floors the context image's sid
 multiple and, with ``_auto_resize=True`` (its default), first resizes it to the nearest of its
 preferred Kontext resolutions; a perturbation made at another size would be resampled. Call the
 editor with ``_auto_resize=False`` and ``max_area=H·W`` to edit the protected pixels as saved.
+
+**Many images** (:meth:`DeContextProtector.protect_batch`): image k of the list uses the EOT
+seed ``config.seed + k``, so its protected PNG depends on the list and the settings only, not on
+how many processes share the work nor on where an earlier run stopped. Launched as several
+processes (``torchrun --nproc_per_node N`` on CPUs or GPUs, ``accelerate launch --multi_gpu
+--num_processes N`` on GPUs), the main process plans the batch (which outputs are missing, every
+input checked), broadcasts the plan, and accelerate's ``PartialState.split_between_processes``
+hands each process a contiguous share of the missing images; each output is written to a
+temporary file and renamed into place (``os.replace``), so a killed run never leaves a truncated
+PNG that a resumed run would keep. ::
+
+    torchrun --nproc_per_node 2 -m diffattn.cli protect photos/ --out-dir protected/ --model M
+    accelerate launch --multi_gpu --num_processes 8 -m diffattn.cli protect photos/ --out-dir protected/ --model M
+
+Outputs are byte-identical to a one-process run when every process computes as that run does:
+the same device type and the same number of intra-op threads (torchrun sets
+``OMP_NUM_THREADS=1`` per process; set it for the one-process run too).
 """
 from __future__ import annotations
 
 import contextlib
+import datetime
 import math
 import numbers
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -62,8 +81,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from diffattn.distributed import distributed_state, launched_processes
 from diffattn.engine import gradient_checkpointing
-from diffattn.errors import ConfigError, ImageInputError, PathError, UnsupportedModelError
+from diffattn.errors import ConfigError, DiffattnError, ImageInputError, PathError, UnsupportedModelError
 from diffattn.families import RunState, adapter_for, families
 from diffattn.methods.decontext import (
     CONTEXT_KINDS,
@@ -246,7 +266,7 @@ class ProtectionResult:
                             f"pixels outside the ε-ball and change the perturbation")
         if self.source is not None and p.resolve() == Path(self.source).resolve():
             raise PathError(f"{path} is the input image itself; write the protected image to another file")
-        self.image.save(p, format="PNG")
+        write_png_atomic(self.image, p)
         return p
 
     def plot(self, path) -> Path:
@@ -255,6 +275,20 @@ class ProtectionResult:
             raise ConfigError("this result has no per-block shares: protect with diagnostics=True")
         plot_shares(self.shares, path)
         return Path(path)
+
+
+def write_png_atomic(image: Image.Image, path: Path) -> None:
+    """Write ``image`` as PNG to ``path`` all at once: to ``.<name>.<pid>.part`` beside it, then
+    ``os.replace`` (atomic on one filesystem), so a process killed mid-write leaves no truncated
+    ``path`` (only a hidden ``.part`` file, never read back) and readers see the old file or the new."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def plot_shares(shares: dict, path, *, height: int = 160) -> None:
@@ -346,6 +380,44 @@ def read_image(image) -> tuple[np.ndarray, str | None]:
         return np.rint(arr * 255).astype(np.uint8), source
     raise ImageInputError(f"cannot read an image from {type(image).__name__}; pass a path, a PIL image, an array "
                           f"[H, W, 3] or a tensor [3, H, W]")
+
+
+def image_file_size(path) -> tuple[int, int] | None:
+    """(width, height) of an image file from its header, or ``None`` if it cannot be opened."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, ValueError, SyntaxError):
+        return None
+
+
+def finished_output(path: Path, size: tuple[int, int]) -> bool:
+    """Whether ``path`` holds a complete PNG of ``size`` (width, height): an earlier run's output,
+    which a resumed batch keeps. A missing, truncated, damaged or other-size file is not (the
+    image is protected again)."""
+    if not path.is_file():
+        return False
+    try:
+        with Image.open(path) as im:
+            im.load()  # decodes every row: a truncated file raises here
+            return im.format == "PNG" and im.size == tuple(size)
+    except (OSError, ValueError, SyntaxError):
+        return False
+
+
+# ----------------------------------------------------------------------------- distribution
+
+# How long a process may wait for the others at a batch's barriers. The shares of a batch differ
+# by at most one image, but one image of the full 12B editor takes minutes on a GPU (hours on a
+# CPU): torch's defaults (30 min on gloo, 10 min on NCCL) would abort a finished process waiting
+# for a busy one. A crashed process does not hang the others: torchrun stops them all.
+BATCH_TIMEOUT = datetime.timedelta(hours=24)
+
+def batch_state(timeout: datetime.timedelta = BATCH_TIMEOUT):
+    """The ``accelerate.PartialState`` of a multi-process launch (:func:`diffattn.distributed.distributed_state`),
+    its process group waiting up to ``timeout`` at a barrier; ``None`` for a lone process, which
+    then starts no accelerate state and no process group at all."""
+    return distributed_state(timeout) if launched_processes() > 1 else None
 
 
 # ----------------------------------------------------------------------------- the protector
@@ -610,23 +682,82 @@ class DeContextProtector:
 
     # ------------------------------------------------------------------ many images
     def protect_batch(self, images: Sequence, out_dir, *, resume: bool = True, diagnostics: bool = False,
-                      callback: Callable[[dict], None] | None = None) -> list[Path]:
-        """Protect several image files into ``out_dir`` (``<stem>.png`` each), resumable: with
-        ``resume`` an output that exists is kept and skipped. Image k uses seed ``config.seed + k``,
-        so a resumed run writes what an uninterrupted one would. Returns the output paths.
-        (One process; distributing the list over processes with ``accelerate`` is not built.)"""
+                      callback: Callable[[dict], None] | None = None,
+                      on_image: Callable[[int, Path, ProtectionResult], None] | None = None) -> list[Path]:
+        """Protect several image files into the existing folder ``out_dir`` (``<stem>.png`` each)
+        -> the output paths in input order, once every one is written.
+
+        Image k uses the EOT seed ``config.seed + k``, whatever the number of processes, so a
+        resumed or distributed run writes what an uninterrupted one-process run would. With
+        ``resume`` an output that is already a complete PNG of the input's size is kept (a
+        damaged one is redone); without, every image is protected again. Each PNG is written to
+        a temporary file and renamed into place (:func:`write_png_atomic`).
+
+        Under a multi-process launch (``torchrun`` / ``accelerate launch``; :func:`batch_state`)
+        the main process plans the batch (the missing outputs; every input's file and size
+        checked, so bad input fails in every process before any work), the plan is broadcast,
+        each process protects its contiguous share (``PartialState.split_between_processes``),
+        and every process returns the full list after a barrier. ``out_dir`` must be on a
+        filesystem all processes share. A lone process starts no process group.
+
+        diagnostics / callback: as :meth:`protect`, per image; on_image: ``on_image(k, path,
+        result)`` after image k is written, in the process that protected it."""
+        images = list(images)
+        state = batch_state()
+        plan = None
+        if state is None or state.is_main_process:
+            try:
+                plan = self._plan_batch(images, out_dir, resume)
+            except DiffattnError as e:  # every process raises it, not only the main one
+                plan = e
+        if state is not None:
+            from accelerate.utils import broadcast_object_list
+
+            plan = broadcast_object_list([plan])[0]
+        if isinstance(plan, DiffattnError):
+            raise plan
+        targets, pending = plan
+        share = state.split_between_processes(pending) if state is not None else contextlib.nullcontext(pending)
+        with share as mine:
+            for k in mine:
+                result = self.protect(images[k], diagnostics=diagnostics, seed=self.config.seed + k, callback=callback)
+                result.save(targets[k])
+                if on_image is not None:
+                    on_image(k, targets[k], result)
+        if state is not None:
+            state.wait_for_everyone()  # the main process returns once every share is written
+        return targets
+
+    def _plan_batch(self, images: Sequence, out_dir, resume: bool) -> tuple[list[Path], list[int]]:
+        """(the output path of every image, the indices of the images to protect now): outputs
+        distinct and never an input; every image to protect readable and of the editor's size."""
         out = Path(out_dir)
         if not out.is_dir():
             raise PathError(f"{out_dir}: no such directory; create it first")
-        paths = []
-        for k, image in enumerate(images):
+        targets: list[Path] = []
+        seen: dict[Path, str] = {}
+        for image in images:
+            if not isinstance(image, (str, os.PathLike)):
+                raise ImageInputError(f"protect_batch takes image files (paths), got a {type(image).__name__}; "
+                                      f"save the images first, or call protect() on each")
             target = out / f"{Path(image).stem}.png"
-            if target.resolve() == Path(image).resolve():
+            key = target.resolve()
+            if key == Path(image).resolve():
                 raise PathError(f"{target} is the input image itself; pick another out_dir")
-            if not (resume and target.is_file()):
-                self.protect(image, diagnostics=diagnostics, seed=self.config.seed + k, callback=callback).save(target)
-            paths.append(target)
-        return paths
+            if key in seen:
+                raise PathError(f"{seen[key]} and {image} would both be written to {target} (outputs are named "
+                                f"<stem>.png); rename one of them")
+            seen[key] = str(image)
+            targets.append(target)
+        pending = []
+        for k, (image, target) in enumerate(zip(images, targets)):
+            size = image_file_size(image)
+            if resume and size is not None and finished_output(target, size):
+                continue
+            u8, _ = read_image(image)  # [H, W, 3]; ImageInputError for a missing / damaged file
+            self.check_size(u8.shape[0], u8.shape[1], what=f"image {image}")
+            pending.append(k)
+        return targets, pending
 
 
 def protect(image, pipe, *, out=None, callback: Callable[[dict], None] | None = None, diagnostics: bool = True,
@@ -643,4 +774,5 @@ def protect(image, pipe, *, out=None, callback: Callable[[dict], None] | None = 
 
 __all__ = ["DeContextProtector", "DeContextConfig", "ProtectionResult", "protect", "METHODS", "DEFAULT_INSTRUCTIONS",
            "eps_levels", "pgd_step", "quantize_protected", "random_sign_noise", "read_image", "check_editor",
-           "plot_shares"]
+           "plot_shares", "write_png_atomic", "finished_output", "batch_state", "launched_processes",
+           "BATCH_TIMEOUT"]

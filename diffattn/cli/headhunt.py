@@ -119,7 +119,8 @@ def check_args(args) -> list[str]:
 def run(args):
     import torch
 
-    from ..methods.headhunter import HeadHunter, distributed_state, make_objective
+    from ..distributed import distributed_state
+    from ..methods.headhunter import HeadHunter, make_objective
     from ..testbed.evaluate import TRAIN_SEEDS
 
     # one process, or one of several under `accelerate launch` / `torchrun` (candidates split

@@ -59,6 +59,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..distributed import distributed_state, is_main_process, launched_processes
 from ..engine import attach
 from ..errors import ControlError, ObjectiveError  # noqa: F401  (ObjectiveError: re-exported here)
 from ..sites import sites
@@ -234,31 +235,6 @@ def pick_score(model: str = DEFAULT_PICKSCORE_MODEL, *, processor: str | None = 
 # ---------------------------------------------------------------------------- distribution
 
 
-def distributed_state():
-    """The ``accelerate.PartialState`` of this process. Under a multi-process launch on a
-    machine without an accelerator (or with ``ACCELERATE_USE_CPU``) it is a CPU state on gloo;
-    on GPUs one device per process (``state.device``)."""
-    from accelerate import PartialState
-
-    has_accelerator = torch.cuda.is_available()
-    if hasattr(torch, "accelerator") and hasattr(torch.accelerator, "is_available"):
-        has_accelerator = has_accelerator or torch.accelerator.is_available()
-    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not has_accelerator
-    return PartialState(cpu=cpu)
-
-
-def _launched_world_size() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _is_main_process() -> bool:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank() == 0
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def objective_name(objective) -> str:
     """A stable name of an objective for the search settings: its ``name`` attribute, its
     ``__name__``, or its class name."""
@@ -302,7 +278,7 @@ class HeadHuntResult:
 
     def save_preset(self, path: str, strength: float | None = None) -> None:
         """Write the preset JSON (in a distributed launch, on the main process only)."""
-        if _is_main_process():
+        if is_main_process():
             _write_json(path, self.preset(strength), indent=1)
 
     def heatmap(self, round_index: int = 0, cell: int = 24) -> Image.Image:
@@ -329,7 +305,7 @@ class HeadHuntResult:
 
     def save_heatmap(self, path: str, round_index: int = 0) -> None:
         """Write the heat map PNG (in a distributed launch, on the main process only)."""
-        if _is_main_process():
+        if is_main_process():
             self.heatmap(round_index).save(path)
 
 
@@ -397,7 +373,7 @@ class HeadHunter:
         self.top_k, self.rounds, self.stop_without_gain = top_k, rounds, stop_without_gain
         self.scale, self.strength, self.semantics = scale, strength, semantics
         self.batch_size, self.progress, self.call_kwargs = batch_size, progress, call_kwargs
-        self.dist = distributed_state() if distributed and _launched_world_size() > 1 else None
+        self.dist = distributed_state() if distributed and launched_processes() > 1 else None
         self.rank = self.dist.process_index if self.dist else 0
         self.world = self.dist.num_processes if self.dist else 1
         self.state_dir = state_dir
