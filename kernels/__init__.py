@@ -57,7 +57,9 @@ Dispatch (one point, flash-attention interface style):
   output-space blend (one ``torch.lerp``): on an H100 the vendor kernels are the faster
   choice there (benchmarks/RESULTS.md, "GPU figures").
 - a block-sparse call (``spec.sparse``) that asks nothing the sparse kernels cannot do (no
-  bias, head blend or uniform keys, no gradient): on CUDA the Triton LUT kernel
+  head blend or uniform keys, no gradient, no bias but a boolean key mask ``[B|1, H|1, 1, Nk]``,
+  e.g. per-row padded text, which the sparse kernels apply inside the selected blocks): on
+  CUDA the Triton LUT kernel
   (:mod:`diffattn.kernels.triton_sparse`: loops over the selected blocks only, rectification in
   its epilogue) when it supports the inputs, and on CPU the gathered-blocks path
   (:func:`diffattn.kernels.sparse.gathered_attention`, faster than dense SDPA once most blocks
@@ -186,17 +188,18 @@ def attention(q, k, v, *, scale=None, head_blend=None, bias=None, return_lse=Fal
             raise KernelError("a rectified BlockSparsePlan (rescale / comp) cannot be combined with uniform_keys: "
                               "drop one of them (plan.rescale = plan.comp = None gives the plain block-sparse plan)")
         route = _route(backend, q, k, v, bias, need_lse=True, sparse=sparse, head_blend=head_blend, uniform=uniform)
-        if route == "sparse_triton":
-            from diffattn.kernels.triton_sparse import sparse_attention_triton
+        if route in ("sparse_triton", "sparse_cpu"):  # a bias here is a boolean key mask: the kernels take it
+            from diffattn.kernels.sparse import gathered_attention, key_mask_of
 
-            out, lse = sparse_attention_triton(q, k, v, sparse, scale=scale)
-            return (out, lse) if need_lse else out
-        if route == "sparse_cpu":
-            from diffattn.kernels.sparse import gathered_attention
+            key_mask = key_mask_of(bias, k.shape[2])
+            if route == "sparse_triton":
+                from diffattn.kernels.triton_sparse import sparse_attention_triton
 
-            lut, counts = sparse.compact_lut(k.shape[2])
-            out, lse = gathered_attention(q, k, v, lut, counts, sparse.block_q, sparse.block_k, scale=scale,
-                                          rescale=sparse.rescale, comp=sparse.comp)
+                out, lse = sparse_attention_triton(q, k, v, sparse, scale=scale, key_mask=key_mask)
+            else:
+                lut, counts = sparse.compact_lut(k.shape[2])
+                out, lse = gathered_attention(q, k, v, lut, counts, sparse.block_q, sparse.block_k, scale=scale,
+                                              rescale=sparse.rescale, comp=sparse.comp, key_mask=key_mask)
             return (out, lse) if need_lse else out
         bias = sparse.masked_bias(bias, q.shape[2], k.shape[2])
     if uniform is not None:
@@ -254,6 +257,13 @@ def attention_probs(q, k_subset, lse, *, scale=None, bias_subset=None, backend="
     return attention_probs_reference(q, k_subset, lse, scale=scale, bias_subset=bias_subset)
 
 
+def _sparse_key_mask(bias, n_key: int) -> bool:
+    """Whether a block-sparse call's bias is a boolean key mask the sparse kernels apply (shape checks only)."""
+    from diffattn.kernels.sparse import key_mask_of
+
+    return key_mask_of(bias, n_key) is not None
+
+
 _TRITON_OK: bool | None = None
 
 
@@ -291,9 +301,10 @@ def _route(backend, q, k, v, bias, need_lse: bool = True, *, sparse=None, head_b
     """The one dispatch decision: which kernel runs a call ("auto" reads :func:`use_backend` first).
 
     - ``"sparse_triton"`` / ``"sparse_cpu"``: a block-sparse plan (``sparse``) with nothing the
-      sparse kernels cannot do (no bias, head blend, uniform keys or gradient): the Triton LUT
-      kernel for "triton", and for "auto" on CUDA inputs it supports; the gathered-blocks path
-      for "auto" on CPU;
+      sparse kernels cannot do (no head blend, uniform keys or gradient, and no bias other than
+      a boolean key mask broadcast over the queries, :func:`diffattn.kernels.sparse.key_mask_of`,
+      which both kernels apply inside the selected blocks): the Triton LUT kernel for "triton",
+      and for "auto" on CUDA inputs it supports; the gathered-blocks path for "auto" on CPU;
     - ``"triton"``: the dense Triton kernel for "triton", and for "auto" on supported CUDA
       inputs of a call that needs the LSE (taps always do);
     - ``"reference"``: everything else (a plan then runs masked: the oracle).
@@ -305,8 +316,9 @@ def _route(backend, q, k, v, bias, need_lse: bool = True, *, sparse=None, head_b
     if backend == "triton" and not triton_available():
         raise KernelError("backend='triton' needs the triton package (pip install triton, Linux); "
                           "use backend='torch'")
-    if sparse is not None and head_blend is None and bias is None and uniform is None and not (
-            torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+    if sparse is not None and head_blend is None and uniform is None and not (
+            torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))) and (
+            bias is None or _sparse_key_mask(bias, k.shape[2])):
         if (backend == "triton" or q.is_cuda) and triton_available():
             from diffattn.kernels.triton_sparse import unsupported as sparse_unsupported
 

@@ -16,6 +16,11 @@ The epilogue fuses Rectified SpaAttn's rectification (Liu et al. 2025, §1.2 ste
 no [B, H, S, D] ``repeat_interleave``). The row log-sum-exp of the selected keys (natural log,
 fp32) is always written; rows with no selected key give out = comp, lse = -inf.
 
+A per-row key mask (``key_mask`` bool [B|1, H|1, Nk], e.g. HunyuanVideo's padded text when a
+batch's prompts differ in length) rides on the dense kernel's boolean-bias tile
+(:func:`diffattn.kernels.triton_attention._bias_tile`) with a zero query stride: the tile's
+masked keys get -inf before the online softmax, inside the selected blocks only.
+
 Tiles: ``BLOCK_M`` divides ``block_q`` and ``BLOCK_N`` divides ``block_k`` (powers of two,
 at least 16: ``tl.dot``'s minimum), so a program never straddles two query blocks and a tile
 never straddles two key blocks; :func:`unsupported` says when a plan's block sizes do not
@@ -37,6 +42,8 @@ import triton.language as tl
 from diffattn.kernels.reference import default_scale
 from diffattn.kernels.sparse import MIN_TILE
 from diffattn.kernels.triton_attention import (
+    BIAS_BOOL,
+    BIAS_NONE,
     DTYPES,
     LOG2E,
     MAX_HEAD_DIM,
@@ -52,7 +59,7 @@ INTERPRETER_TILE = 32
 
 
 @triton.jit
-def _sparse_fwd(Q, K, V, O, LSE, LUT, CNT, RS, CP,
+def _sparse_fwd(Q, K, V, O, LSE, LUT, CNT, RS, CP, KM,
                 stride_qb, stride_qh, stride_qm, stride_qd,
                 stride_kb, stride_kh, stride_kn, stride_kd,
                 stride_vb, stride_vh, stride_vn, stride_vd,
@@ -61,12 +68,14 @@ def _sparse_fwd(Q, K, V, O, LSE, LUT, CNT, RS, CP,
                 stride_cb, stride_ch, stride_cq,
                 stride_rb, stride_rh, stride_rq,
                 stride_pb, stride_ph, stride_pq, stride_pd,
+                stride_mb, stride_mh, stride_mn,
                 H, N_Q, N_K, qk_scale,
                 BQ: tl.constexpr, BK: tl.constexpr, RESCALE: tl.constexpr, COMP: tl.constexpr,
-                MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                KEY_MASK: tl.constexpr, MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid (cdiv(Nq, BLOCK_M), B·H). LUT [B, H, NQ, W] int32 (compact), CNT [B, H, NQ] int32,
-    RS [B, H, NQ] and CP [B, H, NQ, D] fp32 (stride 0 on broadcast dims); LSE contiguous [B, H, Nq]."""
+    RS [B, H, NQ] and CP [B, H, NQ, D] fp32, KM [B, H, Nk] uint8 (the key mask's bytes; stride 0
+    on broadcast dims); LSE contiguous [B, H, Nq]. KEY_MASK: 0 none, 2 (BIAS_BOOL) a key mask."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -80,6 +89,7 @@ def _sparse_fwd(Q, K, V, O, LSE, LUT, CNT, RS, CP,
                 mask=m_valid[:, None] & d_valid[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
+    km_base = KM + b * stride_mb + h * stride_mh  # the bias tile with a zero query stride: one row per (b, h)
     lut_base = LUT + b * stride_lb + h * stride_lh + qb * stride_lq
     n_sel = tl.load(CNT + b * stride_cb + h * stride_ch + qb * stride_cq)
 
@@ -89,9 +99,10 @@ def _sparse_fwd(Q, K, V, O, LSE, LUT, CNT, RS, CP,
     for i in range(0, n_sel):  # the selected key blocks only
         kb = tl.load(lut_base + i * stride_ls)
         for j in tl.static_range(BK // BLOCK_N):  # the tiles of that block
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, k_base, offs_m, offs_d, m_valid, d_valid,
-                                      kb * BK + j * BLOCK_N, N_K, stride_kn, stride_kd, stride_vn, stride_vd, 0, 0,
-                                      qk_scale, 0, MASK_N, BLOCK_D == HEAD_DIM, DOT_PRECISION, BLOCK_N)
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, km_base, offs_m, offs_d, m_valid, d_valid,
+                                      kb * BK + j * BLOCK_N, N_K, stride_kn, stride_kd, stride_vn, stride_vd, 0,
+                                      stride_mn, qk_scale, KEY_MASK, MASK_N, BLOCK_D == HEAD_DIM, DOT_PRECISION,
+                                      BLOCK_N)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # rows with no selected key -> acc / l = 0
     o = acc / l_safe[:, None]
@@ -158,13 +169,24 @@ def _tile_configs(bq: int, bk: int):
 @functools.lru_cache(maxsize=None)
 def _tuned(bq: int, bk: int):
     return triton.autotune(configs=_tile_configs(bq, bk), key=["N_Q", "N_K", "HEAD_DIM", "RESCALE", "COMP",
-                                                                "DOT_PRECISION"])(_sparse_fwd)
+                                                                "KEY_MASK", "DOT_PRECISION"])(_sparse_fwd)
 
 
-def forward(q, k, v, lut, counts, block_q: int, block_k: int, *, scale: float, rescale=None, comp=None, block=None):
+def _key_mask_view(key_mask, b: int, h: int, nk: int, device):
+    """(tensor, 3 strides, kind) of a key mask bool [B|1, H|1, Nk] as uint8 bytes expanded to
+    [B, H, Nk] (stride 0 on broadcast dims, never materialised); a dummy when None."""
+    if key_mask is None:
+        return torch.empty(1, device=device, dtype=torch.uint8), (0, 0, 0), BIAS_NONE
+    km = key_mask.to(device).view(torch.uint8).expand(b, h, nk)  # same bytes; Triton loads integers
+    return km, tuple(km.stride()), BIAS_BOOL
+
+
+def forward(q, k, v, lut, counts, block_q: int, block_k: int, *, scale: float, rescale=None, comp=None,
+            key_mask=None, block=None):
     """Launch the kernel. lut int32 [B|1, H|1, NQ, W] compact, counts int32 [B|1, H|1, NQ];
-    rescale [B|1, H|1, NQ], comp [B|1, H|1, NQ, D]. Returns (out [B, H, Nq, D] q.dtype, lse
-    [B, H, Nq] fp32). ``block`` = (BLOCK_M, BLOCK_N) pins the tile (tests)."""
+    rescale [B|1, H|1, NQ], comp [B|1, H|1, NQ, D]; key_mask bool [B|1, H|1, Nk] (True = the
+    row may attend to the key). Returns (out [B, H, Nq, D] q.dtype, lse [B, H, Nq] fp32).
+    ``block`` = (BLOCK_M, BLOCK_N) pins the tile (tests)."""
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     nqb = -(-Nq // block_q)
@@ -176,9 +198,10 @@ def forward(q, k, v, lut, counts, block_q: int, block_k: int, *, scale: float, r
     cnt_t, sc = _view(counts, (B, H, nqb), q.device, torch.int32)
     rs_t, sr = _view(rescale, (B, H, nqb), q.device, torch.float32)
     cp_t, sp = _view(comp, (B, H, nqb, D), q.device, torch.float32)
-    args = (q, k, v, out, lse, lut_t, cnt_t, rs_t, cp_t, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            *sl, *sc, *sr, *sp, H, Nq, Nk, scale * LOG2E)
-    consts = dict(BQ=block_q, BK=block_k, RESCALE=rescale is not None, COMP=comp is not None,
+    km_t, sm, km_kind = _key_mask_view(key_mask, B, H, Nk, q.device)
+    args = (q, k, v, out, lse, lut_t, cnt_t, rs_t, cp_t, km_t, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            *sl, *sc, *sr, *sp, *sm, H, Nq, Nk, scale * LOG2E)
+    consts = dict(BQ=block_q, BK=block_k, RESCALE=rescale is not None, COMP=comp is not None, KEY_MASK=km_kind,
                   DOT_PRECISION=dot_precision(q.dtype), HEAD_DIM=D, BLOCK_D=block_d(D))
     if block is None and is_interpreted():
         block = (_tile(block_q, INTERPRETER_TILE), _tile(block_k, INTERPRETER_TILE))
@@ -195,26 +218,28 @@ def forward(q, k, v, lut, counts, block_q: int, block_k: int, *, scale: float, r
 
 @torch.library.custom_op(
     "diffattn::block_sparse_attention", mutates_args=(),
-    schema="(Tensor q, Tensor k, Tensor v, Tensor lut, Tensor counts, Tensor? rescale, Tensor? comp, int block_q, "
-           "int block_k, float scale, int block_m, int block_n) -> (Tensor, Tensor)")
-def block_sparse_op(q, k, v, lut, counts, rescale, comp, block_q, block_k, scale, block_m, block_n):
+    schema="(Tensor q, Tensor k, Tensor v, Tensor lut, Tensor counts, Tensor? rescale, Tensor? comp, "
+           "Tensor? key_mask, int block_q, int block_k, float scale, int block_m, int block_n) -> (Tensor, Tensor)")
+def block_sparse_op(q, k, v, lut, counts, rescale, comp, key_mask, block_q, block_k, scale, block_m, block_n):
     """:func:`forward` as an op: ``(out [B, H, Nq, D] q.dtype, lse [B, H, Nq] fp32)``."""
     return forward(q, k, v, lut, counts, block_q, block_k, scale=scale, rescale=rescale, comp=comp,
-                   block=None if block_m <= 0 else (block_m, block_n))
+                   key_mask=key_mask, block=None if block_m <= 0 else (block_m, block_n))
 
 
 @block_sparse_op.register_fake
-def _block_sparse_fake(q, k, v, lut, counts, rescale, comp, block_q, block_k, scale, block_m, block_n):
+def _block_sparse_fake(q, k, v, lut, counts, rescale, comp, key_mask, block_q, block_k, scale, block_m, block_n):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-def sparse_attention_triton(q, k, v, plan, *, scale=None, block=None):
+def sparse_attention_triton(q, k, v, plan, *, scale=None, block=None, key_mask=None):
     """The Triton path of a block-sparse ``diffattn.kernels.attention`` call (inputs validated).
 
-    Returns (out [B, H, Nq, D], lse [B, H, Nq] fp32) with the plan's rectification applied.
+    ``key_mask`` bool [B|1, H|1, Nk]: the keys each row may attend to (a boolean key-only
+    bias, :func:`diffattn.kernels.sparse.key_mask_of`). Returns (out [B, H, Nq, D], lse
+    [B, H, Nq] fp32) with the plan's rectification applied.
     """
     lut, counts = plan.compact_lut(k.shape[2])
     bm, bn = (0, 0) if block is None else block
     return torch.ops.diffattn.block_sparse_attention(q, k, v, lut.contiguous(), counts.contiguous(), plan.rescale,
-                                                     plan.comp, plan.block_q, plan.block_k, default_scale(q, scale),
-                                                     bm, bn)
+                                                     plan.comp, key_mask, plan.block_q, plan.block_k,
+                                                     default_scale(q, scale), bm, bn)

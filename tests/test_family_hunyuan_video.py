@@ -1,6 +1,7 @@
 """HunyuanVideo (diffattn.families.hunyuan_video): sites, the processor against the stock one,
 the ``[video ‖ text]`` layout, RoPE relocation, a control end to end on a tiny
-``HunyuanVideoPipeline``, and Rectified SpaAttn on its joint and single blocks."""
+``HunyuanVideoPipeline``, and Rectified SpaAttn on its joint and single blocks (including a
+batch of two prompts of different text lengths: each row equals its prompt run alone)."""
 from __future__ import annotations
 
 import pytest
@@ -207,17 +208,79 @@ def test_sparse_every_block_equals_dense_and_drop_runs(pipe, valid):
             every = model(**kw)[0]
         torch.testing.assert_close(every, dense, rtol=0, atol=1e-5)
         outs = {}
-        for mode in ("rectified", "vanilla"):
+        for mode in ("rectified", "vanilla", "random"):
             with da.attach(model, da.RectifiedSparseAttention(drop=0.5, mode=mode, block_size=16, neighbours=False)):
-                if mode == "rectified" and len(valid) > 1:  # a per-row key mask survives: refused, not mixed
-                    with pytest.raises(ControlError, match="different token lengths"):
-                        model(**kw)
-                    continue
                 outs[mode] = model(**kw)[0]
             assert bool(torch.isfinite(outs[mode]).all()) and (outs[mode] - dense).abs().max() > 1e-5
-        if "rectified" in outs:
-            assert not torch.equal(outs["rectified"], outs["vanilla"])
+        assert not torch.equal(outs["rectified"], outs["vanilla"])
         assert torch.equal(model(**kw)[0], dense)  # detach restores exactly
+
+
+@pytest.mark.parametrize("mode", ["rectified", "vanilla"])
+def test_sparse_rows_with_different_text_lengths_equal_each_row_alone(pipe, mode):
+    """A batch of two prompts of different lengths keeps a per-row key mask after the shared
+    padding is cut: each row's plan pools its own live keys, so row b equals row b run alone."""
+    model = pipe.transformer
+    kw = _forward_inputs(model, batch=2, valid=(5, 9))  # keys 9..12 cut for both rows; 5..9 masked for row 0
+    with torch.no_grad():
+        dense = model(**kw)[0]
+        with da.attach(model, da.RectifiedSparseAttention(drop=0.5, mode=mode, block_size=16, neighbours=False)):
+            both = model(**kw)[0]
+            alone = [model(**{k: (v[i:i + 1] if torch.is_tensor(v) else v) for k, v in kw.items()})[0]
+                     for i in range(2)]
+    for i in range(2):
+        assert (both[i] - dense[i]).abs().max() > 1e-3  # sparse: far from dense...
+        torch.testing.assert_close(both[i:i + 1], alone[i], rtol=0, atol=1e-5)  # ...and row-independent
+
+
+class FloatBias(Control):
+    """A soft (float) bias on every key: what the pooled statistics cannot honour."""
+
+    order = 10
+
+    def edit_spec(self, call):
+        call.spec.add_bias(torch.full((1, 1, 1, call.k.shape[2]), 0.25))
+
+
+def test_rectified_refuses_a_float_bias_vanilla_takes_it(pipe):
+    model = pipe.transformer
+    kw = _forward_inputs(model, batch=2, valid=(5, 9))
+    with torch.no_grad():
+        with da.attach(model, FloatBias(), da.RectifiedSparseAttention(drop=0.5, block_size=16, neighbours=False)):
+            with pytest.raises(ControlError, match="float bias"):
+                model(**kw)
+        with da.attach(model, FloatBias()):
+            biased = model(**kw)[0]  # a constant bias on every key changes no softmax
+        with da.attach(model, FloatBias(), da.RectifiedSparseAttention(drop=0.0, mode="vanilla", block_size=16)):
+            torch.testing.assert_close(model(**kw)[0], biased, rtol=0, atol=1e-5)  # every block: the biased call
+        with da.attach(model, FloatBias(), da.RectifiedSparseAttention(drop=0.5, mode="vanilla", block_size=16,
+                                                                       neighbours=False)):
+            sparse = model(**kw)[0]  # the masked reference runs the bias inside the selected blocks
+        assert bool(torch.isfinite(sparse).all()) and (sparse - biased).abs().max() > 1e-3
+
+
+def test_sparse_pipeline_batch_of_two_prompt_lengths_equals_each_prompt_alone(pipe, tiny_inputs):
+    """End to end on the tiny HunyuanVideoPipeline, rectified mode: two prompts of different token
+    lengths in one batch (a per-row text mask in every joint and single block) give, row by row,
+    the latents of each prompt run alone from the same generator seed."""
+    prompts, seeds = ["a cat", "a red circle"], [0, 1]
+    lengths = [int(pipe.tokenizer(p, return_tensors="pt").attention_mask.sum()) for p in prompts]
+    assert lengths[0] != lengths[1] and max(lengths) < 16  # both padded, to different lengths
+
+    def run(prompt, seed, sparse=True):
+        gen = ([torch.Generator().manual_seed(s) for s in seed] if isinstance(seed, list)
+               else torch.Generator().manual_seed(seed))
+        kw = tiny_inputs(FAMILY, size=64, prompt=prompt, generator=gen, output_type="latent")
+        if not sparse:
+            return output_of(pipe(**kw))
+        with da.attach(pipe, da.RectifiedSparseAttention(drop=0.5, block_size=16, neighbours=False)):
+            return output_of(pipe(**kw))
+
+    both = run(prompts, seeds)
+    dense = run(prompts, seeds, sparse=False)
+    for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
+        assert (both[i] - dense[i]).abs().max() > 1e-3  # the sparse attention changes the result
+        torch.testing.assert_close(both[i:i + 1], run(prompt, seed), rtol=0, atol=1e-5)
 
 
 def test_sparse_defaults_on_the_pipeline(pipe, tiny_inputs):

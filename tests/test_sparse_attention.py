@@ -4,6 +4,9 @@
   LUT kernel equal the masked reference (the oracle) at drop 0.5 / 0.75 / 0.9;
 - the rectified output equals a float64 computation of R and the compensation written from the
   paper's formulas (note §1.2 steps 2-9), independently of diffattn.kernels.sparse;
+- per-row key masks (prompts of different lengths in one batch): every block selected equals
+  masked dense attention on every path; R and the compensation equal the float64 formulas over
+  each row's live keys only; row 0 of a 2-row batch equals row 0 computed alone;
 - the control on tiny Wan and FLUX pipelines: runs, dense warm-up steps and layers are bit-equal
   to no control, detach restores exactly, ablation modes run; bad input raises typed errors.
 
@@ -28,11 +31,12 @@ from diffattn.kernels.sparse import (
     block_sparse_plan,
     block_stats,
     gathered_attention,
+    key_mask_of,
     lut_from_mask,
     topk_blocks,
 )
 from diffattn.layout import Segment, TokenLayout
-from diffattn.methods.spaattn import default_tile, neighbour_blocks, static_layout, tiled_order
+from diffattn.methods.spaattn import default_tile, neighbour_blocks, row_key_mask, static_layout, tiled_order
 from diffattn.tiny import output_of
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -141,31 +145,35 @@ def test_gathered_path_chunks_do_not_change_the_result():
 # ----------------------------------------------------------------------------- the paper's formulas, float64
 
 
-def paper_rectified(q, k, v, sel, bs, text=None, p_remain=None):
+def paper_rectified(q, k, v, sel, bs, text=None, live=None):
     """Rectified SpaAttn written from the note's §1.2, in float64, block by block with loops.
 
-    sel: bool [B, H, NQ, NK] the selected key blocks; text: bool [N] isolated (text) keys.
+    sel: bool [B, H, NQ, NK] the selected key blocks; text: bool [N] isolated (text) keys;
+    live: bool [B, N] the keys each batch row may attend to (``None``: all): a row's masked keys
+    are in none of its sums (pooled means, cluster sizes, text columns, the exact attention).
     Returns (O, R [B, H, NQ], comp [B, H, NQ, D]).
     """
     q, k, v = q.double(), k.double(), v.double()
     B, H, N, D = q.shape
     nb = math.ceil(N / bs)
     text = torch.zeros(N, dtype=torch.bool) if text is None else text
+    live = torch.ones(B, N, dtype=torch.bool) if live is None else live
     scale = D ** -0.5
     out = torch.zeros_like(q)
     R = torch.zeros(B, H, nb, dtype=torch.float64)
     comp = torch.zeros(B, H, nb, D, dtype=torch.float64)
     for bb in range(B):
+        alive = [j for j in range(nb) if live[bb, j * bs:(j + 1) * bs].any()]  # blocks with a live key of the row
         for hh in range(H):
             kbar, dk, vbar, cnt = [], [], [], []
-            for j in range(nb):  # step 2: pooled keys (text excluded), their deviations, pooled values
-                idx = [t for t in range(j * bs, min(N, (j + 1) * bs)) if not text[t]]
+            for j in range(nb):  # step 2: pooled keys (text and masked keys excluded), deviations, pooled values
+                idx = [t for t in range(j * bs, min(N, (j + 1) * bs)) if not text[t] and live[bb, t]]
                 cnt.append(len(idx))
                 kj = k[bb, hh, idx] if idx else torch.zeros(1, D, dtype=torch.float64)
                 kbar.append(kj.mean(0))
                 dk.append((kj - kj.mean(0)).abs().mean(0))
                 vbar.append(v[bb, hh, idx].mean(0) if idx else torch.zeros(D, dtype=torch.float64))
-            k_text = k[bb, hh, text]
+            k_text = k[bb, hh, text & live[bb]]
             for i in range(nb):
                 rows = slice(i * bs, min(N, (i + 1) * bs))
                 qi = q[bb, hh, rows]
@@ -182,14 +190,15 @@ def paper_rectified(q, k, v, sel, bs, text=None, p_remain=None):
                 keep = {j: bool(sel[bb, hh, i, j]) or not (
                     abs(qbar @ kbar[j]) > abs(dq @ kbar[j]) + abs(qbar @ dk[j])) for j in cols}
                 # step 7: R over C' = selected ∪ untrusted ∪ text; comp over the rest with pooled V
-                if all(bool(sel[bb, hh, i, j]) for j in range(nb)):
+                if all(bool(sel[bb, hh, i, j]) for j in alive):
                     r, c = torch.tensor(1.0, dtype=torch.float64), torch.zeros(D, dtype=torch.float64)
                 else:
                     r = sum(phat[j] for j in cols if keep[j]) + pt.sum() / Z
                     c = sum((phat[j] * vbar[j] for j in cols if not keep[j]), torch.zeros(D, dtype=torch.float64))
                 R[bb, hh, i], comp[bb, hh, i] = r, c
-                # steps 8-9: softmax over the selected blocks' tokens, then O = R·O_sparse + comp
-                keys = [t for j in range(nb) if sel[bb, hh, i, j] for t in range(j * bs, min(N, (j + 1) * bs))]
+                # steps 8-9: softmax over the selected blocks' live tokens, then O = R·O_sparse + comp
+                keys = [t for j in range(nb) if sel[bb, hh, i, j] for t in range(j * bs, min(N, (j + 1) * bs))
+                        if live[bb, t]]
                 logits = qi @ k[bb, hh, keys].T * scale
                 out[bb, hh, rows] = r * (torch.softmax(logits, -1) @ v[bb, hh, keys]) + c
     return out, R, comp
@@ -224,6 +233,146 @@ def test_rectified_output_equals_float64_paper_formula(with_text):
     assert torch.equal(p32.block_mask(n), sel)
     out32 = attention(q.float(), k.float(), v.float(), spec=KernelSpec(sparse=p32))
     torch.testing.assert_close(out32.double(), want, rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- per-row key masks
+
+
+def row_masks(b, n, seed=0):
+    """bool [B, N] per-row live keys, as a batch of prompts of different lengths gives them plus
+    holes: row 0 masks the whole key block 16..32, part of block 48..64 and its text tail 76..;
+    row 1 masks its text tail 84.. only (N = 88, blocks of 16)."""
+    live = torch.ones(b, n, dtype=torch.bool)
+    live[0, 16:32] = False
+    live[0, 50:55] = False
+    live[0, 76:] = False
+    if b > 1:
+        live[1, 84:] = False
+    return live
+
+
+def masked_dense(q, k, v, live):
+    """Dense attention with the per-row key mask (SDPA through the reference)."""
+    return attention(q, k, v, bias=live.view(live.shape[0], 1, 1, -1))
+
+
+@pytest.mark.parametrize("mode", ["rectified", "vanilla", "random"])
+def test_every_block_selected_with_a_row_key_mask_equals_masked_dense(mode):
+    b, h, n, d, bs = 2, 2, 88, 16, 16  # ragged last block
+    q, k, v = qkv(b, h, n, n, d, seed=21, dtype=torch.float32)
+    live = row_masks(b, n)
+    km = live.view(b, 1, n)  # [B, 1, Nk]
+    nb = math.ceil(n / bs)
+    plan = block_sparse_plan(q, k, v, block_q=bs, top_k=nb, mode=mode, key_mask=km,
+                             generator=torch.Generator().manual_seed(0))
+    sel = plan.block_mask(n)
+    assert not bool(sel[0, :, :, 1].any()) and bool(sel[1, :, :, 1].all())  # row 0's dead block: never selected
+    if mode == "rectified":
+        assert bool((plan.rescale == 1).all()) and bool((plan.comp == 0).all())  # every live block: exactly dense
+    want = masked_dense(q, k, v, live)
+    spec = KernelSpec(sparse=plan, bias=km.unsqueeze(-2), return_lse=True)
+    for backend in ("auto", "torch"):  # the gathered CPU path, the masked reference
+        out, lse = attention(q, k, v, spec=spec, backend=backend)
+        torch.testing.assert_close(out, want, rtol=0, atol=1e-5)
+    lut, counts = plan.compact_lut(n)
+    out, _ = gathered_attention(q, k, v, lut, counts, bs, bs, key_mask=km)
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-5)
+
+
+def test_a_key_mask_bias_takes_the_sparse_kernels_and_other_biases_the_reference():
+    from diffattn.kernels import _route
+
+    q, k, v = qkv(2, 2, 32, 32, 8, dtype=torch.float32)
+    plan = BlockSparsePlan(16, 16, mask=torch.ones(1, 1, 2, 2, dtype=torch.bool))
+    km = torch.ones(2, 1, 1, 32, dtype=torch.bool)
+    assert _route("auto", q, k, v, km, sparse=plan) == "sparse_cpu"
+    assert _route("auto", q, k, v, km[0, 0, 0], sparse=plan) == "sparse_cpu"  # [Nk]: broadcast over everything
+    assert _route("auto", q, k, v, km.expand(2, 1, 32, 32), sparse=plan) == "reference"  # per query: masked
+    assert _route("auto", q, k, v, torch.zeros(2, 1, 1, 32), sparse=plan) == "reference"  # float bias
+    assert key_mask_of(km, 32).shape == (2, 1, 32) and key_mask_of(km, 31) is None
+    assert key_mask_of(None, 32) is None and key_mask_of(km.float(), 32) is None
+
+
+@pytest.mark.parametrize("with_text", [False, True], ids=["video", "video+text"])
+def test_rectified_output_with_a_row_key_mask_equals_float64_formula(with_text):
+    b, h, n, d, bs = 2, 2, 88, 8, 16
+    q, k, v = smooth_qkv(b, h, n, d, seed=13)
+    live = row_masks(b, n)
+    nb = math.ceil(n / bs)
+    text = forced = None
+    if with_text:  # text last: tokens 72.. isolated keys, their blocks forced and dense rows (HunyuanVideo)
+        text = torch.zeros(n, dtype=torch.bool)
+        text[72:] = True
+        forced = torch.zeros(nb, dtype=torch.bool)
+        forced[72 // bs:] = True
+    kw = dict(block_q=bs, top_k=2, pooled_keys=None if text is None else ~text, forced_keys=forced,
+              dense_queries=forced, key_mask=live.view(b, 1, n))
+    plan = block_sparse_plan(q, k, v, **kw)
+    sel = plan.block_mask(n).expand(b, h, nb, nb)
+    assert not bool(sel[0, :, :, 1].any())  # a block row 0 masks entirely: never selected, even in dense rows
+    assert bool((plan.rescale < 1).any()) and bool((plan.comp != 0).any())
+    want, r64, c64 = paper_rectified(q, k, v, sel, bs, text, live)
+    torch.testing.assert_close(plan.rescale, r64, rtol=0, atol=1e-12)
+    torch.testing.assert_close(plan.comp, c64, rtol=0, atol=1e-12)
+    spec = KernelSpec(sparse=plan, bias=live.view(b, 1, 1, n))
+    for backend in ("auto", "torch"):  # float64: the gathered path, the masked reference
+        torch.testing.assert_close(attention(q, k, v, spec=spec, backend=backend), want, rtol=0, atol=1e-10)
+    # fp32 inputs: the same selection, within plain fp32 error of the float64 formula
+    q32, k32, v32 = q.float(), k.float(), v.float()
+    p32 = block_sparse_plan(q32, k32, v32, **kw)
+    assert torch.equal(p32.block_mask(n).expand(b, h, nb, nb), sel)
+    out32 = attention(q32, k32, v32, spec=KernelSpec(sparse=p32, bias=live.view(b, 1, 1, n)))
+    torch.testing.assert_close(out32.double(), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["rectified", "vanilla"])
+def test_batch_rows_are_independent_under_a_row_key_mask(mode):
+    """Row 0 of a 2-row batch (rows with different key masks) equals row 0 computed alone with
+    its own mask, and alone with its masked tail cut off (what the control does for one prompt)."""
+    b, h, n, d, bs = 2, 2, 88, 8, 16
+    q, k, v = smooth_qkv(b, h, n, d, seed=17)
+    q, k, v = q.float(), k.float(), v.float()
+    live = row_masks(b, n)
+    text = torch.zeros(n, dtype=torch.bool)
+    text[72:] = True
+    nb = math.ceil(n / bs)
+    forced = torch.zeros(nb, dtype=torch.bool)
+    forced[72 // bs:] = True
+
+    def run(q, k, v, live):
+        m = live.view(live.shape[0], 1, -1)  # [B, 1, Nk]
+        nkb = math.ceil(k.shape[2] / bs)
+        plan = block_sparse_plan(q, k, v, block_q=bs, top_k=2, mode=mode, pooled_keys=~text[:k.shape[2]],
+                                 forced_keys=forced[:nkb], dense_queries=forced, key_mask=m)
+        return plan, attention(q, k, v, spec=KernelSpec(sparse=plan, bias=m.unsqueeze(-2)))
+
+    plan, out = run(q, k, v, live)
+    assert not torch.allclose(out[1], run(q[1:], k[1:], v[1:], live[:1])[1][0], atol=1e-3)  # the masks matter
+    alone, out0 = run(q[:1], k[:1], v[:1], live[:1])
+    n0 = 76  # row 0's live prefix ends at its text tail: cut, as live_keys does for a single prompt
+    cut, out_cut = run(q[:1], k[:1, :, :n0], v[:1, :, :n0], live[:1, :n0])
+    for other, o in ((alone, out0), (cut, out_cut)):
+        got = other.block_mask(k.shape[2] if other is alone else n0)
+        assert torch.equal(got, plan.block_mask(n)[:1, ..., :got.shape[-1]])
+        if mode == "rectified":
+            torch.testing.assert_close(other.rescale, plan.rescale[:1], rtol=0, atol=1e-6)
+            torch.testing.assert_close(other.comp, plan.comp[:1], rtol=0, atol=1e-6)
+        torch.testing.assert_close(o, out[:1], rtol=0, atol=1e-5)
+
+
+def test_row_key_mask_splits_key_masks_from_other_biases():
+    m = torch.tensor([[True] * 5 + [False] * 3, [True] * 8]).view(2, 1, 1, 8)
+    rest, km = row_key_mask(m, 8)
+    assert rest is None and torch.equal(km, m[:, :, 0])
+    rest, km = row_key_mask(torch.zeros(2, 1, 1, 8).masked_fill(~m, float("-inf")), 8)  # 0 / -inf: a key mask
+    assert rest is None and torch.equal(km, m[:, :, 0])
+    soft = torch.zeros(2, 1, 1, 8).masked_fill(~m, float("-inf")) + 0.5  # a float bias: kept for the reference
+    rest, km = row_key_mask(soft, 8)
+    assert rest is soft and torch.equal(km, m[:, :, 0])
+    per_query = m.expand(2, 1, 4, 8).clone()
+    per_query[0, 0, 0, 0] = False  # differs between queries: kept; key 0 still seen by other queries
+    rest, km = row_key_mask(per_query, 8)
+    assert rest is per_query and torch.equal(km, m[:, :, 0])
 
 
 def test_rectification_is_closer_to_dense_than_vanilla_on_average():
@@ -441,6 +590,43 @@ def test_triton_lut_kernel_equals_reference(dtype, case):
         torch.testing.assert_close(lse.double(), want_lse, rtol=0, atol=tol)
         got = attention(q, k, v, spec=KernelSpec(sparse=plan), backend="triton")  # through the dispatcher
         torch.testing.assert_close(got.double(), want, rtol=0, atol=tol)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_triton_row_key_mask_equals_reference(dtype):
+    """A per-row key mask inside the selected blocks of the LUT kernel: every block selected gives
+    masked dense attention; a rectified plan over live keys equals the float64 masked reference;
+    a query block whose selected blocks are all masked for a row gives out = comp, lse = -inf."""
+    from diffattn.kernels.triton_sparse import sparse_attention_triton
+
+    b, h, n, d, bs = 2, 2, 88, 16, 16
+    dev = TRITON_DEVICE
+    q, k, v = qkv(b, h, n, n, d, seed=23, dtype=dtype, device=dev)
+    live = row_masks(b, n).to(dev)
+    km = live.view(b, 1, n)  # [B, 1, Nk]
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    nb = math.ceil(n / bs)
+    every = BlockSparsePlan(bs, bs, lut=torch.arange(nb, dtype=torch.int32, device=dev).expand(1, 1, nb, nb))
+    out, lse = sparse_attention_triton(q, k, v, every, key_mask=km)
+    want, want_lse = attention(q64, k64, v64, bias=km.unsqueeze(-2), return_lse=True)
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=tol)
+    torch.testing.assert_close(lse.double(), want_lse, rtol=0, atol=tol)
+    rect = block_sparse_plan(q, k, v, block_q=bs, top_k=2, key_mask=km)
+    only_dead = torch.zeros(b, 1, nb, nb, dtype=torch.bool, device=dev)
+    only_dead[0, 0, 2, 1] = only_dead[1, 0, 2, 1] = True  # query block 2 of row 0: block 1 only (dead in row 0)
+    only_dead[:, :, [0, 1, 3, 4, 5], 0] = True
+    hole = BlockSparsePlan(bs, bs, mask=only_dead, comp=torch.full((1, 1, nb, d), 0.5, device=dev))
+    for plan in (rect, hole):
+        want, want_lse = attention(q64, k64, v64, spec=KernelSpec(sparse=plan, bias=km.unsqueeze(-2),
+                                                                 return_lse=True), backend="torch")
+        out, lse = sparse_attention_triton(q, k, v, plan, key_mask=km)
+        torch.testing.assert_close(out.double(), want, rtol=0, atol=tol)
+        torch.testing.assert_close(lse.double(), want_lse, rtol=0, atol=tol)
+        got = attention(q, k, v, spec=KernelSpec(sparse=plan, bias=km.unsqueeze(-2)), backend="triton")
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=tol)  # through the dispatcher
+    assert bool((lse[0, :, 2 * bs:3 * bs] == -math.inf).all()) and bool((out[0, :, 2 * bs:3 * bs] == 0.5).all())
 
 
 @needs_triton

@@ -22,10 +22,16 @@ What this module adds is the layout side, per attention call:
 - **static blocks** (:func:`neighbour_blocks`): the blocks holding a 26-neighbour (8 in 2-D) of
   a block's tokens; Wan's first-frame blocks attend to each other; text key blocks are always
   attended to and text query blocks attend densely.
-- **masked keys** (:func:`live_keys`): keys the call's mask hides from every query (HunyuanVideo's
-  padded text, placed last by the reorder) are cut from the keys, so the plan neither pools nor
-  isolates them and, with nothing else masked, the call needs no bias (the sparse kernels take
-  none); keys masked for some rows only keep the mask (the masked reference then runs).
+- **masked keys** (:func:`live_keys`, :func:`row_key_mask`): keys the call's mask hides from every
+  query of every row (HunyuanVideo's padded text, placed last by the reorder) are cut from the
+  keys, so the plan neither pools nor isolates them and, with nothing else masked, the call
+  needs no bias. Keys masked for some rows only (a batch of prompts of different lengths) stay
+  as a per-row key mask: the plan pools each row over its own live keys (masked keys leave the
+  pooled means and IPAR's cluster sizes; a block a row masks entirely is never selected for it
+  and adds no compensation) and the sparse kernels apply the mask inside the selected blocks,
+  so every row equals that prompt run alone. A float bias or a query-dependent mask (another
+  control's edit) keeps the masked reference; in ``"rectified"`` mode it is refused, since the
+  pooled statistics cannot honour it.
 - **schedule**: dense warm-up by layer and step, defaults of the official scripts (Wan2.1 T2V:
   layers 0-1 and the first 5 denoising steps dense (its 10 processor calls, CFG's two passes
   each); Wan I2V: layers 0-1; FLUX: processors 37 and above dense (the last 20 of FLUX.1's 57),
@@ -56,7 +62,7 @@ from ..errors import ConfigError, ControlError, LayoutError
 from ..kernels.sparse import MIN_TILE, MODES, block_sparse_plan
 
 __all__ = ["RectifiedSparseAttention", "tiled_order", "default_tile", "neighbour_blocks", "live_keys",
-           "FAMILY_DEFAULTS"]
+           "row_key_mask", "FAMILY_DEFAULTS"]
 
 # official scripts (scripts/main_*.py, Inference.md): drop rate, dense layers, dense denoising steps
 FAMILY_DEFAULTS = {
@@ -213,6 +219,23 @@ def live_keys(bias: torch.Tensor, n_key: int) -> tuple[int, bool]:
     n = int(alive[-1]) + 1
     unmasked = bool(seen[1, :n].all()) and (bias.dtype == torch.bool or bool((bias[..., :n] == 0).all()))
     return n, unmasked
+
+
+def row_key_mask(bias: torch.Tensor, n_key: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(rest, key_mask)`` of a bias broadcastable to ``[B, H, Nq, Nk]`` that :func:`live_keys`
+    left in place: ``key_mask`` bool ``[B|1, H|1, Nk]``, the keys each batch row (and head) may
+    attend to (those some query of the row sees), which the plan's per-row pooled statistics
+    use; ``rest`` is ``None`` when the bias is nothing but that key mask (a boolean or a 0 / -inf
+    float bias broadcast over the queries: the sparse kernels then apply it), else the bias
+    itself, which the call must keep (the masked reference runs it). One host read for a float
+    bias.
+    """
+    visible = bias if bias.dtype == torch.bool else bias > float("-inf")
+    v4 = visible.reshape((1,) * (4 - visible.dim()) + tuple(visible.shape))  # [B|1, H|1, Nq|1, Nk|1]
+    key_mask = v4.any(-2).expand(*v4.shape[:2], n_key)  # [B|1, H|1, Nk]
+    pure = v4.shape[-2] == 1 and v4.shape[-1] == n_key and (bias.dtype == torch.bool or bool(
+        ((bias == 0) | ~visible).all()))
+    return (None if pure else bias), key_mask
 
 
 # ----------------------------------------------------------------------------- the control
@@ -381,7 +404,7 @@ class RectifiedSparseAttention(Control):
         st = self._layout_static(call, cfg["first_frame"])
         perm, inv, pooled, forced, dense_rows, extra = st.on(call.q.device)
         call.q, call.k, call.v = (x.index_select(2, perm) for x in (call.q, call.k, call.v))  # [B, H, N, D] reordered
-        bias = call.spec.bias
+        bias, key_mask = call.spec.bias, None
         if bias is not None:
             n = perm.numel()
             if bias.dim() >= 2 and bias.shape[-2] == n:
@@ -395,26 +418,30 @@ class RectifiedSparseAttention(Control):
                 nkb = -(-n_key // self.block_size)
                 forced, extra = forced[:nkb], extra[:, :nkb]  # [NK'], [NQ, NK']
                 pooled = pooled[:n_key] if pooled is not None else None
-            call.spec.bias = None if unmasked else bias
+            if unmasked:
+                bias = None
+            else:  # keys masked for some rows only (prompts of different lengths in one batch)
+                bias, key_mask = row_key_mask(bias, n_key)
+            call.spec.bias = bias if bias is not None else (
+                None if key_mask is None else key_mask.unsqueeze(-2))  # [B|1, H|1, 1, Nk]: the kernels' key mask
         b, h = call.q.shape[:2]
         heads, rows = self.head_mask(call), self.rows(call)
         if not bool(heads.all()) or not bool(rows.all()):  # other heads / rows stay dense
             extra = extra.view(1, 1, *extra.shape) | ~heads.view(1, h, 1, 1) | ~rows.view(b, 1, 1, 1)  # [B, H, NB, NB]
         top_k = int((1.0 - cfg["drop"]) * st.n_video_blocks)
-        if call.spec.bias is not None and self.mode == "rectified" and top_k < st.n_video_blocks:
-            # the pooled block statistics behind R and the compensation are shared by every row and
-            # blind to a key mask, so masked keys would count and a row would depend on its batch
+        if bias is not None and self.mode == "rectified" and top_k < st.n_video_blocks:
             raise ControlError(
-                f"RectifiedSparseAttention(mode='rectified') at {call.site.name}: the call keeps a key mask the "
-                f"block statistics cannot honour (rows with prompts of different token lengths in one batch); "
-                f"run one prompt per call, pad the prompts to equal length, or use mode='vanilla'")
+                f"RectifiedSparseAttention(mode='rectified') at {call.site.name}: the call carries a float bias or a "
+                f"mask that differs between queries (another control's edit), which the pooled block statistics "
+                f"behind R and the compensation cannot honour (they honour key masks such as padded prompts, per "
+                f"batch row); drop that control's bias or use mode='vanilla'")
         gen = None
         if self.mode == "random":
             gen = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{call.step.index}:{call.site.name}".encode()))
         call.spec.sparse = block_sparse_plan(call.q, call.k, call.v, block_q=self.block_size, top_k=top_k,
                                              p_remain=self.p_remain, scale=call.scale, mode=self.mode,
                                              forced_keys=forced, dense_queries=dense_rows, extra=extra,
-                                             pooled_keys=pooled, generator=gen)
+                                             pooled_keys=pooled, key_mask=key_mask, generator=gen)
         call.scratch[id(self)] = inv
 
     def edit_output(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
