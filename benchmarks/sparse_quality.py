@@ -1,7 +1,8 @@
 """Quality of block-sparse attention against dense attention on tiny-wan (issue 25).
 
     python benchmarks/sparse_quality.py --model runs/tiny-wan-export --clips 64 --json runs/bench/sparse-quality.json
-    python benchmarks/sparse_quality.py ... --modes rectified --drops 0.75 --merge runs/bench/sparse-quality.json
+    python benchmarks/sparse_quality.py ... --conditions rectified:0.5,random:0.9 --json runs/bench/sq-b.json
+    python benchmarks/sparse_quality.py --report runs/bench/sq-a.json,runs/bench/sq-b.json   # one table, no run
 
 Every condition generates the same (prompt, seed) pairs: clip i is prompt ``i % P`` of the
 chosen video suites (default ``single`` and ``two``: one or two movers, 64 prompts) with
@@ -48,7 +49,7 @@ import torch
 
 import diffattn as da
 from diffattn.methods import spaattn
-from diffattn.pipelines import psnr, ssim
+from diffattn.pipelines import ssim
 from diffattn.testbed import load
 from diffattn.testbed.evaluate import eval_seeds, mean_interval, paired_bootstrap
 from diffattn.testbed.video import video_suite_prompts
@@ -145,6 +146,9 @@ def main(argv=None):
     p.add_argument("--suites", default="single,two")
     p.add_argument("--modes", default="rectified,vanilla,random")
     p.add_argument("--drops", default="0.5,0.75,0.9")
+    p.add_argument("--conditions", default=None, help="mode:drop list run instead of --modes x --drops "
+                                                       "(to split the conditions over processes)")
+    p.add_argument("--report", default=None, help="comma list of --json files: print their rows as one table, run nothing")
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--dense-layers", type=int, default=None, help="leading layers kept dense (default: Wan's 2)")
     p.add_argument("--dense-steps", type=int, default=None, help="leading steps kept dense (default: Wan's 5)")
@@ -157,6 +161,17 @@ def main(argv=None):
     p.add_argument("--merge", default=None, help="an earlier --json whose rows to keep (the dense row is always "
                                                   "regenerated: it is the reference of the new rows)")
     args = p.parse_args(argv)
+    if args.report:
+        rows = {}
+        for path in args.report.split(","):
+            with open(path) as f:
+                rows.update(json.load(f)["rows"])
+        print(table({k: rows[k] for k in ["dense", *sorted(k for k in rows if k != "dense")]}))
+        return
+    if args.conditions:
+        conditions = [(m, float(d)) for m, _, d in (c.partition(":") for c in args.conditions.split(","))]
+    else:
+        conditions = [(m, float(d)) for m in args.modes.split(",") for d in args.drops.split(",")]
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = load(args.model)
@@ -170,18 +185,17 @@ def main(argv=None):
     dense, shares = run_condition(pipe, pairs, None, args.batch, args.steps)
     results["dense"] = summarise(dense, shares, None)
     print(f"dense: {time.time() - t0:.0f}s", flush=True)
-    for mode in args.modes.split(","):
-        for drop in (float(x) for x in args.drops.split(",")):
-            t = time.time()
-            control = da.RectifiedSparseAttention(drop, mode=mode, block_size=args.block_size,
-                                                  dense_layers=args.dense_layers, dense_steps=args.dense_steps,
-                                                  p_remain=args.p_remain, neighbours=args.neighbours)
-            report, shares = run_condition(pipe, pairs, control, args.batch, args.steps)
-            results[f"{mode} {drop:g}"] = summarise(report, shares, dense)
-            print(f"{mode} {drop:g}: {time.time() - t:.0f}s, density {results[f'{mode} {drop:g}']['density']:.3f}",
-                  flush=True)
-            if args.json:  # after every row: a stopped run keeps what it measured
-                _write(args, results, pairs)
+    for mode, drop in conditions:
+        t = time.time()
+        control = da.RectifiedSparseAttention(drop, mode=mode, block_size=args.block_size,
+                                              dense_layers=args.dense_layers, dense_steps=args.dense_steps,
+                                              p_remain=args.p_remain, neighbours=args.neighbours)
+        report, shares = run_condition(pipe, pairs, control, args.batch, args.steps)
+        name = f"{mode} {drop:g}" + (f" p{args.p_remain:g}" if args.p_remain else "") + (" +nb" if args.neighbours else "")
+        results[name] = summarise(report, shares, dense)
+        print(f"{name}: {time.time() - t:.0f}s, density {results[name]['density']:.3f}", flush=True)
+        if args.json:  # after every row: a stopped run keeps what it measured
+            _write(args, results, pairs)
     if args.json:
         _write(args, results, pairs)
     print(table({k: {kk: vv for kk, vv in v.items() if kk != "per_clip"} for k, v in results.items()}))
