@@ -31,9 +31,10 @@ from diffattn.testbed.evaluate import (EvalReportV2, eval_seeds, open_modes, ora
 
 SWEEPS = {  # method -> (knob name, values, control factory)
     "iid": ("-", [0], lambda v, a: None),
-    "repulsion": ("eta", [0.25, 0.5, 1.0, 2.0], lambda v, a: da.ContextRepulsion(eta=v, tau=a.tau, inner=a.inner)),
+    "repulsion": ("eta", [0.25, 0.5, 1.0, 2.0], lambda v, a: da.ContextRepulsion(eta=v, tau=a.tau, inner=a.inner,
+                                                                                     blocks=a.blocks)),
     "image": ("eta", [0.25, 0.5, 1.0, 2.0],
-              lambda v, a: da.ContextRepulsion(eta=v, tau=a.tau, inner=a.inner, stream="image")),
+              lambda v, a: da.ContextRepulsion(eta=v, tau=a.tau, inner=a.inner, stream="image", blocks=a.blocks)),
     "pg": ("coeff", [10.0, 30.0, 100.0, 300.0], lambda v, a: da.LatentParticleGuidance(coeff=v)),
     "cads": ("s", [0.1, 0.25, 0.5, 0.7], lambda v, a: da.CADS(scale=v, tau1=0.3, tau2=0.8, psi=1.0)),
     "interval": ("sigma_hi", [0.9, 0.8, 0.6, 0.4], lambda v, a: da.IntervalGuidance((0.0, v))),
@@ -87,6 +88,9 @@ def main(argv=None):
     ap.add_argument("--batch-prompts", type=int, default=4)
     ap.add_argument("--tau", type=int, default=4, help="repulsion: first τ steps")
     ap.add_argument("--inner", type=int, default=10, help="repulsion: inner steps M")
+    ap.add_argument("--blocks", default="middle",
+                    type=lambda v: v if v in ("middle", "first", "last", "all") else [int(i) for i in v.split(",")],
+                    help="repulsion: the blocks it edits, 'middle' (the paper's third), 'all', or indices '1,2,3'")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
@@ -118,6 +122,8 @@ def main(argv=None):
                 row = {"cfg": cfg, "method": method, "knob": knob, "value": v, "seconds": round(time.time() - t0, 1),
                        **{k: m[k]._asdict() for k in ("vendi", "mode_coverage", "object_accuracy", "all_present")},
                        "vendi_per_group": vendi_g, "coverage_per_group": cover_g}
+                if method in ("repulsion", "image"):
+                    row.update(tau=args.tau, inner=args.inner, blocks=args.blocks)
                 if method == "iid":
                     iid[cfg] = (vendi_g, cover_g)
                 elif cfg in iid:  # paired over the same prompts and seeds: Δ vs i.i.d. [95% bootstrap]

@@ -287,7 +287,7 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 def known_models() -> str:
     from .. import testbed
 
-    return f"{', '.join(testbed.MODELS[::-1])} (shipped), a diffusers pipeline folder (with model_index.json) or a " \
+    return f"{', '.join(testbed.SHIPPED[::-1])} (shipped), a diffusers pipeline folder (with model_index.json) or a " \
            f"Hugging Face hub id (org/name)"
 
 
@@ -302,7 +302,7 @@ def check_model(name: str | None) -> None:
     a hub id; anything else is a :class:`ModelLoadError` listing the known forms."""
     from .. import testbed
 
-    if name is None or name in testbed.MODELS:
+    if name is None or name in testbed.SHIPPED:
         return
     p = Path(name)
     if p.exists():
@@ -363,7 +363,7 @@ def load_model(name: str | None, dtype: str = "float32", device: str = "cpu", *,
     # takes (`dtype` since the rename; `torch_dtype` before it, now a FutureWarning on every load)
     dtype_kwargs = {} if dtype == "float32" else {_dtype_keyword(): getattr(torch, dtype)}
     safe = {"use_safetensors": None if allow_pickle else True}
-    if name in testbed.MODELS or testbed.testbed_kind(name):
+    if name in testbed.SHIPPED or testbed.testbed_kind(name):
         pipe = testbed.load(name, **dtype_kwargs, **safe)
         return _to(pipe, device)
     from diffusers import DiffusionPipeline
@@ -442,7 +442,7 @@ def is_testbed_name(name: str | None) -> bool:
     """Whether a ``--model`` value names a shipped testbed model (``None``: the default, tiny-sd3)."""
     from .. import testbed
 
-    if (name or testbed.DEFAULT_MODEL) in testbed.MODELS:
+    if (name or testbed.DEFAULT_MODEL) in testbed.SHIPPED:
         return True
     return (Path(name) / testbed.MARKER).is_file()  # an exported testbed folder
 

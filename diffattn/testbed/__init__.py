@@ -12,8 +12,10 @@ from pathlib import Path
 
 from ..errors import ModelLoadError
 
-MODELS = ("tiny-sd", "tiny-sd3")
-VIDEO_MODELS = ("tiny-wan",)  # exported folders load (``video_models.load_wan``); none shipped yet
+MODELS = ("tiny-sd", "tiny-sd3")  # the image models (the app and the image harnesses iterate these)
+VIDEO_MODELS = ("tiny-wan",)  # loaded by ``video_models.load_wan``
+EDITOR_MODELS = ("tiny-kontext",)  # FluxKontextPipeline, loaded by ``kontext_models.load_kontext``
+SHIPPED = MODELS + VIDEO_MODELS + EDITOR_MODELS  # every name ``load()`` takes
 DEFAULT_MODEL = "tiny-sd3"
 
 
@@ -27,18 +29,19 @@ def assets_dir() -> Path:
 
 
 def model_path(name: str) -> Path:
-    if name not in MODELS:
-        raise ModelLoadError(f"unknown testbed model {name!r}; the testbed ships {list(MODELS)}")
+    if name not in SHIPPED:
+        raise ModelLoadError(f"unknown testbed model {name!r}; the testbed ships {list(SHIPPED)}")
     path = assets_dir() / name
     if not (path / "model_index.json").exists():
         raise ModelLoadError(
             f"testbed model {name!r} not found at {path}; train and export it with "
-            f"`python -m diffattn.testbed.train` (see the README) or set DIFFATTN_ASSETS"
+            f"`python -m diffattn.testbed.{_TRAINERS.get(name, 'train')}` (see the README) or set DIFFATTN_ASSETS"
         )
     return path
 
 
 MARKER = "testbed.json"  # written by `train export`: {"model": "tiny-sd3"}
+_TRAINERS = {"tiny-wan": "train_video", "tiny-kontext": "train_kontext"}  # the module that trains each model
 
 
 def testbed_kind(path) -> str | None:
@@ -54,8 +57,8 @@ def testbed_kind(path) -> str | None:
         raise ModelLoadError(f"{marker} is not readable JSON ({e}); it should read {{\"model\": \"tiny-sd3\"}} "
                              f"(one of {list(MODELS)}), as `python -m diffattn.testbed.train export` writes it") from None
     kind = record.get("model") if isinstance(record, dict) else None
-    if kind not in MODELS + VIDEO_MODELS:
-        raise ModelLoadError(f"{marker} names {kind!r}; expected {{\"model\": one of {list(MODELS)}}}")
+    if kind not in SHIPPED:
+        raise ModelLoadError(f"{marker} names {kind!r}; expected {{\"model\": one of {list(SHIPPED)}}}")
     return kind
 
 
@@ -75,14 +78,14 @@ def load(name: str = DEFAULT_MODEL, **kwargs):
     """
     from .pipelines import ShapesSD3Pipeline, ShapesSDPipeline
 
-    if name in MODELS:
+    if name in SHIPPED:
         path = model_path(name)
     else:
         path = Path(name)
         kind = testbed_kind(path)
         if kind is None:
             raise ModelLoadError(
-                f"{name!r} is neither a testbed model name {list(MODELS)} nor a folder "
+                f"{name!r} is neither a testbed model name {list(SHIPPED)} nor a folder "
                 f"exported by `python -m diffattn.testbed.train export` (no {MARKER})"
             )
         name = kind
@@ -90,6 +93,10 @@ def load(name: str = DEFAULT_MODEL, **kwargs):
         from .video_models import load_wan
 
         return load_wan(path, **kwargs)
+    if name in EDITOR_MODELS:  # tiny-kontext: a ShapesKontextPipeline, also the testbed's FLUX text-to-image model
+        from .kontext_models import load_kontext
+
+        return load_kontext(path, **kwargs)
     cls = {"tiny-sd": ShapesSDPipeline, "tiny-sd3": ShapesSD3Pipeline}[name]
     if name == "tiny-sd3":  # components the tiny SD3 does not have
         for absent in ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor"):
@@ -120,7 +127,8 @@ def __getattr__(name):  # lazy submodules: `testbed.oracle`, `testbed.evaluate`.
     import importlib
 
     if name in {"world", "oracle", "evaluate", "models", "train", "pipelines", "defaults",
-                "video", "video_oracle", "video_models", "train_video"}:
+                "video", "video_oracle", "video_models", "train_video", "edits", "kontext_models",
+                "train_kontext"}:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(name)
 
