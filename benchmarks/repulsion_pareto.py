@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import numpy as np
@@ -41,9 +42,12 @@ SWEEPS = {  # method -> (knob name, values, control factory)
 }
 
 
-def run_point(pipe, prompts, group: int, control, batch_prompts: int, cfg: float, steps: int | None) -> EvalReportV2:
+def run_point(pipe, prompts, group: int, control, batch_prompts: int, cfg: float, steps: int | None,
+              keep: int = 0) -> tuple[EvalReportV2, list]:
+    """The report of one point and the images of its first ``keep`` prompt groups (for grids)."""
     seeds = eval_seeds(len(prompts) * group)
     report = EvalReportV2(scores=[], seeds=[], groups=[], features=[])
+    kept = []
     kw = {"guidance_scale": cfg} | ({"num_inference_steps": steps} if steps else {})
     for start in range(0, len(prompts), batch_prompts):
         chunk = prompts[start:start + batch_prompts]
@@ -62,7 +66,23 @@ def run_point(pipe, prompts, group: int, control, batch_prompts: int, cfg: float
             report.seeds.append(chunk_seeds[j])
             report.groups.append(p)
             report.features.append(oracle_features_v2(parsed))
-    return report
+            if len(kept) < keep * group:
+                kept.append(im)
+    return report, kept
+
+
+def save_grid(images: list, group: int, path: str, title: str, scale: int = 2) -> None:
+    """One row per prompt group (``group`` images each), upscaled nearest, titled."""
+    from PIL import Image, ImageDraw
+
+    w, h = images[0].size
+    rows = len(images) // group
+    canvas = Image.new("RGB", (w * scale * group, h * scale * rows + 14), "white")
+    ImageDraw.Draw(canvas).text((3, 1), title, fill="black")
+    for i, im in enumerate(images):
+        canvas.paste(im.resize((w * scale, h * scale), Image.NEAREST), ((i % group) * w * scale, 14 + (i // group) * h * scale))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    canvas.save(path)
 
 
 def per_group(report: EvalReportV2) -> tuple[list[float], list[float]]:
@@ -97,6 +117,8 @@ def main(argv=None):
     ap.add_argument("--plot", default=None, help="Pareto curves PNG (needs matplotlib: pip install .[bench])")
     ap.add_argument("--values", action="append", default=[], metavar="METHOD=V1,V2",
                     help="replace a method's knob values, e.g. repulsion=4,8,16")
+    ap.add_argument("--grid", default=None, help="folder: one PNG per point, its first --grid-groups prompt groups")
+    ap.add_argument("--grid-groups", type=int, default=4)
     ap.add_argument("--merge", default=None, help="comma list of earlier --json files whose rows join the plot")
     args = ap.parse_args(argv)
     for spec in args.values:
@@ -116,7 +138,12 @@ def main(argv=None):
             knob, values, make = SWEEPS[method]
             for v in values:
                 t0 = time.time()
-                report = run_point(pipe, prompts, args.group, make(v, args), args.batch_prompts, cfg, args.steps)
+                report, kept = run_point(pipe, prompts, args.group, make(v, args), args.batch_prompts, cfg, args.steps,
+                                         keep=args.grid_groups if args.grid else 0)
+                if args.grid:
+                    name = f"cfg{cfg:g}-g{args.group}-{method}" + ("" if method == "iid" else f"-{knob}{v:g}")
+                    save_grid(kept, args.group, os.path.join(args.grid, name + ".png"),
+                              f"{method} {knob}={v:g}, CFG {cfg:g}: first {args.grid_groups} prompts x {args.group} seeds")
                 m = report.metrics()
                 vendi_g, cover_g = per_group(report)
                 row = {"cfg": cfg, "method": method, "knob": knob, "value": v, "seconds": round(time.time() - t0, 1),
