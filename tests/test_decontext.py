@@ -330,3 +330,35 @@ def test_cli_protect_writes_a_png_within_eps_and_never_the_input(tmp_path, capsy
         assert e.value.code == 2
     assert src.read_bytes() == before
     assert isinstance(PathError("x"), DiffattnError)
+
+
+def test_try_edit_oracle_verdicts_grade_the_edits_against_the_input():
+    from diffattn.cli.try_edit import oracle_verdicts
+    from diffattn.testbed import edits
+    from diffattn.testbed.world import render
+
+    pair = edits.eval_edit_pairs(1)[0]
+    source, target = render(pair.source), render(pair.target)
+    verdicts, why = oracle_verdicts(source, pair.instruction, [target, source])
+    assert why == "" and len(verdicts) == 2
+    assert verdicts[0]["success"] is True and verdicts[0]["changed"] is True  # the asked edit, exactly
+    assert verdicts[1]["changed"] is False and verdicts[1]["success"] is False  # nothing was edited
+    none, why = oracle_verdicts(source, "make it prettier", [target])
+    assert none is None and "grammar" in why
+    none, why = oracle_verdicts(image(16, 16), pair.instruction, [target])
+    assert none is None and "64 px" in why
+
+
+def test_cli_try_edit_prints_the_oracle_verdicts(tmp_path, capsys):
+    from diffattn.cli import main
+    from diffattn.testbed import edits
+    from diffattn.testbed.world import render
+
+    pair = edits.eval_edit_pairs(1)[0]
+    src, out = tmp_path / "scene.png", tmp_path / "try.png"
+    render(pair.source).save(src)
+    main(["try-edit", str(src), "--instruction", pair.instruction, "--out", str(out), "--model", "tiny-random-kontext",
+          "--steps", "1", "--edit-steps", "1", "--max-sequence-length", str(SEQ)])
+    text = capsys.readouterr().out
+    assert "edit oracle, edit(input): changed " in text and "edit oracle, edit(protected): changed " in text
+    assert Image.open(out).size[0] >= 4 * 64  # four 64 px panels side by side

@@ -7,6 +7,12 @@ Without ``--protected`` the image is protected first (the ``protect`` flags appl
 edited by the pipeline's own ``FluxKontextPipeline.__call__`` at their own size
 (``max_area = H·W``, ``_auto_resize=False``: the protected pixels reach the editor as saved), with
 one seed, and written as one PNG: input | protected | edit of the input | edit of the protected.
+
+When the input is a shapes-world render (the testbed's 64 px world) and the instruction is of
+the edit grammar ("make the circle blue", "remove the square", ...), the testbed's edit oracle
+grades both edits against the input (``testbed.edits.score_edit``: did the asked change happen,
+were the other objects kept) and the verdicts are printed; otherwise one line says why there are
+none (an instruction outside the grammar, an image that is not a world render).
 """
 from __future__ import annotations
 
@@ -44,6 +50,32 @@ def edit(pipe, image, instruction: str, *, steps=None, guidance=None, seed: int 
                 generator=torch.Generator("cpu").manual_seed(seed), **kw).images[0]
 
 
+def _word(value) -> str:
+    return {True: "yes", False: "no", None: "unreadable"}[value]
+
+
+def oracle_verdicts(source, instruction: str, edited: list) -> tuple[list[dict] | None, str]:
+    """The edit oracle's grade of each image of ``edited`` as an edit of ``source`` with
+    ``instruction`` -> (one dict per image: changed / preserved / success / unreadable, or None,
+    the reason there are none)."""
+    from ..errors import EditPromptError, UsageError
+    from ..testbed import edits as world_edits
+    from ..testbed.world import SIZE
+
+    if source.size != (SIZE, SIZE):
+        return None, f"the input is {source.size[0]}x{source.size[1]}, not a {SIZE} px shapes-world render"
+    try:
+        world_edits.parse_instruction(instruction)
+    except UsageError:
+        return None, "the instruction is outside the testbed's edit grammar (e.g. 'make the circle blue')"
+    try:
+        scores = [world_edits.score_edit(source, instruction, im) for im in edited]
+    except EditPromptError as e:
+        return None, f"the oracle does not read the input as a scene this instruction applies to ({e})"
+    return [{"changed": s.changed, "preserved": s.preserved, "success": s.success,
+             "unreadable": list(s.unreadable)} for s in scores], ""
+
+
 def run(args):
     """Protect (unless given), edit both, write the four panels; print ‖δ‖∞ and PSNR."""
     import numpy as np
@@ -78,5 +110,12 @@ def run(args):
     e0, e1 = (np.asarray(im, dtype=np.float64) / 255 for im in edits)
     print(f"‖δ‖∞ = {int(np.abs(a - b).max())}/255, PSNR protected vs input {psnr(a / 255, b / 255):.2f} dB")
     print(f"PSNR of the two edits {psnr(e0, e1):.2f} dB (lower: the protection changed the edit more)")
+    verdicts, why = oracle_verdicts(clean, args.instruction, edits)
+    if verdicts is None:
+        print(f"edit oracle: no verdicts: {why}")
+    for name, v in zip(("edit(input)", "edit(protected)"), verdicts or ()):
+        extra = f" (unreadable: {', '.join(v['unreadable'])})" if v["unreadable"] else ""
+        print(f"edit oracle, {name}: changed {_word(v['changed'])}, others kept {_word(v['preserved'])}"
+              f" -> {'success' if v['success'] else 'no success'}{extra}")
     print(f"wrote {args.out}")
-    return {"clean": clean, "protected": protected, "edits": edits}
+    return {"clean": clean, "protected": protected, "edits": edits, "verdicts": verdicts}
