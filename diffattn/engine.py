@@ -84,6 +84,9 @@ class ForwardContext:
     text:      the forward's ``encoder_hidden_states`` (what :meth:`prompt_groups` compares);
     slots:     a generic slot: controls may keep values for the rest of this forward here,
                keyed by themselves or a name of their own (never on the control).
+    cond_text: in a separate ``uncond`` forward (FLUX true CFG, Wan: CFG as two calls), the
+               ``text`` of this step's ``cond`` forward of the same rows, so that
+               :meth:`prompt_groups` still tells the prompts apart (their negatives are one).
     """
 
     step: StepState
@@ -97,6 +100,7 @@ class ForwardContext:
     guidance_scales: list[float] | None = None  # s of each guidance control at this step (read on the host)
     in_window: dict[int, bool] = field(default_factory=dict)  # id(control) -> its step window holds
     slots: dict = field(default_factory=dict)
+    cond_text: torch.Tensor | None = field(default=None, repr=False)
 
     def image_grid(self, n_tokens: int) -> tuple[int, int] | None:
         """``(h, w)`` of an ``n_tokens`` image at this forward's latent aspect (UNet levels, SD3
@@ -107,19 +111,23 @@ class ForwardContext:
     def prompt_groups(self, branch: str = "cond") -> list[list[int]]:
         """Rows of ``branch`` (batch indices) grouped by identical text conditioning, in order
         of first appearance: ``num_images_per_prompt = 4`` of two prompts gives two groups of
-        four. Without text every row of the branch is one group."""
+        four. Without text every row of the branch is one group. A separate ``uncond``
+        forward (``cond_text`` set) groups its rows as their ``cond`` twins of the step (same
+        row index), split further where its own conditioning differs: the rows of two prompts
+        never share a group because their negative prompts are the same."""
         rows = self.branches.get(branch)
         if rows is None:
             return []
         idx = list(range(rows.start, rows.stop))
-        if self.text is None or self.text.shape[0] != self.batch:
+        keys = [t[rows].flatten(1) for t in (self.text, self.cond_text)  # each [b, N·C]
+                if t is not None and t.shape[0] == self.batch]
+        if not keys:
             return [idx] if idx else []
-        flat = self.text[rows].flatten(1)  # [b, N·C]
         groups: list[list[int]] = []
         heads: list[int] = []  # first row of each group
         for j, row in enumerate(idx):
             for g, h in zip(groups, heads):
-                if torch.equal(flat[j], flat[h - rows.start]):
+                if all(torch.equal(k[j], k[h - rows.start]) for k in keys):
                     g.append(row)
                     break
             else:
@@ -221,6 +229,7 @@ class Engine:
         self.run = run if run is not None else RunState()  # the pipeline call's state (pinned step, step count)
         self._branch_override = None
         self._last_main: tuple | None = None  # (denoiser, step) of the last guided forward
+        self._cond_text: dict = {}  # denoiser -> (step, text) of its last separate cond forward (ForwardContext.cond_text)
         self._warned_unidentified = False
         self._saved: list = []  # (model, original processors dict)
         self._hooked: list = []  # models carrying our hook
@@ -352,10 +361,18 @@ class Engine:
         step = self._track_step(args.get("timestep"), cache_context)
         name = getattr(cache_context, "name", None)
         branches = self._branches(batch, name, family.auxiliary_branch(args), hook.denoiser, self._scheduler_position())
+        text = args.get("encoder_hidden_states")
+        cond_text = None
+        if branches == {"cond": slice(0, batch)} and name == "cond":  # CFG as separate forwards: keep for uncond
+            self._cond_text[hook.denoiser] = (step.index, text)
+        elif branches == {"uncond": slice(0, batch)}:
+            index, kept = self._cond_text.get(hook.denoiser, (None, None))
+            if index == step.index and kept is not None and kept.shape[0] == batch:
+                cond_text = kept
         return ForwardContext(step=step, branches=branches, family=family.name,
                               denoiser=hook.denoiser, batch=batch, cache_name=name,
                               info=family.forward_info(hook.config, args, hook.family_cache),
-                              text=args.get("encoder_hidden_states"),
+                              text=text, cond_text=cond_text,
                               in_window={id(c): c.window_holds(step) for c in self.controls},
                               guidance_scales=self.guidance.scales(step) if self.guidance is not None else None)
 
@@ -400,6 +417,7 @@ class Engine:
         self._last_t = None
         self._index = 0
         self._last_main = None
+        self._cond_text = {}
 
     # ------------------------------------------------------------------ branches
     def cfg_in_batch(self, batch: int) -> bool:

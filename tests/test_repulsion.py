@@ -230,6 +230,42 @@ def test_two_prompts_in_one_batch_do_not_mix(pipes, family):
     assert not torch.equal(first, _run(pipe, **_kw(family, n=2, prompt="a red circle", latents=lat[:2])))
 
 
+def test_flux_true_cfg_keeps_two_prompts_apart_in_its_separate_uncond_forward(pipes):
+    """FLUX true CFG runs the negative prompt as its own forward, whose rows all share one
+    negative: the uncond pass groups them by their cond twins, so each prompt's samples still
+    come out as when it runs alone, and the uncond pass is repelled too."""
+    pipe = pipes["flux"]
+    lat = _latents(pipe, "flux", 4)
+    cfg = dict(true_cfg_scale=3.0)
+    rep = da.ContextRepulsion(eta=0.5, tau=2, inner=2, blocks="all")
+    both = _run(pipe, rep, **_kw("flux", n=2, prompt=["a red circle", "a blue square"], negative_prompt=["", ""],
+                                 latents=lat, **cfg))
+    first = _run(pipe, rep, **_kw("flux", n=2, prompt="a red circle", negative_prompt="", latents=lat[:2], **cfg))
+    second = _run(pipe, rep, **_kw("flux", n=2, prompt="a blue square", negative_prompt="", latents=lat[2:], **cfg))
+    torch.testing.assert_close(both[:2], first, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(both[2:], second, rtol=1e-4, atol=1e-5)
+    cond_only = da.ContextRepulsion(eta=0.5, tau=2, inner=2, blocks="all", branches=("cond",))
+    assert not torch.equal(first, _run(pipe, cond_only, **_kw("flux", n=2, prompt="a red circle", negative_prompt="",
+                                                              latents=lat[:2], **cfg)))
+
+
+def test_prompt_groups_of_a_separate_uncond_forward_follow_its_cond_twins():
+    from diffattn.controls import StepState
+    from diffattn.engine import ForwardContext
+
+    neg = torch.zeros(4, 3, 2)  # one negative prompt for every row
+    cond = torch.stack([torch.ones(3, 2), torch.ones(3, 2), 2 * torch.ones(3, 2), 2 * torch.ones(3, 2)])
+    step = StepState(index=0, timestep=None, sigma=None, num_steps=None)
+    alone = ForwardContext(step=step, branches={"uncond": slice(0, 4)}, batch=4, text=neg)
+    assert alone.prompt_groups("uncond") == [[0, 1, 2, 3]]  # nothing tells the prompts apart
+    paired = ForwardContext(step=step, branches={"uncond": slice(0, 4)}, batch=4, text=neg, cond_text=cond)
+    assert paired.prompt_groups("uncond") == [[0, 1], [2, 3]]
+    own = neg.clone()
+    own[1] = 5.0  # a different negative splits its prompt's group further
+    split = ForwardContext(step=step, branches={"uncond": slice(0, 4)}, batch=4, text=own, cond_text=cond)
+    assert split.prompt_groups("uncond") == [[0], [1], [2, 3]]
+
+
 def test_block_choice_and_single_stream_modes(pipes):
     flux = pipes["flux"].transformer
     names = lambda c: [t.name for t in c.targets(flux)]  # noqa: E731

@@ -210,7 +210,8 @@ def branch_groups(ctx, branches: Sequence[str]) -> list[list[int]]:
     branches. The ``"uncond"`` rows of a CFG batch share one negative prompt, so they are
     grouped as their ``"cond"`` twins (row cond.start + j pairs with uncond.start + j), split
     further where their own conditioning differs: the samples of one prompt are repelled in
-    both branches, and two prompts in one batch never mix."""
+    both branches, and two prompts in one batch never mix. A separate uncond forward (FLUX
+    true CFG) gets the same pairing from the engine (``ForwardContext.cond_text``)."""
     out: list[list[int]] = []
     cond, uncond = ctx.branches.get("cond"), ctx.branches.get("uncond")
     paired = (cond is not None and uncond is not None
@@ -350,9 +351,11 @@ class ContextRepulsion(Control):
         parts = [output[i] for i in target.outputs]
         if any(p is None for p in parts):
             return output
-        groups = [g for g in branch_groups(ctx, self.branches or tuple(ctx.branches)) if len(g) > 1]
+        branches = self.branches or tuple(ctx.branches)
+        groups = [g for g in branch_groups(ctx, branches) if len(g) > 1]
         if not groups:
-            self._warn_group()
+            if any(b in ctx.branches for b in branches):  # not a forward of other branches only
+                self._warn_group()
             return output
         stream = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # [B, N, D]
         edited = stream.clone()
