@@ -593,6 +593,25 @@ def test_triton_lut_kernel_equals_reference(dtype, case):
 
 
 @needs_triton
+@pytest.mark.parametrize("tile", [(16, 16), (16, 32), (32, 16)], ids=["16x16", "16x32", "32x16"])
+def test_triton_tiles_smaller_than_the_blocks_equal_reference(tile):
+    """Tiles smaller than the blocks, as CUDA's tuned configs pick at blocks of 128: several
+    programs per query block (BLOCK_M < BQ) and several tiles per key block (BLOCK_N < BK), on a
+    ragged length, for rectified plans of the method's own selection at every drop rate."""
+    from diffattn.kernels.triton_sparse import sparse_attention_triton
+
+    b, h, n, d, bs = 1, 2, 100, 16, 32
+    q, k, v = qkv(b, h, n, n, d, seed=31, dtype=torch.float32, device=TRITON_DEVICE)
+    nb = math.ceil(n / bs)
+    for drop in (0.5, 0.75, 0.9):
+        plan = block_sparse_plan(q, k, v, block_q=bs, top_k=max(1, int((1 - drop) * nb)))
+        want, want_lse = reference(q.double(), k.double(), v.double(), plan)
+        out, lse = sparse_attention_triton(q, k, v, plan, block=tile)
+        torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-5)
+        torch.testing.assert_close(lse.double(), want_lse, rtol=0, atol=1e-5)
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_triton_row_key_mask_equals_reference(dtype):
     """A per-row key mask inside the selected blocks of the LUT kernel: every block selected gives

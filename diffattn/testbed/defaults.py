@@ -5,6 +5,7 @@ temperature from its config; ``UAMPipeline`` needs a source prompt. On the shape
 the frontends fill them in from here:
 
 - :data:`TESTBED_OVERRIDES`: ``AStarConfig`` fields per testbed model (:func:`testbed_overrides`);
+- :data:`TINY_WAN_SPARSE`: Rectified SpaAttn's block settings on tiny-wan's short clips;
 - :func:`default_concepts`: the shape nouns of a shapes-world caption (A-STAR's concepts);
 - :func:`default_caption`: the oracle's caption of a shapes-world image (UAM's source prompt).
 """
@@ -16,6 +17,14 @@ from ..errors import ConceptError, EditPromptError
 # benchmarks/RESULTS.md): tiny-sd3's attention varies far less over the image than SD1.x's, so
 # softmax(100·A) gives almost flat maps and 1000 restores A&E's contrast; tiny-sd keeps A&E's 100.
 TESTBED_OVERRIDES = {"tiny-sd3": {"temperature": 1000.0}, "tiny-sd": {}}
+
+
+# Rectified SpaAttn on tiny-wan (benchmarks/sparse_quality.py, notes "Settings"): the official
+# blocks of 128 tokens make a 768-token clip 6 key blocks, every one a grid neighbour of every
+# other, so the neighbour rule alone keeps them all and --drop would change nothing. Blocks of 64
+# (12 key blocks, a 3 x 2 x 2 grid), no neighbour blocks and no cumulative-mass floor make the
+# drop rate the density (the first latent frame's blocks still attend to each other).
+TINY_WAN_SPARSE = {"block_size": 64, "neighbours": False, "p_remain": 0.0}
 
 
 def testbed_model(pipe) -> str | None:
@@ -67,7 +76,12 @@ def default_caption(image) -> str:
 def method_defaults(method: str, pipe) -> dict:
     """Parameter defaults the frontends pass to a registry method (``diffattn.methods.registry``)
     on ``pipe``: A-STAR's concepts from the caption (any model: a prompt that is no shapes-world
-    caption says to give the concepts) and, on testbed models, its temperature."""
+    caption says to give the concepts) and, on testbed models, its temperature; on tiny-wan,
+    Rectified SpaAttn's block settings (:data:`TINY_WAN_SPARSE`). Flags the user gives win."""
     if method == "astar":
         return {"concepts": default_concepts, **testbed_overrides(pipe)}
+    if method == "sparse":
+        from .video_models import ShapesWanPipeline
+
+        return dict(TINY_WAN_SPARSE) if isinstance(pipe, ShapesWanPipeline) else {}
     return {}

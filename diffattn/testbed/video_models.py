@@ -17,9 +17,11 @@ issue 25) against dense attention. With 64-token blocks, the Wan default (8x spa
 1x2x2) would leave a 64 px clip 3 x 4 x 4 = 48 tokens (not one block), and 4x spatial with patch
 2x2 192 tokens, 3 blocks: top-k at drop 0.75 or 0.9 keeps less than one block, so every drop
 rate degenerates to "one block". 4x spatial with patch 1 gives 768 tokens = 12 blocks of 64
-(a latent frame is 256 tokens = 4 blocks, e.g. 8x8 tiles): drop 0.5 / 0.75 / 0.9 keep 6 / 3 /
-~1 key blocks per query block, so the drop rates differ and a block is a local space-time
-region. The price is compute: at 768 tokens a training step of batch 16 took 3.9-6.7 s against
+(a latent frame is 256 tokens = 4 blocks, e.g. 8x8 tiles): by top-k alone drop 0.5 / 0.75 /
+0.9 keep 6 / 3 / ~1 key blocks per query block, so the drop rates differ and a block is a local
+space-time region. (Only by top-k: on so small a grid the official neighbour rule alone keeps
+0.80-0.91 of the blocks, so the frontends run tiny-wan without it: ``testbed.defaults.
+TINY_WAN_SPARSE``; the first latent frame's blocks still attend to each other.) The price is compute: at 768 tokens a training step of batch 16 took 3.9-6.7 s against
 0.65 s at 192 tokens (1 thread on the busy 2-core dev box), so the 2-hour CPU recipe
 (``train_video``) sees ~20k clips; 32-token blocks at patch 2x2 (6 blocks) are the fallback
 if that underfits. Temporal 4x is what the Wan VAE's chunked causal
