@@ -36,7 +36,7 @@ SWEEPS = {  # method -> (knob name, values, control factory)
                                                                                      blocks=a.blocks)),
     "image": ("eta", [0.25, 0.5, 1.0, 2.0],
               lambda v, a: da.ContextRepulsion(eta=v, tau=a.tau, inner=a.inner, stream="image", blocks=a.blocks)),
-    "pg": ("coeff", [10.0, 30.0, 100.0, 300.0], lambda v, a: da.LatentParticleGuidance(coeff=v)),
+    "pg": ("coeff", [10.0, 30.0, 100.0, 300.0], lambda v, a: da.LatentParticleGuidance(coeff=v, sigma_min=a.pg_sigma_min)),
     "cads": ("s", [0.1, 0.25, 0.5, 0.7], lambda v, a: da.CADS(scale=v, tau1=0.3, tau2=0.8, psi=1.0)),
     "interval": ("sigma_hi", [0.9, 0.8, 0.6, 0.4], lambda v, a: da.IntervalGuidance((0.0, v))),
 }
@@ -111,6 +111,9 @@ def main(argv=None):
     ap.add_argument("--blocks", default="middle",
                     type=lambda v: v if v in ("middle", "first", "last", "all") else [int(i) for i in v.split(",")],
                     help="repulsion: the blocks it edits, 'middle' (the paper's third), 'all', or indices '1,2,3'")
+    ap.add_argument("--pg-sigma-min", type=lambda v: None if v == "none" else float(v), default=0.5,
+                    help="particle guidance acts while the flow sigma >= this (default 0.5 = the official code's "
+                         "DDPM sigma 1; 'none': every step, as the session-14/17 rows)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
@@ -151,6 +154,8 @@ def main(argv=None):
                        "vendi_per_group": vendi_g, "coverage_per_group": cover_g}
                 if method in ("repulsion", "image"):
                     row.update(tau=args.tau, inner=args.inner, blocks=args.blocks)
+                if method == "pg":
+                    row.update(sigma_min=args.pg_sigma_min)
                 if method == "iid":
                     iid[cfg] = (vendi_g, cover_g)
                 elif cfg in iid:  # paired over the same prompts and seeds: Δ vs i.i.d. [95% bootstrap]
@@ -175,27 +180,37 @@ def main(argv=None):
         plot(merged + rows, args.plot)
 
 
+PLOT_AXES = (("object_accuracy", "vendi"), ("all_present", "vendi"),
+             ("object_accuracy", "mode_coverage"), ("all_present", "mode_coverage"))  # (fidelity, diversity)
+AXIS_LABELS = {"object_accuracy": "fidelity: oracle object accuracy", "all_present": "fidelity: all objects present",
+               "vendi": "diversity: Vendi per group (oracle features)", "mode_coverage": "diversity: mode coverage"}
+
+
 def plot(rows, path):
+    """Pareto curves: one row of panels per CFG, one panel per (fidelity, diversity) pair of
+    :data:`PLOT_AXES`; each method's points joined in the order of its knob."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cfgs = sorted({r["cfg"] for r in rows})
-    fig, axes = plt.subplots(1, len(cfgs), figsize=(5.5 * len(cfgs), 4.5), squeeze=False)
-    for ax, cfg in zip(axes[0], cfgs):
-        for method in dict.fromkeys(r["method"] for r in rows):
-            pts = sorted((r for r in rows if r["cfg"] == cfg and r["method"] == method), key=lambda r: r["value"])
-            xs = [r["object_accuracy"]["value"] for r in pts]
-            ys = [r["vendi"]["value"] for r in pts]
-            ax.plot(xs, ys, "o-" if len(pts) > 1 else "k*", label=method, markersize=5 if len(pts) > 1 else 12)
-        ax.set_xlabel("fidelity: oracle object accuracy")
-        ax.set_ylabel("diversity: Vendi per group (oracle features)")
-        ax.set_title(f"CFG {cfg:g}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    fig, axes = plt.subplots(len(cfgs), len(PLOT_AXES), figsize=(4.6 * len(PLOT_AXES), 4.0 * len(cfgs)),
+                             squeeze=False)
+    for row_axes, cfg in zip(axes, cfgs):
+        for ax, (fx, dy) in zip(row_axes, PLOT_AXES):
+            for method in dict.fromkeys(r["method"] for r in rows):
+                pts = sorted((r for r in rows if r["cfg"] == cfg and r["method"] == method), key=lambda r: r["value"])
+                xs = [r[fx]["value"] for r in pts]
+                ys = [r[dy]["value"] for r in pts]
+                ax.plot(xs, ys, "o-" if len(pts) > 1 else "k*", label=method, markersize=5 if len(pts) > 1 else 12)
+            ax.set_xlabel(AXIS_LABELS[fx])
+            ax.set_ylabel(AXIS_LABELS[dy])
+            ax.set_title(f"CFG {cfg:g}")
+            ax.grid(alpha=0.3)
+        row_axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":

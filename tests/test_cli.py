@@ -45,6 +45,31 @@ def test_generate_num_images_writes_a_row_of_the_batch_per_run(tmp_path, capsys)
     assert "baseline | repulsion" in capsys.readouterr().out
 
 
+import pytest as _pytest
+
+
+@_pytest.mark.parametrize("method, flags, label", [
+    ("repulsion", ["--eta", "2", "--repulsion-tau", "2", "--repulsion-inner", "2"], "repulsion"),
+    ("cads", ["--cads-scale", "0.5"], "CADS"),
+    ("particle", ["--pg-coeff", "300"], "particle"),
+    ("interval", ["--interval-hi", "0.6"], "CFG on σ ∈ (0.28, 0.6]"),
+], ids=["repulsion", "cads", "particle", "interval"])
+def test_generate_diversity_methods_write_the_baseline_and_method_batches(tmp_path, capsys, method, flags, label):
+    """Each diversity method of issue 24 from the command line (the issue's --eta spelling for
+    repulsion): two rows of B = 3, the method's row differs from the baseline's."""
+    import numpy as np
+
+    out = tmp_path / "grid.png"
+    main(["generate", "a circle", "--method", method, "--num-images", "3", "--steps", "2", *flags, "--out", str(out),
+          "--no-progress"])
+    grid = np.asarray(Image.open(out).convert("RGB"))
+    label_h, panel = 14, 64 * 4
+    assert grid.shape == (2 * (panel + label_h), 3 * panel, 3)
+    top, bottom = grid[label_h:label_h + panel], grid[2 * label_h + panel:]
+    assert not np.array_equal(top, bottom)
+    assert label.lower() in capsys.readouterr().out.lower()
+
+
 def test_generate_num_images_is_checked_before_the_model_loads(tmp_path, capsys):
     import pytest
 

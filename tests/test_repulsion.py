@@ -345,3 +345,20 @@ def test_registry_record_builds_and_runs(pipes):
     out = run("a red circle", generator=torch.Generator().manual_seed(0), num_inference_steps=1, height=16,
               width=16, num_images_per_prompt=2, max_sequence_length=16)
     assert len(out.images) == 2
+
+
+@pytest.mark.parametrize("family", ["sd35", "flux_kontext"])
+def test_sd35_and_flux_kontext_pipelines_take_the_control(family):
+    """The other MMDiT pipelines of the issue: η = 0 is the stock pipeline bit for bit, η > 0
+    changes the samples of a group, and a single sample is left alone."""
+    pipe = tiny_pipeline(family)
+    over = {"guidance_scale": 4.0} if family == "sd35" else {}
+    kw = lambda n: tiny_call_kwargs(family, steps=2, num_images_per_prompt=n, **over)  # noqa: E731
+    base = _run(pipe, **kw(3))
+    assert torch.equal(_run(pipe, da.ContextRepulsion(eta=0.0, tau=2, blocks="all"), **kw(3)), base)
+    edited = _run(pipe, da.ContextRepulsion(eta=0.5, tau=2, inner=2, blocks="all"), **kw(3))
+    assert edited.shape == base.shape and not torch.equal(edited, base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the no-group warning of a single sample
+        single = _run(pipe, da.ContextRepulsion(eta=0.5, tau=2, inner=2, blocks="all"), **kw(1))
+    assert torch.equal(single, _run(pipe, **kw(1)))

@@ -409,7 +409,7 @@ register_method(Method(
     kind="control",
     params=(
         Param("eta", float, 0.5, "step size η (relative with norm_invariant; the paper's raw η is 5e2-8e9)",
-              range=(0.0, None), flag="--repulsion-eta"),
+              range=(0.0, None), flag="--eta"),  # the flag of the command
         Param("tau", int, 1, "act on the first tau denoising steps", range=(0, None), flag="--repulsion-tau"),
         Param("inner", int, 10, "inner ascent steps M per block", range=(1, None), flag="--repulsion-inner"),
         Param("loss", str, "vendi", "diversity loss: vendi (log-Vendi, cosine kernel), rbf (particle-guidance "
