@@ -215,5 +215,17 @@ def test_image_token_repulsion_edits_the_image_stream(pipe):
     base = _run(pipe, **_kw())
     got = _run(pipe, rep, **_kw())
     assert not torch.equal(got, base) and torch.isfinite(got).all()
+    # the first edited block's outputs at the first step: its text stream as the stock block's,
+    # its image stream repelled
+    first = pipe.transformer.get_submodule(rep.targets(pipe.transformer)[0].name)
+    seen = []
+    hook = first.register_forward_hook(lambda m, a, out: seen.append([o.clone() for o in out]))
+    try:
+        _run(pipe, **_kw(num_inference_steps=1))
+        _run(pipe, rep, **_kw(num_inference_steps=1))
+    finally:
+        hook.remove()
+    (text0, image0), (text1, image1) = seen
+    assert torch.equal(text1, text0) and not torch.equal(image1, image0)
     with pytest.raises(ControlError, match="stream"):
         da.ContextRepulsion(stream="pixels")
