@@ -536,6 +536,28 @@ def test_family_without_a_video_or_image_layout_raises(tiny_pipe):
         da.attach(tiny_pipe("sd3"), da.RectifiedSparseAttention())
 
 
+def test_sites_that_are_not_video_self_attention_are_refused(tiny_pipe):
+    pipe = tiny_pipe("wan", head_dim=16)
+    cross = [s.name for s in da.sites(pipe) if s.kind == "cross"]
+    with pytest.raises(ControlError, match="are not such sites"):
+        da.attach(pipe, da.RectifiedSparseAttention(sites=cross[:1]))
+    from diffattn.engine import is_attached
+
+    assert not is_attached(pipe)
+
+
+def test_wan_i2v_takes_its_own_defaults(tiny_pipe):
+    """Wan image-to-video (the official I2V script): drop 0.75, the first two layers dense, no
+    dense warm-up steps (T2V keeps five)."""
+    i2v, t2v = da.RectifiedSparseAttention(block_size=16), da.RectifiedSparseAttention(block_size=16)
+    with da.attach(tiny_pipe("wan_i2v"), i2v):
+        names = sorted(i2v._plan_sites, key=lambda n: i2v._plan_sites[n][0])
+        assert [i2v.settings(n)["dense"] for n in names] == [True, True] + [False] * (len(names) - 2)
+        assert {i2v.settings(n)["drop"] for n in names} == {0.75} and i2v.steps is None
+    with da.attach(tiny_pipe("wan", head_dim=16), t2v):
+        assert t2v.steps is not None and t2v.steps.start == 5
+
+
 def test_bad_plans_raise_kernel_errors():
     q, k, v = qkv(1, 2, 32, 32, 8, dtype=torch.float32)
     sel = torch.ones(1, 1, 2, 2, dtype=torch.bool)
