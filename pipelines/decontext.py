@@ -20,7 +20,8 @@ set, from two row log-sum-exps, no map); the loss L = 1 − r̄_ctx is ascended 
     x ← clip_[0,1]( clip_[x0−ε, x0+ε]( x + α·sign(∇_x L) ) )                    (Eq. 10)
 
 Per step (expectation over transformations, as the official ``attack_decontext.py``): a random
-instruction of the pool, t ~ U[0.98, 1] and a fresh pure-Gaussian target latent; the guidance
+instruction of the pool, t ~ U[0.98, 1] (the official code draws the integer timesteps
+980-999 of 1000: the same window, continuous here) and a fresh pure-Gaussian target latent; the guidance
 embedding 3.5 (for models that have one). Defaults are the paper's (``scripts/attack_kontext.sh``):
 α = 0.005 and ε = 0.1 in [−1, 1] units, i.e. α = 0.0025 and ε = 0.05 (12.75/255) in the
 [0, 1] units used here, 800 steps, no random start; blocks: the single-stream blocks of the
@@ -67,7 +68,10 @@ the same device type and the same number of intra-op threads (torchrun sets
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
+import hashlib
+import json
 import math
 import numbers
 import os
@@ -256,6 +260,7 @@ class ProtectionResult:
     seconds: float = 0.0
     shares: dict | None = None
     source: str | None = None  # the input file, when the image came from one (never overwritten)
+    provenance: dict | None = None  # what made it (DeContextProtector.provenance), kept in the PNG
 
     def save(self, path) -> Path:
         """Write the protected image as PNG (lossless: the ε guarantee holds on the file). Refuses
@@ -266,7 +271,7 @@ class ProtectionResult:
                             f"pixels outside the ε-ball and change the perturbation")
         if self.source is not None and p.resolve() == Path(self.source).resolve():
             raise PathError(f"{path} is the input image itself; write the protected image to another file")
-        write_png_atomic(self.image, p)
+        write_png_atomic(self.image, p, provenance=self.provenance)
         return p
 
     def plot(self, path) -> Path:
@@ -277,13 +282,23 @@ class ProtectionResult:
         return Path(path)
 
 
-def write_png_atomic(image: Image.Image, path: Path) -> None:
+PROVENANCE_KEY = "diffattn-protection"  # the PNG text chunk holding a protected file's provenance
+
+
+def write_png_atomic(image: Image.Image, path: Path, provenance: dict | None = None) -> None:
     """Write ``image`` as PNG to ``path`` all at once: to ``.<name>.<pid>.part`` beside it, then
     ``os.replace`` (atomic on one filesystem), so a process killed mid-write leaves no truncated
-    ``path`` (only a hidden ``.part`` file, never read back) and readers see the old file or the new."""
+    ``path`` (only a hidden ``.part`` file, never read back) and readers see the old file or the new.
+    ``provenance`` (JSON) goes into a text chunk (:data:`PROVENANCE_KEY`; pixels untouched)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = None
+    if provenance is not None:
+        info = PngInfo()
+        info.add_text(PROVENANCE_KEY, json.dumps(provenance, sort_keys=True))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
     try:
-        image.save(tmp, format="PNG")
+        image.save(tmp, format="PNG", pnginfo=info)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -391,16 +406,22 @@ def image_file_size(path) -> tuple[int, int] | None:
         return None
 
 
-def finished_output(path: Path, size: tuple[int, int]) -> bool:
-    """Whether ``path`` holds a complete PNG of ``size`` (width, height): an earlier run's output,
-    which a resumed batch keeps. A missing, truncated, damaged or other-size file is not (the
-    image is protected again)."""
+def finished_output(path: Path, size: tuple[int, int], provenance: dict | None = None) -> bool:
+    """Whether ``path`` holds a complete PNG of ``size`` (width, height) and, with
+    ``provenance``, one written from the same input by the same settings and seed (its text
+    chunk, :func:`write_png_atomic`): an earlier run's output, which a resumed batch keeps. A
+    missing, truncated, damaged or other-size file is not, nor one of other settings, another
+    input or unknown origin (the image is protected again)."""
     if not path.is_file():
         return False
     try:
         with Image.open(path) as im:
             im.load()  # decodes every row: a truncated file raises here
-            return im.format == "PNG" and im.size == tuple(size)
+            if im.format != "PNG" or im.size != tuple(size):
+                return False
+            if provenance is None:
+                return True
+            return json.loads(im.text.get(PROVENANCE_KEY, "null")) == json.loads(json.dumps(provenance, sort_keys=True))
     except (OSError, ValueError, SyntaxError):
         return False
 
@@ -568,6 +589,18 @@ class DeContextProtector:
                     sums[name] = sums.get(name, 0.0) + float(r.mean()) / samples
         return {s.name: sums[s.name] for s in self.all_sites if s.name in sums}
 
+    def provenance(self, clean_u8: np.ndarray, seed: int) -> dict:
+        """What a protected file is the product of, as JSON: the settings (every config field),
+        the EOT seed, the editor (transformer class and config, a digest) and the clean pixels (a
+        digest). A resumed batch keeps an output only when its record equals this."""
+        config = json.loads(json.dumps(dataclasses.asdict(self.config), sort_keys=True, default=str))
+        editor = json.dumps({"class": type(self.transformer).__name__, "config": dict(self.transformer.config)},
+                            sort_keys=True, default=str)
+        return {"config": config, "seed": int(seed),
+                "editor_sha256": hashlib.sha256(editor.encode()).hexdigest()[:16],
+                "clean_sha256": hashlib.sha256(np.ascontiguousarray(clean_u8).tobytes()
+                                               + str(clean_u8.shape).encode()).hexdigest()[:16]}
+
     # ------------------------------------------------------------------ the attack
     def protect(self, image, *, callback: Callable[[dict], None] | None = None, diagnostics: bool = True,
                 seed: int | None = None) -> ProtectionResult:
@@ -586,7 +619,8 @@ class DeContextProtector:
         if cfg.target_size is not None:
             self.check_size(*cfg.target_size, what=f"target_size {cfg.target_size}")
         x0 = torch.from_numpy(u8).permute(2, 0, 1)[None].float().div(255).to(self.device)  # [1, 3, H, W]
-        gen = torch.Generator().manual_seed(cfg.seed if seed is None else seed)
+        seed = cfg.seed if seed is None else int(seed)
+        gen = torch.Generator().manual_seed(seed)
         start = time.perf_counter()
         if cfg.method == "random":
             x, losses = random_sign_noise(x0.cpu(), cfg.eps, gen), []
@@ -596,7 +630,8 @@ class DeContextProtector:
         q = quantize_protected(x[0].permute(1, 2, 0).detach().cpu().numpy(), u8, cfg.eps)  # [H, W, 3] uint8
         linf = int(np.abs(q.astype(np.int32) - u8.astype(np.int32)).max())
         result = ProtectionResult(image=Image.fromarray(q, "RGB"), clean=Image.fromarray(u8, "RGB"), method=cfg.method,
-                                  eps=float(cfg.eps), linf=linf, losses=losses, seconds=seconds, source=source)
+                                  eps=float(cfg.eps), linf=linf, losses=losses, seconds=seconds, source=source,
+                                  provenance=self.provenance(u8, seed))
         if diagnostics:
             result.shares = {"clean": self.shares(u8), "protected": self.shares(q)}
         return result
@@ -689,8 +724,10 @@ class DeContextProtector:
 
         Image k uses the EOT seed ``config.seed + k``, whatever the number of processes, so a
         resumed or distributed run writes what an uninterrupted one-process run would. With
-        ``resume`` an output that is already a complete PNG of the input's size is kept (a
-        damaged one is redone); without, every image is protected again. Each PNG is written to
+        ``resume`` an output that is already a complete PNG written from the same input by the
+        same settings, editor and seed is kept (its provenance chunk, :meth:`provenance`); a
+        damaged one, one of other settings (another ε, method, steps...) or a file of unknown
+        origin is protected again; without, every image is protected again. Each PNG is written to
         a temporary file and renamed into place (:func:`write_png_atomic`).
 
         Under a multi-process launch (``torchrun`` / ``accelerate launch``; :func:`batch_state`)
@@ -751,10 +788,9 @@ class DeContextProtector:
             targets.append(target)
         pending = []
         for k, (image, target) in enumerate(zip(images, targets)):
-            size = image_file_size(image)
-            if resume and size is not None and finished_output(target, size):
-                continue
             u8, _ = read_image(image)  # [H, W, 3]; ImageInputError for a missing / damaged file
+            if resume and finished_output(target, (u8.shape[1], u8.shape[0]), self.provenance(u8, self.config.seed + k)):
+                continue  # written from this input by these settings and seed
             self.check_size(u8.shape[0], u8.shape[1], what=f"image {image}")
             pending.append(k)
         return targets, pending
@@ -774,5 +810,5 @@ def protect(image, pipe, *, out=None, callback: Callable[[dict], None] | None = 
 
 __all__ = ["DeContextProtector", "DeContextConfig", "ProtectionResult", "protect", "METHODS", "DEFAULT_INSTRUCTIONS",
            "eps_levels", "pgd_step", "quantize_protected", "random_sign_noise", "read_image", "check_editor",
-           "plot_shares", "write_png_atomic", "finished_output", "batch_state", "launched_processes",
+           "plot_shares", "write_png_atomic", "finished_output", "PROVENANCE_KEY", "batch_state", "launched_processes",
            "BATCH_TIMEOUT"]

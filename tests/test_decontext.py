@@ -362,3 +362,14 @@ def test_cli_try_edit_prints_the_oracle_verdicts(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "edit oracle, edit(input): changed " in text and "edit oracle, edit(protected): changed " in text
     assert Image.open(out).size[0] >= 4 * 64  # four 64 px panels side by side
+
+
+def test_cli_try_edit_refuses_save_protected_with_protected(tmp_path, capsys):
+    from diffattn.cli import main
+
+    src = tmp_path / "in.png"
+    image(16, 16).save(src)
+    with pytest.raises(SystemExit) as e:
+        main(["try-edit", str(src), "--instruction", "make the circle blue", "--protected", str(src),
+              "--save-protected", str(tmp_path / "p.png"), "--model", "tiny-random-kontext"])
+    assert e.value.code == 2 and "--save-protected" in capsys.readouterr().err

@@ -97,8 +97,9 @@ def test_two_processes_write_the_bytes_one_process_writes(batch):
 
 
 def test_a_resumed_batch_keeps_outputs_and_writes_the_missing_ones(batch, tmp_path, monkeypatch):
-    """In this (lone) process: a complete earlier output is kept byte for byte, a truncated one
-    (an old killed write) and a missing one are protected with their own seeds, equal to the
+    """In this (lone) process: a complete earlier output of the same settings is kept byte for
+    byte; a truncated one (an old killed write), a missing one, one of another ε and a plain image
+    of the right size (unknown origin) are protected with their own seeds, equal to the
     uninterrupted run's files; a stale temporary file is ignored; no accelerate state starts."""
     from diffattn.cli.protect import protector_for
     from diffattn.pipelines.decontext import batch_state, launched_processes
@@ -110,9 +111,9 @@ def test_a_resumed_batch_keeps_outputs_and_writes_the_missing_ones(batch, tmp_pa
     images = [str(root / "images" / f"img{i}.png") for i in range(N_IMAGES)]
     out = tmp_path / "resume"
     out.mkdir()
-    kept = image(16, 16, seed=99)  # not what the protector would write
-    kept.save(out / "img1.png")
+    (out / "img1.png").write_bytes((root / "one" / "img1.png").read_bytes())  # an earlier output: kept
     kept_bytes = (out / "img1.png").read_bytes()
+    image(16, 16, seed=99).save(out / "img0.png")  # the right size, but not written by a protection: redone
     (out / "img3.png").write_bytes((root / "one" / "img3.png").read_bytes()[:60])  # truncated
     (out / ".img2.png.12345.part").write_bytes(b"stale")  # a killed write's temporary file
     assert launched_processes() == 1 and batch_state() is None  # a lone process: no PartialState, no group
@@ -136,6 +137,12 @@ def test_a_resumed_batch_keeps_outputs_and_writes_the_missing_ones(batch, tmp_pa
     assert protector.protect_batch(images, out, on_image=lambda k, p, r: seen.append(k)) == paths and seen == []
     protector.protect_batch(images[1:2], out, resume=False)  # image 0 of this list: seed 0, not 1
     assert (out / "img1.png").read_bytes() != kept_bytes
+    other = argparse.Namespace(**{**vars(args), "eps": 0.03})
+    other_protector = protector_for(other, protector.pipe)
+    other_protector.progress = False
+    seen.clear()
+    other_protector.protect_batch(images, out, on_image=lambda k, p, r: seen.append(k))
+    assert seen == [0, 1, 2, 3]  # every file was made with another eps (or seed): all redone
     assert sorted(p.name for p in out.iterdir()) == [".img2.png.12345.part"] + [f"img{i}.png" for i in range(4)]
 
     with pytest.raises(PathError, match="would both be written to"):

@@ -84,6 +84,11 @@ def run(args):
     from ..pipelines.uam import psnr
     from .common import open_image, side_by_side
 
+    from ..errors import UsageError
+
+    if args.protected and args.save_protected:
+        raise UsageError("--save-protected writes the protected image made here, but --protected gives one: "
+                         "drop one of the two flags")
     outputs = [("--out", args.out), ("--save-protected", args.save_protected)]
     check_paths(args, outputs, [("--protected", args.protected)])
     clean = open_image(args, args.image)
