@@ -1,10 +1,10 @@
 """IR-Diffusion: consistent subjects in a multi-subject scene (isolation + reposition attention).
 
     from diffattn.pipelines import IRDiffusionPipeline
-    ir = IRDiffusionPipeline(pipe)                      # SD1.5 / SDXL / SD3 pipeline (or a testbed model)
+    ir = IRDiffusionPipeline(pipe)                      # SD1.5 / SDXL / SD3 / FLUX pipeline (or a testbed model)
     out = ir("a circle left of a square", subjects=["a striped red circle", "a dotted blue square"],
              return_masks=True)
-    out.references[0].save("ref0.png"); out.images[0].save("scene.png"); out.scene_masks[0].save("m0.png")
+    out.references[0].save("ref0.png"); out.images[0].save("scene.png"); out.scene_mask_images[0].save("m0.png")
 
 He et al., "Improving Multi-Subject Consistency in Open-Domain Image Generation with Isolation
 and Reposition Attention" (2024); the official pipeline is summarised in
@@ -171,7 +171,8 @@ def strongest_component(masks: torch.Tensor, maps: torch.Tensor) -> torch.Tensor
 class IRRehearsal:
     """What the final run needs from the rehearsal: the call (prompts, steps, size...), the
     latents of the batch ``[ref_1 … ref_S, scene]``, its images ``[S + 1, 3, H, W]`` in [0, 1]
-    (the vanilla scene last), the masks and the attempts."""
+    (the vanilla scene last), the masks and the attempts; seed: the scene seed (the final run's
+    mask dropout and token sharing draw from it, so scenes of different seeds drop differently)."""
 
     call: dict
     latents: torch.Tensor
@@ -180,6 +181,18 @@ class IRRehearsal:
     scene_masks: torch.Tensor
     attempts: int
     missing: list
+    seed: int = 0
+
+
+def back_sites(image_sites, start: float) -> list[str]:
+    """Names of the sites in the back ``1 - start`` of the blocks, counted in forward order over
+    every stack of the denoiser (the paper's layers 36-69 of SDXL's 70 at ``start = 36/70``):
+    FLUX's joint and single stacks each number their blocks from 0, so blocks are keyed by
+    (stack, index), never by the index alone."""
+    order = list(dict.fromkeys((x.denoiser, x.name.split(".")[0], x.block) for x in image_sites))
+    first = round(start * len(order))
+    rank = {key: i for i, key in enumerate(order)}
+    return [x.name for x in image_sites if rank[(x.denoiser, x.name.split(".")[0], x.block)] >= first]
 
 
 class IRDiffusionPipeline:
@@ -364,7 +377,7 @@ class IRDiffusionPipeline:
             raise ConceptError(f"the reference masks of subjects {empty} are empty (the reference does not show its "
                                f"subject, or its word's attention found no region); pass reference_masks=")
         return IRRehearsal(call=call, latents=latents, images=images, reference_masks=ref_masks, scene_masks=scene,
-                           attempts=attempt, missing=missing_log)
+                           attempts=attempt, missing=missing_log, seed=int(seed))
 
     @torch.no_grad()
     def final(self, rehearsal: "IRRehearsal", *, config: IRConfig | None = None, output_type: str = "pil",
@@ -378,7 +391,7 @@ class IRDiffusionPipeline:
         run = RunState(callback=r.call["callback"], progress=r.call["progress"], desc="IR-Diffusion")
         from diffattn.sites import sites as list_sites
 
-        controls = self._controls(cfg, r.reference_masks, r.scene_masks, s, list_sites(self.pipe))
+        controls = self._controls(cfg, r.reference_masks, r.scene_masks, s, list_sites(self.pipe), r.seed)
         final, _ = self._call(r.call, r.latents, controls, run, "final")
         as_out = lambda x: adapter.postprocess(x * 2 - 1, output_type, x.dtype) if output_type != "pt" else x  # noqa: E731
         out = IRDiffusionOutput(images=as_out(final[s:]), references=as_out(final[:s]), vanilla=as_out(r.images[s:]),
@@ -424,18 +437,17 @@ class IRDiffusionPipeline:
         noise = self.adapter.prepare_latents(RunState(), 1, height, width, self.adapter.denoiser.dtype, gen)
         return noise / getattr(self.pipe.scheduler, "init_noise_sigma", 1.0)  # flow schedulers have none: 1
 
-    def _controls(self, cfg: IRConfig, ref_masks, scene_masks, s, all_sites) -> list:
+    def _controls(self, cfg: IRConfig, ref_masks, scene_masks, s, all_sites, seed: int = 0) -> list:
         if cfg.share == "storydiffusion":
-            return [ConsistentSelfAttention(cfg.share_rate)]
-        image_sites = [x for x in all_sites if x.kind in ISOLATED_KINDS]
-        first = round(cfg.reposition_from * (max(x.block for x in image_sites) + 1))
-        back = {x.name for x in image_sites if x.block >= first}
+            return [ConsistentSelfAttention(cfg.share_rate, seed=seed)]
+        image_sites = [x for x in all_sites if x.kind in ISOLATED_KINDS]  # in forward order
+        back = set(back_sites(image_sites, cfg.reposition_from))
         controls = []
         if cfg.isolation and s > 1:
             controls.append(IsolationAttention(scene_masks, references=s))
         mmdit = self.adapter.joint_attention
         if cfg.reposition or (mmdit and cfg.mutual):  # on MMDiT the mutual cross-attention rides on it
-            controls.append(RepositionAttention(ref_masks, scene_masks, dropout=cfg.dropout, move=cfg.move,
+            controls.append(RepositionAttention(ref_masks, scene_masks, dropout=cfg.dropout, seed=seed, move=cfg.move,
                                                 mutual=cfg.mutual if mmdit else 0.0, extend=cfg.reposition,
                                                 sites=lambda site: site.name in back))
         if cfg.mutual and not self.adapter.joint_attention:

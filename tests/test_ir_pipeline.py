@@ -137,3 +137,27 @@ def test_mask_cleanup_gives_each_contested_cell_to_the_strongest_map_and_keeps_o
     weight[0, 3, 4] = 5.0
     kept = strongest_component(two, weight)
     assert kept[0, 3, 3:6].all() and int(kept.sum()) == 3
+
+
+def test_reposition_blocks_are_counted_over_every_stack_in_forward_order(tiny_pipe):
+    """FLUX numbers its joint and single blocks from 0 each: the back 1 - 36/70 of the blocks
+    is counted over both stacks in forward order (never by the index alone); a UNet's running
+    block index and SD3's one stack give the old cut."""
+    import diffattn as da
+    from diffattn.methods.ir import ISOLATED_KINDS
+    from diffattn.pipelines.ir import back_sites
+
+    for family in ("flux", "sd3", "sd15"):
+        image_sites = [s for s in da.sites(tiny_pipe(family)) if s.kind in ISOLATED_KINDS]
+        blocks = list(dict.fromkeys((s.name.split(".")[0], s.block) for s in image_sites))
+        for start in (0.0, 36 / 70, 0.5, 1.0):
+            chosen = back_sites(image_sites, start)
+            kept = blocks[round(start * len(blocks)):]
+            assert chosen == [s.name for s in image_sites if (s.name.split(".")[0], s.block) in kept], (family, start)
+    flux = [s for s in da.sites(tiny_pipe("flux")) if s.kind in ISOLATED_KINDS]
+    assert any(s.kind == "joint" for s in flux) and any(s.kind == "single" for s in flux)
+    stacks = list(dict.fromkeys((s.name.split(".")[0], s.block) for s in flux))
+    n_joint = sum(1 for stack, _ in stacks if stack == "transformer_blocks")
+    late = back_sites(flux, n_joint / len(stacks))  # the cut right after the joint stack
+    assert late and {s.kind for s in flux if s.name in late} == {"single"}
+    assert back_sites(flux, 0.0) == [s.name for s in flux]
