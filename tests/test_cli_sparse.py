@@ -1,7 +1,7 @@
 """`diffattn generate --method sparse`: Rectified SpaAttn from the command line, on a video model.
 
 A tiny ``WanPipeline`` (diffattn.tiny.tiny_wan) saved with ``save_pretrained`` stands in for the
-tiny-wan testbed model (none is shipped yet) and loads through ``--model FOLDER``, the hub-model
+tiny-wan testbed model (the shipped one is tested last) and loads through ``--model FOLDER``, the hub-model
 path. At 128 px and 5 frames it has 2 latent frames of 8 x 8 tokens: 8 blocks of 16 tokens.
 """
 from __future__ import annotations
@@ -148,3 +148,36 @@ def test_generate_sparse_on_hunyuan_video(tmp_path, capsys):
     assert "drop 0.8 (rectified" in printed and "sparse in 4 of 4 layers from step 0" in printed
     frames = _gif_frames(out)
     assert len(frames) == 5 and frames[0].shape == (64 * 4 + 14, 2 * 64 * 4, 3)
+
+
+def test_shipped_tiny_wan_runs_sparse_at_the_density_its_drop_rate_sets(monkeypatch):
+    """The frontends' settings for tiny-wan (testbed.defaults.TINY_WAN_SPARSE): at drop 0.75 the
+    plans keep about a quarter of the key blocks (top-3 of 12, plus the first latent frame's
+    blocks for its own rows); the official blocks of 128 with neighbours keep every block of so
+    small a clip, which is why the testbed changes them."""
+    from diffattn import testbed
+    from diffattn.methods import spaattn
+    from diffattn.methods.registry import get_method
+    from diffattn.testbed.defaults import TINY_WAN_SPARSE, method_defaults
+
+    pipe = testbed.load("tiny-wan")
+    assert method_defaults("sparse", pipe) == TINY_WAN_SPARSE
+    assert method_defaults("sparse", testbed.load("tiny-sd3")) == {}
+    shares = []
+    original = spaattn.block_sparse_plan
+
+    def recording(q, k, v, **kw):
+        plan = original(q, k, v, **kw)
+        shares.append(float((plan.lut >= 0).sum(-1).float().mean()) / -(-k.shape[2] // plan.block_k))
+        return plan
+
+    monkeypatch.setattr(spaattn, "block_sparse_plan", recording)
+    m = get_method("sparse")
+    kw = dict(generator=torch.Generator().manual_seed(0), num_inference_steps=6)  # steps 0-4 dense (Wan)
+    run = m.build(pipe, **{**method_defaults("sparse", pipe), "drop": 0.75})
+    assert (run.control.block_size, run.control.neighbours, run.control.p_remain) == (64, False, 0.0)
+    run(PROMPT, **kw)
+    assert shares and 0.25 <= min(shares) and max(shares) <= 0.45, shares
+    shares.clear()
+    m.build(pipe, drop=0.75)(PROMPT, **kw)  # the official block settings
+    assert shares and min(shares) == 1.0
