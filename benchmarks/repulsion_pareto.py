@@ -203,7 +203,8 @@ def plot(rows, path):
                 pts = sorted((r for r in rows if r["cfg"] == cfg and r["method"] == method), key=lambda r: r["value"])
                 xs = [r[fx]["value"] for r in pts]
                 ys = [r[dy]["value"] for r in pts]
-                ax.plot(xs, ys, "o-" if len(pts) > 1 else "k*", label=method, markersize=5 if len(pts) > 1 else 12)
+                style = "k*" if method == "iid" else ("o-" if len(pts) > 1 else "D")  # i.i.d.: the reference star
+                ax.plot(xs, ys, style, label=method, markersize=12 if method == "iid" else (5 if len(pts) > 1 else 7))
             ax.set_xlabel(AXIS_LABELS[fx])
             ax.set_ylabel(AXIS_LABELS[dy])
             ax.set_title(f"CFG {cfg:g}")
