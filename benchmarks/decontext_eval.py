@@ -298,14 +298,17 @@ def protect_all(protector, pairs, clean_images: list[np.ndarray], folder: Path, 
                 desc: str) -> tuple[list[np.ndarray], list[float | None]]:
     """Protect every clean image (EOT seed = its pair's seed), save it as
     ``folder/<pair seed>.png`` and reload it -> (the files' pixels, the seconds of each
-    protection, None where a file was reused)."""
+    protection, None where a file was reused: with ``reuse``, a file whose provenance is this
+    protection's own, ``DeContextProtector.provenance``)."""
     from tqdm.auto import tqdm
+
+    from diffattn.pipelines.decontext import finished_output
 
     images, seconds = [], []
     Path(folder).mkdir(parents=True, exist_ok=True)
     for pair, clean in tqdm(list(zip(pairs, clean_images)), desc=desc, dynamic_ncols=True, leave=False):
         path = Path(folder) / f"{pair.seed}.png"
-        if reusable(path, (clean.shape[1], clean.shape[0]), reuse):
+        if reuse and finished_output(path, (clean.shape[1], clean.shape[0]), protector.provenance(clean, pair.seed)):
             images.append(load_png(path))
             seconds.append(None)
             continue

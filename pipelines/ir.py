@@ -189,10 +189,12 @@ def back_sites(image_sites, start: float) -> list[str]:
     every stack of the denoiser (the paper's layers 36-69 of SDXL's 70 at ``start = 36/70``):
     FLUX's joint and single stacks each number their blocks from 0, so blocks are keyed by
     (stack, index), never by the index alone."""
-    order = list(dict.fromkeys((x.denoiser, x.name.split(".")[0], x.block) for x in image_sites))
+    def block(x):  # (denoiser, stack, index in the stack)
+        return x.denoiser, x.name.split(".")[0], x.block
+
+    order = {key: i for i, key in enumerate(dict.fromkeys(block(x) for x in image_sites))}  # forward order
     first = round(start * len(order))
-    rank = {key: i for i, key in enumerate(order)}
-    return [x.name for x in image_sites if rank[(x.denoiser, x.name.split(".")[0], x.block)] >= first]
+    return [x.name for x in image_sites if order[block(x)] >= first]
 
 
 class IRDiffusionPipeline:
