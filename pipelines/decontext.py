@@ -397,15 +397,6 @@ def read_image(image) -> tuple[np.ndarray, str | None]:
                           f"[H, W, 3] or a tensor [3, H, W]")
 
 
-def image_file_size(path) -> tuple[int, int] | None:
-    """(width, height) of an image file from its header, or ``None`` if it cannot be opened."""
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except (OSError, ValueError, SyntaxError):
-        return None
-
-
 def finished_output(path: Path, size: tuple[int, int], provenance: dict | None = None) -> bool:
     """Whether ``path`` holds a complete PNG of ``size`` (width, height) and, with
     ``provenance``, one written from the same input by the same settings and seed (its text

@@ -150,34 +150,33 @@ def test_generate_sparse_on_hunyuan_video(tmp_path, capsys):
     assert len(frames) == 5 and frames[0].shape == (64 * 4 + 14, 2 * 64 * 4, 3)
 
 
-def test_shipped_tiny_wan_runs_sparse_at_the_density_its_drop_rate_sets(monkeypatch):
+def test_shipped_tiny_wan_runs_sparse_at_the_density_its_drop_rate_sets():
     """The frontends' settings for tiny-wan (testbed.defaults.TINY_WAN_SPARSE): at drop 0.75 the
     plans keep about a quarter of the key blocks (top-3 of 12, plus the first latent frame's
     blocks for its own rows); the official blocks of 128 with neighbours keep every block of so
     small a clip, which is why the testbed changes them."""
+    import importlib.util
+    from pathlib import Path
+
     from diffattn import testbed
-    from diffattn.methods import spaattn
     from diffattn.methods.registry import get_method
     from diffattn.testbed.defaults import TINY_WAN_SPARSE, method_defaults
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sparse_quality.py"
+    spec = importlib.util.spec_from_file_location("sparse_quality", path)
+    sparse_quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sparse_quality)  # its DensityRecorder: the benchmark's own density column
 
     pipe = testbed.load("tiny-wan")
     assert method_defaults("sparse", pipe) == TINY_WAN_SPARSE
     assert method_defaults("sparse", testbed.load("tiny-sd3")) == {}
-    shares = []
-    original = spaattn.block_sparse_plan
-
-    def recording(q, k, v, **kw):
-        plan = original(q, k, v, **kw)
-        shares.append(float((plan.lut >= 0).sum(-1).float().mean()) / -(-k.shape[2] // plan.block_k))
-        return plan
-
-    monkeypatch.setattr(spaattn, "block_sparse_plan", recording)
     m = get_method("sparse")
     kw = dict(generator=torch.Generator().manual_seed(0), num_inference_steps=6)  # steps 0-4 dense (Wan)
     run = m.build(pipe, **{**method_defaults("sparse", pipe), "drop": 0.75})
     assert (run.control.block_size, run.control.neighbours, run.control.p_remain) == (64, False, 0.0)
-    run(PROMPT, **kw)
-    assert shares and 0.25 <= min(shares) and max(shares) <= 0.45, shares
-    shares.clear()
-    m.build(pipe, drop=0.75)(PROMPT, **kw)  # the official block settings
-    assert shares and min(shares) == 1.0
+    with sparse_quality.DensityRecorder() as rec:
+        run(PROMPT, **kw)
+    assert rec.shares and 0.25 <= min(rec.shares) and max(rec.shares) <= 0.45, rec.shares
+    with sparse_quality.DensityRecorder() as official:
+        m.build(pipe, drop=0.75)(PROMPT, **kw)  # the official block settings
+    assert official.shares and min(official.shares) == 1.0

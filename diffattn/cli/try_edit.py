@@ -80,11 +80,9 @@ def run(args):
     """Protect (unless given), edit both, write the four panels; print ‖δ‖∞ and PSNR."""
     import numpy as np
 
-    from ..errors import ImageInputError
+    from ..errors import ImageInputError, UsageError
     from ..pipelines.uam import psnr
     from .common import open_image, side_by_side
-
-    from ..errors import UsageError
 
     if args.protected and args.save_protected:
         raise UsageError("--save-protected writes the protected image made here, but --protected gives one: "
