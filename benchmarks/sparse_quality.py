@@ -20,7 +20,11 @@ Student-t interval), the video oracle's per-frame object accuracy, motion-direct
 object accuracy and whole-clip correctness (95% Wilson intervals over clips), the paired
 difference of per-frame object accuracy against dense (bootstrap over clips), and the density
 actually kept (the mean share of key blocks in each query block's LUT, over every sparse call:
-read from the plans the control builds, so "equal density" is checked, not assumed).
+read from the plans the control builds, so "equal density" is checked, not assumed). Then the
+goal's orderings paired clip by clip (``paired_table``): rectified - vanilla, vanilla - random and
+rectified - random in PSNR and SSIM at each drop rate, bootstrap intervals over clips, and the share
+of clips where the first condition is the closer to dense. The paired rows need the per-clip
+similarities that the JSON keeps since session 20 (``--report`` of older files prints no pairs).
 
 Settings. Wan's defaults keep the first two layers and the first five of the twenty steps dense
 (official scripts), and the first latent frame's blocks attend to each other. Blocks of 64
@@ -110,6 +114,7 @@ def summarise(report, shares, dense) -> dict:
                                        "all_present", "correct", "unreadable_rate")}
     row["density"] = float(np.mean(shares)) if shares else 1.0
     row["sparse_calls"] = len(shares)
+    sims = [None] * len(report.scores)
     if dense is not None:
         sims = [clip_similarity(c, d) for c, d in zip(report.clips, dense.clips)]
         finite = [p for p, _ in sims if np.isfinite(p)]
@@ -120,8 +125,46 @@ def summarise(report, shares, dense) -> dict:
         fd = [s.frame_accuracy for s in dense.scores]
         row["delta_frame_accuracy"] = dict(zip(("value", "low", "high"), paired_bootstrap(fa, fd)))
     row["per_clip"] = [dict(seed=s, frame_accuracy=c.frame_accuracy, direction_accuracy=c.direction_accuracy,
-                            correct=c.correct) for s, c in zip(report.seeds, report.scores)]
+                            correct=c.correct, **({} if sim is None else dict(psnr=sim[0], ssim=sim[1])))
+                       for s, c, sim in zip(report.seeds, report.scores, sims)]
     return row
+
+
+def paired_similarity(a: dict, b: dict) -> dict:
+    """Paired differences ``a - b`` of two conditions' per-clip PSNR and SSIM against dense (the
+    same clips: same prompt and seed), each with its bootstrap interval over clips. A clip equal
+    to its dense clip in either condition has an infinite PSNR: it leaves the PSNR pairs
+    (counted in ``psnr_pairs``) and stays in the SSIM pairs."""
+    ca, cb = a["per_clip"], b["per_clip"]
+    if [c["seed"] for c in ca] != [c["seed"] for c in cb]:
+        raise ValueError("the two conditions ran different clips; pair only rows of one benchmark run")
+    finite = [(x["psnr"], y["psnr"]) for x, y in zip(ca, cb) if np.isfinite(x["psnr"]) and np.isfinite(y["psnr"])]
+    psnr = paired_bootstrap([x for x, _ in finite], [y for _, y in finite])
+    ssim_d = paired_bootstrap([x["ssim"] for x in ca], [y["ssim"] for y in cb])
+    wins = float(np.mean([x > y for x, y in finite])) if finite else float("nan")
+    return dict(psnr=dict(zip(("value", "low", "high"), psnr)), psnr_pairs=len(finite), psnr_wins=wins,
+                ssim=dict(zip(("value", "low", "high"), ssim_d)))
+
+
+# The orderings the goal names: rectified over vanilla, vanilla over random, at each drop rate.
+ORDERINGS = (("rectified", "vanilla"), ("vanilla", "random"), ("rectified", "random"))
+
+
+def paired_table(results: dict) -> str:
+    """Paired PSNR / SSIM differences of the goal's orderings at every drop rate in ``results``
+    (rows named ``"<mode> <drop>"`` with per-clip similarities)."""
+    rows = ["| comparison | Δ PSNR (dB, paired) | clips where the first is closer | Δ SSIM (paired) |",
+            "|---|---|---|---|"]
+    drops = sorted({k.split(" ")[1] for k in results if k != "dense" and len(k.split(" ")) == 2})
+    for drop in drops:
+        for first, second in ORDERINGS:
+            a, b = results.get(f"{first} {drop}"), results.get(f"{second} {drop}")
+            if a is None or b is None or "psnr" not in a["per_clip"][0] or "psnr" not in b["per_clip"][0]:
+                continue
+            d = paired_similarity(a, b)
+            rows.append(f"| {first} − {second} @ {drop} | {fmt(d['psnr'], 2)} | {d['psnr_wins']:.2f} of "
+                        f"{d['psnr_pairs']} | {fmt(d['ssim'], 4)} |")
+    return "\n".join(rows)
 
 
 def fmt(d: dict, digits: int = 3) -> str:
@@ -167,6 +210,7 @@ def main(argv=None):
             with open(path) as f:
                 rows.update(json.load(f)["rows"])
         print(table({k: rows[k] for k in ["dense", *sorted(k for k in rows if k != "dense")]}))
+        print("\n" + paired_table(rows))
         return
     if args.conditions:
         conditions = [(m, float(d)) for m, _, d in (c.partition(":") for c in args.conditions.split(","))]
@@ -198,7 +242,8 @@ def main(argv=None):
             _write(args, results, pairs)
     if args.json:
         _write(args, results, pairs)
-    print(table({k: {kk: vv for kk, vv in v.items() if kk != "per_clip"} for k, v in results.items()}))
+    print(table(results))
+    print("\n" + paired_table(results))
 
 
 def _write(args, results, pairs):

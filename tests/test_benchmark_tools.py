@@ -77,3 +77,26 @@ def test_sparse_quality_similarity_and_density_recorder():
                                   generator=torch.Generator().manual_seed(0))
     assert rec.shares == [pytest.approx(0.25), pytest.approx(0.5)]
     assert spaattn.block_sparse_plan is block_sparse_plan
+
+
+def test_sparse_quality_paired_orderings():
+    """benchmarks/sparse_quality.py pairs conditions clip by clip: the PSNR difference is the mean
+    of per-clip differences, infinite-PSNR clips (equal to dense) leave only the PSNR pairs, the
+    win share counts clips where the first is closer, and rows of different clips are refused."""
+    sq = load("sparse_quality")
+
+    def row(psnrs, ssims, seeds=(1, 2, 3)):
+        return {"per_clip": [dict(seed=s, psnr=p, ssim=q) for s, p, q in zip(seeds, psnrs, ssims)]}
+
+    a = row([40.0, 30.0, float("inf")], [0.99, 0.90, 1.0])
+    b = row([38.0, 31.0, 35.0], [0.98, 0.92, 0.97])
+    d = sq.paired_similarity(a, b)
+    assert d["psnr_pairs"] == 2 and d["psnr"]["value"] == pytest.approx(0.5)
+    assert d["psnr_wins"] == pytest.approx(0.5)
+    assert d["ssim"]["value"] == pytest.approx((0.01 - 0.02 + 0.03) / 3)
+    assert d["psnr"]["low"] <= d["psnr"]["value"] <= d["psnr"]["high"]
+    with pytest.raises(ValueError, match="different clips"):
+        sq.paired_similarity(a, row([1, 2, 3], [1, 1, 1], seeds=(1, 2, 4)))
+    text = sq.paired_table({"dense": {}, "rectified 0.5": a, "vanilla 0.5": b, "random 0.5": b})
+    assert "rectified − vanilla @ 0.5 | 0.50 [" in text and "vanilla − random @ 0.5 | 0.00 [" in text
+    assert len(text.splitlines()) == 2 + 3  # header + the three orderings of the one drop rate
