@@ -152,6 +152,8 @@ def read_image(upload, limits: Limits):
     file, path or metadata of the upload goes further)."""
     from PIL import Image, UnidentifiedImageError
 
+    from diffattn.images import to_rgb
+
     if upload is None:
         return None
     if isinstance(upload, Image.Image):  # a frontend that decoded it already
@@ -182,7 +184,7 @@ def read_image(upload, limits: Limits):
         raise AppLimitError(f"the image is {w}x{h} pixels; this server takes sides up to {limits.max_side} pixels "
                             f"(--max-side)")
     buf = io.BytesIO()
-    im.convert("RGB").save(buf, format="PNG")
+    to_rgb(im).save(buf, format="PNG")  # as the CLI and the library read files (orientation, alpha on white)
     buf.seek(0)
     out = Image.open(buf)
     out.load()

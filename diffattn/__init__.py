@@ -51,6 +51,10 @@ _EXPORTS = {
     "ValueMix": "diffattn.methods.vmix",
     "RectifiedSparseAttention": "diffattn.methods.spaattn",
     "ContextShareProbe": "diffattn.methods.decontext",
+    # DeContext protection is a loop, not a control: da.protect(image, pipe) is the entry point
+    "protect": "diffattn.pipelines.decontext",
+    "DeContextProtector": "diffattn.pipelines.decontext",
+    "DeContextConfig": "diffattn.pipelines.decontext",
     "DiffattnError": "diffattn.errors",
     "SelectorError": "diffattn.errors",
     "UnsupportedModelError": "diffattn.errors",

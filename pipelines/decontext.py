@@ -89,6 +89,7 @@ from diffattn.distributed import distributed_state, launched_processes
 from diffattn.engine import gradient_checkpointing
 from diffattn.errors import ConfigError, DiffattnError, ImageInputError, PathError, UnsupportedModelError
 from diffattn.families import RunState, adapter_for, families
+from diffattn.images import to_rgb
 from diffattn.methods.decontext import (
     CONTEXT_KINDS,
     ContextShareProbe,
@@ -353,8 +354,9 @@ def read_image(image) -> tuple[np.ndarray, str | None]:
     """A path, a PIL image, a uint8 array [H, W, 3] or a float array / tensor in [0, 1]
     ([H, W, 3], [3, H, W] or [1, 3, H, W]) -> (uint8 [H, W, 3], the source path or ``None``).
 
-    Files that are not images, or are truncated, raise :class:`ImageInputError`; other modes
-    than RGB are converted (alpha over white). Floats are rounded to 8 bits: the ε-ball is
+    Files that are not images, or are truncated, raise :class:`ImageInputError`; images are
+    read as a viewer shows them (``diffattn.images.to_rgb``, as the CLI and the app read them:
+    EXIF orientation applied, alpha over white, 16-bit scaled). Floats are rounded to 8 bits: the ε-ball is
     around the 8-bit image."""
     source = None
     if isinstance(image, (str, Path)):
@@ -370,12 +372,7 @@ def read_image(image) -> tuple[np.ndarray, str | None]:
             raise ImageInputError(f"{image} is not a readable image (not an image file, or truncated / damaged: "
                                   f"{' '.join(str(e).split())}); re-export it as PNG") from None
     if isinstance(image, Image.Image):
-        if image.mode != "RGB":
-            if "A" in image.mode or "transparency" in image.info:
-                rgba = image.convert("RGBA")
-                image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
-            image = image.convert("RGB")
-        return np.array(image, dtype=np.uint8), source
+        return np.array(to_rgb(image), dtype=np.uint8), source
     if torch.is_tensor(image):
         t = image.detach().float().cpu()
         if t.ndim == 4 and t.shape[0] == 1:

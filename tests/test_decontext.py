@@ -245,7 +245,8 @@ def test_quantisation_reprojects_after_rounding():
 def test_any_resolution_and_the_rounding_explained(kontext):
     """A non-square size in the pipeline's unit works (target and context grids from the layout);
     a size it would round is refused with the rounding spelled out."""
-    r = protect(image(20, 12), kontext, steps=1, max_sequence_length=SEQ, progress=False)
+    assert da.protect is protect and da.DeContextProtector is DeContextProtector  # the issue's da.protect
+    r = da.protect(image(20, 12), kontext, steps=1, max_sequence_length=SEQ, progress=False)
     assert r.image.size == (20, 12) and r.linf <= eps_levels(0.05)
     assert set(r.shares["clean"]) == {s.name for s in da.sites(kontext)}
     r = protect(image(16, 16), kontext, steps=1, target_size=(8, 24), max_sequence_length=SEQ, progress=False,

@@ -234,10 +234,12 @@ def check_input_file(path: str, what: str) -> Path:
 
 
 def open_image(args, path: str, what: str = "image"):
-    """The image at ``path`` as PIL RGB (grayscale, palette and RGBA converted; transparency on
-    white), after checking it exists, is an image, and is within ``--max-side`` (read from the
-    header, before the pixels are decoded)."""
+    """The image at ``path`` as PIL RGB as a viewer shows it (``diffattn.images.to_rgb``: EXIF
+    orientation applied, transparency on white, 16-bit scaled), after checking it exists, is an
+    image, and is within ``--max-side`` (read from the header, before the pixels are decoded)."""
     from PIL import Image, UnidentifiedImageError
+
+    from ..images import to_rgb
 
     import warnings
 
@@ -259,24 +261,6 @@ def open_image(args, path: str, what: str = "image"):
     except (OSError, SyntaxError, ValueError) as e:
         raise PathError(f"{what} {path} is damaged or truncated ({e}); re-export it") from None
     return to_rgb(im)
-
-
-def to_rgb(im):
-    """A PIL image as RGB: transparent pixels over white, grayscale / palette / CMYK converted."""
-    from PIL import Image
-
-    if im.mode == "RGB":
-        return im
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit / float grayscale: scale to 8 bits
-        import numpy as np
-
-        a = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if im.mode.startswith("I") and a.max() > 255 else (1.0 if im.mode == "F" and a.max() <= 1 else 255.0)
-        im = Image.fromarray((np.clip(a / top, 0, 1) * 255 + 0.5).astype("uint8"), "L")
-    return im.convert("RGB")
 
 
 # ----------------------------------------------------------------------------- models
