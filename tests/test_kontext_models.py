@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import diffattn as da
-from diffattn.errors import DiffattnError, ModelLoadError, PathError, UsageError
+from diffattn.errors import DiffattnError, ModelLoadError, PathError, UnsupportedModelError, UsageError
 from diffattn import testbed
 from diffattn.testbed import edits, kontext_models, models, train_kontext
 from diffattn.testbed.world import SIZE, caption_v2, render, sample_training_pair_v2
@@ -76,6 +76,27 @@ def test_64px_edits_and_text_to_image_keep_the_testbed_token_counts(pipe):
     assert seen[:2] == [((1, 128, 16), (1, text, 16), (128, 3))] * 2
     assert seen[2:4] == [((1, 64, 16), (1, text, 16), (64, 3))] * 2
     assert small.shape == (1, 32, 32, 3) and seen[4] == ((1, 32, 16), (1, text, 16), (32, 3))  # size follows the image
+
+
+def test_the_text_to_image_view_is_the_editor_without_a_context_image(pipe):
+    """kontext_models.text_to_image: a stock FluxPipeline over the same modules, served by the FLUX
+    text-to-image adapter (which refuses the editor itself), generating what the editor generates
+    without a context image, step for step."""
+    from diffattn.families import adapter_for
+    from diffattn.families.flux import FluxAdapter, FluxKontextAdapter
+
+    view = kontext_models.text_to_image(pipe)
+    assert view.transformer is pipe.transformer and view.vae is pipe.vae
+    assert type(adapter_for(view)) is FluxAdapter and type(adapter_for(pipe, editor=True)) is FluxKontextAdapter
+    with pytest.raises(UnsupportedModelError):
+        adapter_for(pipe)
+    kw = dict(num_inference_steps=2, output_type="np")
+    ours = view("a red circle", generator=torch.Generator().manual_seed(3), **kw).images
+    editor = pipe(prompt="a red circle", generator=torch.Generator().manual_seed(3), **kw).images
+    assert ours.shape == (1, SIZE, SIZE, 3)
+    np.testing.assert_allclose(ours, editor, atol=1e-6)
+    with pytest.raises(UsageError, match="FluxKontextPipeline"):
+        kontext_models.text_to_image(view)
 
 
 def test_batched_edits_get_one_negative_prompt_per_row(pipe):

@@ -1,5 +1,6 @@
 """tiny-kontext: the testbed's in-context editor and FLUX text-to-image model, a stock
-``FluxKontextPipeline`` sized for CPU training.
+``FluxKontextPipeline`` sized for CPU training (its text-to-image view, a stock ``FluxPipeline``
+over the same modules, is :func:`text_to_image`: diffattn's text-to-image loops refuse an editor).
 
 Every part is a stock diffusers / transformers class; only the sizes are small:
 
@@ -47,7 +48,8 @@ import os
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
+from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxPipeline,
+                       FluxTransformer2DModel)
 
 from ..errors import ModelLoadError, UsageError
 from ..tokenizers import clip_tokenizer
@@ -250,6 +252,35 @@ class ShapesKontextPipeline(CallDefaults, FluxKontextPipeline):
         return super().__call__(image, prompt, *args, **kwargs)
 
 
+class ShapesFluxPipeline(CallDefaults, FluxPipeline):
+    """``FluxPipeline`` over tiny-kontext's modules: the testbed's FLUX text-to-image model (the
+    loops that refuse an in-context editor, A-STAR, UAM, IR-Diffusion, serve it through the FLUX
+    adapter). 64x64, 32 text tokens, 20 steps, ``true_cfg_scale`` 5 with an empty negative prompt,
+    as :class:`ShapesKontextPipeline` without a context image."""
+
+    default_call_kwargs = dict(height=SIZE, width=SIZE, num_inference_steps=20, true_cfg_scale=5.0,
+                               max_sequence_length=TEXT_LENGTH)
+
+    def __call__(self, prompt=None, *args, **kwargs):
+        cfg = kwargs.get("true_cfg_scale", self.default_call_kwargs["true_cfg_scale"]) > 1
+        if (cfg and prompt is not None and kwargs.get("negative_prompt") is None
+                and kwargs.get("negative_prompt_embeds") is None):
+            kwargs["negative_prompt"] = "" if isinstance(prompt, str) else [""] * len(prompt)
+        return super().__call__(prompt, *args, **kwargs)
+
+
+def text_to_image(pipe: FluxKontextPipeline) -> ShapesFluxPipeline:
+    """The text-to-image view of a tiny-kontext pipeline: a :class:`ShapesFluxPipeline` sharing its
+    modules (no copy; an attached control or a weight edit shows in both). Without a context
+    image it generates what the editor generates (tested)."""
+    if not isinstance(pipe, FluxKontextPipeline):
+        raise UsageError(f"text_to_image takes a FluxKontextPipeline (tiny-kontext); got {type(pipe).__name__}")
+    names = ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer")
+    view = ShapesFluxPipeline(**{n: getattr(pipe, n) for n in names})
+    view.set_progress_bar_config(disable=True)
+    return view
+
+
 def load_kontext(path, **kwargs) -> ShapesKontextPipeline:
     """An exported tiny-kontext folder (``python -m diffattn.testbed.train_kontext export``) as a
     ``ShapesKontextPipeline``, offline, from safetensors only; a :class:`ModelLoadError` when the
@@ -273,5 +304,5 @@ def load_kontext(path, **kwargs) -> ShapesKontextPipeline:
 
 __all__ = ["build_kontext", "make_kontext_tokenizer", "transformer_config", "clip_text_encoder", "t5_text_encoder",
            "kontext_scheduler", "load_world_vae", "check_vae", "shipped_vae_path", "latent_hw", "tokens_per_image",
-           "ShapesKontextPipeline", "load_kontext", "parameter_counts", "PRESETS", "KONTEXT_DEFAULTS", "TEXT_LENGTH",
+           "ShapesKontextPipeline", "ShapesFluxPipeline", "text_to_image", "load_kontext", "parameter_counts", "PRESETS", "KONTEXT_DEFAULTS", "TEXT_LENGTH",
            "VAE_FACTOR", "LATENT_CHANNELS"]
