@@ -35,6 +35,26 @@ def test_references_regenerate_bit_exactly_and_every_baseline_runs(model):
         assert torch.equal(out.vanilla, r.images[2:])
 
 
+def test_references_in_the_final_run_equal_the_references_alone(model):
+    """The issue's invariance: the references of the final run ([ref_1..ref_S, scene] x CFG, IR's
+    controls attached) equal the S reference prompts generated alone, without the scene row,
+    bit for bit (CPU fp32), when both runs use the same kernels (the rehearsal's recorder taps
+    route attention through the reference kernel in every run). Against the stock pipeline with
+    no recorder (SDPA) they agree to float rounding only, so that comparison is a tolerance."""
+    from diffattn.families import RunState
+
+    ir = IRDiffusionPipeline(model)
+    r = ir.rehearse(SCENE, SUBJECTS, seed=5, num_inference_steps=3)
+    final = ir.final(r, output_type="pt")
+    negative = r.call["negative"][:2] if r.call["negative"] is not None else None
+    alone, _ = ir._call(dict(r.call, prompts=SUBJECTS, negative=negative), r.latents[:2], [], RunState(), "alone")
+    assert torch.equal(final.references, alone)
+    stock = model(prompt=SUBJECTS, negative_prompt=negative, latents=r.latents[:2], num_inference_steps=3,
+                  guidance_scale=r.call["guidance"], height=r.call["height"], width=r.call["width"],
+                  output_type="pt").images
+    torch.testing.assert_close(final.references, stock, atol=1e-4, rtol=0)
+
+
 def test_user_masks_and_mask_images(model):
     ir = IRDiffusionPipeline(model)
     scene = torch.zeros(2, 64, 64)
