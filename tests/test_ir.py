@@ -168,6 +168,20 @@ def test_isolation_attention_on_pipelines():
         da.IsolationAttention(torch.zeros(4, 4))
 
 
+@pytest.mark.parametrize("family", ["wan", "hunyuan_video"])
+def test_isolation_refuses_video_models_and_leaves_them_untouched(family):
+    """On a video DiT the image masks cannot describe moving subjects: attaching is an error
+    (it used to find no image grid and change nothing), and the model is left as it was."""
+    import diffattn as da
+    from diffattn.tiny import output_of, tiny_call_kwargs, tiny_pipeline
+
+    pipe = tiny_pipeline(family)
+    base = output_of(pipe(**tiny_call_kwargs(family)))
+    with pytest.raises(ControlError, match=f"family {family} attends over a video"):
+        da.attach(pipe, da.IsolationAttention(torch.ones(2, 16, 16)))
+    assert torch.equal(output_of(pipe(**tiny_call_kwargs(family))), base)
+
+
 # ----------------------------------------------------------------------------- RepositionAttention
 
 

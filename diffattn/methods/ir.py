@@ -366,6 +366,11 @@ def _run_plan(call, out: torch.Tensor) -> torch.Tensor:
     return plan.out
 
 
+# families whose self-attention runs over a video token grid (t, h, w): image masks of subjects
+# do not describe moving subjects, so the isolation controls refuse them rather than act on nothing
+VIDEO_FAMILIES = ("wan", "hunyuan_video")
+
+
 class IsolationAttention(Control):
     """IR-Diffusion's isolation attention alone: inside the image's own attention, a subject's
     queries never attend to another subject's keys (module docstring); background rows and
@@ -400,6 +405,14 @@ class IsolationAttention(Control):
                          steps=steps, branches=branches, order=order)
         self.masks = m.float()
         self._grids: dict = {}  # grid -> bool [S, L]; the same at every call of a resolution
+
+    def on_attach(self, engine) -> None:
+        video = sorted({s.family for s in engine.sites} & set(VIDEO_FAMILIES))
+        if video:
+            raise ControlError(
+                f"IsolationAttention isolates subjects inside an image's token grid; this model's family {video[0]} "
+                f"attends over a video (frames x rows x columns), where subjects move and one [S, H, W] mask per "
+                f"subject does not hold. Use it on SD1.5 / SDXL, SD3 or FLUX pipelines")
 
     def edit_qkv(self, call) -> None:
         grid = _image_grid(call)
