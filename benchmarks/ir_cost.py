@@ -3,7 +3,8 @@
     python benchmarks/ir_cost.py --model tiny-sd3 --repeat 3
 
 Modes, each timed ``--repeat`` times in alternation (so a busy machine slows all alike) and
-each run once more in a fresh subprocess for its peak resident memory:
+each run once more in a fresh subprocess for its peak resident memory (the rise of the reset
+peak-RSS mark over the resident size before the run, after a warm-up call; Linux):
 
 - ``vanilla``:  one stock call of the scene prompt (batch 1 × CFG);
 - ``rehearsal``: the batch ``[ref_1, ref_2, scene] × CFG`` with the map recorder;
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -46,23 +48,38 @@ def run_mode(pipe, ir, mode: str, rehearsal=None):
     return ir.final(ir.rehearse(SCENE, SUBJECTS, subject_words=words, progress=False), output_type="pt")
 
 
+def _status_kib(key: str) -> int:
+    """A ``/proc/self/status`` field in KiB (``VmRSS``: resident now; ``VmHWM``: its peak)."""
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{key}:\s+(\d+)", f.read()).group(1))
+
+
+def run_peak_mib(pipe, ir, mode: str, rehearsal=None) -> float:
+    """How far one run of ``mode`` raises the resident memory above what it was before the run:
+    the kernel's peak-RSS mark (``VmHWM``) is reset first (``/proc/self/clear_refs`` 5, Linux),
+    so loading the model, whose transient copies can peak above any run, does not hide the run
+    (``ru_maxrss`` cannot be reset: a rise over it read 0 MiB in session 16)."""
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    run_mode(pipe, ir, mode, rehearsal)
+    return (_status_kib("VmHWM") - before) / 1024
+
+
 def peak_rss_mib(model: str, mode: str, threads: int) -> float:
-    """How far ``mode`` raises the peak resident memory of a fresh process above what loading
-    the model (and, for ``final``, its rehearsal) took."""
+    """:func:`run_peak_mib` of ``mode`` in a fresh process, after loading the model (and, for
+    ``final``, its rehearsal) and one warm-up vanilla call (first-call caches are not the method's)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    code = (f"import torch, resource, sys; torch.set_num_threads({threads}); "
-            f"import ir_cost as c; pipe, ir = c.build({model!r}); "
+    code = (f"import torch; torch.set_num_threads({threads}); "
+            f"import ir_cost as c; pipe, ir = c.build({model!r}); c.run_mode(pipe, ir, 'vanilla'); "
             f"r = ir.rehearse(c.SCENE, c.SUBJECTS, subject_words=['circle', 'square'], progress=False) "
             f"if {mode!r} == 'final' else None; "
-            f"base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-            f"c.run_mode(pipe, ir, {mode!r}, r); "
-            f"print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, base)")
+            f"print(c.run_peak_mib(pipe, ir, {mode!r}, r))")
     # run from benchmarks/: the repository root on sys.path would shadow the PyPI `kernels` package
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=here)
     if done.returncode:
         raise RuntimeError(f"the memory probe of {mode} failed:\n{done.stderr[-2000:]}")
-    out = done.stdout.split()
-    return (int(out[-2]) - int(out[-1])) / 1024  # the run's rise of the peak over the loaded model, KiB -> MiB
+    return float(done.stdout.split()[-1])
 
 
 def main(argv=None):
