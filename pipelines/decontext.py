@@ -183,6 +183,14 @@ class DeContextConfig:
                    selector (``"single_transformer_blocks.0-25"``, ``"joint"``, a list...).
     block_fraction: the front fraction of the single-stream blocks for "auto" (2/3).
     instructions:  the EOT pool (``None``: :data:`DEFAULT_INSTRUCTIONS`), deduplicated.
+    negative_share: the share of EOT draws that run the editor's unconditional forward (the
+                   empty instruction) instead. An editor sampled with true classifier-free
+                   guidance (``true_cfg_scale`` > 1) predicts ``uncond + s·(cond − uncond)``, and
+                   its uncond forward reads the context image too, so a defence that only
+                   detaches the cond forward leaves half of what the edit sees. ``None``: as the
+                   editor runs, 0.5 when its call defaults use true CFG (the testbed's
+                   tiny-kontext), else 0 (FLUX.1 Kontext dev is guidance-distilled: one forward,
+                   the paper's setting).
     t_range:       the target's timestep is drawn from U[lo, hi] (FLUX units, 0..1; paper 0.98-1).
     guidance_scale: the guidance embedding, for models that have one (paper 3.5).
     max_sequence_length: T5 tokens (``None``: the pipeline's default 512, or the testbed's).
@@ -203,6 +211,7 @@ class DeContextConfig:
     blocks: object = "auto"
     block_fraction: float = 2 / 3
     instructions: Sequence[str] | None = None
+    negative_share: float | None = None
     t_range: tuple[float, float] = (0.98, 1.0)
     guidance_scale: float = 3.5
     max_sequence_length: int | None = None
@@ -237,6 +246,11 @@ class DeContextConfig:
             if isinstance(self.instructions, str) or not all(isinstance(p, str) and p.strip()
                                                              for p in self.instructions) or not self.instructions:
                 raise ConfigError("instructions: a non-empty list of non-empty edit instructions")
+        share = self.negative_share
+        if share is not None and (isinstance(share, bool) or not isinstance(share, numbers.Real)
+                                  or not 0.0 <= float(share) <= 1.0):
+            raise ConfigError(f"negative_share={share!r}: the share of EOT draws on the unconditional forward, in "
+                              f"[0, 1] (None: 0.5 for an editor sampled with true CFG, else 0)")
         if self.target_size is not None and (len(self.target_size) != 2 or min(self.target_size) < 1):
             raise ConfigError(f"target_size={self.target_size!r}: (height, width) in pixels")
         if not 0.0 <= self.encoder_grey <= 1.0:
@@ -463,6 +477,7 @@ class DeContextProtector:
         self.all_sites = [s for s in sites(self.transformer) if s.kind in CONTEXT_KINDS]
         self.blocks = self._blocks()
         self.instructions = tuple(dict.fromkeys(p.strip() for p in (self.config.instructions or DEFAULT_INSTRUCTIONS)))
+        self.negative_share = self._negative_share()
         self._embeds: dict[str, dict] = {}
 
     def __repr__(self):
@@ -501,6 +516,14 @@ class DeContextProtector:
                               f"'single', or 'single_transformer_blocks.0-1'")
         return names
 
+    def _negative_share(self) -> float:
+        """``config.negative_share``, or for ``None`` the editor's own use of an unconditional
+        forward: 0.5 when its call defaults sample with true CFG (every step runs the cond and
+        the uncond forward once each), else 0."""
+        if self.config.negative_share is not None:
+            return float(self.config.negative_share)
+        return 0.5 if float(self.adapter.call_defaults().get("true_cfg_scale", 1.0)) > 1.0 else 0.0
+
     # ------------------------------------------------------------------ pieces of the forward
     def check_size(self, height: int, width: int, what: str = "image") -> None:
         """``ImageInputError`` for sides the editor would resample (explaining its rounding)."""
@@ -537,12 +560,17 @@ class DeContextProtector:
         return self.adapter.latent_hw(height, width)
 
     def sample(self, generator: torch.Generator, latent_hw: tuple[int, int], t_range=None) -> _Sample:
-        """One EOT draw: a random instruction, t ~ U[t_range], a fresh Gaussian target latent."""
+        """One EOT draw: a random instruction, t ~ U[t_range], a fresh Gaussian target latent; with
+        probability :attr:`negative_share` the instruction is the empty one (the unconditional
+        forward of true CFG), drawn last so a share of 0 leaves the other draws as they were."""
         lo, hi = t_range or self.config.t_range
         i = int(torch.randint(len(self.instructions), (1,), generator=generator))
         t = lo + (hi - lo) * float(torch.rand((), generator=generator))
         noise = torch.randn((1, self.adapter.latent_channels, *latent_hw), generator=generator)
-        return _Sample(self.instructions[i], t, noise.to(self.device, self.transformer.dtype))
+        instruction = self.instructions[i]
+        if self.negative_share > 0 and float(torch.rand((), generator=generator)) < self.negative_share:
+            instruction = ""  # the negative prompt of the testbed's true-CFG calls (ShapesKontextPipeline)
+        return _Sample(instruction, t, noise.to(self.device, self.transformer.dtype))
 
     # ------------------------------------------------------------------ shares
     def _shares_forward(self, probe: ContextShareProbe, x: torch.Tensor, s: _Sample, target_hw):
@@ -584,7 +612,7 @@ class DeContextProtector:
         config = json.loads(json.dumps(dataclasses.asdict(self.config), sort_keys=True, default=str))
         editor = json.dumps({"class": type(self.transformer).__name__, "config": dict(self.transformer.config)},
                             sort_keys=True, default=str)
-        return {"config": config, "seed": int(seed),
+        return {"config": config, "seed": int(seed), "negative_share": self.negative_share,
                 "editor_sha256": hashlib.sha256(editor.encode()).hexdigest()[:16],
                 "clean_sha256": hashlib.sha256(np.ascontiguousarray(clean_u8).tobytes()
                                                + str(clean_u8.shape).encode()).hexdigest()[:16]}

@@ -256,6 +256,31 @@ def test_any_resolution_and_the_rounding_explained(kontext):
         protect(image(18, 18), kontext, steps=1, progress=False)
 
 
+def test_eot_runs_the_unconditional_forward_as_the_editor_does(kontext):
+    """negative_share: None follows the editor (stock Kontext's true_cfg_scale 1: no uncond
+    forward, 0; the testbed's true-CFG tiny-kontext: 0.5); a share draws the empty instruction
+    that often, after the other draws (so the first draw's t and noise are unchanged); out of
+    [0, 1] is a typed error."""
+    from diffattn.testbed import kontext_models
+
+    assert DeContextProtector(kontext).negative_share == 0.0
+    shapes = kontext_models.build_kontext("tiny")
+    assert DeContextProtector(shapes).negative_share == 0.5
+    assert DeContextProtector(shapes, negative_share=0.0).negative_share == 0.0
+    never, always = DeContextProtector(kontext, negative_share=0.0), DeContextProtector(kontext, negative_share=1.0)
+    a = never.sample(torch.Generator().manual_seed(7), (4, 4))
+    b = always.sample(torch.Generator().manual_seed(7), (4, 4))
+    assert a.instruction in never.instructions and b.instruction == ""
+    assert a.t == b.t and torch.equal(a.noise, b.noise)
+    half = DeContextProtector(kontext, negative_share=0.5)
+    gen = torch.Generator().manual_seed(0)
+    empty = sum(half.sample(gen, (4, 4)).instruction == "" for _ in range(400))
+    assert 160 < empty < 240
+    for bad in (-0.1, 1.5, True, "half"):
+        with pytest.raises(ConfigError, match="negative_share"):
+            DeContextProtector(kontext, negative_share=bad)
+
+
 def test_zero_selected_blocks_is_an_error_not_a_zero_loss(kontext):
     with pytest.raises(ConfigError, match="no double- or single-stream block"):
         DeContextProtector(kontext, blocks=[])

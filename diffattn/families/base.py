@@ -229,7 +229,7 @@ class PipelineAdapter:
             if cls in self.pipeline_classes():
                 base = cls
                 break
-        keys = ("num_inference_steps", "guidance_scale", "max_sequence_length", "eta")
+        keys = ("num_inference_steps", "guidance_scale", "true_cfg_scale", "max_sequence_length", "eta")
         out = {k: p.default for k, p in inspect.signature(base.__call__).parameters.items() if k in keys}
         out.update(getattr(self.pipe, "default_call_kwargs", None) or {})
         return out
