@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -48,29 +47,21 @@ def run_mode(pipe, ir, mode: str, rehearsal=None):
     return ir.final(ir.rehearse(SCENE, SUBJECTS, subject_words=words, progress=False), output_type="pt")
 
 
-def _status_kib(key: str) -> int:
-    """A ``/proc/self/status`` field in KiB (``VmRSS``: resident now; ``VmHWM``: its peak)."""
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"{key}:\s+(\d+)", f.read()).group(1))
-
-
 def run_peak_mib(pipe, ir, mode: str, rehearsal=None) -> float:
-    """How far one run of ``mode`` raises the resident memory above what it was before the run:
-    the kernel's peak-RSS mark (``VmHWM``) is reset first (``/proc/self/clear_refs`` 5, Linux),
-    so loading the model, whose transient copies can peak above any run, does not hide the run
-    (``ru_maxrss`` cannot be reset: a rise over it read 0 MiB in session 16)."""
-    before = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    run_mode(pipe, ir, mode, rehearsal)
-    return (_status_kib("VmHWM") - before) / 1024
+    """How far one run of ``mode`` raises the resident memory above what it was before the run
+    (``evaluate.peak_rss_rise_mib``: the peak-RSS mark reset first, so loading the model, whose
+    transient copies can peak above any run, does not hide the run; a rise over ``ru_maxrss``
+    read 0 MiB in session 16)."""
+    from diffattn.testbed.evaluate import peak_rss_rise_mib
+
+    return peak_rss_rise_mib(run_mode, pipe, ir, mode, rehearsal)[1]
 
 
 def peak_rss_mib(model: str, mode: str, threads: int) -> float:
     """:func:`run_peak_mib` of ``mode`` in a fresh process, after loading the model (and, for
     ``final``, its rehearsal) and one warm-up vanilla call (first-call caches are not the method's)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    code = (f"import torch; torch.set_num_threads({threads}); "
+    code = (f"import sys; sys.path.insert(0, {here!r}); import torch; torch.set_num_threads({threads}); "
             f"import ir_cost as c; pipe, ir = c.build({model!r}); c.run_mode(pipe, ir, 'vanilla'); "
             f"r = ir.rehearse(c.SCENE, c.SUBJECTS, subject_words=['circle', 'square'], progress=False) "
             f"if {mode!r} == 'final' else None; "

@@ -100,3 +100,23 @@ def test_sparse_quality_paired_orderings():
     text = sq.paired_table({"dense": {}, "rectified 0.5": a, "vanilla 0.5": b, "random 0.5": b})
     assert "rectified − vanilla @ 0.5 | 0.50 [" in text and "vanilla − random @ 0.5 | 0.00 [" in text
     assert len(text.splitlines()) == 2 + 3  # header + the three orderings of the one drop rate
+
+
+def test_peak_rss_rise_sees_a_call_after_a_larger_earlier_peak():
+    """evaluate.peak_rss_rise_mib resets the peak mark: a 64 MiB call after a freed 256 MiB
+    buffer reads about 64 MiB (a rise over ru_maxrss would read 0), a call that allocates
+    nothing about 0."""
+    import numpy as np
+
+    from diffattn.testbed.evaluate import peak_rss_rise_mib
+
+    big = np.ones(256 * 2**20, dtype=np.uint8)  # touched: resident
+    del big
+
+    def touch(mib):
+        a = np.ones(mib * 2**20, dtype=np.uint8)
+        return int(a[::4096].sum())
+
+    value, rise = peak_rss_rise_mib(touch, 64)
+    assert value == 64 * 2**20 // 4096 and 56 < rise < 96
+    assert peak_rss_rise_mib(lambda: 1)[1] < 8

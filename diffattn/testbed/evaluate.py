@@ -733,3 +733,27 @@ def identity_match(reference: oracle.ParsedV2, scene: oracle.ParsedV2, want: _w.
 
     ref, got = find(reference), find(scene)
     return None if ref is None or got is None else (ref, got)
+
+
+# ----------------------------------------------------------------------------- cost
+
+
+def _status_kib(key: str) -> int:
+    """A ``/proc/self/status`` field in KiB (``VmRSS``: resident now; ``VmHWM``: its peak)."""
+    import re
+
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{key}:\s+(\d+)", f.read()).group(1))
+
+
+def peak_rss_rise_mib(fn, *args, **kwargs):
+    """``(fn(*args, **kwargs), MiB)``: how far the call raises this process's resident memory above
+    what it was before the call, at its peak. The kernel's peak-RSS mark (``VmHWM``) is reset
+    first (``/proc/self/clear_refs`` 5, Linux), so an earlier peak, e.g. of loading the model,
+    does not hide the call (``ru_maxrss`` cannot be reset). Linux only (``/proc``); elsewhere
+    ``OSError``."""
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    out = fn(*args, **kwargs)
+    return out, (_status_kib("VmHWM") - before) / 1024
