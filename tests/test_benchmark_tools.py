@@ -120,3 +120,18 @@ def test_peak_rss_rise_sees_a_call_after_a_larger_earlier_peak():
     value, rise = peak_rss_rise_mib(touch, 64)
     assert value == 64 * 2**20 // 4096 and 56 < rise < 96
     assert peak_rss_rise_mib(lambda: 1)[1] < 8
+
+
+def test_decontext_cost_times_every_method_on_the_tiny_editor(tmp_path, capsys):
+    """benchmarks/decontext_cost.py on the tiny-kontext architecture: one row per method, with
+    the step count it ran and positive times (the random baseline has no PGD step)."""
+    import json
+
+    cost = load("decontext_cost")
+    out = tmp_path / "cost.json"
+    cost.main(["--steps", "2", "--size", "32", "--methods", "decontext,random", "--threads", "1", "--json", str(out)])
+    table = capsys.readouterr().out
+    assert "| decontext |" in table and "| random |" in table and "2 PGD steps" in table
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"decontext", "random"} and rows["decontext"]["seconds"][0] > 0
+    assert len(rows["decontext"]["peak_rss_mib"]) == 1
