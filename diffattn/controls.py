@@ -264,6 +264,7 @@ class AttentionCall:
     layout:   the :class:`~diffattn.layout.TokenLayout` (built on first access);
     step:     :class:`StepState`;
     branches: ``{branch name: slice of batch rows}`` (``uncond``, ``cond``, ``perturbed``...);
+              the forward's row groups (:attr:`groups`) are selected by name the same way;
     scale:    softmax scale (``None`` = 1/sqrt(D), as stock);
     spec:     the mutable :class:`AttentionSpec`; taps: the requested :class:`Tap` s;
     lse:      ``[B, H, Nq]`` row log-sum-exp after the kernel, when requested;
@@ -310,17 +311,25 @@ class AttentionCall:
         self._layout, self._layout_fn = value, None
 
     # ------------------------------------------------------------------ rows and heads
+    @property
+    def groups(self) -> dict[str, tuple[int, ...]]:
+        """The forward's named row groups (``ForwardContext.groups``; ``{}`` without a context)."""
+        return getattr(self.context, "groups", None) or {}
+
     def has_branch(self, names: Sequence[str] | None) -> bool:
-        """Whether the batch holds rows of any of ``names`` (``None``: any rows at all)."""
-        return names is None or any(n in self.branches for n in names)
+        """Whether the batch holds rows of any of ``names`` (branches or row groups; ``None``:
+        any rows at all)."""
+        groups = self.groups
+        return names is None or any(n in self.branches or n in groups for n in names)
 
     def any_rows(self, names: Sequence[str] | None) -> bool:
         """Whether :meth:`rows` would select any row, decided on the host from the branch
         slices (``rows(...).any()`` on a GPU mask would wait for the device)."""
         if names is None:
             return self.q.shape[0] > 0
-        n = self.q.shape[0]
-        return any(len(range(n)[self.branches[b]]) > 0 for b in names if b in self.branches)
+        n, groups = self.q.shape[0], self.groups
+        return (any(len(range(n)[self.branches[b]]) > 0 for b in names if b in self.branches)
+                or any(len(groups[g]) > 0 for g in names if g in groups))
 
     def rows(self, names: Sequence[str] | None) -> torch.Tensor:
         """Boolean ``[B]`` mask of the batch rows of the branches ``names`` (``None``: all rows)."""
@@ -331,9 +340,12 @@ class AttentionCall:
             if names is None:
                 mask[:] = True
             else:
+                groups = self.groups
                 for name in names:
                     if name in self.branches:
                         mask[self.branches[name]] = True
+                    elif name in groups and groups[name]:
+                        mask[list(groups[name])] = True
             self._rows_cache[key] = mask
         return mask
 

@@ -37,7 +37,9 @@ guidance branch: the engine will not guess); the step's first call is
 ``{"uncond": first half, "cond": second half}`` when the pipeline's own CFG flag
 (``pipe.do_classifier_free_guidance``) is on and the batch is even (SD, SDXL, SD3), else
 ``{"cond": all rows}``. The guidance wrapper adds its extra branches to calls with ``cond``
-rows only.
+rows only. On top of the branches, a loop may name overlapping row sets
+(``handle.row_groups``: IR-Diffusion's ``ref0`` … and ``scene``, one row of each CFG branch
+each); controls select them by name as they select branches.
 
 Gradient checkpointing: a block that diffusers recomputes in the backward runs after the
 denoiser forward has returned, when ``engine.context`` is gone; :func:`gradient_checkpointing`
@@ -50,7 +52,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -87,6 +89,9 @@ class ForwardContext:
     cond_text: in a separate ``uncond`` forward (FLUX true CFG, Wan: CFG as two calls), the
                ``text`` of this step's ``cond`` forward of the same rows, so that
                :meth:`prompt_groups` still tells the prompts apart (their negatives are one).
+    groups:    named row sets a loop gives on top of the branches (``handle.row_groups``), which
+               may overlap them and each other: IR-Diffusion's ``ref0`` … and ``scene`` each
+               take one row of every CFG branch. A control's ``branches`` may name them.
     """
 
     step: StepState
@@ -101,6 +106,7 @@ class ForwardContext:
     in_window: dict[int, bool] = field(default_factory=dict)  # id(control) -> its step window holds
     slots: dict = field(default_factory=dict)
     cond_text: torch.Tensor | None = field(default=None, repr=False)
+    groups: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def image_grid(self, n_tokens: int) -> tuple[int, int] | None:
         """``(h, w)`` of an ``n_tokens`` image at this forward's latent aspect (UNet levels, SD3
@@ -228,6 +234,7 @@ class Engine:
         self._last_t: float | None = None
         self.run = run if run is not None else RunState()  # the pipeline call's state (pinned step, step count)
         self._branch_override = None
+        self._row_groups = None  # handle.row_groups: {name: rows} or batch -> {name: rows}
         self._last_main: tuple | None = None  # (denoiser, step) of the last guided forward
         self._cond_text: dict = {}  # denoiser -> (step, text) of its last separate cond forward (ForwardContext.cond_text)
         self._warned_unidentified = False
@@ -369,7 +376,7 @@ class Engine:
             index, kept = self._cond_text.get(hook.denoiser, (None, None))
             if index == step.index and kept is not None and kept.shape[0] == batch:
                 cond_text = kept
-        return ForwardContext(step=step, branches=branches, family=family.name,
+        return ForwardContext(step=step, branches=branches, family=family.name, groups=self._groups(batch, branches),
                               denoiser=hook.denoiser, batch=batch, cache_name=name,
                               info=family.forward_info(hook.config, args, hook.family_cache),
                               text=text, cond_text=cond_text,
@@ -457,6 +464,21 @@ class Engine:
             return {"uncond": slice(0, batch // 2), "cond": slice(batch // 2, batch)}
         return {"cond": slice(0, batch)}
 
+    def _groups(self, batch: int, branches: dict[str, slice]) -> dict[str, tuple[int, ...]]:
+        """The row groups of a forward of ``batch`` rows (``handle.row_groups``), checked: rows
+        inside the batch, names apart from the branch names."""
+        if self._row_groups is None:
+            return {}
+        got = self._row_groups(batch) if callable(self._row_groups) else self._row_groups
+        groups = {str(k): tuple(int(r) for r in v) for k, v in dict(got).items()}
+        for name, rows in groups.items():
+            if name in branches:
+                raise ControlError(f"row group {name!r} has the name of a branch of this forward ({sorted(branches)}); "
+                                   f"give the group another name")
+            if any(not 0 <= r < batch for r in rows):
+                raise ControlError(f"row group {name!r} names rows {list(rows)} of a forward of {batch} rows")
+        return groups
+
     def _warn_unidentified(self) -> None:
         if not self._warned_unidentified:
             self._warned_unidentified = True
@@ -538,6 +560,20 @@ class Handle:
             yield self
         finally:
             self.engine._branch_override = previous
+
+    @contextlib.contextmanager
+    def row_groups(self, groups: dict[str, Sequence[int]] | Callable[[int], dict[str, Sequence[int]]]):
+        """Name sets of batch rows inside the block, on top of the branches and overlapping them:
+        ``{"scene": [2, 5], "ref0": [0, 3]}`` in a ``[ref0, ref1, scene] × (uncond, cond)`` batch,
+        or a function ``batch -> dict``. Controls select them by name like branches
+        (``branches="scene"``); a name is the union of its rows, as a branch's. The rows are of
+        the forward the pipeline makes: rows a guidance control appends (its extra branch) are in
+        no group, and its separate forward (``sequential``) sees no groups."""
+        previous, self.engine._row_groups = self.engine._row_groups, groups
+        try:
+            yield self
+        finally:
+            self.engine._row_groups = previous
 
     @property
     def controls(self) -> tuple[Control, ...]:

@@ -160,13 +160,14 @@ class GuidanceWrapper:
         batch = arguments[hidden_key].shape[0]
         n = cond.stop - cond.start
         names = [c.extra_branches[0] for c, _ in active]
-        saved = ctx.branches
+        saved, saved_groups = ctx.branches, getattr(ctx, "groups", {})
         try:
             if self.sequential:
                 out = forward(**arguments)
                 base = _sample(out)
                 sub = {k: (v if k in skip else take_batch(v, batch, cond)) for k, v in arguments.items()}
                 extras = []
+                ctx.groups = {}  # a forward of copies of the cond rows: the loop's row groups name other rows
                 for name in names:
                     ctx.branches = {name: slice(0, n)}
                     extras.append(_sample(forward(**sub)))
@@ -181,6 +182,8 @@ class GuidanceWrapper:
                 extras = [full[batch + i * n: batch + (i + 1) * n] for i in range(len(names))]
         finally:
             ctx.branches = saved
+            if hasattr(ctx, "groups"):
+                ctx.groups = saved_groups
         s = [s for _, s in active]
         c_pred = base[cond]
         uncond = saved.get("uncond")

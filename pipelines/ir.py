@@ -33,6 +33,11 @@ recorder runs in both, so the references regenerate bit-exactly (tested) and the
 valid. The vanilla scene of the last rehearsal is returned too: it is the baseline of the
 same noise.
 
+Rows by role: in every call the engine names the rows ``ref0`` … ``ref{S-1}`` and ``scene``
+(:func:`row_groups`, one row of each CFG branch each, on top of ``uncond`` / ``cond``), so other
+controls given to the final run (``final(..., controls=[...])``) can act on the scene alone
+(``branches="scene"``) and leave the references as they are.
+
 Families: UNet (SD1.x / SD2 / SDXL), SD3 and FLUX.1 (guidance-distilled: one branch; its RoPE
 is applied inside attention, so the moved reference keys are re-rotated to their new places,
 ``FluxRope.relocate``).
@@ -45,6 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffattn.controls import Control
 from diffattn.engine import attach, refuse_if_attached
 from diffattn.errors import ConceptError, ControlError
 from diffattn.families import RunState, adapter_for
@@ -184,6 +190,22 @@ class IRRehearsal:
     seed: int = 0
 
 
+def row_groups(references: int):
+    """The engine's row groups of an IR batch ``[ref_0 … ref_{S-1}, scene] × CFG`` (S =
+    ``references``): a function ``batch -> {"ref0": rows, …, "scene": rows}``, each name one row
+    of every CFG branch in the forward (two with CFG in the batch, one in a separate true-CFG
+    forward); ``{}`` for a forward of another size."""
+    per = references + 1
+
+    def groups(batch: int) -> dict[str, list[int]]:
+        if batch % per:
+            return {}
+        names = [f"ref{i}" for i in range(references)] + ["scene"]
+        return {name: list(range(i, batch, per)) for i, name in enumerate(names)}
+
+    return groups
+
+
 def back_sites(image_sites, start: float) -> list[str]:
     """Names of the sites in the back ``1 - start`` of the blocks, counted in forward order over
     every stack of the denoiser (the paper's layers 36-69 of SDXL's 70 at ``start = 36/70``):
@@ -270,7 +292,7 @@ class IRDiffusionPipeline:
         rec.start("main")
         run.start(call["steps"], desc=f"IR-Diffusion {stage}")
         try:
-            with attach(pipe, rec, *controls, run=run):
+            with attach(pipe, rec, *controls, run=run) as handle, handle.row_groups(row_groups(len(call["prompts"]) - 1)):
                 out = pipe(prompt=call["prompts"], negative_prompt=call["negative"], latents=latents,
                            num_inference_steps=call["steps"], guidance_scale=call["guidance"], height=call["height"],
                            width=call["width"], output_type="pt", callback_on_step_end=on_step, **call["extra"])
@@ -291,12 +313,12 @@ class IRDiffusionPipeline:
 
     # ------------------------------------------------------------------ call
     def __call__(self, prompt: str, subjects: list[str], *, output_type: str = "pil", return_masks: bool = False,
-                 config: IRConfig | None = None, **kwargs) -> IRDiffusionOutput:
+                 config: IRConfig | None = None, controls=(), **kwargs) -> IRDiffusionOutput:
         """Generate the references and the scene with IR-Diffusion: :meth:`rehearse`, then
         :meth:`final` (arguments as :meth:`rehearse`; ``config`` overrides the pipeline's for
-        the final run)."""
+        the final run; ``controls`` join the final run, as :meth:`final`)."""
         return self.final(self.rehearse(prompt, subjects, **kwargs), config=config, output_type=output_type,
-                          return_masks=return_masks)
+                          return_masks=return_masks, controls=controls)
 
     @torch.no_grad()
     def rehearse(self, prompt: str, subjects: list[str], *, subject_words: list[str] | None = None,
@@ -383,9 +405,14 @@ class IRDiffusionPipeline:
 
     @torch.no_grad()
     def final(self, rehearsal: "IRRehearsal", *, config: IRConfig | None = None, output_type: str = "pil",
-              return_masks: bool = False) -> IRDiffusionOutput:
+              return_masks: bool = False, controls=()) -> IRDiffusionOutput:
         """Step 3: the final run of a rehearsal (same batch, same noises) with ``config``'s
-        controls (default the pipeline's); one rehearsal serves every baseline."""
+        controls (default the pipeline's); one rehearsal serves every baseline.
+
+        controls: other diffattn controls attached with IR's in the final run; they select the
+                  rows by role like branches (``branches="scene"``, ``"ref0"``: module notes), so
+                  ``branches="scene"`` keeps the references exact. A control that adds its own
+                  guidance branch is refused (the final run's CFG is the pipeline's)."""
         cfg = (config or self.config).validate()
         refuse_if_attached(self.pipe, "IRDiffusionPipeline")
         r, adapter = rehearsal, self.adapter
@@ -393,8 +420,15 @@ class IRDiffusionPipeline:
         run = RunState(callback=r.call["callback"], progress=r.call["progress"], desc="IR-Diffusion")
         from diffattn.sites import sites as list_sites
 
-        controls = self._controls(cfg, r.reference_masks, r.scene_masks, s, list_sites(self.pipe), r.seed)
-        final, _ = self._call(r.call, r.latents, controls, run, "final")
+        extra = [controls] if isinstance(controls, Control) else list(controls)
+        for c in extra:
+            if not isinstance(c, Control):
+                raise ControlError(f"controls: diffattn controls (da.SoftPAG(...), ...); got {type(c).__name__}")
+            if c.extra_branches:
+                raise ControlError(f"{type(c).__name__} adds its own guidance branch {c.extra_branches[0]!r}; the final "
+                                   f"IR run keeps the pipeline's CFG only: attach it to a plain pipeline call instead")
+        ir_controls = self._controls(cfg, r.reference_masks, r.scene_masks, s, list_sites(self.pipe), r.seed)
+        final, _ = self._call(r.call, r.latents, ir_controls + extra, run, "final")
         as_out = lambda x: adapter.postprocess(x * 2 - 1, output_type, x.dtype) if output_type != "pt" else x  # noqa: E731
         out = IRDiffusionOutput(images=as_out(final[s:]), references=as_out(final[:s]), vanilla=as_out(r.images[s:]),
                                 reference_masks=r.reference_masks, scene_masks=r.scene_masks, attempts=r.attempts,

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+import diffattn as da
 from diffattn import testbed
+from diffattn.controls import Control
 from diffattn.errors import ConceptError, ControlError
 from diffattn.pipelines import IRConfig, IRDiffusionPipeline
 from diffattn.pipelines.ir import BASELINES, assign_contested, strongest_component
@@ -53,6 +55,64 @@ def test_references_in_the_final_run_equal_the_references_alone(model):
                   guidance_scale=r.call["guidance"], height=r.call["height"], width=r.call["width"],
                   output_type="pt").images
     torch.testing.assert_close(final.references, stock, atol=1e-4, rtol=0)
+
+
+class HalveOutput(Control):
+    """Halves the attention output of its rows at every site it is active on, and records which
+    rows those were (lowest order: the outermost, after IR's scene attention)."""
+
+    order = -10
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.seen = set()
+
+    def edit_output(self, call, out):
+        rows = self.rows(call)
+        self.seen.add(tuple(rows.nonzero().flatten().tolist()))
+        out = out.clone()
+        out[rows] = out[rows] * 0.5
+        return out
+
+
+def test_other_controls_join_the_final_run_by_role(model):
+    """final(controls=...): the batch's rows are named by role (ref0, ref1, scene: one row of each
+    CFG branch) on top of uncond / cond; a control limited to the scene changes the scene and
+    leaves the references bit-exact, one limited to ref1 changes ref1 only; a guidance control
+    or a non-control is refused."""
+    ir = IRDiffusionPipeline(model)
+    r = ir.rehearse(SCENE, SUBJECTS, seed=3, num_inference_steps=2)
+    plain = ir.final(r, output_type="pt")
+    scene = HalveOutput(branches="scene")
+    out = ir.final(r, output_type="pt", controls=[scene])
+    assert scene.seen == {(2, 5)}  # [ref0, ref1, scene] x (uncond, cond)
+    assert torch.equal(out.references, plain.references) and not torch.equal(out.images, plain.images)
+    ref1 = HalveOutput(branches=("ref1",))
+    out = ir.final(r, output_type="pt", controls=ref1)
+    assert ref1.seen == {(1, 4)}
+    assert torch.equal(out.references[0], plain.references[0]) and not torch.equal(out.references[1],
+                                                                                   plain.references[1])
+    # (the scene changes too: reposition reads ref1's keys and values)
+    with pytest.raises(ControlError, match="guidance branch"):
+        ir.final(r, controls=[da.SoftPAG(heads="all", scale=2.0)])
+    with pytest.raises(ControlError, match="diffattn controls"):
+        ir.final(r, controls=["scene"])
+
+
+def test_row_groups_are_checked_against_the_forward():
+    """handle.row_groups: a group named like a branch, or naming rows outside the batch, is a
+    typed error at the forward; groups select rows as branches do (union of names)."""
+    from diffattn.tiny import tiny_call_kwargs, tiny_pipeline
+
+    pipe = tiny_pipeline("sd3")
+    rec = HalveOutput(branches=("a", "b"))
+    with da.attach(pipe, rec) as h, h.row_groups({"a": [0], "b": [3]}):
+        pipe(**tiny_call_kwargs("sd3", steps=1, num_images_per_prompt=2))  # batch [u, u, c, c]
+    assert rec.seen == {(0, 3)}
+    for groups, match in (({"cond": [0]}, "name of a branch"), ({"a": [7]}, "rows \\[7\\]")):
+        with da.attach(pipe, HalveOutput(branches="a")) as h, h.row_groups(groups):
+            with pytest.raises(ControlError, match=match):
+                pipe(**tiny_call_kwargs("sd3", steps=1, num_images_per_prompt=2))
 
 
 def test_user_masks_and_mask_images(model):
