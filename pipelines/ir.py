@@ -50,7 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffattn.controls import Control
+from diffattn.controls import Control, StepWindow
 from diffattn.engine import attach, refuse_if_attached
 from diffattn.errors import ConceptError, ControlError
 from diffattn.families import RunState, adapter_for
@@ -78,6 +78,11 @@ class IRConfig:
                      self-attention over the batch (random token share ``share_rate``, no masks)
                      as a baseline; the references then change as well.
     share_rate:      StoryDiffusion's sa32 / sa64 (0.5).
+    share_warmup:    the leading share of the steps StoryDiffusion keeps plain (official: the
+                     first 5 of 50); it acts on the UNet's up-block self-attention (official),
+                     on an MMDiT's back half of the blocks in forward order (our mapping: no up
+                     blocks there). Its random plain calls after the warm-up (probability 0.3
+                     before step 20, 0.1 after) are left out: a baseline drawn at every call.
     max_retries:     rehearsals redrawn when a subject is missing (official: up to 20).
     close_frac, min_box_frac: the scene-mask clean-up (``postprocess_masks``).
     """
@@ -90,6 +95,7 @@ class IRConfig:
     reposition_from: float = 36 / 70
     share: str = "ir"
     share_rate: float = 0.5
+    share_warmup: float = 0.1
     max_retries: int = 3
     close_frac: float = 128 / 768
     min_box_frac: float = 256 / 768
@@ -101,6 +107,8 @@ class IRConfig:
             raise ControlError(f"IRConfig.dropout={self.dropout!r}: in [0, 1)")
         if not 0.0 <= self.reposition_from <= 1.0:
             raise ControlError(f"IRConfig.reposition_from={self.reposition_from!r}: a fraction of the blocks in [0, 1]")
+        if not 0.0 <= self.share_warmup < 1.0:
+            raise ControlError(f"IRConfig.share_warmup={self.share_warmup!r}: a fraction of the steps in [0, 1)")
         if self.share not in ("ir", "storydiffusion"):
             raise ControlError(f"IRConfig.share={self.share!r}: 'ir' or 'storydiffusion'")
         if not isinstance(self.max_retries, int) or self.max_retries < 0:
@@ -217,6 +225,14 @@ def back_sites(image_sites, start: float) -> list[str]:
     order = {key: i for i, key in enumerate(dict.fromkeys(block(x) for x in image_sites))}  # forward order
     first = round(start * len(order))
     return [x.name for x in image_sites if order[block(x)] >= first]
+
+
+def storydiffusion_sites(image_sites) -> list[str]:
+    """Where the StoryDiffusion baseline shares tokens: the UNet's up-block self-attention
+    (official ``SpatialAttnProcessor2_0`` on ``up_blocks`` attn1; the sites' ``u`` aliases), or,
+    on a denoiser without up blocks (MMDiT), the back half of the blocks in forward order."""
+    up = [x.name for x in image_sites if x.alias is not None and x.alias.startswith("u")]
+    return up or back_sites(image_sites, 0.5)
 
 
 class IRDiffusionPipeline:
@@ -474,9 +490,11 @@ class IRDiffusionPipeline:
         return noise / getattr(self.pipe.scheduler, "init_noise_sigma", 1.0)  # flow schedulers have none: 1
 
     def _controls(self, cfg: IRConfig, ref_masks, scene_masks, s, all_sites, seed: int = 0) -> list:
-        if cfg.share == "storydiffusion":
-            return [ConsistentSelfAttention(cfg.share_rate, seed=seed)]
         image_sites = [x for x in all_sites if x.kind in ISOLATED_KINDS]  # in forward order
+        if cfg.share == "storydiffusion":
+            chosen = set(storydiffusion_sites(image_sites))
+            return [ConsistentSelfAttention(cfg.share_rate, seed=seed, sites=lambda site: site.name in chosen,
+                                            steps=StepWindow(start_frac=cfg.share_warmup))]
         back = set(back_sites(image_sites, cfg.reposition_from))
         controls = []
         if cfg.isolation and s > 1:

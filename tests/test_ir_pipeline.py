@@ -115,6 +115,29 @@ def test_row_groups_are_checked_against_the_forward():
                 pipe(**tiny_call_kwargs("sd3", steps=1, num_images_per_prompt=2))
 
 
+def test_storydiffusion_baseline_follows_the_official_schedule(model):
+    """The StoryDiffusion baseline shares tokens at the UNet's up-block self-attention (tiny-sd)
+    or the back half of an MMDiT's blocks (tiny-sd3), after the first tenth of the steps."""
+    from diffattn.methods.ir import ISOLATED_KINDS
+    from diffattn.pipelines.ir import storydiffusion_sites
+    from diffattn.sites import sites
+
+    image_sites = [x for x in sites(model) if x.kind in ISOLATED_KINDS]
+    chosen = storydiffusion_sites(image_sites)
+    if image_sites[0].family == "unet":
+        assert chosen and all(n.startswith("up_blocks.") for n in chosen)
+        assert set(chosen) == {x.name for x in image_sites if x.name.startswith("up_blocks.")}
+    else:
+        blocks = sorted({x.block for x in image_sites})
+        assert sorted({x.block for x in image_sites if x.name in chosen}) == blocks[len(blocks) // 2:]
+    ir = IRDiffusionPipeline(model)
+    (story,) = ir._controls(IRConfig.baseline("storydiffusion"), None, None, 2, sites(model), seed=0)
+    assert story.steps.start_frac == 0.1 and story.steps.stop is None
+    r = ir.rehearse(SCENE, SUBJECTS, seed=3, num_inference_steps=10)
+    out = ir.final(r, config=IRConfig.baseline("storydiffusion"), output_type="pt")
+    assert not torch.equal(out.images, r.images[2:])  # it acts after the warm-up
+
+
 def test_user_masks_and_mask_images(model):
     ir = IRDiffusionPipeline(model)
     scene = torch.zeros(2, 64, 64)
