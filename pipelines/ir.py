@@ -227,6 +227,30 @@ def back_sites(image_sites, start: float) -> list[str]:
     return [x.name for x in image_sites if order[block(x)] >= first]
 
 
+# tints of subjects 1, 2, 3, ... in mask overlays: saturated hues that read on light, dark and
+# coloured regions alike
+OVERLAY_COLORS = ((255, 0, 255), (0, 255, 255), (255, 255, 0), (255, 128, 0), (128, 0, 255))
+
+
+def mask_overlay(image, masks, alpha: float = 0.5, first: int = 0):
+    """``image`` (PIL RGB) with each subject's mask (PIL L or bool arrays, the image's size) tinted
+    in its :data:`OVERLAY_COLORS` colour and its border drawn opaque: which region of the
+    image each subject was given. ``first``: the subject index of ``masks[0]`` (its colour)."""
+    from PIL import Image
+
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float64).copy()  # [H, W, 3]
+    for i, m in enumerate(masks):
+        inside = np.asarray(m) > (127 if isinstance(m, Image.Image) else 0)  # [H, W]
+        if inside.shape != rgb.shape[:2]:
+            raise ControlError(f"mask {i} is {inside.shape[::-1]} px; the image is {image.size}")
+        color = np.array(OVERLAY_COLORS[(first + i) % len(OVERLAY_COLORS)], dtype=np.float64)
+        rgb[inside] = (1 - alpha) * rgb[inside] + alpha * color
+        padded = np.pad(inside, 1)
+        interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+        rgb[inside & ~interior] = color  # the border: cells of the mask with a neighbour outside it
+    return Image.fromarray(np.rint(rgb).astype(np.uint8), "RGB")
+
+
 def storydiffusion_sites(image_sites) -> list[str]:
     """Where the StoryDiffusion baseline shares tokens: the UNet's up-block self-attention
     (official ``SpatialAttnProcessor2_0`` on ``up_blocks`` attn1; the sites' ``u`` aliases), or,

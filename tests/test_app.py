@@ -229,6 +229,21 @@ def test_headhunt_endpoint(server):
     assert "limit of 8" in msg
 
 
+def test_ir_tab_shows_its_own_panels_and_the_subject_masks(server):
+    """/ir (the generic tab of a method with its own baseline): references | vanilla scene | IR
+    scene in the gallery, each with its subject masks overlaid under it; two subjects come from
+    one text field, one per line."""
+    _, _, _, client = server
+    gallery, maps, info, _ = client.predict("tiny-sd3", PROMPT, 0, False, STEPS, None, 1,
+                                            "a striped red circle\na dotted blue square", "", True, True, True, 0.9,
+                                            0.5, api_name="/ir")
+    captions = [x.get("caption") if isinstance(x, dict) else None for x in gallery]
+    assert captions == ["reference 1", "reference 2", "vanilla scene", "IR scene"]
+    assert len(maps) == 4 and all(_image(x).size == SIZE for x in gallery + maps)
+    magenta = [(np.asarray(_image(x)) == [255, 0, 255]).all(-1).any() for x in maps]
+    assert magenta == [True, False, True, True]  # subject 1's mask: on its reference and on both scenes
+
+
 def test_concurrent_requests_equal_their_runs_alone(server):
     """SoftPAG and A-STAR at the same time on the same model (two pipeline copies) give exactly
     what each gives alone: no control leaks from one request into the other."""

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 from PIL import Image
 
 from diffattn.cli import main
@@ -218,9 +220,16 @@ def test_generate_ir_writes_references_vanilla_and_ir_scene_with_masks(tmp_path,
     out = tmp_path / "ir.png"
     main(["generate", "a circle left of a square", "--method", "ir", "--subject", "a striped red circle",
           "--subject", "a dotted blue square", "--steps", "2", "--out", str(out), "--no-progress"])
-    img = Image.open(out)
-    assert img.width == 4 * 64 * 4 and img.height > 64 * 4 + 14  # four panels, and the mask row under them
+    img = Image.open(out).convert("RGB")
+    assert img.width == 4 * 64 * 4 and img.height >= 2 * (64 * 4 + 14)  # four panels, the mask overlays under them
     assert "reference 1 | reference 2 | vanilla scene | IR scene" in capsys.readouterr().out
+    overlay_row = np.asarray(img.crop((0, 64 * 4 + 14, img.width, img.height)))
+    magenta = (overlay_row == np.array([255, 0, 255])).all(-1)  # subject 1's mask border
+    cyan = (overlay_row == np.array([0, 255, 255])).all(-1)  # subject 2's
+    quarter = img.width // 4
+    assert magenta[:, :quarter].any() and not cyan[:, :quarter].any()  # reference 1: its own mask only
+    assert cyan[:, quarter:2 * quarter].any() and not magenta[:, quarter:2 * quarter].any()  # reference 2: its own
+    assert magenta[:, 3 * quarter:].any() and cyan[:, 3 * quarter:].any()  # the IR scene: both subjects
     for argv, words in [([], ["needs the subjects", "--subject"]),
                         (["--subject", "a red triangle"], ["triangle", "subject_words"])]:
         with pytest.raises(SystemExit) as e:

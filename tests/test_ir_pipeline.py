@@ -138,6 +138,26 @@ def test_storydiffusion_baseline_follows_the_official_schedule(model):
     assert not torch.equal(out.images, r.images[2:])  # it acts after the warm-up
 
 
+def test_mask_overlay_tints_each_subject_and_draws_its_border():
+    import numpy as np
+    from PIL import Image
+
+    from diffattn.pipelines.ir import OVERLAY_COLORS, mask_overlay
+
+    image = Image.new("RGB", (8, 8), (100, 100, 100))
+    a = np.zeros((8, 8), bool)
+    a[1:5, 1:5] = True
+    b = Image.fromarray(np.where(np.arange(64).reshape(8, 8) % 8 >= 6, 255, 0).astype(np.uint8), "L")
+    out = np.asarray(mask_overlay(image, [a, b], alpha=0.5))
+    assert out[2, 2].tolist() == [178, 50, 178]  # inside subject 1: half grey, half magenta
+    assert out[1, 1].tolist() == list(OVERLAY_COLORS[0])  # its border, opaque
+    assert out[0, 0].tolist() == [100, 100, 100]  # outside every mask: untouched
+    assert out[3, 7].tolist() == list(OVERLAY_COLORS[1])  # subject 2 reaches the image edge: border
+    assert np.asarray(mask_overlay(image, [a], first=1))[1, 1].tolist() == list(OVERLAY_COLORS[1])
+    with pytest.raises(ControlError, match="mask 0"):
+        mask_overlay(image, [np.zeros((4, 4), bool)])
+
+
 def test_user_masks_and_mask_images(model):
     ir = IRDiffusionPipeline(model)
     scene = torch.zeros(2, 64, 64)

@@ -33,6 +33,9 @@ def param_component(p):
                              info=p.help)
         return gr.Number(p.default, label=label, info=p.help, precision=0 if p.type is int else None,
                          minimum=lo, maximum=hi)
+    if p.repeated:  # one value per line (Param.check splits the lines)
+        return gr.Textbox("" if p.default is None else "\n".join(map(str, p.default)), label=label, lines=3,
+                          info=f"{p.help} (one per line)")
     return gr.Textbox("" if p.default is None else str(p.default), label=label, info=p.help)
 
 
@@ -67,12 +70,18 @@ def generic_tab(method) -> TabSpec:
             with ctx.pool.acquire(model_name(ctx, model)) as pipe:
                 built = method.build(pipe, **{**method_defaults(method.name, pipe), **given})
                 built.check(prompt)
-                bar = Progress(progress, loops=2)
-                base = pipe(prompt, generator=generator(seed, pipe), callback_on_step_end=bar.diffusers("baseline"),
-                            **kw).images
+                own = method.own_baseline  # e.g. IR-Diffusion: its run makes its own baseline of the same noise
+                bar = Progress(progress, loops=1 if own else 2)
+                base = [] if own else pipe(prompt, generator=generator(seed, pipe),
+                                           callback_on_step_end=bar.diffusers("baseline"), **kw).images
                 out = built(prompt, generator=generator(seed, pipe), **kw)
-            pairs = [x for b, c in zip(base, out.images) for x in ((b, "baseline"), (c, built.label))]
+            if out.info.get("own_baseline"):  # its panels, labelled by the method
+                pairs = list(zip(out.images, out.info["labels"]))
+            else:
+                pairs = [x for b, c in zip(base, out.images) for x in ((b, "baseline"), (c, built.label))]
             heat = [(im, f"{built.label}: {k}") for m in out.maps for k, im in m.items()]
+            heat += [(im, f"{label}, {out.info.get('overlay_label', 'masks')}")
+                     for im, label in zip(out.info.get("overlays", []), out.info.get("labels", []))]
             return pairs, heat, f"seed **{seed}** · {built.label}", seed
 
         # the endpoint's inputs are named after the method's Params (/<name>'s API shows them, a

@@ -372,9 +372,11 @@ def run(args):
                 pass
     pipe.set_progress_bar_config(disable=args.no_progress, leave=False, desc="baseline")
     timers = (AttentionTimer(pipe), AttentionTimer(pipe)) if built is not None else None
-    with timers[0] if timers else contextlib.nullcontext():
-        base, base_wall = timed_call(lambda: pipe(args.prompt, generator=torch.Generator(args.device)
-                                                  .manual_seed(args.seed), **kw), args.device)
+    base, base_wall = None, None
+    if video or method is None or not method.own_baseline:  # IR-Diffusion makes its own baseline panels
+        with timers[0] if timers else contextlib.nullcontext():
+            base, base_wall = timed_call(lambda: pipe(args.prompt, generator=torch.Generator(args.device)
+                                                      .manual_seed(args.seed), **kw), args.device)
     labels, rows, speed = ["baseline"], [], None
     if video:
         clips = [list(base.frames[0])]
@@ -395,7 +397,7 @@ def run(args):
         if speed:
             print(speed)
         return
-    images = base.images
+    images = base.images if base is not None else []
     if built is not None:
         pipe.set_progress_bar_config(disable=args.no_progress, leave=False, desc=built.label)
         with timers[1]:
@@ -408,6 +410,9 @@ def run(args):
         else:
             images += out.images
             labels.append(built.label)
+        if out.info.get("overlays"):  # e.g. IR-Diffusion's subject masks, under the panels they belong to
+            overlays = out.info["overlays"]
+            rows = [(out.info.get("overlay_label", "masks"), side_by_side(overlays, [""] * len(overlays)))]
         if out.maps:  # e.g. A-STAR's concept maps, under the method's image
             size = out.images[0].width * (4 if out.images[0].width <= 128 else 1)
             fit = (size * len(images) - COLORBAR_WIDTH) // len(out.maps[0])  # maps + colour bar within the panels

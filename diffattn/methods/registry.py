@@ -154,6 +154,9 @@ class Method:
     params:   the :class:`Param` s ``build`` takes.
     factory:  ``factory(pipe, **params) -> MethodRun``, or ``"module:function"``.
     paper:    the citation.
+    own_baseline: its run returns its own baseline panels of the same noise, labelled in
+              ``MethodOutput.info["labels"]`` (IR-Diffusion: references | vanilla scene | IR
+              scene), so frontends make no stock baseline call beside it.
     """
 
     name: str
@@ -163,6 +166,7 @@ class Method:
     params: tuple = ()
     factory: Callable | str | None = None
     paper: str = ""
+    own_baseline: bool = False
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -331,7 +335,7 @@ register_method(Method(
 def _ir(pipe, *, subjects=None, subject_words=None, isolation=True, reposition=True, move=True, mutual=0.9,
         dropout=0.5) -> MethodRun:
     from ..errors import ConceptError
-    from ..pipelines.ir import IRDiffusionPipeline
+    from ..pipelines.ir import IRDiffusionPipeline, mask_overlay
 
     if not subjects:
         raise ConceptError("IR-Diffusion needs the subjects: one reference prompt each (--subject \"a striped red "
@@ -351,10 +355,13 @@ def _ir(pipe, *, subjects=None, subject_words=None, isolation=True, reposition=T
         seed = generator.initial_seed() if generator is not None else 0
         out = ir(prompt, subjects, subject_words=subject_words, seed=seed, return_masks=True, **call_kwargs)
         labels = [f"reference {i + 1}" for i in range(len(subjects))] + ["vanilla scene", "IR scene"]
-        masks = {f"mask {i + 1}": m for i, m in enumerate(out.scene_mask_images)}
-        return MethodOutput(out.references + out.vanilla + out.images, maps=[masks],
+        # under each panel, the masks it was given: a reference's own, the scene's on both scenes
+        overlays = [mask_overlay(im, [m], first=i) for i, (im, m) in enumerate(zip(out.references,
+                                                                                 out.reference_mask_images))]
+        overlays += [mask_overlay(im, out.scene_mask_images) for im in out.vanilla + out.images]
+        return MethodOutput(out.references + out.vanilla + out.images,
                             info={"labels": labels, "own_baseline": True, "attempts": out.attempts,
-                                  "missing": out.missing})
+                                  "missing": out.missing, "overlays": overlays, "overlay_label": "subject masks"})
 
     return MethodRun("IR-Diffusion", run, checker=check, pipeline=ir)
 
@@ -362,7 +369,7 @@ def _ir(pipe, *, subjects=None, subject_words=None, isolation=True, reposition=T
 register_method(Method(
     name="ir", label="IR-Diffusion",
     summary="consistent subjects in a multi-subject scene: isolation + reposition attention to reference images",
-    kind="pipeline",
+    kind="pipeline", own_baseline=True,
     params=(
         Param("subjects", str, None, "a reference prompt of one subject; repeat the flag per subject", flag="--subject",
               repeated=True),
