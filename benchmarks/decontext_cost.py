@@ -45,7 +45,7 @@ def load_editor(model: str | None, device: str):
     return pipe.to(device)
 
 
-def test_image(size: int) -> Image.Image:
+def sample_image(size: int) -> Image.Image:
     """A shapes-world render at ``size`` px (a typical input of the testbed's editor)."""
     from diffattn.testbed import world
 
@@ -70,7 +70,7 @@ def main(argv=None):
 
     steps = args.steps or DeContextConfig().steps
     pipe = load_editor(args.model, args.device)
-    image = test_image(args.size)
+    image = sample_image(args.size)
     methods = args.methods.split(",")
     protectors = {m: DeContextProtector(pipe, method=m, steps=steps, progress=False) for m in methods}
     for m in methods:  # warm-up

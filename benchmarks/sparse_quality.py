@@ -136,10 +136,11 @@ def paired_similarity(a: dict, b: dict) -> dict:
     to its dense clip in either condition has an infinite PSNR: it leaves the PSNR pairs
     (counted in ``psnr_pairs``) and stays in the SSIM pairs."""
     ca, cb = a["per_clip"], b["per_clip"]
-    if [c["seed"] for c in ca] != [c["seed"] for c in cb]:
-        raise ValueError("the two conditions ran different clips; pair only rows of one benchmark run")
+    if not ca or [c["seed"] for c in ca] != [c["seed"] for c in cb]:
+        raise ValueError("the two conditions ran different (or no) clips; pair only rows of one benchmark run")
     finite = [(x["psnr"], y["psnr"]) for x, y in zip(ca, cb) if np.isfinite(x["psnr"]) and np.isfinite(y["psnr"])]
-    psnr = paired_bootstrap([x for x, _ in finite], [y for _, y in finite])
+    nan = (float("nan"),) * 3
+    psnr = paired_bootstrap([x for x, _ in finite], [y for _, y in finite]) if finite else nan
     ssim_d = paired_bootstrap([x["ssim"] for x in ca], [y["ssim"] for y in cb])
     wins = float(np.mean([x > y for x, y in finite])) if finite else float("nan")
     return dict(psnr=dict(zip(("value", "low", "high"), psnr)), psnr_pairs=len(finite), psnr_wins=wins,
@@ -159,7 +160,7 @@ def paired_table(results: dict) -> str:
     for drop in drops:
         for first, second in ORDERINGS:
             a, b = results.get(f"{first} {drop}"), results.get(f"{second} {drop}")
-            if a is None or b is None or "psnr" not in a["per_clip"][0] or "psnr" not in b["per_clip"][0]:
+            if a is None or b is None or not all(r["per_clip"] and "psnr" in r["per_clip"][0] for r in (a, b)):
                 continue
             d = paired_similarity(a, b)
             rows.append(f"| {first} − {second} @ {drop} | {fmt(d['psnr'], 2)} | {d['psnr_wins']:.2f} of "

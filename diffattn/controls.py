@@ -332,7 +332,8 @@ class AttentionCall:
                 or any(len(groups[g]) > 0 for g in names if g in groups))
 
     def rows(self, names: Sequence[str] | None) -> torch.Tensor:
-        """Boolean ``[B]`` mask of the batch rows of the branches ``names`` (``None``: all rows)."""
+        """Boolean ``[B]`` mask of the batch rows of ``names``, branches or the forward's row
+        groups (:attr:`groups`), their union (``None``: all rows)."""
         key = None if names is None else tuple(names)
         mask = self._rows_cache.get(key)
         if mask is None:
@@ -422,7 +423,8 @@ class Control:
     heads:    heads it acts on: ``"all"``, ints, ``"0-3"``, or ``{site name: heads}``; read it
               per site with :meth:`heads_at` / :meth:`head_mask`.
     steps:    a :class:`StepWindow` (or ``(start, stop)``, fractions, a set of steps).
-    branches: batch branches it acts on (``("cond",)``, ``("perturbed",)``...); ``None``: all.
+    branches: batch branches it acts on (``("cond",)``, ``("perturbed",)``...), or row groups
+              a loop names (``handle.row_groups``: IR-Diffusion's ``"scene"``); ``None``: all.
     order:    composition order (see the module docstring); class default 0.
 
     Subclasses override the hooks they need; the defaults do nothing, so a subclass that sets

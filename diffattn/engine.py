@@ -108,6 +108,14 @@ class ForwardContext:
     cond_text: torch.Tensor | None = field(default=None, repr=False)
     groups: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
+    def row_sets(self, names) -> list:
+        """The rows of each of ``names`` present in this forward, as batch indexers: a branch's
+        slice, a row group's index list (``None``: every branch). For controls that edit the
+        forward's inputs or outputs by rows (CADS)."""
+        names = tuple(self.branches) if names is None else names
+        return [self.branches[n] if n in self.branches else list(self.groups[n])
+                for n in names if n in self.branches or (n in self.groups and self.groups[n])]
+
     def image_grid(self, n_tokens: int) -> tuple[int, int] | None:
         """``(h, w)`` of an ``n_tokens`` image at this forward's latent aspect (UNet levels, SD3
         patches), ``None`` where the family records no latent grid."""
@@ -470,8 +478,16 @@ class Engine:
         if self._row_groups is None:
             return {}
         got = self._row_groups(batch) if callable(self._row_groups) else self._row_groups
-        groups = {str(k): tuple(int(r) for r in v) for k, v in dict(got).items()}
+        try:
+            groups = {str(k): tuple(int(r) for r in v) for k, v in dict(got).items()}
+        except (TypeError, ValueError):
+            raise ControlError(f"handle.row_groups gave {got!r}: a dict {{name: [row, ...]}} (or a function of the "
+                               f"batch size returning one)") from None
+        extra = {c.extra_branches[0] for c in self.controls if c.extra_branches}
         for name, rows in groups.items():
+            if name in extra:
+                raise ControlError(f"row group {name!r} has the name of a guidance branch ({sorted(extra)}); give the "
+                                   f"group another name")
             if name in branches:
                 raise ControlError(f"row group {name!r} has the name of a branch of this forward ({sorted(branches)}); "
                                    f"give the group another name")

@@ -21,7 +21,10 @@ def to_rgb(im: Image.Image) -> Image.Image:
     - 16-bit and float grayscale scaled to 8 bits (16-bit by 65535 when any value exceeds 255,
       float by 1 when it lies in [0, 1]); grayscale, palette and CMYK converted.
     """
-    im = ImageOps.exif_transpose(im) if im.getexif().get(0x0112, 1) != 1 else im  # 0x0112: Orientation
+    try:
+        im = ImageOps.exif_transpose(im) if im.getexif().get(0x0112, 1) != 1 else im  # 0x0112: Orientation
+    except Exception:  # noqa: BLE001  a malformed EXIF block: the pixels as stored (PIL raises assorted errors)
+        pass
     if im.mode == "RGB":
         return im
     if im.mode in _ALPHA_MODES or (im.mode == "P" and "transparency" in im.info):

@@ -95,7 +95,7 @@ def test_sparse_quality_paired_orderings():
     assert d["psnr_wins"] == pytest.approx(0.5)
     assert d["ssim"]["value"] == pytest.approx((0.01 - 0.02 + 0.03) / 3)
     assert d["psnr"]["low"] <= d["psnr"]["value"] <= d["psnr"]["high"]
-    with pytest.raises(ValueError, match="different clips"):
+    with pytest.raises(ValueError, match="different \(or no\) clips"):
         sq.paired_similarity(a, row([1, 2, 3], [1, 1, 1], seeds=(1, 2, 4)))
     text = sq.paired_table({"dense": {}, "rectified 0.5": a, "vanilla 0.5": b, "random 0.5": b})
     assert "rectified − vanilla @ 0.5 | 0.50 [" in text and "vanilla − random @ 0.5 | 0.00 [" in text
@@ -110,6 +110,10 @@ def test_peak_rss_rise_sees_a_call_after_a_larger_earlier_peak():
 
     from diffattn.testbed.evaluate import peak_rss_rise_mib
 
+    try:
+        peak_rss_rise_mib(lambda: None)
+    except OSError as e:
+        pytest.skip(f"no resettable peak-RSS mark here (/proc/self/clear_refs): {e}")
     big = np.ones(256 * 2**20, dtype=np.uint8)  # touched: resident
     del big
 

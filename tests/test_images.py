@@ -20,8 +20,8 @@ def gradient(w=6, h=4):
 
 
 def test_exif_orientation_is_applied(tmp_path):
-    """A JPEG stored sideways with Orientation 6 ("rotate 90 cw to view") is read upright; PNG
-    rows are what PIL's exif_transpose gives, and an image without the tag is unchanged."""
+    """An image stored sideways with Orientation 6 ("rotate 90 cw to view"; a PNG here, as phone
+    JPEGs carry it) is read upright, as PIL's exif_transpose turns it; without the tag it is unchanged."""
     im = gradient()
     exif = Image.Exif()
     exif[ORIENTATION] = 6

@@ -132,7 +132,11 @@ def test_storydiffusion_baseline_follows_the_official_schedule(model):
         assert sorted({x.block for x in image_sites if x.name in chosen}) == blocks[len(blocks) // 2:]
     ir = IRDiffusionPipeline(model)
     (story,) = ir._controls(IRConfig.baseline("storydiffusion"), None, None, 2, sites(model), seed=0)
+    from diffattn.controls import StepState
+
     assert story.steps.start_frac == 0.1 and story.steps.stop is None
+    holds = [story.window_holds(StepState(index=i, num_steps=20)) for i in range(20)]
+    assert holds == [False, False] + [True] * 18  # plain for the first tenth of the steps
     r = ir.rehearse(SCENE, SUBJECTS, seed=3, num_inference_steps=10)
     out = ir.final(r, config=IRConfig.baseline("storydiffusion"), output_type="pt")
     assert not torch.equal(out.images, r.images[2:])  # it acts after the warm-up
@@ -284,3 +288,17 @@ def test_reposition_blocks_are_counted_over_every_stack_in_forward_order(tiny_pi
     late = back_sites(flux, n_joint / len(stacks))  # the cut right after the joint stack
     assert late and {s.kind for s in flux if s.name in late} == {"single"}
     assert back_sites(flux, 0.0) == [s.name for s in flux]
+
+
+def test_forward_level_controls_and_row_groups(model):
+    """CADS given IR's "scene" group noises the scene's condition only (the references stay
+    exact); ContextRepulsion, which needs prompt groups within a branch, refuses a row group."""
+    if model.__class__.__name__ != "ShapesSD3Pipeline":
+        pytest.skip("one family is enough: the row sets are family-free")
+    ir = IRDiffusionPipeline(model)
+    r = ir.rehearse(SCENE, SUBJECTS, seed=3, num_inference_steps=2)
+    plain = ir.final(r, output_type="pt")
+    out = ir.final(r, output_type="pt", controls=[da.CADS(scale=0.5, branches="scene")])
+    assert torch.equal(out.references, plain.references) and not torch.equal(out.images, plain.images)
+    with pytest.raises(ControlError, match="row groups of this loop"):
+        ir.final(r, controls=[da.ContextRepulsion(eta=1.0, branches="scene")])

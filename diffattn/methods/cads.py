@@ -121,7 +121,7 @@ class CADS(Control):
         from ..families import get_family
 
         gamma = self.gamma(ctx.step)
-        rows = [ctx.branches[b] for b in (self.branches or tuple(ctx.branches)) if b in ctx.branches]
+        rows = ctx.row_sets(self.branches)  # branch slices, or a loop's row groups (IR's "scene")
         if gamma == 1.0 or self.scale == 0.0 or not rows:
             return arguments
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + ctx.step.index)

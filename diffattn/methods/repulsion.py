@@ -352,6 +352,10 @@ class ContextRepulsion(Control):
         if any(p is None for p in parts):
             return output
         branches = self.branches or tuple(ctx.branches)
+        named = [b for b in branches if b in getattr(ctx, "groups", {})]
+        if named:  # a loop's row groups (IR's "scene") cut across the prompt groups repulsion needs
+            raise ControlError(f"ContextRepulsion repels the samples of one prompt within a branch; {named} are row "
+                               f"groups of this loop, not branches: give branches such as 'cond' / 'uncond'")
         groups = [g for g in branch_groups(ctx, branches) if len(g) > 1]
         if not groups:
             if any(b in ctx.branches for b in branches):  # not a forward of other branches only
