@@ -456,3 +456,58 @@ def test_mutual_cross_attention_matches_a_float64_reference():
     want = torch.where(inside[:, None], 0.1 * vanilla + 0.9 * mutual, vanilla)
     assert torch.allclose(got[1, 0], want, atol=1e-12)
     assert torch.allclose(got[0, 0], attend(q[0, 0], k[0, 0], v[0, 0]), atol=1e-12)  # the reference row: stock
+
+
+def test_reposition_on_flux_equals_keys_rotated_at_their_new_places():
+    """FLUX applies RoPE inside attention: a reference subject's key moved onto the scene
+    subject's box must carry the rotation of its new position. The scene row's attention equals a
+    float64 reference built from the unrotated keys, each moved key rotated at its target cell
+    (values carry no rotation); the reference row stays stock; text and background queries see
+    the scene's own keys only."""
+    import diffattn as da
+    from diffusers.models.embeddings import FluxPosEmbed, apply_rotary_emb
+
+    from diffattn.controls import AttentionCall
+    from diffattn.families.flux import FluxRope, flux_layout
+    from diffattn.processors.base import run_controls
+
+    torch.manual_seed(5)
+    h = w = 4
+    n_text, n = 3, h * w
+    heads, d = 2, 8
+    grid_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(h).float(), torch.arange(w).float(),
+                                          indexing="ij"), -1).reshape(-1, 3)
+    ids = torch.cat([torch.zeros(n_text, 3), grid_ids]).double()  # [text | image] position ids
+    cos, sin = (t.double() for t in FluxPosEmbed(theta=10000, axes_dim=[2, 4, 2])(ids))  # [19, 8] each
+
+    def rot(x, rows=slice(None)):  # x [B, H, L, D] rotated at positions `rows` of the joint sequence
+        return apply_rotary_emb(x, (cos[rows], sin[rows]), sequence_dim=2)
+
+    q0, k0, v = (torch.randn(2, heads, n_text + n, d, dtype=torch.float64) for _ in range(3))  # rows [ref, scene]
+    q, k = rot(q0), rot(k0)
+    ref = torch.zeros(1, h, w)
+    ref[0, 0:2, 0:2] = 1
+    scene = torch.zeros(1, h, w)
+    scene[0, 2:4, 2:4] = 1
+    call = AttentionCall(None, flux_layout(n_text, n_text + n, image_grid=(h, w)), q, k, v,
+                         branches={"cond": slice(0, 2)}, rope=FluxRope(cos, sin))
+    got = run_controls(call, [da.RepositionAttention(ref, scene, dropout=0.0)])  # [2, H, 19, D]
+
+    def attend(qq, kk, vv):
+        return torch.softmax(qq @ kk.T / math.sqrt(d), dim=-1) @ vv
+
+    cells = [(y, x) for y in range(2) for x in range(2)]
+    source = [n_text + y * w + x for y, x in cells]  # the reference subject's tokens
+    target = [n_text + (y + 2) * w + (x + 2) for y, x in cells]  # where they land in the scene
+    moved_k = torch.stack([torch.cat([rot(k0[0:1, hd:hd + 1, s:s + 1], slice(t, t + 1))[0, 0]
+                                      for s, t in zip(source, target)]) for hd in range(heads)])  # [H, 4, D]
+    assert not torch.allclose(moved_k, k[0, :, source], atol=1e-3)  # unrotated moves differ: the check can fail
+    want = torch.empty_like(got)
+    for hd in range(heads):
+        want[0, hd] = attend(q[0, hd], k[0, hd], v[0, hd])
+        for p in range(n_text + n):
+            keys, vals = k[1, hd], v[1, hd]
+            if p in target:  # a scene-subject query: its own keys and the moved reference subject
+                keys, vals = torch.cat([keys, moved_k[hd]]), torch.cat([vals, v[0, hd, source]])
+            want[1, hd, p] = attend(q[1, hd, p:p + 1], keys, vals)[0]
+    assert torch.allclose(got, want, atol=1e-10)
