@@ -229,6 +229,15 @@ def _image_hw(image) -> tuple[int, int] | None:
     return None
 
 
+def _empty_negative(prompt, kwargs: dict, default_cfg: float) -> dict:
+    """``kwargs`` with the empty negative prompt (one per prompt) that true CFG needs to run at
+    all (diffusers runs it only with a negative prompt), unless the caller gave one or CFG is off."""
+    if (kwargs.get("true_cfg_scale", default_cfg) > 1 and prompt is not None
+            and kwargs.get("negative_prompt") is None and kwargs.get("negative_prompt_embeds") is None):
+        kwargs["negative_prompt"] = "" if isinstance(prompt, str) else [""] * len(prompt)
+    return kwargs
+
+
 class ShapesKontextPipeline(CallDefaults, FluxKontextPipeline):
     """``FluxKontextPipeline`` defaulting to the tiny-kontext settings (module notes): the output
     size is the context image's (64x64 without one), ``max_area = height * width`` and no
@@ -245,11 +254,8 @@ class ShapesKontextPipeline(CallDefaults, FluxKontextPipeline):
                 height, width = height * self.vae_scale_factor, width * self.vae_scale_factor  # image latents
         kwargs["height"], kwargs["width"] = height or SIZE, width or SIZE
         kwargs.setdefault("max_area", kwargs["height"] * kwargs["width"])
-        cfg = kwargs.get("true_cfg_scale", KONTEXT_DEFAULTS["true_cfg_scale"]) > 1
-        if (cfg and prompt is not None and kwargs.get("negative_prompt") is None
-                and kwargs.get("negative_prompt_embeds") is None):
-            kwargs["negative_prompt"] = "" if isinstance(prompt, str) else [""] * len(prompt)
-        return super().__call__(image, prompt, *args, **kwargs)
+        return super().__call__(image, prompt, *args, **_empty_negative(prompt, kwargs,
+                                                                       KONTEXT_DEFAULTS["true_cfg_scale"]))
 
 
 class ShapesFluxPipeline(CallDefaults, FluxPipeline):
@@ -262,11 +268,8 @@ class ShapesFluxPipeline(CallDefaults, FluxPipeline):
                                max_sequence_length=TEXT_LENGTH)
 
     def __call__(self, prompt=None, *args, **kwargs):
-        cfg = kwargs.get("true_cfg_scale", self.default_call_kwargs["true_cfg_scale"]) > 1
-        if (cfg and prompt is not None and kwargs.get("negative_prompt") is None
-                and kwargs.get("negative_prompt_embeds") is None):
-            kwargs["negative_prompt"] = "" if isinstance(prompt, str) else [""] * len(prompt)
-        return super().__call__(prompt, *args, **kwargs)
+        return super().__call__(prompt, *args, **_empty_negative(prompt, kwargs,
+                                                                self.default_call_kwargs["true_cfg_scale"]))
 
 
 def text_to_image(pipe: FluxKontextPipeline) -> ShapesFluxPipeline:
